@@ -1,0 +1,32 @@
+# The commands people type. `make help` lists them.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: help build run test test-rust test-python lint fmt clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace
+
+run: ## Start the payment backend on embedded defaults (SQLite in ./payments.db, events kept in the outbox)
+	$(CARGO) run -p payment-backend -- serve --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9090
+
+test: ## Install what tests need, start real services, run every test
+	bash scripts/install-test-deps.sh
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+	bash scripts/test-python.sh
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+clean: ## Remove build output and the local database
+	$(CARGO) clean
+	rm -f payments.db payments.db-shm payments.db-wal

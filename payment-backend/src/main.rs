@@ -1,0 +1,5 @@
+//! `payment-backend`: see `payment-backend --help`.
+
+fn main() -> std::process::ExitCode {
+    payment_backend::cli::main()
+}

@@ -1,0 +1,230 @@
+//! Accounts: open, fund, read balances.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use tollgate_proto::payments::v1 as pb;
+
+use super::ledger::{self, Leg, AVAILABLE, EXTERNAL};
+use super::{timestamp, Store};
+use crate::error::Error;
+use crate::idempotency::{Idempotency, Outcome};
+use crate::money::money;
+
+pub(super) const ACCOUNT_COLUMNS: &str =
+    "id, owner, currency, status, available, held, created_at";
+
+/// An account row.
+#[derive(Debug, Clone)]
+pub(super) struct AccountRow {
+    pub(super) id: String,
+    pub(super) owner: String,
+    pub(super) currency: String,
+    pub(super) status: String,
+    pub(super) available: i64,
+    pub(super) held: i64,
+    pub(super) created_at: i64,
+}
+
+// === impl AccountRow ===
+
+impl AccountRow {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self, Error> {
+        Ok(AccountRow {
+            id: r.try_get("id")?,
+            owner: r.try_get("owner")?,
+            currency: r.try_get("currency")?,
+            status: r.try_get("status")?,
+            available: r.try_get("available")?,
+            held: r.try_get("held")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+
+    pub(super) fn to_proto(&self) -> pb::Account {
+        let status = match self.status.as_str() {
+            "ACTIVE" => pb::AccountStatus::Active,
+            "FROZEN" => pb::AccountStatus::Frozen,
+            "CLOSED" => pb::AccountStatus::Closed,
+            _ => pb::AccountStatus::Unspecified,
+        };
+        pb::Account {
+            id: self.id.clone(),
+            owner: self.owner.clone(),
+            currency: self.currency.clone(),
+            status: status as i32,
+            created_at: Some(timestamp(self.created_at)),
+        }
+    }
+
+    pub(super) fn balance(&self) -> pb::AccountBalance {
+        pb::AccountBalance {
+            account_id: self.id.clone(),
+            available: Some(money(self.available, &self.currency)),
+            held: Some(money(self.held, &self.currency)),
+        }
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens an ACTIVE account with zero balances.
+    pub async fn create_account(
+        &self,
+        idem: &Idempotency,
+        owner: &str,
+        currency: &str,
+    ) -> Result<Outcome<pb::Account>, Error> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = self.claim(&mut tx, idem).await? {
+            return Ok(Outcome::Replayed(r));
+        }
+        let now = self.now_micros();
+        let account = AccountRow {
+            id: super::new_id("acct"),
+            owner: owner.to_owned(),
+            currency: currency.to_owned(),
+            status: "ACTIVE".to_owned(),
+            available: 0,
+            held: 0,
+            created_at: now,
+        };
+        sqlx::query(
+            "INSERT INTO accounts (id, owner, currency, status, available, held, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 0, 0, $5, $5)",
+        )
+        .bind(&account.id)
+        .bind(&account.owner)
+        .bind(&account.currency)
+        .bind(&account.status)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let response = account.to_proto();
+        self.finish(tx, idem, &response).await?;
+        Ok(Outcome::Executed(response))
+    }
+
+    /// Adds `amount` (minor units of `currency`) to an account's available
+    /// balance, from the outside world.
+    pub async fn deposit(
+        &self,
+        idem: &Idempotency,
+        account_id: &str,
+        amount: i64,
+        currency: &str,
+    ) -> Result<Outcome<pb::DepositResponse>, Error> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = self.claim(&mut tx, idem).await? {
+            return Ok(Outcome::Replayed(r));
+        }
+        let mut account = self.lock_account(&mut tx, account_id).await?;
+        if account.currency != currency {
+            return Err(Error::FailedPrecondition {
+                reason: "CURRENCY_MISMATCH",
+                subject: format!("accounts/{account_id}"),
+                description: format!(
+                    "account {account_id} holds {}, not {currency}; deposit in {}",
+                    account.currency, account.currency
+                ),
+            });
+        }
+        if account.status != "ACTIVE" {
+            return Err(Error::FailedPrecondition {
+                reason: "ACCOUNT_INACTIVE",
+                subject: format!("accounts/{account_id}"),
+                description: format!("account {account_id} is {}", account.status),
+            });
+        }
+        let external = format!("external:{currency}");
+        let now = self.now_micros();
+        let txn = ledger::post(
+            &mut tx,
+            "deposit",
+            currency,
+            None,
+            now,
+            &[
+                Leg {
+                    account: &external,
+                    bucket: EXTERNAL,
+                    amount: -amount,
+                },
+                Leg {
+                    account: account_id,
+                    bucket: AVAILABLE,
+                    amount,
+                },
+            ],
+        )
+        .await?;
+        account.available += amount;
+        let response = pb::DepositResponse {
+            deposit_id: txn,
+            account_id: account_id.to_owned(),
+            amount: Some(money(amount, currency)),
+            balance: Some(account.balance()),
+        };
+        self.finish(tx, idem, &response).await?;
+        Ok(Outcome::Executed(response))
+    }
+
+    /// Reads an account.
+    pub async fn get_account(&self, account_id: &str) -> Result<pb::Account, Error> {
+        Ok(self.read_account(account_id).await?.to_proto())
+    }
+
+    /// Reads an account's balances.
+    pub async fn balance(&self, account_id: &str) -> Result<pb::AccountBalance, Error> {
+        Ok(self.read_account(account_id).await?.balance())
+    }
+
+    /// Sets an account's status (`ACTIVE`, `FROZEN`, `CLOSED`); an operator
+    /// action, not part of the public API.
+    pub async fn set_account_status(&self, account_id: &str, status: &str) -> Result<(), Error> {
+        let r = sqlx::query("UPDATE accounts SET status = $1, updated_at = $2 WHERE id = $3")
+            .bind(status)
+            .bind(self.now_micros())
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(not_found(account_id));
+        }
+        Ok(())
+    }
+
+    async fn read_account(&self, account_id: &str) -> Result<AccountRow, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
+        ))
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| not_found(account_id))?;
+        AccountRow::from_row(&row)
+    }
+
+    pub(super) async fn lock_account(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        account_id: &str,
+    ) -> Result<AccountRow, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1{}",
+            self.dialect.lock_rows()
+        ))
+        .bind(account_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| not_found(account_id))?;
+        AccountRow::from_row(&row)
+    }
+}
+
+pub(super) fn not_found(account_id: &str) -> Error {
+    Error::NotFound {
+        kind: "account",
+        id: account_id.to_owned(),
+    }
+}

