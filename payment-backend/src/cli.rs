@@ -49,7 +49,11 @@ struct DatabaseArgs {
     )]
     database_url: String,
     /// Maximum PostgreSQL connections (SQLite always uses one).
-    #[arg(long, env = "PAYMENT_BACKEND_DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "PAYMENT_BACKEND_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 20
+    )]
     database_max_connections: u32,
     /// How long a call waits for a database connection before UNAVAILABLE.
     #[arg(long, env = "PAYMENT_BACKEND_DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
@@ -68,7 +72,11 @@ struct ServeArgs {
     #[arg(long, env = "PAYMENT_BACKEND_LISTEN", default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
     /// Prometheus /metrics listen address.
-    #[arg(long, env = "PAYMENT_BACKEND_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "PAYMENT_BACKEND_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     metrics_listen: SocketAddr,
     #[command(flatten)]
     db: DatabaseArgs,
@@ -77,10 +85,18 @@ struct ServeArgs {
     #[arg(long, env = "PAYMENT_BACKEND_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// Topic for payment events (key = payment id).
-    #[arg(long, env = "PAYMENT_BACKEND_EVENTS_TOPIC", default_value = "payments.events")]
+    #[arg(
+        long,
+        env = "PAYMENT_BACKEND_EVENTS_TOPIC",
+        default_value = "payments.events"
+    )]
     events_topic: String,
     /// Topic for events the broker keeps refusing.
-    #[arg(long, env = "PAYMENT_BACKEND_DEAD_LETTER_TOPIC", default_value = "payments.events.dlq")]
+    #[arg(
+        long,
+        env = "PAYMENT_BACKEND_DEAD_LETTER_TOPIC",
+        default_value = "payments.events.dlq"
+    )]
     dead_letter_topic: String,
     /// Partitions of the events topic when the relay has to create it.
     #[arg(long, env = "PAYMENT_BACKEND_EVENTS_PARTITIONS", default_value_t = 3)]
@@ -238,21 +254,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         store: args.db.store_options(args.authorization_ttl),
-        relay: args.kafka_brokers.filter(|b| !b.trim().is_empty()).map(|brokers| RelayConfig {
-            brokers,
-            topic: args.events_topic,
-            dead_letter_topic: args.dead_letter_topic,
-            partitions: args.events_partitions,
-            batch_size: 200,
-            max_attempts: args.relay_max_attempts.max(1),
-            poll_interval: args.relay_poll_interval,
-            delivery_timeout: args.relay_delivery_timeout,
-            holder: format!(
-                "{}-{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "payment-backend".into()),
-                std::process::id()
-            ),
-        }),
+        relay: args
+            .kafka_brokers
+            .filter(|b| !b.trim().is_empty())
+            .map(|brokers| RelayConfig {
+                brokers,
+                topic: args.events_topic,
+                dead_letter_topic: args.dead_letter_topic,
+                partitions: args.events_partitions,
+                batch_size: 200,
+                max_attempts: args.relay_max_attempts.max(1),
+                poll_interval: args.relay_poll_interval,
+                delivery_timeout: args.relay_delivery_timeout,
+                holder: format!(
+                    "{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "payment-backend".into()),
+                    std::process::id()
+                ),
+            }),
         sweeper: SweeperConfig {
             interval: args.sweep_interval,
             idempotency_retention: args.idempotency_retention,
@@ -300,7 +319,10 @@ mod tests {
     #[test]
     fn sqlite_urls_create_the_file() {
         assert_eq!(normalize_url("sqlite://p.db"), "sqlite://p.db?mode=rwc");
-        assert_eq!(normalize_url("sqlite://p.db?mode=ro"), "sqlite://p.db?mode=ro");
+        assert_eq!(
+            normalize_url("sqlite://p.db?mode=ro"),
+            "sqlite://p.db?mode=ro"
+        );
         assert_eq!(normalize_url("postgres://h/db"), "postgres://h/db");
     }
 

@@ -189,6 +189,9 @@ mod tests {
         let mut md = MetadataMap::new();
         md.insert(CLIENT_HEADER, "shop-1".parse().unwrap());
         assert_eq!(idem(&md, &req("k1", "x")).unwrap().scope, "shop-1");
-        assert_eq!(idem(&MetadataMap::new(), &req("k1", "x")).unwrap().scope, "");
+        assert_eq!(
+            idem(&MetadataMap::new(), &req("k1", "x")).unwrap().scope,
+            ""
+        );
     }
 }

@@ -292,8 +292,10 @@ async fn handle(req: Request<hyper::body::Incoming>, store: &Store) -> Response<
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
         r
     };
     match (req.method(), req.uri().path()) {

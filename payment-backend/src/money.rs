@@ -84,7 +84,9 @@ mod tests {
         assert!(check_currency("USD").is_ok());
         assert!(check_currency("JPY").is_ok());
         assert!(check_currency("usd").unwrap_err().contains("upper case"));
-        assert!(check_currency("XYZ").unwrap_err().contains("not an ISO 4217"));
+        assert!(check_currency("XYZ")
+            .unwrap_err()
+            .contains("not an ISO 4217"));
         assert!(check_currency("").unwrap_err().contains("required"));
     }
 

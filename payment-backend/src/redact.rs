@@ -17,12 +17,7 @@ pub fn url(url: &str) -> String {
         Some(colon) => format!("{}:***", &userinfo[..colon]),
         None => userinfo.to_owned(),
     };
-    format!(
-        "{}{}@{}",
-        &url[..scheme_end + 3],
-        redacted,
-        &rest[at + 1..]
-    )
+    format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
 }
 
 #[cfg(test)]
@@ -33,7 +28,10 @@ mod tests {
             super::url("postgres://app:s3cr@t@db:5432/pay?sslmode=require"),
             "postgres://app:***@db:5432/pay?sslmode=require"
         );
-        assert_eq!(super::url("postgres://db:5432/pay"), "postgres://db:5432/pay");
+        assert_eq!(
+            super::url("postgres://db:5432/pay"),
+            "postgres://db:5432/pay"
+        );
         assert_eq!(super::url("sqlite://payments.db"), "sqlite://payments.db");
         assert_eq!(super::url("redis://user@h:1"), "redis://user@h:1");
     }

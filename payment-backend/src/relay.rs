@@ -115,7 +115,9 @@ async fn ensure_topics(cfg: &RelayConfig) {
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not create topics; they must exist on the broker"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not create topics; they must exist on the broker")
+        }
     }
 }
 
@@ -235,8 +237,8 @@ async fn step(
                         backoff(attempts).max(Duration::from_secs(1))
                     };
                     tracing::warn!(event_id = %event.event_id, attempts, error = %e, retry_in = ?wait, "publishing an event failed");
-                    let next = store.now_micros()
-                        + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX);
+                    let next =
+                        store.now_micros() + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX);
                     store.mark_failed(event.id, &e.to_string(), next).await?;
                 }
             }
@@ -279,7 +281,11 @@ async fn dead_letter(
         Err((e, _)) => {
             let next = store.now_micros() + 30_000_000;
             store
-                .mark_failed(event.id, &format!("{error}; dead-letter publish failed: {e}"), next)
+                .mark_failed(
+                    event.id,
+                    &format!("{error}; dead-letter publish failed: {e}"),
+                    next,
+                )
                 .await
         }
     }

@@ -63,7 +63,9 @@ pub struct Running {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The database did not become reachable or its migrations failed.
-    #[error("database {url}: {cause}; check --database-url and that the database server is running")]
+    #[error(
+        "database {url}: {cause}; check --database-url and that the database server is running"
+    )]
     Database {
         /// Redacted URL.
         url: String,
@@ -116,15 +118,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             flag: "--listen",
             cause,
         })?;
-    let metrics_listener =
-        TcpListener::bind(cfg.metrics_listen)
-            .await
-            .map_err(|cause| StartError::Bind {
-                addr: cfg.metrics_listen,
-                what: "metrics",
-                flag: "--metrics-listen",
-                cause,
-            })?;
+    let metrics_listener = TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|cause| StartError::Bind {
+            addr: cfg.metrics_listen,
+            what: "metrics",
+            flag: "--metrics-listen",
+            cause,
+        })?;
     let grpc_addr = grpc.local_addr().map_err(|cause| StartError::Bind {
         addr: cfg.listen,
         what: "gRPC",

@@ -62,14 +62,11 @@ impl AccountService for AccountApi {
     ) -> Result<Response<pb::DepositResponse>, Status> {
         observe("Deposit", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "Deposit",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem =
+                Idempotency::from_call(request.metadata(), "Deposit", r, &r.idempotency_key, |r| {
+                    r.idempotency_key.clear()
+                })
+                .map_err(status)?;
             let mut v = Violations::default();
             v.check("account_id", check_id(&r.account_id, "acct"));
             match &r.amount {

@@ -31,8 +31,14 @@ fn respond<T>(outcome: Outcome<T>) -> tonic::Response<T> {
 /// Checks a required id field.
 fn check_id(value: &str, prefix: &str) -> Result<(), String> {
     if value.is_empty() {
-        Err(format!("required: the id of an existing {prefix}_… resource"))
-    } else if value.len() > MAX_ID_LEN || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Err(format!(
+            "required: the id of an existing {prefix}_… resource"
+        ))
+    } else if value.len() > MAX_ID_LEN
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
         Err(format!(
             "{value:?} is not a valid id; ids look like {prefix}_0192f3…"
         ))

@@ -82,7 +82,10 @@ impl PaymentService for PaymentApi {
                 Ok(pb::CaptureMethod::Unspecified | pb::CaptureMethod::Automatic) => true,
                 Ok(pb::CaptureMethod::Manual) => false,
                 Err(_) => {
-                    v.add("capture_method", format!("unknown value {}", r.capture_method));
+                    v.add(
+                        "capture_method",
+                        format!("unknown value {}", r.capture_method),
+                    );
                     true
                 }
             };
@@ -92,7 +95,10 @@ impl PaymentService for PaymentApi {
             }
             for (k, val) in &r.metadata {
                 if k.is_empty() || k.len() > 40 {
-                    v.add(format!("metadata[{k:?}]"), "keys must be 1 to 40 characters");
+                    v.add(
+                        format!("metadata[{k:?}]"),
+                        "keys must be 1 to 40 characters",
+                    );
                 }
                 v.check(&format!("metadata[{k:?}]"), check_text(val, 500));
             }

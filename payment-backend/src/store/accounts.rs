@@ -10,8 +10,7 @@ use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
 use crate::money::money;
 
-pub(super) const ACCOUNT_COLUMNS: &str =
-    "id, owner, currency, status, available, held, created_at";
+pub(super) const ACCOUNT_COLUMNS: &str = "id, owner, currency, status, available, held, created_at";
 
 /// An account row.
 #[derive(Debug, Clone)]

@@ -156,14 +156,13 @@ impl Store {
         .iter()
         .map(|r| r.try_get::<String, _>(0))
         .collect::<Result<Vec<_>, _>>()?;
-        let negative = sqlx::query(
-            "SELECT id FROM accounts WHERE available < 0 OR held < 0 ORDER BY id",
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<String, _>(0))
-        .collect::<Result<Vec<_>, _>>()?;
+        let negative =
+            sqlx::query("SELECT id FROM accounts WHERE available < 0 OR held < 0 ORDER BY id")
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<Vec<_>, _>>()?;
         let entries: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_entries")
             .fetch_one(&mut *conn)
             .await?

@@ -180,7 +180,8 @@ impl Store {
     /// [`Store::connect`] with an injected clock.
     pub fn connect_with_clock(opts: &StoreOptions, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         install_drivers();
-        let dialect = Dialect::from_url(&opts.url).map_err(|e| Error::invalid("database_url", e))?;
+        let dialect =
+            Dialect::from_url(&opts.url).map_err(|e| Error::invalid("database_url", e))?;
         let connect = AnyConnectOptions::from_str(&opts.url).map_err(|e| {
             Error::invalid(
                 "database_url",

@@ -108,7 +108,12 @@ impl Store {
     }
 
     /// Records a failed attempt and when to try again.
-    pub async fn mark_failed(&self, id: i64, error: &str, next_attempt_at: i64) -> Result<(), Error> {
+    pub async fn mark_failed(
+        &self,
+        id: i64,
+        error: &str,
+        next_attempt_at: i64,
+    ) -> Result<(), Error> {
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 WHERE id = $3",
         )
@@ -149,7 +154,12 @@ impl Store {
 
     /// Takes or renews the lease `name` for `holder` until `now + ttl`.
     /// Returns whether `holder` holds it: only one relay publishes at a time.
-    pub async fn acquire_lease(&self, name: &str, holder: &str, ttl_micros: i64) -> Result<bool, Error> {
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_micros: i64,
+    ) -> Result<bool, Error> {
         let now = self.now_micros();
         sqlx::query(
             "INSERT INTO relay_lease (name, holder, expires_at) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING",

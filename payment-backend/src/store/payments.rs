@@ -126,7 +126,9 @@ impl PaymentRow {
             } else {
                 pb::CaptureMethod::Automatic as i32
             },
-            decline_code: self.decline.map_or(pb::DeclineCode::Unspecified, Decline::to_proto)
+            decline_code: self
+                .decline
+                .map_or(pb::DeclineCode::Unspecified, Decline::to_proto)
                 as i32,
             description: self.description.clone(),
             metadata: self.metadata.clone(),
@@ -175,12 +177,7 @@ impl Store {
             .lock_pair(&mut tx, &new.payer_account_id, &new.payee_account_id)
             .await?;
         let now = self.now_micros();
-        let decision = payment::authorize(
-            &view(&payer),
-            &view(&payee),
-            new.amount,
-            &new.currency,
-        );
+        let decision = payment::authorize(&view(&payer), &view(&payee), new.amount, &new.currency);
         let (status, capturable, captured, expires_at) = match decision {
             Err(_) => (Status::Declined, 0, 0, None),
             Ok(()) if new.automatic_capture => (Status::Captured, 0, new.amount, None),
@@ -203,7 +200,12 @@ impl Store {
                 captured,
                 refunded: 0,
             },
-            capture_method: if new.automatic_capture { "AUTOMATIC" } else { "MANUAL" }.to_owned(),
+            capture_method: if new.automatic_capture {
+                "AUTOMATIC"
+            } else {
+                "MANUAL"
+            }
+            .to_owned(),
             decline: decision.err(),
             description: new.description.clone(),
             metadata: new.metadata.clone(),
@@ -238,18 +240,48 @@ impl Store {
         let event = match status {
             Status::Declined => "payment.declined",
             Status::Captured => {
-                ledger::post(&mut tx, "capture", &p.currency, Some(&p.id), now, &[
-                    Leg { account: &p.payer, bucket: AVAILABLE, amount: -amount },
-                    Leg { account: &p.payee, bucket: AVAILABLE, amount },
-                ])
+                ledger::post(
+                    &mut tx,
+                    "capture",
+                    &p.currency,
+                    Some(&p.id),
+                    now,
+                    &[
+                        Leg {
+                            account: &p.payer,
+                            bucket: AVAILABLE,
+                            amount: -amount,
+                        },
+                        Leg {
+                            account: &p.payee,
+                            bucket: AVAILABLE,
+                            amount,
+                        },
+                    ],
+                )
                 .await?;
                 "payment.captured"
             }
             _ => {
-                ledger::post(&mut tx, "authorize", &p.currency, Some(&p.id), now, &[
-                    Leg { account: &p.payer, bucket: AVAILABLE, amount: -amount },
-                    Leg { account: &p.payer, bucket: HELD, amount },
-                ])
+                ledger::post(
+                    &mut tx,
+                    "authorize",
+                    &p.currency,
+                    Some(&p.id),
+                    now,
+                    &[
+                        Leg {
+                            account: &p.payer,
+                            bucket: AVAILABLE,
+                            amount: -amount,
+                        },
+                        Leg {
+                            account: &p.payer,
+                            bucket: HELD,
+                            amount,
+                        },
+                    ],
+                )
                 .await?;
                 "payment.authorized"
             }
@@ -274,19 +306,45 @@ impl Store {
         let plan = payment::plan_capture(payment_id, &p.amounts, amount)?;
         let now = self.now_micros();
         let mut legs = vec![
-            Leg { account: &p.payer, bucket: HELD, amount: -plan.capture },
-            Leg { account: &p.payee, bucket: AVAILABLE, amount: plan.capture },
+            Leg {
+                account: &p.payer,
+                bucket: HELD,
+                amount: -plan.capture,
+            },
+            Leg {
+                account: &p.payee,
+                bucket: AVAILABLE,
+                amount: plan.capture,
+            },
         ];
         if plan.release > 0 {
-            legs.push(Leg { account: &p.payer, bucket: HELD, amount: -plan.release });
-            legs.push(Leg { account: &p.payer, bucket: AVAILABLE, amount: plan.release });
+            legs.push(Leg {
+                account: &p.payer,
+                bucket: HELD,
+                amount: -plan.release,
+            });
+            legs.push(Leg {
+                account: &p.payer,
+                bucket: AVAILABLE,
+                amount: plan.release,
+            });
         }
-        ledger::post(&mut tx, "capture", &p.currency, Some(payment_id), now, &legs).await?;
+        ledger::post(
+            &mut tx,
+            "capture",
+            &p.currency,
+            Some(payment_id),
+            now,
+            &legs,
+        )
+        .await?;
         p.amounts.status = Status::Captured;
         p.amounts.capturable = 0;
         p.amounts.captured = plan.capture;
         p.expires_at = None;
-        let response = self.save_event(&mut tx, &mut p, "payment.captured", None, now).await?;
+        let response = self
+            .save_event(&mut tx, &mut p, "payment.captured", None, now)
+            .await?;
         self.finish(tx, idem, &response).await?;
         Ok(Outcome::Executed(response))
     }
@@ -305,9 +363,12 @@ impl Store {
         let mut p = self.lock_payment(&mut tx, payment_id).await?;
         let release = payment::plan_cancel(payment_id, &p.amounts)?;
         let now = self.now_micros();
-        self.release_hold(&mut tx, &mut p, release, Status::Canceled, now).await?;
+        self.release_hold(&mut tx, &mut p, release, Status::Canceled, now)
+            .await?;
         p.cancellation_reason = reason.to_owned();
-        let response = self.save_event(&mut tx, &mut p, "payment.canceled", None, now).await?;
+        let response = self
+            .save_event(&mut tx, &mut p, "payment.canceled", None, now)
+            .await?;
         self.finish(tx, idem, &response).await?;
         Ok(Outcome::Executed(response))
     }
@@ -338,10 +399,25 @@ impl Store {
             });
         }
         let now = self.now_micros();
-        ledger::post(&mut tx, "refund", &p.currency, Some(payment_id), now, &[
-            Leg { account: &p.payee, bucket: AVAILABLE, amount: -refund_amount },
-            Leg { account: &p.payer, bucket: AVAILABLE, amount: refund_amount },
-        ])
+        ledger::post(
+            &mut tx,
+            "refund",
+            &p.currency,
+            Some(payment_id),
+            now,
+            &[
+                Leg {
+                    account: &p.payee,
+                    bucket: AVAILABLE,
+                    amount: -refund_amount,
+                },
+                Leg {
+                    account: &p.payer,
+                    bucket: AVAILABLE,
+                    amount: refund_amount,
+                },
+            ],
+        )
         .await?;
         let refund = pb::Refund {
             id: super::new_id("re"),
@@ -390,14 +466,14 @@ impl Store {
             let mut tx = self.begin().await?;
             let mut p = self.lock_payment(&mut tx, &id).await?;
             // Captured or canceled since the scan: nothing to do.
-            if p.amounts.status != Status::RequiresCapture
-                || p.expires_at.is_none_or(|t| t > now)
-            {
+            if p.amounts.status != Status::RequiresCapture || p.expires_at.is_none_or(|t| t > now) {
                 continue;
             }
             let release = p.amounts.capturable;
-            self.release_hold(&mut tx, &mut p, release, Status::Expired, now).await?;
-            self.save_event(&mut tx, &mut p, "payment.expired", None, now).await?;
+            self.release_hold(&mut tx, &mut p, release, Status::Expired, now)
+                .await?;
+            self.save_event(&mut tx, &mut p, "payment.expired", None, now)
+                .await?;
             tx.commit().await?;
             expired += 1;
         }
@@ -406,11 +482,13 @@ impl Store {
 
     /// Reads a payment.
     pub async fn get_payment(&self, payment_id: &str) -> Result<pb::Payment, Error> {
-        let row = sqlx::query(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"))
-            .bind(payment_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| payment_not_found(payment_id))?;
+        let row = sqlx::query(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+        ))
+        .bind(payment_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| payment_not_found(payment_id))?;
         Ok(PaymentRow::from_row(&row)?.to_proto())
     }
 
@@ -435,7 +513,9 @@ impl Store {
         };
         if f.account_id.is_some() {
             let i = next();
-            sql.push_str(&format!(" AND (payer_account_id = ${i} OR payee_account_id = ${i})"));
+            sql.push_str(&format!(
+                " AND (payer_account_id = ${i} OR payee_account_id = ${i})"
+            ));
         }
         if f.status.is_some() {
             sql.push_str(&format!(" AND status = ${}", next()));
@@ -452,7 +532,10 @@ impl Store {
                 " AND (created_at < ${t} OR (created_at = ${t} AND id < ${i}))"
             ));
         }
-        sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${}", next()));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ${}",
+            next()
+        ));
         let mut q = sqlx::query(&sql);
         if let Some(a) = &f.account_id {
             q = q.bind(a);
@@ -588,11 +671,30 @@ impl Store {
         now: i64,
     ) -> Result<(), Error> {
         if release > 0 {
-            let kind = if status == Status::Expired { "expire" } else { "cancel" };
-            ledger::post(conn, kind, &p.currency, Some(&p.id), now, &[
-                Leg { account: &p.payer, bucket: HELD, amount: -release },
-                Leg { account: &p.payer, bucket: AVAILABLE, amount: release },
-            ])
+            let kind = if status == Status::Expired {
+                "expire"
+            } else {
+                "cancel"
+            };
+            ledger::post(
+                conn,
+                kind,
+                &p.currency,
+                Some(&p.id),
+                now,
+                &[
+                    Leg {
+                        account: &p.payer,
+                        bucket: HELD,
+                        amount: -release,
+                    },
+                    Leg {
+                        account: &p.payer,
+                        bucket: AVAILABLE,
+                        amount: release,
+                    },
+                ],
+            )
             .await?;
         }
         p.amounts.status = status;
@@ -705,7 +807,10 @@ mod tests {
     fn page_tokens_round_trip_and_bind_to_filters() {
         let h = filter_hash(&["acct_1", ""]);
         let t = encode_page_token(42, "pay_x", &h);
-        assert_eq!(decode_page_token(&t, &h).unwrap(), Some((42, "pay_x".into())));
+        assert_eq!(
+            decode_page_token(&t, &h).unwrap(),
+            Some((42, "pay_x".into()))
+        );
         let other = filter_hash(&["acct_2", ""]);
         assert!(decode_page_token(&t, &other).is_err());
         assert!(decode_page_token("garbage!", &h).is_err());
