@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
 
 use crate::metrics;
@@ -123,7 +123,7 @@ async fn ensure_topics(cfg: &RelayConfig) {
 
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<bool>) {
-    let producer = match producer(&cfg) {
+    let mut producer = match producer(&cfg) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, brokers = %cfg.brokers, "cannot create the Kafka producer; events stay in the outbox; check --kafka-brokers");
@@ -143,6 +143,16 @@ pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<b
                 Duration::from_secs(1)
             }
         };
+        // An idempotent producer that lost its producer id (a broker that
+        // came back without its state) turns fatal and refuses every send:
+        // start a new one; unacknowledged events are simply sent again.
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(error = %code, reason, "Kafka producer failed fatally; creating a new one");
+            match self::producer(&cfg) {
+                Ok(p) => producer = p,
+                Err(e) => tracing::error!(error = %e, "cannot re-create the Kafka producer"),
+            }
+        }
         if !idle.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
