@@ -110,6 +110,9 @@ struct ServeArgs {
     /// How long the broker may take to acknowledge an event.
     #[arg(long, env = "PAYMENT_BACKEND_RELAY_DELIVERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     relay_delivery_timeout: Duration,
+    /// Largest event the events topic accepts; larger ones are dead-lettered.
+    #[arg(long, env = "PAYMENT_BACKEND_RELAY_MAX_MESSAGE_BYTES", default_value_t = crate::relay::DEFAULT_MAX_MESSAGE_BYTES)]
+    relay_max_message_bytes: usize,
     /// How long an uncaptured authorization lives before it is released (EXPIRED).
     #[arg(long, env = "PAYMENT_BACKEND_AUTHORIZATION_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     authorization_ttl: Duration,
@@ -266,6 +269,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
                 max_attempts: args.relay_max_attempts.max(1),
                 poll_interval: args.relay_poll_interval,
                 delivery_timeout: args.relay_delivery_timeout,
+                max_message_bytes: args.relay_max_message_bytes,
                 holder: format!(
                     "{}-{}",
                     std::env::var("HOSTNAME").unwrap_or_else(|_| "payment-backend".into()),

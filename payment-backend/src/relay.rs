@@ -25,6 +25,9 @@ use crate::store::{OutboxEvent, Store};
 
 const LEASE: &str = "outbox-relay";
 
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -45,6 +48,10 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long the broker may take to acknowledge an event.
     pub delivery_timeout: Duration,
+    /// Largest event the events topic takes (librdkafka `message.max.bytes`);
+    /// larger events are dead-lettered (the dead-letter producer keeps the
+    /// default limit).
+    pub max_message_bytes: usize,
     /// This replica's name in the lease.
     pub holder: String,
 }
@@ -75,9 +82,10 @@ fn is_permanent(e: &KafkaError) -> bool {
     )
 }
 
-fn producer(cfg: &RelayConfig) -> Result<FutureProducer, KafkaError> {
+fn producer(cfg: &RelayConfig, max_message_bytes: usize) -> Result<FutureProducer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
+        .set("message.max.bytes", max_message_bytes.max(1000).to_string())
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set(
@@ -123,7 +131,9 @@ async fn ensure_topics(cfg: &RelayConfig) {
 
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut producer = match producer(&cfg) {
+    let producers = producer(&cfg, cfg.max_message_bytes)
+        .and_then(|p| Ok((p, producer(&cfg, DEFAULT_MAX_MESSAGE_BYTES)?)));
+    let (mut producer, dlq) = match producers {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, brokers = %cfg.brokers, "cannot create the Kafka producer; events stay in the outbox; check --kafka-brokers");
@@ -135,7 +145,7 @@ pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<b
     let lease_ttl = Duration::from_secs(10);
     let mut holding = false;
     while !*shutdown.borrow() {
-        let idle = match step(&store, &producer, &cfg, lease_ttl, &mut holding).await {
+        let idle = match step(&store, &producer, &dlq, &cfg, lease_ttl, &mut holding).await {
             Ok(true) => cfg.poll_interval,
             Ok(false) => Duration::ZERO,
             Err(e) => {
@@ -148,7 +158,7 @@ pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<b
         // start a new one; unacknowledged events are simply sent again.
         if let Some((code, reason)) = producer.client().fatal_error() {
             tracing::warn!(error = %code, reason, "Kafka producer failed fatally; creating a new one");
-            match self::producer(&cfg) {
+            match self::producer(&cfg, cfg.max_message_bytes) {
                 Ok(p) => producer = p,
                 Err(e) => tracing::error!(error = %e, "cannot re-create the Kafka producer"),
             }
@@ -171,6 +181,7 @@ pub async fn run(store: Store, cfg: RelayConfig, mut shutdown: watch::Receiver<b
 async fn step(
     store: &Store,
     producer: &FutureProducer,
+    dlq: &FutureProducer,
     cfg: &RelayConfig,
     lease_ttl: Duration,
     holding: &mut bool,
@@ -238,7 +249,7 @@ async fn step(
                 metrics::get().outbox_failures.inc();
                 let attempts = event.attempts + 1;
                 if is_permanent(&e) && attempts >= cfg.max_attempts {
-                    dead_letter(store, producer, cfg, event, &e.to_string()).await?;
+                    dead_letter(store, dlq, cfg, event, &e.to_string()).await?;
                 } else {
                     let wait = if is_permanent(&e) {
                         backoff(attempts)

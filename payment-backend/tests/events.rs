@@ -31,6 +31,7 @@ fn relay(brokers: &str) -> RelayConfig {
         max_attempts: 5,
         poll_interval: Duration::from_millis(50),
         delivery_timeout: Duration::from_secs(3),
+        max_message_bytes: payment_backend::relay::DEFAULT_MAX_MESSAGE_BYTES,
         holder: format!("test-{}", key()),
     }
 }
@@ -44,6 +45,10 @@ struct Seen {
 }
 
 fn consumer(brokers: &str) -> StreamConsumer {
+    consumer_of(brokers, TOPIC, PARTITIONS)
+}
+
+fn consumer_of(brokers: &str, topic: &str, partitions: i32) -> StreamConsumer {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("test-{}", key()))
@@ -51,8 +56,8 @@ fn consumer(brokers: &str) -> StreamConsumer {
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
     c.assign(&tpl).unwrap();
@@ -358,4 +363,62 @@ async fn broker_down_events_wait_then_all_arrive() {
     .await;
     b.stop().await;
     drop(kafka);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_topic_refuses_goes_to_the_dead_letter_topic() {
+    let kafka = tokio::task::spawn_blocking(start_kafka).await.unwrap();
+    let mut cfg = relay(kafka.brokers());
+    // Events above 1000 bytes are refused by the events topic's producer.
+    cfg.max_message_bytes = 1000;
+    cfg.max_attempts = 2;
+    let mut b = Backend::start_with(
+        Db::Sqlite,
+        Options {
+            relay: Some(cfg),
+            ..Options::default()
+        },
+    )
+    .await;
+    let payer = b.account("USD", 1_000).await;
+    let payee = b.account("USD", 0).await;
+    let mut big = create_req(&payer, &payee, 10, false);
+    big.description = "x".repeat(1000);
+    let big = b.payments.create_payment(big).await.unwrap().into_inner();
+    let small = b
+        .payments
+        .create_payment(create_req(&payer, &payee, 20, false))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The small event is not held up by the big one (another payment).
+    let seen = consume(&consumer(kafka.brokers()), 1).await;
+    assert_eq!(seen[0].event.payment_id, small.id);
+
+    let dlq = consumer_of(kafka.brokers(), "payments.events.dlq", 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let m = tokio::time::timeout_at(deadline, dlq.recv())
+        .await
+        .expect("the big event reaches the dead-letter topic")
+        .unwrap();
+    let event = pb::PaymentEvent::decode(m.payload().unwrap()).unwrap();
+    assert_eq!(event.payment_id, big.id);
+    let error = m
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "error").and_then(|h| h.value))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    assert!(error.to_lowercase().contains("size"), "{error}");
+    let store = b.store.clone();
+    common::eventually(Duration::from_secs(10), "the outbox to drain", || {
+        let store = store.clone();
+        async move { (store.outbox_stats().await.ok()?.pending == 0).then_some(()) }
+    })
+    .await;
+    assert!(b
+        .metrics_text()
+        .await
+        .contains("payment_backend_outbox_dead_lettered_total 1"));
+    b.stop().await;
 }
