@@ -1,0 +1,189 @@
+//! The real binary: SIGTERM lets an in-flight call finish, refuses new
+//! ones, and exits 0; `/metrics` passes `promtool check metrics`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{create_req, key, Db};
+use sqlx::Connection as _;
+use tollgate_proto::payments::v1 as pb;
+use tollgate_proto::payments::v1::account_service_client::AccountServiceClient;
+use tollgate_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use tonic::transport::Channel;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_backend(url: &str, grpc: u16, metrics: u16) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_payment-backend"))
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{grpc}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics}"))
+            .arg("--database-url")
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start payment-backend"),
+    )
+}
+
+async fn connect(port: u16) -> Channel {
+    common::eventually(Duration::from_secs(30), "the backend to accept connections", || async move {
+        Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_and_exits_zero() {
+    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
+    let mut proc = spawn_backend(&url, grpc, metrics);
+    let channel = connect(grpc).await;
+    let mut accounts = AccountServiceClient::new(channel.clone());
+    let mut payments = PaymentServiceClient::new(channel.clone());
+    let mut open = |funds: i64| {
+        let mut accounts = accounts.clone();
+        async move {
+            let a = accounts
+                .create_account(pb::CreateAccountRequest {
+                    idempotency_key: key(),
+                    owner: "o".into(),
+                    currency: "USD".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if funds > 0 {
+                accounts
+                    .deposit(pb::DepositRequest {
+                        idempotency_key: key(),
+                        account_id: a.id.clone(),
+                        amount: Some(common::usd(funds)),
+                    })
+                    .await
+                    .unwrap();
+            }
+            a.id
+        }
+    };
+    let payer = open(1_000).await;
+    let payee = open(0).await;
+    let _ = &mut accounts;
+
+    // Hold the payer's row lock so the next payment stays in flight.
+    sqlx::any::install_default_drivers();
+    let mut blocker = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(&payer)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let in_flight = {
+        let req = create_req(&payer, &payee, 100, false);
+        tokio::spawn(async move { payments.create_payment(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!in_flight.is_finished(), "the call waits on the lock");
+
+    let pid = proc.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // New connections are refused while the in-flight call drains.
+    assert!(
+        Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .is_err(),
+        "no new connections after SIGTERM"
+    );
+    assert!(proc.0.try_wait().unwrap().is_none(), "still draining");
+
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    let payment = in_flight.await.unwrap().expect("the in-flight call completes").into_inner();
+    assert_eq!(common::status_of(&payment), pb::PaymentStatus::Captured);
+
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proc.0.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read as _;
+        proc.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (s, err)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    assert!(status.1.contains("shutdown requested"), "{}", status.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let mut b = common::Backend::start(Db::Sqlite).await;
+    let payer = b.account("USD", 1_000).await;
+    let payee = b.account("USD", 0).await;
+    b.payments
+        .create_payment(create_req(&payer, &payee, 10, false))
+        .await
+        .unwrap();
+    let _ = b
+        .payments
+        .get_payment(pb::GetPaymentRequest {
+            payment_id: "pay_missing".into(),
+        })
+        .await;
+    let text = b.metrics_text().await;
+    for name in [
+        "payment_backend_rpc_requests_total{code=\"OK\",method=\"CreatePayment\"}",
+        "payment_backend_rpc_requests_total{code=\"NOT_FOUND\",method=\"GetPayment\"}",
+        "payment_backend_rpc_duration_seconds_bucket",
+        "payment_backend_payments_total{status=\"CAPTURED\"}",
+        "payment_backend_outbox_pending_events",
+        "payment_backend_outbox_oldest_pending_age_seconds",
+        "payment_backend_db_pool_connections",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/install-test-deps.sh installs it)");
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.stop().await;
+}
