@@ -133,6 +133,7 @@ cmd_start() {
         port="${running}"
         log "the broker in ${DIR} is already running on port ${port}"
     else
+        stop_on_failure "${SCRIPTS_DIR}/kafka.sh" stop "${DIR}"
         local attempt rc=1
         for attempt in 1 2 3 4 5; do
             if [[ -z "${port}" ]]; then
@@ -169,6 +170,7 @@ cmd_start() {
         start_watchdog "${DIR}" "${START_OWNER}" "${stop_cmd[@]}"
     fi
     write_env "${DIR}" "PORT=${port}" "BROKERS=127.0.0.1:${port}"
+    start_done
 }
 
 cmd_stop() {
@@ -222,7 +224,7 @@ cmd_topic() {
         die "could not create topic ${name} on 127.0.0.1:${port} (see above; log: ${DIR}/broker.log)"
     (
         flock -w 30 9 || die "could not lock ${DIR}/topics"
-        if ! grep -q "^${name} " "${DIR}/topics" 2>/dev/null; then
+        if ! awk -v n="${name}" '$1 == n { found = 1 } END { exit !found }' "${DIR}/topics" 2>/dev/null; then
             printf '%s %s\n' "${name}" "${partitions}" >>"${DIR}/topics"
         fi
     ) 9>>"${DIR}/topics.lock"

@@ -18,15 +18,33 @@
 #                                   (apt-get update at most once per run)
 #   ensure_pip PKG...               pip install the missing Python distributions
 #   tcp_open PORT                   true when something accepts on 127.0.0.1:PORT
+#   proc_running PID                true when PID runs (zombies count as gone)
+#   wait_gone PID SECONDS           wait for PID to end; false on timeout
 #   pid_alive PIDFILE [COMM]        true when PIDFILE names a live process
 #                                   (whose /proc comm starts with COMM)
 #   watch_owner [--dir DIR] OWNER_PID STOP_CMD...
-#                                   detached watchdog: runs STOP_CMD once
-#                                   OWNER_PID is gone (ends quietly if DIR
-#                                   disappears first); prints the watchdog pid
+#                                   detached watchdog (setsid, nohup, all fds
+#                                   on /dev/null): runs STOP_CMD once OWNER_PID
+#                                   is gone (pid and start time, so a reused
+#                                   pid does not fool it; checked every second;
+#                                   ends quietly if DIR disappears first);
+#                                   prints the watchdog pid. If OWNER_PID is
+#                                   already gone it runs STOP_CMD at once and
+#                                   dies.
+#   start_watchdog DIR OWNER STOP_CMD...
+#                                   watch_owner for DIR, replacing the one
+#                                   recorded in DIR/watchdog.pid
 #   kill_watchdog DIR               end the watchdog recorded in DIR/watchdog.pid
+#   stop_on_failure STOP_CMD...     run STOP_CMD if the script exits non-zero
+#   start_done                      cancel stop_on_failure
+#   parse_start_opts ARGS...        --port/--owner/--cleanup into START_*
+#   abs_dir DIR                     DIR as an absolute path
 #   write_env DIR KEY=VALUE...      write the lines to DIR/env and to stdout
-#   remove_service_dir DIR          rm -rf DIR if it is a service dir of ours
+#   mark_service_dir DIR            create DIR and mark it as ours
+#   remove_service_dir DIR          rm -rf DIR if it is marked as ours
+#   ensure_redis                    install redis-server/redis-tools if needed
+#   redis_node_start DIR PORT [ARGS...] / redis_node_stop DIR
+#                                   one redis-server with its files in DIR
 #
 # Scripts run as root and non-interactively; stdout carries only the KEY=VALUE
 # lines of `start`, everything else goes to stderr.
@@ -58,12 +76,18 @@ TOLLGATE_LOCK_FILE="${TOLLGATE_LOCK_FILE:-/tmp/tollgate-install.lock}"
 SERVICE_MARKER=".tollgate-service"
 APT_UPDATED=""
 
+# A caller that dies (a killed test process) closes the pipes our stdout and
+# stderr write to. Ignore SIGPIPE so that such a write fails instead of
+# killing the script outright: `set -e` then ends it through its EXIT trap,
+# which stops what a half-done start launched (see stop_on_failure).
+trap '' PIPE
+
 log() {
-    printf '%s: %s\n' "${SCRIPT_NAME}" "$*" >&2
+    printf '%s: %s\n' "${SCRIPT_NAME}" "$*" >&2 || true
 }
 
 die() {
-    printf '%s: error: %s\n' "${SCRIPT_NAME}" "$*" >&2
+    printf '%s: error: %s\n' "${SCRIPT_NAME}" "$*" >&2 || true
     exit 1
 }
 
@@ -320,8 +344,12 @@ watch_owner() {
     shift
     [[ "${owner}" =~ ^[0-9]+$ ]] || die "--owner needs a process id, got '${owner}'"
     local start
-    start="$(proc_start_time "${owner}")" ||
-        die "owner process ${owner} is not running; pass the pid of a live process to --owner"
+    if ! start="$(proc_start_time "${owner}")"; then
+        # Already gone: do now what the watchdog would have done.
+        log "owner process ${owner} has exited; running: $*"
+        "$@" >&2 || true
+        die "owner process ${owner} exited before the start finished"
+    fi
     # setsid: own session, so the caller's terminal or process group signals do
     # not reach it; nohup and the redirections: it holds none of the caller's
     # stdin/stdout/stderr open (a caller reading our stdout must see EOF).
@@ -351,6 +379,34 @@ start_watchdog() {
     shift 2
     kill_watchdog "${dir}"
     watch_owner --dir "${dir}" "${owner}" "$@" >"${dir}/watchdog.pid"
+}
+
+# After this, a non-zero exit of the script runs STOP_CMD... (the script's own
+# `stop DIR`), so that a failed start leaves nothing running. `start_done`
+# disarms it.
+stop_on_failure() {
+    STOP_ON_FAILURE=("$@")
+    trap 'run_stop_on_failure' EXIT
+}
+
+run_stop_on_failure() {
+    local rc=$?
+    trap - EXIT
+    if ((rc != 0 && ${#STOP_ON_FAILURE[@]} > 0)); then
+        log "start failed; stopping what it started"
+        local extra=()
+        # An --owner that is gone with --cleanup: nobody will look at DIR.
+        if [[ -n "${START_OWNER:-}" && -n "${START_CLEANUP:-}" ]] && ! proc_running "${START_OWNER}"; then
+            extra=(--remove)
+        fi
+        "${STOP_ON_FAILURE[@]}" "${extra[@]}" >&2 || true
+    fi
+    exit "${rc}"
+}
+
+start_done() {
+    STOP_ON_FAILURE=()
+    trap - EXIT
 }
 
 write_env() {
@@ -390,6 +446,7 @@ parse_start_opts() {
             ;;
         --owner)
             [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--owner needs a process id"
+            proc_running "$2" || die "owner process $2 is not running; pass the pid of a live process to --owner"
             START_OWNER="$2"
             shift 2
             ;;

@@ -184,6 +184,7 @@ cmd_start() {
         port="${running}"
         log "PostgreSQL in ${DIR} is already running on port ${port} (mode $(cat "${DIR}/mode" 2>/dev/null))"
     else
+        stop_on_failure "${SCRIPTS_DIR}/postgres.sh" stop "${DIR}"
         local attempt rc=1
         for attempt in 1 2 3 4 5; do
             if [[ -z "${port}" ]]; then
@@ -218,6 +219,7 @@ cmd_start() {
         start_watchdog "${DIR}" "${START_OWNER}" "${stop_cmd[@]}"
     fi
     (umask 077 && write_env "${DIR}" "PORT=${port}" "URL=${url}")
+    start_done
 }
 
 cmd_stop() {

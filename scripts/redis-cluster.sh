@@ -85,6 +85,7 @@ cmd_start() {
         done
     fi
 
+    stop_on_failure "${SCRIPTS_DIR}/redis-cluster.sh" stop "${dir}"
     if [[ -n "${restart}" ]]; then
         log "restarting the cluster in ${dir} on ports ${ports[*]}"
         local rc=0
@@ -139,6 +140,7 @@ cmd_start() {
         IFS=,
         printf '%s' "${urls[*]}"
     )"
+    start_done
 }
 
 cmd_stop() {

@@ -50,6 +50,7 @@ cmd_start() {
         port="${running}"
         log "redis in ${dir} is already running on port ${port}"
     else
+        stop_on_failure "${SCRIPTS_DIR}/redis.sh" stop "${dir}"
         local attempt rc
         for attempt in 1 2 3 4 5; do
             if [[ -z "${port}" ]]; then
@@ -77,6 +78,7 @@ cmd_start() {
         start_watchdog "${dir}" "${START_OWNER}" "${stop_cmd[@]}"
     fi
     write_env "${dir}" "PORT=${port}" "URL=redis://127.0.0.1:${port}"
+    start_done
 }
 
 cmd_stop() {

@@ -41,13 +41,17 @@ fn spawn_backend(url: &str, grpc: u16, metrics: u16) -> Proc {
 }
 
 async fn connect(port: u16) -> Channel {
-    common::eventually(Duration::from_secs(30), "the backend to accept connections", || async move {
-        Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .ok()
-    })
+    common::eventually(
+        Duration::from_secs(30),
+        "the backend to accept connections",
+        || async move {
+            Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+                .ok()
+        },
+    )
     .await
 }
 
@@ -121,14 +125,23 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     assert!(proc.0.try_wait().unwrap().is_none(), "still draining");
 
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
-    let payment = in_flight.await.unwrap().expect("the in-flight call completes").into_inner();
+    let payment = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call completes")
+        .into_inner();
     assert_eq!(common::status_of(&payment), pb::PaymentStatus::Captured);
 
     let status = tokio::task::spawn_blocking(move || {
         let s = proc.0.wait().unwrap();
         let mut err = String::new();
         use std::io::Read as _;
-        proc.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        proc.0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         (s, err)
     })
     .await

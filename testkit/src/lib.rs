@@ -195,11 +195,10 @@ impl Instance {
         );
     }
 
-    fn run(&self, args: &[&str]) -> String {
-        let mut all: Vec<OsString> = Vec::with_capacity(args.len() + 1);
-        all.push(args.first().copied().unwrap_or_default().into());
-        all.push(self.dir.clone().into());
-        all.extend(args.iter().skip(1).map(OsString::from));
+    /// Runs `script <command> <dir> args...` and returns its stdout.
+    fn run(&self, command: &str, args: &[&str]) -> String {
+        let mut all: Vec<OsString> = vec![command.into(), self.dir.clone().into()];
+        all.extend(args.iter().map(OsString::from));
         run_script(self.script, &all)
     }
 }
@@ -456,6 +455,11 @@ impl RedisCluster {
     pub fn start_again(&self) {
         self.inner.start_again();
     }
+
+    /// The instance's directory (one `nodeN/` folder per node).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
 }
 
 /// A Kafka-protocol broker (tansu, in-memory storage) in its own temporary
@@ -497,13 +501,13 @@ impl Kafka {
 
     /// Creates a topic (tansu does not auto-create); an existing one is fine.
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        self.inner.run(&["topic", name, &partitions.to_string()]);
+        self.inner.run("topic", &[name, &partitions.to_string()]);
     }
 
     /// Names of the broker's topics.
     pub fn topics(&self) -> Vec<String> {
         self.inner
-            .run(&["list"])
+            .run("list", &[])
             .lines()
             .map(str::to_owned)
             .collect()

@@ -26,7 +26,7 @@ fn list_topics(kafka: &Kafka) -> Vec<String> {
 }
 
 #[test]
-fn broker_topics_survive_restart() {
+fn topics_are_recreated_after_restart() {
     let started = Instant::now();
     let kafka = Kafka::start();
     eprintln!("Kafka::start took {:?}", started.elapsed());

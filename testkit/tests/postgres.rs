@@ -7,7 +7,17 @@ use testkit::Postgres;
 
 fn psql_url(url: &str, sql: &str) -> Result<String, String> {
     let output = Command::new("psql")
-        .args([url, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            url,
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .output()
         .map_err(|e| format!("could not run psql: {e}"))?;
     if output.status.success() {
