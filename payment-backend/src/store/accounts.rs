@@ -4,6 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use tollgate_proto::payments::v1 as pb;
 
+use super::batch::Batch;
 use super::ledger::{self, Leg, AVAILABLE, EXTERNAL};
 use super::{timestamp, Store};
 use crate::error::Error;
@@ -88,19 +89,22 @@ impl Store {
             held: 0,
             created_at: now,
         };
-        sqlx::query(
+        let mut writes = Batch::default();
+        writes.push_expect(
             "INSERT INTO accounts (id, owner, currency, status, available, held, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, 0, 0, $5, $5)",
-        )
-        .bind(&account.id)
-        .bind(&account.owner)
-        .bind(&account.currency)
-        .bind(&account.status)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+            vec![
+                (&account.id).into(),
+                (&account.owner).into(),
+                (&account.currency).into(),
+                (&account.status).into(),
+                now.into(),
+            ],
+            1,
+            "new account",
+        );
         let response = account.to_proto();
-        self.finish(tx, idem, &response).await?;
+        self.finish(tx, writes, idem, &response).await?;
         Ok(Outcome::Executed(response))
     }
 
@@ -137,8 +141,9 @@ impl Store {
         }
         let external = format!("external:{currency}");
         let now = self.now_micros();
+        let mut writes = Batch::default();
         let txn = ledger::post(
-            &mut tx,
+            &mut writes,
             "deposit",
             currency,
             None,
@@ -155,8 +160,7 @@ impl Store {
                     amount,
                 },
             ],
-        )
-        .await?;
+        )?;
         account.available += amount;
         let response = pb::DepositResponse {
             deposit_id: txn,
@@ -164,7 +168,7 @@ impl Store {
             amount: Some(money(amount, currency)),
             balance: Some(account.balance()),
         };
-        self.finish(tx, idem, &response).await?;
+        self.finish(tx, writes, idem, &response).await?;
         Ok(Outcome::Executed(response))
     }
 

@@ -2,8 +2,9 @@
 //! sums to zero, written in the same transaction as the payment change, and
 //! the cached balances on `accounts` move with it.
 
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
+use super::batch::{Batch, Value};
 use super::Store;
 use crate::error::Error;
 
@@ -22,11 +23,12 @@ pub(super) struct Leg<'a> {
     pub(super) amount: i64,
 }
 
-/// Writes one balanced ledger transaction and moves the cached balances of
-/// the customer accounts it touches. Accounts are updated in id order so two
-/// transactions touching the same accounts cannot deadlock.
-pub(super) async fn post(
-    conn: &mut AnyConnection,
+/// Adds one balanced ledger transaction to `writes`, and the move of the
+/// cached balances of the customer accounts it touches (one statement for
+/// all of them). The callers hold those accounts' row locks; the CHECK
+/// constraints on `accounts` make an overdraft fail the whole transaction.
+pub(super) fn post(
+    writes: &mut Batch,
     kind: &str,
     currency: &str,
     payment_id: Option<&str>,
@@ -43,7 +45,14 @@ pub(super) async fn post(
     let mut sql = String::from(
         "INSERT INTO ledger_entries (txn_id, kind, account_id, bucket, amount, currency, payment_id, created_at) VALUES ",
     );
-    for i in 0..legs.len() {
+    let mut args: Vec<Value> = vec![
+        (&txn_id).into(),
+        kind.into(),
+        currency.into(),
+        payment_id.into(),
+        now.into(),
+    ];
+    for (i, l) in legs.iter().enumerate() {
         let b = i * 3;
         if i > 0 {
             sql.push_str(", ");
@@ -54,19 +63,16 @@ pub(super) async fn post(
             b + 7,
             b + 8
         ));
+        args.extend([l.account.into(), l.bucket.into(), l.amount.into()]);
     }
-    let mut q = sqlx::query(&sql)
-        .bind(&txn_id)
-        .bind(kind)
-        .bind(currency)
-        .bind(payment_id)
-        .bind(now);
-    for l in legs {
-        q = q.bind(l.account).bind(l.bucket).bind(l.amount);
-    }
-    q.execute(&mut *conn).await?;
+    writes.push_expect(
+        sql,
+        args,
+        legs.len() as u64,
+        format!("ledger entries of {kind}"),
+    );
 
-    // Net change per customer account, applied in id order.
+    // Net change per customer account.
     let mut deltas: Vec<(&str, i64, i64)> = Vec::new();
     for l in legs.iter().filter(|l| l.bucket != EXTERNAL) {
         let (a, h) = if l.bucket == AVAILABLE {
@@ -83,25 +89,28 @@ pub(super) async fn post(
         }
     }
     deltas.sort_unstable_by(|x, y| x.0.cmp(y.0));
-    for (account, available, held) in deltas {
-        let r = sqlx::query(
-            "UPDATE accounts SET available = available + $1, held = held + $2, updated_at = $3 \
-             WHERE id = $4 AND available + $1 >= 0 AND held + $2 >= 0",
-        )
-        .bind(available)
-        .bind(held)
-        .bind(now)
-        .bind(account)
-        .execute(&mut *conn)
-        .await?;
-        if r.rows_affected() != 1 {
-            // The callers checked balances under a row lock; reaching this
-            // means a rule was bypassed, so nothing of this call is kept.
-            return Err(Error::Internal(format!(
-                "ledger transaction {kind} would overdraw account {account}"
-            )));
-        }
+    let mut available = String::from("CASE id");
+    let mut held = String::from("CASE id");
+    let mut ids = Vec::new();
+    let mut args: Vec<Value> = vec![now.into()];
+    for (i, (account, a, h)) in deltas.iter().enumerate() {
+        let b = i * 3 + 2;
+        available.push_str(&format!(" WHEN ${b} THEN ${}", b + 1));
+        held.push_str(&format!(" WHEN ${b} THEN ${}", b + 2));
+        ids.push(format!("${b}"));
+        args.extend([(*account).into(), (*a).into(), (*h).into()]);
     }
+    let sql = format!(
+        "UPDATE accounts SET available = available + {available} ELSE 0 END, \
+         held = held + {held} ELSE 0 END, updated_at = $1 WHERE id IN ({})",
+        ids.join(", ")
+    );
+    writes.push_expect(
+        sql,
+        args,
+        deltas.len() as u64,
+        format!("account balances of {kind}"),
+    );
     Ok(txn_id)
 }
 

@@ -9,6 +9,7 @@
 //! locking and how errors are classified — is in [`Dialect`].
 
 mod accounts;
+mod batch;
 mod ledger;
 mod outbox;
 mod payments;
@@ -26,6 +27,7 @@ pub use self::ledger::LedgerReport;
 pub use self::outbox::{OutboxEvent, OutboxStats};
 pub use self::payments::{NewPayment, PaymentFilter};
 
+use self::batch::Batch;
 use crate::error::Error;
 use crate::idempotency::Idempotency;
 
@@ -337,19 +339,26 @@ impl Store {
         }
     }
 
-    /// Stores the response of a claimed key and commits everything.
+    /// Sends the call's writes plus the response of its claimed key, and
+    /// commits everything.
     async fn finish<T: Message>(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        mut writes: Batch,
         idem: &Idempotency,
         response: &T,
     ) -> Result<(), Error> {
-        sqlx::query("UPDATE idempotency_keys SET response = $1 WHERE scope = $2 AND key = $3")
-            .bind(response.encode_to_vec())
-            .bind(&idem.scope)
-            .bind(&idem.key)
-            .execute(&mut *tx)
-            .await?;
+        writes.push_expect(
+            "UPDATE idempotency_keys SET response = $1 WHERE scope = $2 AND key = $3",
+            vec![
+                response.encode_to_vec().into(),
+                (&idem.scope).into(),
+                (&idem.key).into(),
+            ],
+            1,
+            "storing the idempotent response",
+        );
+        writes.execute(&mut tx, self.dialect).await?;
         tx.commit().await?;
         Ok(())
     }

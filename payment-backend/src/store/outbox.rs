@@ -2,9 +2,10 @@
 //! them, read back in order by the relay, marked once the broker has them.
 
 use prost::Message;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 use tollgate_proto::payments::v1 as pb;
 
+use super::batch::Batch;
 use super::Store;
 use crate::error::Error;
 
@@ -36,24 +37,21 @@ pub struct OutboxStats {
     pub oldest_pending_at: Option<i64>,
 }
 
-/// Adds an event to the outbox inside the caller's transaction.
-pub(super) async fn insert(
-    conn: &mut AnyConnection,
-    event: &pb::PaymentEvent,
-    now: i64,
-) -> Result<(), Error> {
-    sqlx::query(
+/// Adds an event to the outbox, written with the change that caused it.
+pub(super) fn insert(writes: &mut Batch, event: &pb::PaymentEvent, now: i64) {
+    writes.push_expect(
         "INSERT INTO outbox (event_id, event_type, payment_id, payload, created_at, next_attempt_at) \
          VALUES ($1, $2, $3, $4, $5, $5)",
-    )
-    .bind(&event.event_id)
-    .bind(&event.event_type)
-    .bind(&event.payment_id)
-    .bind(event.encode_to_vec())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+        vec![
+            (&event.event_id).into(),
+            (&event.event_type).into(),
+            (&event.payment_id).into(),
+            event.encode_to_vec().into(),
+            now.into(),
+        ],
+        1,
+        "outbox event",
+    );
 }
 
 // === impl Store ===

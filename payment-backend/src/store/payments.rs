@@ -11,6 +11,7 @@ use sqlx::{AnyConnection, Row};
 use tollgate_proto::payments::v1 as pb;
 
 use super::accounts::{not_found as account_not_found, AccountRow, ACCOUNT_COLUMNS};
+use super::batch::Batch;
 use super::ledger::{self, Leg, AVAILABLE, HELD};
 use super::{timestamp, Store};
 use crate::error::Error;
@@ -188,7 +189,8 @@ impl Store {
                 Some(now.saturating_add(self.authorization_ttl_micros)),
             ),
         };
-        let mut p = PaymentRow {
+        // Inserted in its final state, with its first event.
+        let p = PaymentRow {
             id: super::new_id("pay"),
             payer: new.payer_account_id.clone(),
             payee: new.payee_account_id.clone(),
@@ -213,35 +215,41 @@ impl Store {
             created_at: now,
             updated_at: now,
             expires_at,
-            event_seq: 0,
+            event_seq: 1,
         };
-        sqlx::query(&format!(
-            "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, '', $13, $13, $14, 0)"
-        ))
-        .bind(&p.id)
-        .bind(&p.payer)
-        .bind(&p.payee)
-        .bind(&p.currency)
-        .bind(p.amounts.amount)
-        .bind(capturable)
-        .bind(captured)
-        .bind(status.as_str())
-        .bind(&p.capture_method)
-        .bind(p.decline.map(Decline::as_str))
-        .bind(&p.description)
-        .bind(serde_json::to_string(&p.metadata).unwrap_or_else(|_| "{}".into()))
-        .bind(now)
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await?;
-
+        let mut writes = Batch::default();
+        writes.push_expect(
+            format!(
+                "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES \
+                 ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, '', $13, $13, $14, 1)"
+            ),
+            vec![
+                (&p.id).into(),
+                (&p.payer).into(),
+                (&p.payee).into(),
+                (&p.currency).into(),
+                p.amounts.amount.into(),
+                capturable.into(),
+                captured.into(),
+                status.as_str().into(),
+                (&p.capture_method).into(),
+                p.decline.map(Decline::as_str).into(),
+                (&p.description).into(),
+                serde_json::to_string(&p.metadata)
+                    .unwrap_or_else(|_| "{}".into())
+                    .into(),
+                now.into(),
+                expires_at.into(),
+            ],
+            1,
+            "new payment",
+        );
         let amount = new.amount;
         let event = match status {
             Status::Declined => "payment.declined",
             Status::Captured => {
                 ledger::post(
-                    &mut tx,
+                    &mut writes,
                     "capture",
                     &p.currency,
                     Some(&p.id),
@@ -258,13 +266,12 @@ impl Store {
                             amount,
                         },
                     ],
-                )
-                .await?;
+                )?;
                 "payment.captured"
             }
             _ => {
                 ledger::post(
-                    &mut tx,
+                    &mut writes,
                     "authorize",
                     &p.currency,
                     Some(&p.id),
@@ -281,13 +288,13 @@ impl Store {
                             amount,
                         },
                     ],
-                )
-                .await?;
+                )?;
                 "payment.authorized"
             }
         };
-        let response = self.save_event(&mut tx, &mut p, event, None, now).await?;
-        self.finish(tx, idem, &response).await?;
+        let response = emit(&mut writes, &p, event, None, now);
+        self.finish(tx, writes, idem, &response).await?;
+        crate::metrics::payment_transition(status);
         Ok(Outcome::Executed(response))
     }
 
@@ -329,23 +336,22 @@ impl Store {
                 amount: plan.release,
             });
         }
+        let mut writes = Batch::default();
         ledger::post(
-            &mut tx,
+            &mut writes,
             "capture",
             &p.currency,
             Some(payment_id),
             now,
             &legs,
-        )
-        .await?;
+        )?;
         p.amounts.status = Status::Captured;
         p.amounts.capturable = 0;
         p.amounts.captured = plan.capture;
         p.expires_at = None;
-        let response = self
-            .save_event(&mut tx, &mut p, "payment.captured", None, now)
-            .await?;
-        self.finish(tx, idem, &response).await?;
+        let response = save_event(&mut writes, &mut p, "payment.captured", None, now);
+        self.finish(tx, writes, idem, &response).await?;
+        crate::metrics::payment_transition(Status::Captured);
         Ok(Outcome::Executed(response))
     }
 
@@ -363,13 +369,12 @@ impl Store {
         let mut p = self.lock_payment(&mut tx, payment_id).await?;
         let release = payment::plan_cancel(payment_id, &p.amounts)?;
         let now = self.now_micros();
-        self.release_hold(&mut tx, &mut p, release, Status::Canceled, now)
-            .await?;
+        let mut writes = Batch::default();
+        release_hold(&mut writes, &mut p, release, Status::Canceled, now)?;
         p.cancellation_reason = reason.to_owned();
-        let response = self
-            .save_event(&mut tx, &mut p, "payment.canceled", None, now)
-            .await?;
-        self.finish(tx, idem, &response).await?;
+        let response = save_event(&mut writes, &mut p, "payment.canceled", None, now);
+        self.finish(tx, writes, idem, &response).await?;
+        crate::metrics::payment_transition(Status::Canceled);
         Ok(Outcome::Executed(response))
     }
 
@@ -399,8 +404,9 @@ impl Store {
             });
         }
         let now = self.now_micros();
+        let mut writes = Batch::default();
         ledger::post(
-            &mut tx,
+            &mut writes,
             "refund",
             &p.currency,
             Some(payment_id),
@@ -417,8 +423,7 @@ impl Store {
                     amount: refund_amount,
                 },
             ],
-        )
-        .await?;
+        )?;
         let refund = pb::Refund {
             id: super::new_id("re"),
             payment_id: payment_id.to_owned(),
@@ -427,22 +432,26 @@ impl Store {
             reason: reason.to_owned(),
             created_at: Some(timestamp(now)),
         };
-        sqlx::query(&format!(
-            "INSERT INTO refunds ({REFUND_COLUMNS}) VALUES ($1, $2, $3, $4, 'SUCCEEDED', $5, $6)"
-        ))
-        .bind(&refund.id)
-        .bind(payment_id)
-        .bind(refund_amount)
-        .bind(&p.currency)
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        writes.push_expect(
+            format!(
+                "INSERT INTO refunds ({REFUND_COLUMNS}) VALUES ($1, $2, $3, $4, 'SUCCEEDED', $5, $6)"
+            ),
+            vec![
+                (&refund.id).into(),
+                payment_id.into(),
+                refund_amount.into(),
+                (&p.currency).into(),
+                reason.into(),
+                now.into(),
+            ],
+            1,
+            "new refund",
+        );
         p.amounts.refunded += refund_amount;
         p.amounts.status = status;
-        self.save_event(&mut tx, &mut p, "refund.succeeded", Some(&refund), now)
-            .await?;
-        self.finish(tx, idem, &refund).await?;
+        save_event(&mut writes, &mut p, "refund.succeeded", Some(&refund), now);
+        self.finish(tx, writes, idem, &refund).await?;
+        crate::metrics::payment_transition(status);
         Ok(Outcome::Executed(refund))
     }
 
@@ -470,11 +479,12 @@ impl Store {
                 continue;
             }
             let release = p.amounts.capturable;
-            self.release_hold(&mut tx, &mut p, release, Status::Expired, now)
-                .await?;
-            self.save_event(&mut tx, &mut p, "payment.expired", None, now)
-                .await?;
+            let mut writes = Batch::default();
+            release_hold(&mut writes, &mut p, release, Status::Expired, now)?;
+            save_event(&mut writes, &mut p, "payment.expired", None, now);
+            writes.execute(&mut tx, self.dialect).await?;
             tx.commit().await?;
+            crate::metrics::payment_transition(Status::Expired);
             expired += 1;
         }
         Ok(expired)
@@ -661,90 +671,101 @@ impl Store {
         };
         Ok((find(payer)?, find(payee)?))
     }
+}
 
-    async fn release_hold(
-        &self,
-        conn: &mut AnyConnection,
-        p: &mut PaymentRow,
-        release: i64,
-        status: Status,
-        now: i64,
-    ) -> Result<(), Error> {
-        if release > 0 {
-            let kind = if status == Status::Expired {
-                "expire"
-            } else {
-                "cancel"
-            };
-            ledger::post(
-                conn,
-                kind,
-                &p.currency,
-                Some(&p.id),
-                now,
-                &[
-                    Leg {
-                        account: &p.payer,
-                        bucket: HELD,
-                        amount: -release,
-                    },
-                    Leg {
-                        account: &p.payer,
-                        bucket: AVAILABLE,
-                        amount: release,
-                    },
-                ],
-            )
-            .await?;
-        }
-        p.amounts.status = status;
-        p.amounts.capturable = 0;
-        p.expires_at = None;
-        Ok(())
-    }
-
-    /// Writes the payment's new state (all mutable columns) and its outbox
-    /// event; returns the payment as the caller sees it.
-    async fn save_event(
-        &self,
-        conn: &mut AnyConnection,
-        p: &mut PaymentRow,
-        event_type: &str,
-        refund: Option<&pb::Refund>,
-        now: i64,
-    ) -> Result<pb::Payment, Error> {
-        p.event_seq += 1;
-        p.updated_at = now;
-        sqlx::query(
-            "UPDATE payments SET status = $1, amount_capturable = $2, amount_captured = $3, \
-             amount_refunded = $4, cancellation_reason = $5, updated_at = $6, \
-             authorization_expires_at = $7, event_seq = $8 WHERE id = $9",
-        )
-        .bind(p.amounts.status.as_str())
-        .bind(p.amounts.capturable)
-        .bind(p.amounts.captured)
-        .bind(p.amounts.refunded)
-        .bind(&p.cancellation_reason)
-        .bind(now)
-        .bind(p.expires_at)
-        .bind(p.event_seq)
-        .bind(&p.id)
-        .execute(&mut *conn)
-        .await?;
-        let payment = p.to_proto();
-        let event = pb::PaymentEvent {
-            event_id: super::new_id("evt"),
-            event_type: event_type.to_owned(),
-            payment_id: p.id.clone(),
-            occurred_at: Some(timestamp(now)),
-            payment: Some(payment.clone()),
-            refund: refund.cloned(),
-            sequence: p.event_seq,
+/// Releases an authorization's hold back to the payer.
+fn release_hold(
+    writes: &mut Batch,
+    p: &mut PaymentRow,
+    release: i64,
+    status: Status,
+    now: i64,
+) -> Result<(), Error> {
+    if release > 0 {
+        let kind = if status == Status::Expired {
+            "expire"
+        } else {
+            "cancel"
         };
-        super::outbox::insert(conn, &event, now).await?;
-        crate::metrics::payment_transition(p.amounts.status);
-        Ok(payment)
+        ledger::post(
+            writes,
+            kind,
+            &p.currency,
+            Some(&p.id),
+            now,
+            &[
+                Leg {
+                    account: &p.payer,
+                    bucket: HELD,
+                    amount: -release,
+                },
+                Leg {
+                    account: &p.payer,
+                    bucket: AVAILABLE,
+                    amount: release,
+                },
+            ],
+        )?;
     }
+    p.amounts.status = status;
+    p.amounts.capturable = 0;
+    p.expires_at = None;
+    Ok(())
+}
+
+/// Writes the payment's new state (all mutable columns) and its outbox
+/// event; returns the payment as the caller sees it.
+fn save_event(
+    writes: &mut Batch,
+    p: &mut PaymentRow,
+    event_type: &str,
+    refund: Option<&pb::Refund>,
+    now: i64,
+) -> pb::Payment {
+    p.event_seq += 1;
+    p.updated_at = now;
+    writes.push_expect(
+        "UPDATE payments SET status = $1, amount_capturable = $2, amount_captured = $3, \
+         amount_refunded = $4, cancellation_reason = $5, updated_at = $6, \
+         authorization_expires_at = $7, event_seq = $8 WHERE id = $9",
+        vec![
+            p.amounts.status.as_str().into(),
+            p.amounts.capturable.into(),
+            p.amounts.captured.into(),
+            p.amounts.refunded.into(),
+            (&p.cancellation_reason).into(),
+            now.into(),
+            p.expires_at.into(),
+            p.event_seq.into(),
+            (&p.id).into(),
+        ],
+        1,
+        "payment update",
+    );
+    emit(writes, p, event_type, refund, now)
+}
+
+/// Writes the outbox event of the payment's latest change (sequence
+/// `p.event_seq`) and returns the payment as the caller sees it.
+fn emit(
+    writes: &mut Batch,
+    p: &PaymentRow,
+    event_type: &str,
+    refund: Option<&pb::Refund>,
+    now: i64,
+) -> pb::Payment {
+    let payment = p.to_proto();
+    let event = pb::PaymentEvent {
+        event_id: super::new_id("evt"),
+        event_type: event_type.to_owned(),
+        payment_id: p.id.clone(),
+        occurred_at: Some(timestamp(now)),
+        payment: Some(payment.clone()),
+        refund: refund.cloned(),
+        sequence: p.event_seq,
+    };
+    super::outbox::insert(writes, &event, now);
+    payment
 }
 
 fn view(a: &AccountRow) -> AccountView<'_> {
