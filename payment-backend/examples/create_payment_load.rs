@@ -126,7 +126,7 @@ async fn main() {
             run.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1) * 0x1000_0001);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((w as u64 + 1) * 0x1000_0001));
             let mut lat = Vec::with_capacity(100_000);
             let (mut ok, mut err) = (0u64, 0u64);
             let mut n = 0u64;

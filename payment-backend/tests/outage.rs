@@ -95,7 +95,7 @@ async fn postgres_stopped_mid_run_is_unavailable_then_recovers() {
         (health(&b, "").await == Some(ServingStatus::Serving)).then_some(())
     })
     .await;
-    let mut client = b.payments.clone();
+    let client = b.payments.clone();
     let p = common::eventually(
         Duration::from_secs(20),
         "a payment to succeed again",
@@ -111,7 +111,6 @@ async fn postgres_stopped_mid_run_is_unavailable_then_recovers() {
         common::status_of(&p),
         tollgate_proto::payments::v1::PaymentStatus::Captured
     );
-    let _ = client.clone();
     assert_eq!(b.balance(&payer).await, (800, 0));
     b.assert_ledger_balanced().await;
     b.stop().await;
