@@ -61,9 +61,9 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
     let mut proc = spawn_backend(&url, grpc, metrics);
     let channel = connect(grpc).await;
-    let mut accounts = AccountServiceClient::new(channel.clone());
+    let accounts = AccountServiceClient::new(channel.clone());
     let mut payments = PaymentServiceClient::new(channel.clone());
-    let mut open = |funds: i64| {
+    let open = |funds: i64| {
         let mut accounts = accounts.clone();
         async move {
             let a = accounts
@@ -90,7 +90,6 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     };
     let payer = open(1_000).await;
     let payee = open(0).await;
-    let _ = &mut accounts;
 
     // Hold the payer's row lock so the next payment stays in flight.
     sqlx::any::install_default_drivers();
