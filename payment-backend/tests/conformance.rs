@@ -337,14 +337,20 @@ async fn idempotent_replay_and_reuse(db: Db) {
         .unwrap()
         .into_inner();
     let k = key();
-    b.payments
-        .capture_payment(pb::CapturePaymentRequest {
-            idempotency_key: k.clone(),
-            payment_id: manual.id.clone(),
-            amount_minor: None,
-        })
-        .await
-        .unwrap();
+    let capture = pb::CapturePaymentRequest {
+        idempotency_key: k.clone(),
+        payment_id: manual.id.clone(),
+        amount_minor: None,
+    };
+    let captured = b.payments.capture_payment(capture.clone()).await.unwrap();
+    // A retry after success replays, even though the payment can no longer
+    // be captured.
+    let retried = b.payments.capture_payment(capture).await.unwrap();
+    assert_eq!(
+        retried.metadata().get("idempotent-replayed").unwrap(),
+        "true"
+    );
+    assert_eq!(retried.get_ref(), captured.get_ref());
     let err = b
         .payments
         .refund_payment(pb::RefundPaymentRequest {

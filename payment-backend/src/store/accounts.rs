@@ -75,10 +75,17 @@ impl Store {
         owner: &str,
         currency: &str,
     ) -> Result<Outcome<pb::Account>, Error> {
-        let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
+        self.idempotent(idem, self.create_account_once(idem, owner, currency))
+            .await
+    }
+
+    async fn create_account_once(
+        &self,
+        idem: &Idempotency,
+        owner: &str,
+        currency: &str,
+    ) -> Result<Option<pb::Account>, Error> {
+        let tx = self.begin().await?;
         let now = self.now_micros();
         let account = AccountRow {
             id: super::new_id("acct"),
@@ -104,8 +111,10 @@ impl Store {
             "new account",
         );
         let response = account.to_proto();
-        self.finish(tx, writes, idem, &response).await?;
-        Ok(Outcome::Executed(response))
+        if !self.finish(tx, writes, idem, &response).await? {
+            return Ok(None);
+        }
+        Ok(Some(response))
     }
 
     /// Adds `amount` (minor units of `currency`) to an account's available
@@ -117,10 +126,18 @@ impl Store {
         amount: i64,
         currency: &str,
     ) -> Result<Outcome<pb::DepositResponse>, Error> {
+        self.idempotent(idem, self.deposit_once(idem, account_id, amount, currency))
+            .await
+    }
+
+    async fn deposit_once(
+        &self,
+        idem: &Idempotency,
+        account_id: &str,
+        amount: i64,
+        currency: &str,
+    ) -> Result<Option<pb::DepositResponse>, Error> {
         let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
         let mut account = self.lock_account(&mut tx, account_id).await?;
         if account.currency != currency {
             return Err(Error::FailedPrecondition {
@@ -168,8 +185,10 @@ impl Store {
             amount: Some(money(amount, currency)),
             balance: Some(account.balance()),
         };
-        self.finish(tx, writes, idem, &response).await?;
-        Ok(Outcome::Executed(response))
+        if !self.finish(tx, writes, idem, &response).await? {
+            return Ok(None);
+        }
+        Ok(Some(response))
     }
 
     /// Reads an account.

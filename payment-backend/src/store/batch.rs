@@ -101,12 +101,24 @@ impl Batch {
         });
     }
 
-    /// Runs every write inside the caller's transaction.
+    /// Adds a write whose row count the caller checks itself; returns its
+    /// index in the counts that [`Batch::execute`] returns.
+    pub(super) fn push_counted(&mut self, sql: impl Into<String>, args: Vec<Value>) -> usize {
+        self.parts.push(Part {
+            sql: sql.into(),
+            args,
+            expect: None,
+        });
+        self.parts.len() - 1
+    }
+
+    /// Runs every write inside the caller's transaction; returns the rows
+    /// each part touched.
     pub(super) async fn execute(
         self,
         conn: &mut AnyConnection,
         dialect: Dialect,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<u64>, Error> {
         let counts = match (dialect, self.parts.len()) {
             (_, 0) => Vec::new(),
             (Dialect::Sqlite, _) | (Dialect::Postgres, 1) => {
@@ -127,16 +139,16 @@ impl Batch {
                     .collect::<Result<_, _>>()?
             }
         };
-        for (part, count) in self.parts.iter().zip(counts) {
+        for (part, count) in self.parts.iter().zip(&counts) {
             if let Some((rows, what)) = &part.expect {
-                if count != *rows {
+                if count != rows {
                     return Err(Error::Internal(format!(
                         "{what}: expected {rows} rows, touched {count}"
                     )));
                 }
             }
         }
-        Ok(())
+        Ok(counts)
     }
 
     /// One PostgreSQL statement doing every part, returning each count.

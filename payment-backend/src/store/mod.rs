@@ -21,7 +21,7 @@ use std::time::Duration;
 use prost::Message;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use sqlx::{AnyPool, Connection, Executor, Row};
 
 pub use self::ledger::LedgerReport;
 pub use self::outbox::{OutboxEvent, OutboxStats};
@@ -29,7 +29,7 @@ pub use self::payments::{NewPayment, PaymentFilter};
 
 use self::batch::Batch;
 use crate::error::Error;
-use crate::idempotency::Idempotency;
+use crate::idempotency::{Idempotency, Outcome};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -283,42 +283,54 @@ impl Store {
         Ok(self.pool.begin().await?)
     }
 
-    /// Claims `idem` inside `tx`. `Ok(None)`: the key is new and now ours
-    /// (its row commits with the transaction). `Ok(Some(r))`: the key was
-    /// used before for the same request and `r` is the stored response; the
-    /// caller rolls back and replays. A concurrent first use of the key
-    /// makes the insert wait for that transaction, so a key executes once.
-    async fn claim<T: Message + Default>(
+    /// Runs one attempt of an idempotent call and settles it against the
+    /// key's record:
+    ///
+    /// - the attempt committed (`Some`): executed now;
+    /// - the key was taken (`None`: its row was inserted by an earlier or
+    ///   concurrent call, so this attempt rolled back): replay the stored
+    ///   response;
+    /// - the attempt failed for a reason a retry can meet (the payment was
+    ///   already captured, …): replay if the key holds a stored response.
+    ///
+    /// The primary key of `idempotency_keys` is what makes a key execute
+    /// once: the key's row is inserted in the same transaction as the
+    /// change, and a concurrent insert of the same key waits for it.
+    async fn idempotent<T: Message + Default>(
         &self,
-        tx: &mut AnyConnection,
         idem: &Idempotency,
-    ) -> Result<Option<T>, Error> {
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (scope, key, method, fingerprint, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&idem.scope)
-        .bind(&idem.key)
-        .bind(idem.method)
-        .bind(&idem.fingerprint)
-        .bind(self.now_micros())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 1 {
-            return Ok(None);
+        attempt: impl std::future::Future<Output = Result<Option<T>, Error>>,
+    ) -> Result<Outcome<T>, Error> {
+        match attempt.await {
+            Ok(Some(response)) => Ok(Outcome::Executed(response)),
+            Ok(None) => match self.stored(idem).await? {
+                Some(response) => Ok(Outcome::Replayed(response)),
+                None => Err(Error::Aborted(
+                    "the idempotency key was being released at the same time".into(),
+                )),
+            },
+            Err(e @ (Error::FailedPrecondition { .. } | Error::NotFound { .. })) => {
+                match self.stored(idem).await? {
+                    Some(response) => Ok(Outcome::Replayed(response)),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// The stored response of `idem`'s key: `None` if the key is unused,
+    /// IdempotencyKeyReused if it was used for a different request.
+    async fn stored<T: Message + Default>(&self, idem: &Idempotency) -> Result<Option<T>, Error> {
         let row = sqlx::query(
             "SELECT method, fingerprint, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
         )
         .bind(&idem.scope)
         .bind(&idem.key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
-            return Err(Error::Aborted(
-                "the idempotency key was being released at the same time".into(),
-            ));
+            return Ok(None);
         };
         let method: String = row.try_get("method")?;
         let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
@@ -328,39 +340,41 @@ impl Store {
                 method,
             });
         }
-        let response: Option<Vec<u8>> = row.try_get("response")?;
-        match response {
-            Some(bytes) => T::decode(bytes.as_slice())
-                .map(Some)
-                .map_err(|e| Error::Internal(format!("stored response does not decode: {e}"))),
-            None => Err(Error::Aborted(
-                "a call with this idempotency key is still in progress".into(),
-            )),
-        }
+        let response: Vec<u8> = row.try_get("response")?;
+        T::decode(response.as_slice())
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("stored response does not decode: {e}")))
     }
 
-    /// Sends the call's writes plus the response of its claimed key, and
-    /// commits everything.
+    /// Sends the call's writes plus its idempotency record (key and
+    /// response) and commits. Returns `false`, having rolled back, when the
+    /// key was taken by another call.
     async fn finish<T: Message>(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Any>,
         mut writes: Batch,
         idem: &Idempotency,
         response: &T,
-    ) -> Result<(), Error> {
-        writes.push_expect(
-            "UPDATE idempotency_keys SET response = $1 WHERE scope = $2 AND key = $3",
+    ) -> Result<bool, Error> {
+        let key = writes.push_counted(
+            "INSERT INTO idempotency_keys (scope, key, method, fingerprint, response, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             vec![
-                response.encode_to_vec().into(),
                 (&idem.scope).into(),
                 (&idem.key).into(),
+                idem.method.into(),
+                idem.fingerprint.clone().into(),
+                response.encode_to_vec().into(),
+                self.now_micros().into(),
             ],
-            1,
-            "storing the idempotent response",
         );
-        writes.execute(&mut tx, self.dialect).await?;
+        let counts = writes.execute(&mut tx, self.dialect).await?;
+        if counts[key] == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 }
 

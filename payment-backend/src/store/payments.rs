@@ -170,10 +170,16 @@ impl Store {
         idem: &Idempotency,
         new: &NewPayment,
     ) -> Result<Outcome<pb::Payment>, Error> {
+        self.idempotent(idem, self.create_payment_once(idem, new))
+            .await
+    }
+
+    async fn create_payment_once(
+        &self,
+        idem: &Idempotency,
+        new: &NewPayment,
+    ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
         let (payer, payee) = self
             .lock_pair(&mut tx, &new.payer_account_id, &new.payee_account_id)
             .await?;
@@ -293,9 +299,11 @@ impl Store {
             }
         };
         let response = emit(&mut writes, &p, event, None, now);
-        self.finish(tx, writes, idem, &response).await?;
+        if !self.finish(tx, writes, idem, &response).await? {
+            return Ok(None);
+        }
         crate::metrics::payment_transition(status);
-        Ok(Outcome::Executed(response))
+        Ok(Some(response))
     }
 
     /// Captures all or part of an authorization; the rest is released.
@@ -305,10 +313,17 @@ impl Store {
         payment_id: &str,
         amount: Option<i64>,
     ) -> Result<Outcome<pb::Payment>, Error> {
+        self.idempotent(idem, self.capture_payment_once(idem, payment_id, amount))
+            .await
+    }
+
+    async fn capture_payment_once(
+        &self,
+        idem: &Idempotency,
+        payment_id: &str,
+        amount: Option<i64>,
+    ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
         let mut p = self.lock_payment(&mut tx, payment_id).await?;
         let plan = payment::plan_capture(payment_id, &p.amounts, amount)?;
         let now = self.now_micros();
@@ -350,9 +365,11 @@ impl Store {
         p.amounts.captured = plan.capture;
         p.expires_at = None;
         let response = save_event(&mut writes, &mut p, "payment.captured", None, now);
-        self.finish(tx, writes, idem, &response).await?;
+        if !self.finish(tx, writes, idem, &response).await? {
+            return Ok(None);
+        }
         crate::metrics::payment_transition(Status::Captured);
-        Ok(Outcome::Executed(response))
+        Ok(Some(response))
     }
 
     /// Voids an uncaptured authorization and releases its hold.
@@ -362,10 +379,17 @@ impl Store {
         payment_id: &str,
         reason: &str,
     ) -> Result<Outcome<pb::Payment>, Error> {
+        self.idempotent(idem, self.cancel_payment_once(idem, payment_id, reason))
+            .await
+    }
+
+    async fn cancel_payment_once(
+        &self,
+        idem: &Idempotency,
+        payment_id: &str,
+        reason: &str,
+    ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
         let mut p = self.lock_payment(&mut tx, payment_id).await?;
         let release = payment::plan_cancel(payment_id, &p.amounts)?;
         let now = self.now_micros();
@@ -373,9 +397,11 @@ impl Store {
         release_hold(&mut writes, &mut p, release, Status::Canceled, now)?;
         p.cancellation_reason = reason.to_owned();
         let response = save_event(&mut writes, &mut p, "payment.canceled", None, now);
-        self.finish(tx, writes, idem, &response).await?;
+        if !self.finish(tx, writes, idem, &response).await? {
+            return Ok(None);
+        }
         crate::metrics::payment_transition(Status::Canceled);
-        Ok(Outcome::Executed(response))
+        Ok(Some(response))
     }
 
     /// Refunds all or part of what was captured and not yet refunded.
@@ -386,10 +412,21 @@ impl Store {
         amount: Option<i64>,
         reason: &str,
     ) -> Result<Outcome<pb::Refund>, Error> {
+        self.idempotent(
+            idem,
+            self.refund_payment_once(idem, payment_id, amount, reason),
+        )
+        .await
+    }
+
+    async fn refund_payment_once(
+        &self,
+        idem: &Idempotency,
+        payment_id: &str,
+        amount: Option<i64>,
+        reason: &str,
+    ) -> Result<Option<pb::Refund>, Error> {
         let mut tx = self.begin().await?;
-        if let Some(r) = self.claim(&mut tx, idem).await? {
-            return Ok(Outcome::Replayed(r));
-        }
         let mut p = self.lock_payment(&mut tx, payment_id).await?;
         let (refund_amount, status) = payment::plan_refund(payment_id, &p.amounts, amount)?;
         let payee = self.lock_account(&mut tx, &p.payee).await?;
@@ -450,9 +487,11 @@ impl Store {
         p.amounts.refunded += refund_amount;
         p.amounts.status = status;
         save_event(&mut writes, &mut p, "refund.succeeded", Some(&refund), now);
-        self.finish(tx, writes, idem, &refund).await?;
+        if !self.finish(tx, writes, idem, &refund).await? {
+            return Ok(None);
+        }
         crate::metrics::payment_transition(status);
-        Ok(Outcome::Executed(refund))
+        Ok(Some(refund))
     }
 
     /// Releases authorizations whose time ran out (EXPIRED), at most `limit`
