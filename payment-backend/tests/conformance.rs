@@ -48,6 +48,7 @@ conformance!(
     unknown_ids_are_not_found,
     list_payments_pages_in_stable_order,
     uncaptured_authorizations_expire,
+    one_relay_holds_the_outbox_lease,
 );
 
 fn bad_fields(s: &tonic::Status) -> Vec<String> {
@@ -728,4 +729,45 @@ async fn uncaptured_authorizations_expire(db: Db) {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     b.assert_ledger_balanced().await;
+}
+
+async fn one_relay_holds_the_outbox_lease(db: Db) {
+    let b = Backend::start(db).await;
+    let ttl = 60_000_000;
+    assert!(b
+        .store
+        .acquire_lease("relay", "replica-a", ttl)
+        .await
+        .unwrap());
+    assert!(
+        !b.store
+            .acquire_lease("relay", "replica-b", ttl)
+            .await
+            .unwrap(),
+        "a second replica must not publish while the first holds the lease"
+    );
+    assert!(
+        b.store
+            .acquire_lease("relay", "replica-a", ttl)
+            .await
+            .unwrap(),
+        "renewal"
+    );
+    b.store.release_lease("relay", "replica-a").await.unwrap();
+    assert!(b
+        .store
+        .acquire_lease("relay", "replica-b", ttl)
+        .await
+        .unwrap());
+    // An expired lease is taken over.
+    assert!(b
+        .store
+        .acquire_lease("other", "replica-a", -1)
+        .await
+        .unwrap());
+    assert!(b
+        .store
+        .acquire_lease("other", "replica-b", ttl)
+        .await
+        .unwrap());
 }

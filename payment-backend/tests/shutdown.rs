@@ -147,6 +147,19 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     .unwrap();
     assert_eq!(status.0.code(), Some(0), "{}", status.1);
     assert!(status.1.contains("shutdown requested"), "{}", status.1);
+    // The database password never reaches the log.
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p.to_owned())
+        .expect("the test database URL has a password");
+    assert!(
+        !status.1.contains(&password),
+        "password in log: {}",
+        status.1
+    );
+    assert!(status.1.contains("app:***@"), "{}", status.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
