@@ -1,5 +1,23 @@
 //! tollgate: a gRPC-aware HTTP/2 sidecar proxy that enforces global rate
-//! limits held in Redis.
+//! limits.
 //!
-//! The data path (listener, routing, frame observer, forwarding) and the
-//! limiter are built in this crate; see `DESIGN.md` for the call path.
+//! The data path is [`proxy::handle`]; [`runtime`] starts workers
+//! ([`server`]), the admin endpoints ([`admin`]) and reloads; [`config`] is
+//! the YAML file; [`grpc`] knows the protocol; [`upstream`] holds the
+//! connections to the services behind; [`limit`] is the step where rate
+//! limits decide.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod limit;
+pub mod metrics;
+pub mod proxy;
+pub mod redact;
+pub mod routes;
+pub mod runtime;
+pub mod server;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,339 @@
+//! Message bodies as they pass through tollgate, in both directions,
+//! observed frame by frame and never buffered.
+//!
+//! [`RequestBody`] is what goes to the upstream: the client's body behind a
+//! [`FrameObserver`]. A framing problem stops it with an error (hyper then
+//! resets the upstream stream) and is written to the call's [`CallState`],
+//! where the response side finds it and tells the client why.
+//!
+//! [`ResponseBody`] is what goes to the client: the upstream's body behind
+//! its own observer, the call's deadline, and the bookkeeping that counts
+//! the call once it ends (or is cancelled).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::grpc::frame::{FrameError, FrameObserver};
+use crate::grpc::status::{parse_status, status_headers, Code};
+use crate::metrics::{self, MethodStats};
+use crate::routes::Route;
+
+/// What the two directions of one call share.
+#[derive(Debug, Default)]
+pub struct CallState {
+    request_error: OnceLock<FrameError>,
+}
+
+impl CallState {
+    /// The request side's framing problem, if any.
+    pub fn request_error(&self) -> Option<FrameError> {
+        self.request_error.get().copied()
+    }
+}
+
+/// The gRPC status a framing problem is answered with.
+pub fn frame_error_code(e: &FrameError) -> Code {
+    match e {
+        FrameError::TooLarge { .. } => Code::ResourceExhausted,
+        FrameError::BadFlag(_)
+        | FrameError::CompressedWithoutEncoding
+        | FrameError::Truncated { .. } => Code::Internal,
+    }
+}
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client's stream failed (reset, connection lost).
+    #[error("client stream: {0}")]
+    Client(#[from] hyper::Error),
+    /// The client's framing was refused.
+    #[error("{0}")]
+    Frame(FrameError),
+}
+
+/// The client's request body on its way to the upstream.
+pub struct RequestBody {
+    inner: Incoming,
+    observer: FrameObserver,
+    state: Arc<CallState>,
+    route: Arc<Route>,
+}
+
+// === impl RequestBody ===
+
+impl RequestBody {
+    /// Observes `inner` for the call described by `state` and `route`.
+    pub fn new(
+        inner: Incoming,
+        max: u32,
+        compressed_ok: bool,
+        state: Arc<CallState>,
+        route: Arc<Route>,
+    ) -> Self {
+        RequestBody {
+            inner,
+            observer: FrameObserver::new(max, compressed_ok),
+            state,
+            route,
+        }
+    }
+
+    fn fail(&mut self, e: FrameError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let _ = self.state.request_error.set(e);
+        Poll::Ready(Some(Err(BodyError::Frame(e))))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = this.observer.observe(data) {
+                        return this.fail(e);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            None => match this.observer.finish() {
+                Ok(()) => Poll::Ready(None),
+                Err(e) => this.fail(e),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.route
+            .stats
+            .messages_in
+            .inc_by(self.observer.messages());
+        self.route.stats.bytes_in.inc_by(self.observer.bytes());
+    }
+}
+
+/// Counts a call once, when it ends.
+pub struct Tally {
+    stats: Arc<MethodStats>,
+    start: Instant,
+    recorded: bool,
+}
+
+impl Tally {
+    /// Starts timing a call; also counts it as an open stream.
+    pub fn start(stats: Arc<MethodStats>, start: Instant) -> Self {
+        metrics::get().active_streams.inc();
+        Tally {
+            stats,
+            start,
+            recorded: false,
+        }
+    }
+
+    /// Records the call's final status (None: the upstream gave none).
+    pub fn finish(&mut self, status: Option<u8>) {
+        if !self.recorded {
+            self.recorded = true;
+            self.stats.finished(status);
+            self.stats
+                .duration
+                .observe(self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away.
+        self.finish(Some(Code::Cancelled as u8));
+        metrics::get().active_streams.dec();
+    }
+}
+
+/// The upstream's response body on its way to the client.
+pub struct Proxied {
+    inner: Option<Incoming>,
+    observer: FrameObserver,
+    state: Arc<CallState>,
+    route: Arc<Route>,
+    deadline: Option<(Pin<Box<Sleep>>, &'static str)>,
+    tally: Tally,
+    done: bool,
+}
+
+/// What tollgate sends back to the client.
+#[derive(Default)]
+pub enum ResponseBody {
+    /// No body (trailers-only gRPC responses).
+    #[default]
+    Empty,
+    /// A short fixed body (plain HTTP errors).
+    Fixed(Option<Bytes>),
+    /// A proxied gRPC response.
+    Proxied(Box<Proxied>),
+}
+
+// === impl Proxied ===
+
+impl Proxied {
+    /// Observes the upstream's `inner` body.
+    pub fn new(
+        inner: Incoming,
+        max: u32,
+        compressed_ok: bool,
+        state: Arc<CallState>,
+        route: Arc<Route>,
+        deadline: Option<(Instant, &'static str)>,
+        tally: Tally,
+    ) -> Self {
+        Proxied {
+            inner: Some(inner),
+            observer: FrameObserver::new(max, compressed_ok),
+            state,
+            route,
+            deadline: deadline.map(|(at, why)| (Box::pin(tokio::time::sleep_until(at)), why)),
+            tally,
+            done: false,
+        }
+    }
+
+    /// Ends the client's stream with tollgate's own status, dropping the
+    /// upstream body (hyper resets the upstream stream).
+    fn end_with(
+        &mut self,
+        code: Code,
+        message: &str,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.inner = None;
+        self.done = true;
+        self.tally.finish(Some(code as u8));
+        Poll::Ready(Some(Ok(Frame::trailers(status_headers(code, message)))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Proxied(p) => p.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::Fixed(b) => b.is_none(),
+            ResponseBody::Proxied(p) => p.done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Fixed(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Fixed(None) => SizeHint::with_exact(0),
+            ResponseBody::Proxied(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Proxied {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some((sleep, why)) = &mut self.deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                let why = *why;
+                return self.end_with(Code::DeadlineExceeded, why);
+            }
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            self.done = true;
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = self.observer.observe(data) {
+                        return self
+                            .end_with(frame_error_code(&e), &format!("upstream response: {e}"));
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Err(e) = self.observer.finish() {
+                        return self.end_with(Code::Internal, &format!("upstream response: {e}"));
+                    }
+                    let status = trailers.get("grpc-status").and_then(parse_status);
+                    self.done = true;
+                    self.tally.finish(status);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                if let Some(fe) = self.state.request_error() {
+                    return self.end_with(frame_error_code(&fe), &fe.to_string());
+                }
+                // The upstream reset the stream: reset the client's too.
+                self.done = true;
+                self.tally.finish(None);
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                if let Err(e) = self.observer.finish() {
+                    return self.end_with(Code::Internal, &format!("upstream response: {e}"));
+                }
+                self.done = true;
+                self.tally.finish(None);
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for Proxied {
+    fn drop(&mut self) {
+        self.route
+            .stats
+            .messages_out
+            .inc_by(self.observer.messages());
+        self.route.stats.bytes_out.inc_by(self.observer.bytes());
+    }
+}
+
+/// Headers to add to a response: `Some` only when a step produced any.
+pub type ExtraHeaders = Option<HeaderMap>;

@@ -1,0 +1,542 @@
+//! The configuration file: its shape (serde, unknown fields rejected), the
+//! environment overrides, and [`validate`](Config::validate), which reports
+//! every problem with its path (`routes[2].upstream: no upstream named "x"`).
+//!
+//! The shape is the one in `DESIGN.md`; later features extend it without
+//! renaming anything.
+
+mod duration;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::duration::Dur;
+
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:10000";
+/// Default admin listen address (loopback only).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default largest gRPC message, in either direction.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    #[serde(default)]
+    pub listener: Listener,
+    /// Metrics, health and the running config.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Named upstream clusters.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Routes; the most specific match wins, order does not matter.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// `host:port`; env `TOLLGATE_LISTEN` overrides.
+    #[serde(default = "default_listen")]
+    pub address: String,
+    /// Serve TLS (ALPN h2) instead of cleartext HTTP/2.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Largest gRPC message accepted in either direction.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    /// How long in-flight calls may run after SIGTERM.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+    /// Worker threads (each with its own connections); default: the CPUs
+    /// this process may run on.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// HTTP/2 streams one client connection may have open at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+/// TLS on the listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain; reloaded when the file changes.
+    pub cert: PathBuf,
+    /// PEM private key; reloaded when the file changes.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The admin server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `host:port`; env `TOLLGATE_ADMIN_LISTEN` overrides.
+    #[serde(default = "default_admin_listen")]
+    pub address: String,
+}
+
+/// An upstream cluster.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `host:port` of each endpoint; calls are spread round robin.
+    pub addresses: Vec<String>,
+    /// How long a TCP (and TLS) connect may take.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// TLS to the upstream.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    /// HTTP/2 connections per endpoint per worker (calls multiplex on them).
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+/// TLS to an upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM CA bundle that signed the upstream's certificate.
+    pub ca: PathBuf,
+    /// Name to verify in the certificate (and send as SNI); default: the
+    /// host of the address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// A route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name in metrics and logs; default: derived from the match.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which calls this route takes.
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    /// The upstream cluster to forward to.
+    pub upstream: String,
+    /// Longest a call may take; caps the client's `grpc-timeout`.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+/// Which calls a route takes: `service` and `method` are exact names, a
+/// prefix ending in `*`, or `*`; absent means any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Fully qualified service, e.g. `payments.v1.PaymentService`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Method name, e.g. `CreatePayment`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_owned()
+}
+fn default_max_message_bytes() -> u64 {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+fn default_drain_timeout() -> Dur {
+    Dur::from_secs(20)
+}
+fn default_connect_timeout() -> Dur {
+    Dur::from_secs(1)
+}
+fn default_connections() -> usize {
+    1
+}
+fn default_max_concurrent_streams() -> u32 {
+    1024
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Listener {
+            address: default_listen(),
+            tls: None,
+            max_message_bytes: default_max_message_bytes(),
+            drain_timeout: default_drain_timeout(),
+            workers: None,
+            max_concurrent_streams: default_max_concurrent_streams(),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            address: default_admin_listen(),
+        }
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `routes[2].upstream`.
+    pub path: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {cause}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// Not YAML of the expected shape (unknown field, wrong type, …).
+    #[error("{path}: {cause}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde_yaml's message, with the location.
+        cause: String,
+    },
+    /// Well-formed, but wrong; every problem is listed.
+    #[error("{path}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Each problem with its path.
+        problems: Vec<Problem>,
+    },
+}
+
+/// Where environment overrides come from; tests hand in a map.
+pub trait Env {
+    /// The value of `name`, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<S: std::hash::BuildHasher> Env for std::collections::HashMap<&str, &str, S> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).map(|v| (*v).to_owned())
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a file.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_owned(),
+            cause,
+        })?;
+        let mut config = Self::parse(&text).map_err(|cause| ConfigError::Parse {
+            path: path.to_owned(),
+            cause,
+        })?;
+        config.apply_env(env);
+        let problems = config.validate(path.parent());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses YAML text (no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Err("the file is empty; see config/dev.yaml for an example".into());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// `TOLLGATE_LISTEN` and `TOLLGATE_ADMIN_LISTEN` replace the addresses.
+    pub fn apply_env(&mut self, env: &dyn Env) {
+        if let Some(a) = env.var("TOLLGATE_LISTEN").filter(|a| !a.is_empty()) {
+            self.listener.address = a;
+        }
+        if let Some(a) = env.var("TOLLGATE_ADMIN_LISTEN").filter(|a| !a.is_empty()) {
+            self.admin.address = a;
+        }
+    }
+
+    /// Every problem of this config, each with its path. Relative TLS paths
+    /// are taken relative to `base` (the config file's folder).
+    pub fn validate(&self, base: Option<&Path>) -> Vec<Problem> {
+        let mut p = Problems::default();
+        check_listen(&mut p, "listener.address", &self.listener.address);
+        check_listen(&mut p, "admin.address", &self.admin.address);
+        if self.listener.max_message_bytes == 0
+            || self.listener.max_message_bytes > u64::from(u32::MAX)
+        {
+            p.add(
+                "listener.max_message_bytes",
+                format!(
+                    "must be between 1 and {} bytes, got {}",
+                    u32::MAX,
+                    self.listener.max_message_bytes
+                ),
+            );
+        }
+        if self.listener.workers == Some(0) {
+            p.add(
+                "listener.workers",
+                "must be at least 1 (or absent: one per CPU)",
+            );
+        }
+        if self.listener.max_concurrent_streams == 0 {
+            p.add("listener.max_concurrent_streams", "must be at least 1");
+        }
+        if let Some(tls) = &self.listener.tls {
+            check_file(&mut p, "listener.tls.cert", &tls.cert, base);
+            check_file(&mut p, "listener.tls.key", &tls.key, base);
+            if let Some(ca) = &tls.client_ca {
+                check_file(&mut p, "listener.tls.client_ca", ca, base);
+            }
+        }
+        for (name, u) in &self.upstreams {
+            let at = format!("upstreams.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.add(&at, "names use letters, digits, '-', '_' and '.'");
+            }
+            if u.addresses.is_empty() {
+                p.add(format!("{at}.addresses"), "needs at least one host:port");
+            }
+            for (i, a) in u.addresses.iter().enumerate() {
+                if let Err(e) = parse_host_port(a) {
+                    p.add(format!("{at}.addresses[{i}]"), e);
+                }
+            }
+            if u.connect_timeout.is_zero() {
+                p.add(format!("{at}.connect_timeout"), "must be more than 0");
+            }
+            if u.connections == 0 || u.connections > 64 {
+                p.add(format!("{at}.connections"), "must be between 1 and 64");
+            }
+            if let Some(tls) = &u.tls {
+                check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
+            }
+        }
+        if self.routes.is_empty() {
+            p.add(
+                "routes",
+                "no routes: every call would be UNIMPLEMENTED; add at least `- match: {}` with an upstream",
+            );
+        }
+        let mut seen_matches: Vec<(Match, usize)> = Vec::new();
+        let mut names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !self.upstreams.contains_key(&r.upstream) {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+                p.add(
+                    format!("{at}.upstream"),
+                    if known.is_empty() {
+                        format!(
+                            "no upstream named {:?}: the file defines no upstreams",
+                            r.upstream
+                        )
+                    } else {
+                        format!(
+                            "no upstream named {:?}; defined: {}",
+                            r.upstream,
+                            known.join(", ")
+                        )
+                    },
+                );
+            }
+            if let Some(s) = &r.matcher.service {
+                if let Err(e) = check_pattern(s, true) {
+                    p.add(format!("{at}.match.service"), e);
+                }
+            }
+            if let Some(m) = &r.matcher.method {
+                if let Err(e) = check_pattern(m, false) {
+                    p.add(format!("{at}.match.method"), e);
+                }
+                if r.matcher.service.is_none() && m != "*" {
+                    p.add(
+                        format!("{at}.match.method"),
+                        "a method needs a service (method names repeat across services)",
+                    );
+                }
+            }
+            let normalized = r.matcher.normalized();
+            if let Some((_, j)) = seen_matches.iter().find(|(m, _)| *m == normalized) {
+                p.add(
+                    format!("{at}.match"),
+                    format!("same match as routes[{j}]; merge them"),
+                );
+            } else {
+                seen_matches.push((normalized, i));
+            }
+            // Derived names repeat only when matches do (reported above).
+            let name = r.display_name();
+            if !names.insert(name.clone()) && r.name.is_some() {
+                p.add(
+                    format!("{at}.name"),
+                    format!("{name:?} is used by another route"),
+                );
+            }
+            if let Some(t) = &r.timeout {
+                if t.is_zero() {
+                    p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
+                }
+            }
+        }
+        p.0
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn check_listen(p: &mut Problems, path: &str, value: &str) {
+    if value.parse::<SocketAddr>().is_err() {
+        p.add(
+            path,
+            format!("{value:?} is not an address like 0.0.0.0:10000 or [::1]:10000"),
+        );
+    }
+}
+
+/// Resolves a config-relative path.
+pub fn resolve(path: &Path, base: Option<&Path>) -> PathBuf {
+    match base {
+        Some(b) if path.is_relative() => b.join(path),
+        _ => path.to_owned(),
+    }
+}
+
+fn check_file(p: &mut Problems, at: &str, path: &Path, base: Option<&Path>) {
+    let full = resolve(path, base);
+    if let Err(e) = std::fs::metadata(&full) {
+        p.add(at, format!("cannot read {}: {e}", full.display()));
+    }
+}
+
+/// Splits `host:port`, checking both parts.
+pub fn parse_host_port(a: &str) -> Result<(String, u16), String> {
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err(format!("{a:?} is not host:port"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{a:?}: port {port:?} is not a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(format!("{a:?}: port must not be 0"));
+    }
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+    {
+        return Err(format!("{a:?}: {host:?} is not a host name or IP address"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn check_pattern(s: &str, dotted: bool) -> Result<(), String> {
+    if s == "*" {
+        return Ok(());
+    }
+    let body = s.strip_suffix('*').unwrap_or(s);
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || (dotted && c == '.');
+    if body.is_empty() || !body.chars().all(ok_char) {
+        return Err(if dotted {
+            format!("{s:?} is not a service name (package.Service), a prefix ending in '*', or '*'")
+        } else {
+            format!("{s:?} is not a method name, a prefix ending in '*', or '*'")
+        });
+    }
+    Ok(())
+}
+
+// === impl Match ===
+
+impl Match {
+    /// `*` and absent mean the same.
+    pub fn normalized(&self) -> Match {
+        let norm = |v: &Option<String>| v.as_ref().filter(|s| s.as_str() != "*").cloned();
+        Match {
+            service: norm(&self.service),
+            method: norm(&self.method),
+        }
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// The route's name in metrics: its `name`, or `service/method` with `*`
+    /// for wildcards.
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let m = self.matcher.normalized();
+        match (m.service, m.method) {
+            (None, _) => "*".to_owned(),
+            (Some(s), None) => format!("{s}/*"),
+            (Some(s), Some(m)) => format!("{s}/{m}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

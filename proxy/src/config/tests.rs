@@ -1,0 +1,117 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn problems(yaml: &str) -> Vec<String> {
+    let cfg = Config::parse(yaml).expect("parses");
+    cfg.validate(None).iter().map(ToString::to_string).collect()
+}
+
+const GOOD: &str = r#"
+listener: { address: 127.0.0.1:10000 }
+upstreams:
+  backend: { addresses: ["127.0.0.1:50051", "backend.local:50051"] }
+routes:
+  - match: { service: payments.v1.PaymentService, method: CreatePayment }
+    upstream: backend
+    timeout: 5s
+  - match: {}
+    upstream: backend
+"#;
+
+#[test]
+fn the_example_shape_is_valid() {
+    assert_eq!(problems(GOOD), Vec::<String>::new());
+    let cfg = Config::parse(GOOD).unwrap();
+    assert_eq!(cfg.routes[0].timeout, Some(Dur::from_secs(5)));
+    assert_eq!(cfg.admin.address, DEFAULT_ADMIN_LISTEN);
+    assert_eq!(cfg.listener.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+}
+
+#[test]
+fn unknown_fields_are_errors_with_their_place() {
+    let err =
+        Config::parse("routes:\n  - match: {}\n    upstream: a\n    upstrem: b\n").unwrap_err();
+    assert!(err.contains("unknown field `upstrem`"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    let err = Config::parse("listener: { adress: x }").unwrap_err();
+    assert!(err.contains("unknown field `adress`"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let p = problems(
+        r#"
+listener: { address: "10000", max_message_bytes: 0 }
+upstreams:
+  b: { addresses: [], connect_timeout: 0s }
+  c: { addresses: ["nohost", "h:99999"] }
+routes:
+  - { match: { service: payments.v1.X }, upstream: x }
+  - { match: { service: payments.v1.X, method: "*" }, upstream: b }
+  - { match: { method: Get }, upstream: b }
+  - { match: { service: "a b" }, upstream: b, timeout: 0s }
+"#,
+    );
+    let expected = [
+        "listener.address: \"10000\" is not an address",
+        "listener.max_message_bytes: must be between 1",
+        "upstreams.b.addresses: needs at least one host:port",
+        "upstreams.b.connect_timeout: must be more than 0",
+        "upstreams.c.addresses[0]: \"nohost\" is not host:port",
+        "upstreams.c.addresses[1]: \"h:99999\": port \"99999\" is not a number",
+        "routes[0].upstream: no upstream named \"x\"; defined: b, c",
+        "routes[1].match: same match as routes[0]",
+        "routes[2].match.method: a method needs a service",
+        "routes[3].match.service: \"a b\" is not a service name",
+        "routes[3].timeout: must be more than 0",
+    ];
+    for e in expected {
+        assert!(
+            p.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), expected.len(), "{p:#?}");
+}
+
+#[test]
+fn no_routes_is_a_problem() {
+    assert!(
+        problems("upstreams: { a: { addresses: [\"h:1\"] } }")[0].starts_with("routes: no routes")
+    );
+}
+
+#[test]
+fn durations_must_be_durations() {
+    let err = Config::parse("upstreams: { a: { addresses: [\"h:1\"], connect_timeout: soon } }")
+        .unwrap_err();
+    assert!(err.contains("\"soon\" is not a duration"), "{err}");
+}
+
+#[test]
+fn environment_overrides_addresses() {
+    let mut cfg = Config::parse(GOOD).unwrap();
+    let env = HashMap::from([
+        ("TOLLGATE_LISTEN", "0.0.0.0:20000"),
+        ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:29901"),
+    ]);
+    cfg.apply_env(&env);
+    assert_eq!(cfg.listener.address, "0.0.0.0:20000");
+    assert_eq!(cfg.admin.address, "127.0.0.1:29901");
+}
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml")
+            && path.file_name().is_some_and(|n| n != "prometheus.yml")
+        {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(cfg.validate(path.parent()), vec![], "{}", path.display());
+        }
+    }
+}

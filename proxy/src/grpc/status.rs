@@ -1,0 +1,157 @@
+//! gRPC status codes and tollgate's own answers: trailers-only responses
+//! (HTTP 200, `grpc-status` in the headers) and trailers that end a stream
+//! tollgate had to cut.
+
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+
+/// gRPC status codes tollgate produces or counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    /// 0
+    Ok = 0,
+    /// 1
+    Cancelled = 1,
+    /// 2
+    Unknown = 2,
+    /// 3
+    InvalidArgument = 3,
+    /// 4
+    DeadlineExceeded = 4,
+    /// 5
+    NotFound = 5,
+    /// 6
+    AlreadyExists = 6,
+    /// 7
+    PermissionDenied = 7,
+    /// 8
+    ResourceExhausted = 8,
+    /// 9
+    FailedPrecondition = 9,
+    /// 10
+    Aborted = 10,
+    /// 11
+    OutOfRange = 11,
+    /// 12
+    Unimplemented = 12,
+    /// 13
+    Internal = 13,
+    /// 14
+    Unavailable = 14,
+    /// 15
+    DataLoss = 15,
+    /// 16
+    Unauthenticated = 16,
+}
+
+/// Names of the codes, indexed by value, as metrics print them.
+pub const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+const DIGITS: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+// === impl Code ===
+
+impl Code {
+    /// The `grpc-status` header value.
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(DIGITS[self as usize])
+    }
+}
+
+/// Parses a `grpc-status` value into its number (0–16), or `None`.
+pub fn parse_status(v: &HeaderValue) -> Option<u8> {
+    match v.as_bytes() {
+        [d] if d.is_ascii_digit() => Some(d - b'0'),
+        [b'1', d] if (b'0'..=b'6').contains(d) => Some(10 + d - b'0'),
+        _ => None,
+    }
+}
+
+/// Percent-encodes a `grpc-message` (bytes outside 0x20–0x7E, and `%`).
+pub fn encode_message(msg: &str) -> HeaderValue {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+/// Headers (or trailers) carrying a status and message.
+pub fn status_headers(code: Code, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(3);
+    h.insert("grpc-status", code.header_value());
+    if !message.is_empty() {
+        h.insert("grpc-message", encode_message(message));
+    }
+    h
+}
+
+/// A trailers-only response: HTTP 200, `content-type: application/grpc`,
+/// the status in the headers, no body.
+pub fn trailers_only<B: Default>(code: Code, message: &str) -> http::Response<B> {
+    let mut r = http::Response::new(B::default());
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.extend(status_headers(code, message));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_parse() {
+        for (i, _) in CODE_NAMES.iter().enumerate() {
+            let v = HeaderValue::from_str(&i.to_string()).unwrap();
+            assert_eq!(parse_status(&v), Some(i as u8));
+        }
+        for bad in ["", "17", "x", "01"] {
+            assert_eq!(
+                parse_status(&HeaderValue::from_str(bad).unwrap()),
+                None,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(encode_message("plain text"), "plain text");
+        assert_eq!(encode_message("100% sure"), "100%25 sure");
+        assert_eq!(encode_message("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn trailers_only_responses() {
+        let r: http::Response<()> = trailers_only(Code::Unimplemented, "no route");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "12");
+        assert_eq!(r.headers()["grpc-message"], "no route");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+    }
+}

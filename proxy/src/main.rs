@@ -1,0 +1,5 @@
+//! `tollgate`: see `tollgate --help`.
+
+fn main() -> std::process::ExitCode {
+    tollgate::cli::main()
+}

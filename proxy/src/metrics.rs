@@ -1,0 +1,293 @@
+//! Prometheus metrics of the proxy, served on the admin port.
+//!
+//! Labels come from the matched route, never from the raw path: the method
+//! label of a wildcard route takes at most [`MAX_METHODS_PER_ROUTE`] distinct
+//! names, then `_other`, so a client cannot blow up cardinality. Handles are
+//! resolved once per (route, method) and cached, so recording a call costs
+//! atomic increments, not label lookups.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::grpc::status::CODE_NAMES;
+
+/// Distinct method labels one route keeps before folding into `_other`.
+pub const MAX_METHODS_PER_ROUTE: usize = 64;
+
+/// The proxy's metric families.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    messages: IntCounterVec,
+    message_bytes: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    /// Open client connections.
+    pub active_connections: IntGauge,
+    /// Open client streams.
+    pub active_streams: IntGauge,
+    reloads: IntCounterVec,
+    /// Unix time of the last successful config load.
+    pub config_last_success: IntGauge,
+    /// Requests that were not gRPC (answered with an HTTP status).
+    non_grpc: IntCounterVec,
+    info: IntGaugeVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+fn buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ]
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // fixed names and labels: cannot fail
+    fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets()),
+                &["route", "method"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let requests = counter(
+            "tollgate_requests_total",
+            "gRPC calls finished, by matched route, method and grpc-status.",
+            &["route", "method", "grpc_status"],
+        );
+        let duration = histogram(
+            "tollgate_request_duration_seconds",
+            "Time from a call's request headers to the end of its response, as the client sees it.",
+        );
+        let upstream_duration = histogram(
+            "tollgate_upstream_duration_seconds",
+            "Time from forwarding a call to the upstream's response headers.",
+        );
+        let messages = counter(
+            "tollgate_messages_total",
+            "gRPC messages passed, by route and direction (request, response).",
+            &["route", "direction"],
+        );
+        let message_bytes = counter(
+            "tollgate_message_bytes_total",
+            "gRPC message bytes passed (frame headers included), by route and direction.",
+            &["route", "direction"],
+        );
+        let upstream_errors = counter(
+            "tollgate_upstream_errors_total",
+            "Failures talking to an upstream, by upstream and kind.",
+            &["upstream", "kind"],
+        );
+        let active_connections = gauge(
+            "tollgate_active_connections",
+            "Client connections open now.",
+        );
+        let active_streams = gauge("tollgate_active_streams", "Client streams open now.");
+        let reloads = counter(
+            "tollgate_config_reloads_total",
+            "Config reloads, by result (success, failure).",
+            &["result"],
+        );
+        let config_last_success = gauge(
+            "tollgate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config load that succeeded.",
+        );
+        let non_grpc = counter(
+            "tollgate_non_grpc_requests_total",
+            "Requests that were not gRPC, answered with an HTTP status, by status.",
+            &["status"],
+        );
+        let info = IntGaugeVec::new(
+            Opts::new("tollgate_build_info", "Always 1; the version is a label."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(info.clone()))
+            .expect("unique metric");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_duration,
+            messages,
+            message_bytes,
+            upstream_errors,
+            active_connections,
+            active_streams,
+            reloads,
+            config_last_success,
+            non_grpc,
+            info,
+        }
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// Counts a failure talking to an upstream.
+    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[upstream, kind])
+            .inc();
+    }
+
+    /// Counts a non-gRPC request.
+    pub fn non_grpc(&self, status: u16) {
+        self.non_grpc
+            .with_label_values(&[&status.to_string()])
+            .inc();
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let _ = &self.info;
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Cached handles of one (route, method).
+pub struct MethodStats {
+    route: Arc<str>,
+    method: Box<str>,
+    by_status: [OnceLock<IntCounter>; 17],
+    other_status: OnceLock<IntCounter>,
+    /// Client-side duration.
+    pub duration: Histogram,
+    /// Upstream response-header time.
+    pub upstream_duration: Histogram,
+}
+
+// === impl MethodStats ===
+
+impl MethodStats {
+    fn new(route: Arc<str>, method: &str) -> Self {
+        let m = get();
+        MethodStats {
+            duration: m.duration.with_label_values(&[&route, method]),
+            upstream_duration: m.upstream_duration.with_label_values(&[&route, method]),
+            route,
+            method: method.into(),
+            by_status: Default::default(),
+            other_status: OnceLock::new(),
+        }
+    }
+
+    /// Counts a finished call with `grpc-status` `status` (None: unknown).
+    pub fn finished(&self, status: Option<u8>) {
+        let (slot, name) = match status {
+            Some(s) if (s as usize) < CODE_NAMES.len() => {
+                (&self.by_status[s as usize], CODE_NAMES[s as usize])
+            }
+            _ => (&self.other_status, "UNKNOWN_STATUS"),
+        };
+        slot.get_or_init(|| {
+            get()
+                .requests
+                .with_label_values(&[&*self.route, &*self.method, name])
+        })
+        .inc();
+    }
+}
+
+/// The per-route metric handles.
+pub struct RouteStats {
+    name: Arc<str>,
+    methods: RwLock<HashMap<Box<str>, Arc<MethodStats>>>,
+    other: Arc<MethodStats>,
+    /// Request messages.
+    pub messages_in: IntCounter,
+    /// Response messages.
+    pub messages_out: IntCounter,
+    /// Request bytes.
+    pub bytes_in: IntCounter,
+    /// Response bytes.
+    pub bytes_out: IntCounter,
+}
+
+// === impl RouteStats ===
+
+impl RouteStats {
+    /// Handles for the route named `name`.
+    pub fn new(name: &str) -> Self {
+        let name: Arc<str> = name.into();
+        let m = get();
+        RouteStats {
+            other: Arc::new(MethodStats::new(name.clone(), "_other")),
+            methods: RwLock::new(HashMap::new()),
+            messages_in: m.messages.with_label_values(&[&name, "request"]),
+            messages_out: m.messages.with_label_values(&[&name, "response"]),
+            bytes_in: m.message_bytes.with_label_values(&[&name, "request"]),
+            bytes_out: m.message_bytes.with_label_values(&[&name, "response"]),
+            name,
+        }
+    }
+
+    /// The route's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Handles for `method` on this route (bounded: see the module docs).
+    pub fn method(&self, method: &str) -> Arc<MethodStats> {
+        if let Ok(map) = self.methods.read() {
+            if let Some(s) = map.get(method) {
+                return s.clone();
+            }
+        }
+        let Ok(mut map) = self.methods.write() else {
+            return self.other.clone();
+        };
+        if let Some(s) = map.get(method) {
+            return s.clone();
+        }
+        if map.len() >= MAX_METHODS_PER_ROUTE {
+            return self.other.clone();
+        }
+        let s = Arc::new(MethodStats::new(self.name.clone(), method));
+        map.insert(method.into(), s.clone());
+        s
+    }
+}

@@ -1,0 +1,327 @@
+//! One call through tollgate. [`handle`] is the whole data path:
+//!
+//! ```text
+//! classify ─▶ route ─▶ limit ─▶ deadline ─▶ forward ─▶ observe response
+//!   │           │        │                     │
+//!   │           │        │                     └─ upstream unreachable: UNAVAILABLE naming it
+//!   │           │        └─ refused: trailers-only status, nothing reaches the upstream
+//!   │           └─ no route: UNIMPLEMENTED (trailers-only)
+//!   └─ not gRPC: an HTTP status with a one-line reason
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{CallState, Proxied, RequestBody, ResponseBody, Tally};
+use crate::config::Config;
+use crate::grpc::status::{trailers_only, Code};
+use crate::grpc::{path, timeout};
+use crate::limit::CallInfo;
+use crate::metrics;
+use crate::routes::{self, RouteTable};
+use crate::upstream::{Pool, UpstreamSpec};
+
+/// A loaded config, ready to serve; swapped whole on reload.
+pub struct Active {
+    /// The config as loaded (for `/config`).
+    pub config: Config,
+    /// Routes.
+    pub routes: RouteTable,
+    /// Upstreams by name.
+    pub upstreams: HashMap<String, Arc<UpstreamSpec>>,
+    /// Largest message, either direction.
+    pub max_message_bytes: u32,
+}
+
+// === impl Active ===
+
+impl Active {
+    /// Builds the serving state of a validated config.
+    pub fn build(config: Config, base: Option<&std::path::Path>) -> Result<Active, String> {
+        let upstreams = routes::upstream_specs(&config, base)?;
+        let routes = RouteTable::build(&config, &upstreams);
+        Ok(Active {
+            max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
+            routes,
+            upstreams,
+            config,
+        })
+    }
+}
+
+/// State shared by every worker.
+pub struct Shared {
+    /// The config in force; calls load it once at their start, so a reload
+    /// never changes a call in flight.
+    pub active: ArcSwap<Active>,
+    /// Where the config came from (reloads read it again).
+    pub config_path: PathBuf,
+    /// Set on SIGTERM: `/ready` fails and listeners stop accepting.
+    pub draining: AtomicBool,
+    /// Set once every listener is bound.
+    pub listening: AtomicBool,
+}
+
+/// One worker thread's state: its own upstream connections.
+pub struct Worker {
+    /// What all workers share.
+    pub shared: Arc<Shared>,
+    pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
+}
+
+// === impl Worker ===
+
+impl Worker {
+    /// A worker with no connections yet.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Worker {
+            shared,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This worker's pool for `spec`, rebuilt when a reload changed it.
+    fn pool(&self, spec: &Arc<UpstreamSpec>) -> Arc<Pool> {
+        let Ok(mut pools) = self.pools.lock() else {
+            return Arc::new(Pool::new(spec.clone()));
+        };
+        if let Some(p) = pools.get(&spec.name) {
+            if Arc::ptr_eq(p.spec(), spec) || p.spec().config == spec.config {
+                return p.clone();
+            }
+        }
+        let p = Arc::new(Pool::new(spec.clone()));
+        pools.insert(spec.name.clone(), p.clone());
+        p
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    metrics::get().non_grpc(status.as_u16());
+    let mut r = Response::new(ResponseBody::Fixed(Some(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Serves one request.
+pub async fn handle(
+    worker: Arc<Worker>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    // Classify: gRPC is HTTP/2, POST, application/grpc*.
+    if req.version() != Version::HTTP_2 {
+        let mut r = plain(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "tollgate forwards gRPC, which needs HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n",
+        );
+        r.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    if req.method() != Method::POST {
+        let mut r = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "tollgate forwards gRPC only: POST with content-type application/grpc\n",
+        );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !is_grpc(&req) {
+        return plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "tollgate forwards gRPC only: content-type must be application/grpc\n",
+        );
+    }
+    let Some(call) = path::parse(req.uri().path()) else {
+        return trailers_only(
+            Code::Unimplemented,
+            "malformed gRPC path: expected /package.Service/Method",
+        );
+    };
+
+    // Route: the config is loaded once per call.
+    let active = worker.shared.active.load();
+    let Some(route) = active.routes.find(call.service, call.method) else {
+        return trailers_only(
+            Code::Unimplemented,
+            &format!("no route for /{}/{}", call.service, call.method),
+        );
+    };
+    let route = route.clone();
+    let stats = route.stats.method(call.method);
+
+    // Limit.
+    let mut extra_headers = None;
+    if let Some(limits) = &route.limits {
+        let info = CallInfo {
+            service: call.service,
+            method: call.method,
+            headers: req.headers(),
+            peer,
+        };
+        match limits.check(info).await {
+            Ok(h) => extra_headers = h,
+            Err(rejection) => {
+                let mut tally = Tally::start(stats, start);
+                tally.finish(Some(rejection.code as u8));
+                let mut r: Response<ResponseBody> =
+                    trailers_only(rejection.code, &rejection.message);
+                r.headers_mut().extend(rejection.headers);
+                return r;
+            }
+        }
+    }
+
+    // Deadline: the client's grpc-timeout, capped by the route's timeout.
+    let client_timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| timeout::parse(v.as_bytes()));
+    let (budget, why) = match (client_timeout, route.timeout) {
+        (Some(c), Some(r)) if r < c => (Some(r), "deadline exceeded: the route's timeout"),
+        (Some(c), _) => (Some(c), "deadline exceeded: the call's grpc-timeout"),
+        (None, Some(r)) => (Some(r), "deadline exceeded: the route's timeout"),
+        (None, None) => (None, ""),
+    };
+    let deadline = budget.map(|b| start + b);
+
+    // Forward.
+    let (mut parts, body) = req.into_parts();
+    let compressed_ok = parts
+        .headers
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    if let Some(b) = budget {
+        if client_timeout != Some(b) {
+            if let Ok(v) = HeaderValue::from_str(&timeout::encode(b)) {
+                parts.headers.insert("grpc-timeout", v);
+            }
+        }
+    }
+    add_forwarded_for(&mut parts.headers, peer);
+    let spec = &route.upstream;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(spec.scheme());
+    uri.authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| spec.config.addresses.first().and_then(|a| a.parse().ok()));
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    parts.uri = match http::Uri::from_parts(uri) {
+        Ok(u) => u,
+        Err(_) => return trailers_only(Code::Internal, "cannot build the upstream URI"),
+    };
+    let state = Arc::new(CallState::default());
+    let max = active.max_message_bytes;
+    drop(active);
+    let upstream_req = Request::from_parts(
+        parts,
+        RequestBody::new(body, max, compressed_ok, state.clone(), route.clone()),
+    );
+    let pool = worker.pool(spec);
+    let tally = Tally::start(stats.clone(), start);
+    let sent = pool.send(upstream_req);
+    let response = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                let mut tally = tally;
+                tally.finish(Some(Code::DeadlineExceeded as u8));
+                return trailers_only(Code::DeadlineExceeded, why);
+            }
+        },
+        None => sent.await,
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            let mut tally = tally;
+            if let Some(fe) = state.request_error() {
+                let code = crate::body::frame_error_code(&fe);
+                tally.finish(Some(code as u8));
+                return trailers_only(code, &fe.to_string());
+            }
+            tracing::debug!(route = %route.name, error = %e, "forwarding failed");
+            tally.finish(Some(Code::Unavailable as u8));
+            return trailers_only(Code::Unavailable, &e.to_string());
+        }
+    };
+    stats
+        .upstream_duration
+        .observe(start.elapsed().as_secs_f64());
+
+    // Observe the response on its way back.
+    let (mut parts, body) = response.into_parts();
+    if let Some(h) = extra_headers {
+        parts.headers.extend(h);
+    }
+    let resp_compressed_ok = parts
+        .headers
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    if let Some(status) = parts.headers.get("grpc-status") {
+        // Trailers-only response from the upstream.
+        let status = crate::grpc::status::parse_status(status);
+        let mut tally = tally;
+        tally.finish(status);
+        return Response::from_parts(parts, ResponseBody::Empty);
+    }
+    let proxied = Proxied::new(
+        body,
+        max,
+        resp_compressed_ok,
+        state,
+        route,
+        deadline.map(|d| (d, why)),
+        tally,
+    );
+    Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
+}
+
+fn add_forwarded_for(headers: &mut http::HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// Marks the process as draining.
+pub fn start_draining(shared: &Shared) {
+    shared.draining.store(true, Ordering::SeqCst);
+}
+
+/// How long to wait for in-flight calls when draining.
+pub fn drain_timeout(shared: &Shared) -> Duration {
+    shared.active.load().config.listener.drain_timeout.0
+}

@@ -1,0 +1,223 @@
+//! The route table: from a call's service and method to its route.
+//!
+//! The most specific match wins, whatever the order in the file: an exact
+//! service beats a service prefix beats any service; within that, an exact
+//! method beats a method prefix (longer first) beats any method. Lookups do
+//! not allocate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, Match};
+use crate::limit::LimitStep;
+use crate::metrics::RouteStats;
+use crate::upstream::UpstreamSpec;
+
+/// A route, ready to serve.
+pub struct Route {
+    /// Name in metrics and logs.
+    pub name: Arc<str>,
+    /// Where calls go.
+    pub upstream: Arc<UpstreamSpec>,
+    /// Cap on a call's duration.
+    pub timeout: Option<Duration>,
+    /// Metric handles.
+    pub stats: RouteStats,
+    /// The limits of this route; `None` costs nothing per call.
+    pub limits: Option<Arc<dyn LimitStep>>,
+}
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    Any,
+    Prefix(String),
+    Exact(String),
+}
+
+impl Pattern {
+    fn parse(p: Option<&str>) -> Pattern {
+        match p {
+            None | Some("*") => Pattern::Any,
+            Some(s) => match s.strip_suffix('*') {
+                Some(prefix) => Pattern::Prefix(prefix.to_owned()),
+                None => Pattern::Exact(s.to_owned()),
+            },
+        }
+    }
+
+    fn matches(&self, s: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Prefix(p) => s.starts_with(p.as_str()),
+            Pattern::Exact(e) => s == e,
+        }
+    }
+
+    /// Higher is more specific.
+    fn rank(&self) -> (u8, usize) {
+        match self {
+            Pattern::Any => (0, 0),
+            Pattern::Prefix(p) => (1, p.len()),
+            Pattern::Exact(e) => (2, e.len()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ServiceRoutes {
+    methods: HashMap<String, usize>,
+    /// Method patterns (prefix or any), most specific first.
+    patterns: Vec<(Pattern, usize)>,
+}
+
+/// Every route of one config.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    exact_services: HashMap<String, ServiceRoutes>,
+    /// Routes whose service is a prefix or any, most specific first.
+    patterns: Vec<(Pattern, Pattern, usize)>,
+}
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    /// Builds the table of a validated config; `upstreams` by name.
+    pub fn build(cfg: &Config, upstreams: &HashMap<String, Arc<UpstreamSpec>>) -> Self {
+        let mut t = RouteTable::default();
+        for r in &cfg.routes {
+            let Some(upstream) = upstreams.get(&r.upstream) else {
+                continue; // validate() reported it
+            };
+            let name = r.display_name();
+            let i = t.routes.len();
+            t.routes.push(Arc::new(Route {
+                stats: RouteStats::new(&name),
+                name: name.into(),
+                upstream: upstream.clone(),
+                timeout: r.timeout.map(|d| d.0),
+                limits: None,
+            }));
+            t.insert(&r.matcher, i);
+        }
+        for s in t.exact_services.values_mut() {
+            s.patterns.sort_by_key(|p| std::cmp::Reverse(p.0.rank()));
+        }
+        t.patterns
+            .sort_by_key(|p| std::cmp::Reverse((p.0.rank(), p.1.rank())));
+        t
+    }
+
+    fn insert(&mut self, m: &Match, i: usize) {
+        let service = Pattern::parse(m.service.as_deref());
+        let method = Pattern::parse(m.method.as_deref());
+        match service {
+            Pattern::Exact(s) => {
+                let e = self.exact_services.entry(s).or_default();
+                match method {
+                    Pattern::Exact(m) => {
+                        e.methods.insert(m, i);
+                    }
+                    other => e.patterns.push((other, i)),
+                }
+            }
+            other => self.patterns.push((other, method, i)),
+        }
+    }
+
+    /// The route for a call, if any.
+    pub fn find(&self, service: &str, method: &str) -> Option<&Arc<Route>> {
+        if let Some(s) = self.exact_services.get(service) {
+            if let Some(&i) = s.methods.get(method) {
+                return Some(&self.routes[i]);
+            }
+            if let Some((_, i)) = s.patterns.iter().find(|(p, _)| p.matches(method)) {
+                return Some(&self.routes[*i]);
+            }
+        }
+        self.patterns
+            .iter()
+            .find(|(s, m, _)| s.matches(service) && m.matches(method))
+            .map(|(_, _, i)| &self.routes[*i])
+    }
+
+    /// All routes, in file order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+/// Builds the upstream specs of a validated config.
+pub fn upstream_specs(
+    cfg: &Config,
+    base: Option<&std::path::Path>,
+) -> Result<HashMap<String, Arc<UpstreamSpec>>, String> {
+    cfg.upstreams
+        .iter()
+        .map(|(name, u)| {
+            UpstreamSpec::new(name, u, base)
+                .map(|s| (name.clone(), Arc::new(s)))
+                .map_err(|e| format!("upstreams.{name}: {e}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> RouteTable {
+        let cfg = Config::parse(yaml).unwrap();
+        assert_eq!(cfg.validate(None), vec![]);
+        let ups = upstream_specs(&cfg, None).unwrap();
+        RouteTable::build(&cfg, &ups)
+    }
+
+    const YAML: &str = r#"
+upstreams:
+  a: { addresses: ["127.0.0.1:1"] }
+routes:
+  - { match: {}, upstream: a }
+  - { match: { service: payments.v1.PaymentService }, upstream: a }
+  - { match: { service: payments.v1.PaymentService, method: CreatePayment }, upstream: a }
+  - { match: { service: payments.v1.PaymentService, method: "List*" }, upstream: a }
+  - { match: { service: "payments.*" }, upstream: a }
+  - { match: { service: "payments.v1.*", method: Get }, upstream: a, name: v1-get }
+"#;
+
+    fn route<'a>(t: &'a RouteTable, s: &str, m: &str) -> &'a str {
+        t.find(s, m).map(|r| &*r.name).unwrap_or("none")
+    }
+
+    #[test]
+    fn most_specific_wins_whatever_the_order() {
+        let t = table(YAML);
+        let svc = "payments.v1.PaymentService";
+        assert_eq!(
+            route(&t, svc, "CreatePayment"),
+            "payments.v1.PaymentService/CreatePayment"
+        );
+        assert_eq!(
+            route(&t, svc, "ListRefunds"),
+            "payments.v1.PaymentService/List*"
+        );
+        assert_eq!(route(&t, svc, "GetPayment"), "payments.v1.PaymentService/*");
+        assert_eq!(route(&t, "payments.v1.AccountService", "Get"), "v1-get");
+        assert_eq!(
+            route(&t, "payments.v1.AccountService", "Deposit"),
+            "payments.*/*"
+        );
+        assert_eq!(route(&t, "payments.v2.X", "Get"), "payments.*/*");
+        assert_eq!(route(&t, "other.Service", "Get"), "*");
+    }
+
+    #[test]
+    fn no_catch_all_means_no_route() {
+        let t = table(
+            "upstreams: { a: { addresses: [\"127.0.0.1:1\"] } }\nroutes: [ { match: { service: s.S }, upstream: a } ]",
+        );
+        assert!(t.find("s.S", "M").is_some());
+        assert!(t.find("s.T", "M").is_none());
+    }
+}

@@ -1,0 +1,370 @@
+//! Starting, reloading and draining a tollgate process.
+//!
+//! [`start`] loads the config, binds every listener, and spawns the worker
+//! threads and a control thread (admin server, config watcher). It returns a
+//! [`Handle`] that the binary drives from signals (SIGHUP reloads,
+//! SIGTERM/SIGINT drain) and that tests drive directly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, ConfigError, Env, ProcessEnv};
+use crate::metrics;
+use crate::proxy::{self, Active, Shared};
+use crate::server::{self, TlsState};
+
+/// Why tollgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is unusable.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The config is valid but could not be put to work (TLS files, …).
+    #[error("{path}: {message}")]
+    Setup {
+        /// The config file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {cause}; free the port or change {what}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// `listener.address` or `admin.address`.
+        what: &'static str,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+}
+
+/// A running tollgate.
+pub struct Handle {
+    /// Where gRPC clients connect.
+    pub listen_addr: SocketAddr,
+    /// Where the admin endpoints are.
+    pub admin_addr: SocketAddr,
+    shared: Arc<Shared>,
+    drain: watch::Sender<bool>,
+    /// Stops the control thread (admin server) once the workers are done,
+    /// so `/ready` keeps answering 503 while draining.
+    stop: watch::Sender<bool>,
+    reload: mpsc::UnboundedSender<()>,
+    workers: Vec<JoinHandle<()>>,
+    control: Option<JoinHandle<()>>,
+}
+
+/// Loads and builds a config file: everything a reload or a start needs.
+pub fn load(
+    path: &Path,
+    env: &dyn Env,
+) -> Result<(Active, Option<Arc<rustls::ServerConfig>>), StartError> {
+    let config = Config::load(path, env)?;
+    let base = path.parent();
+    let tls = match &config.listener.tls {
+        Some(t) => {
+            Some(
+                crate::tls::server_config(t, base).map_err(|message| StartError::Setup {
+                    path: path.to_owned(),
+                    message: format!("listener.tls: {message}"),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let active = Active::build(config, base).map_err(|message| StartError::Setup {
+        path: path.to_owned(),
+        message,
+    })?;
+    Ok((active, tls))
+}
+
+fn workers(config: &Config) -> usize {
+    config
+        .listener
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// Starts tollgate from the config file at `path`.
+pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
+    let (active, tls_config) = load(path, env)?;
+    metrics::get().reload(true);
+    metrics::get().config_last_success.set(unix_now());
+    let listen: SocketAddr =
+        active
+            .config
+            .listener
+            .address
+            .parse()
+            .map_err(|_| StartError::Setup {
+                path: path.to_owned(),
+                message: "listener.address is not an address".into(),
+            })?;
+    let admin: SocketAddr = active
+        .config
+        .admin
+        .address
+        .parse()
+        .map_err(|_| StartError::Setup {
+            path: path.to_owned(),
+            message: "admin.address is not an address".into(),
+        })?;
+    let n = workers(&active.config);
+    let bind_err = |what, addr: SocketAddr| {
+        move |cause| StartError::Bind {
+            addr: addr.to_string(),
+            what,
+            cause,
+        }
+    };
+    let first = server::bind_reuseport(listen).map_err(bind_err("listener.address", listen))?;
+    let listen_addr = first
+        .local_addr()
+        .map_err(bind_err("listener.address", listen))?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(
+            server::bind_reuseport(listen_addr)
+                .map_err(bind_err("listener.address", listen_addr))?,
+        );
+    }
+    let admin_listener =
+        std::net::TcpListener::bind(admin).map_err(bind_err("admin.address", admin))?;
+    admin_listener
+        .set_nonblocking(true)
+        .map_err(bind_err("admin.address", admin))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(bind_err("admin.address", admin))?;
+
+    let shared = Arc::new(Shared {
+        active: ArcSwap::from_pointee(active),
+        config_path: path.to_owned(),
+        draining: AtomicBool::new(false),
+        listening: AtomicBool::new(false),
+    });
+    let tls: TlsState = Arc::new(ArcSwapOption::from(
+        tls_config.map(|c| Arc::new(tokio_rustls::TlsAcceptor::from(c))),
+    ));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+
+    let mut threads = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let (shared, tls, drain) = (shared.clone(), tls.clone(), drain_rx.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("tollgate-worker-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(server::run_worker(l, shared, tls, drain)),
+                        Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+                    }
+                })
+                .map_err(|e| StartError::Setup {
+                    path: path.to_owned(),
+                    message: format!("cannot start a worker thread: {e}"),
+                })?,
+        );
+    }
+    let control = {
+        let (shared, tls, drain, reload_tx) =
+            (shared.clone(), tls.clone(), stop_rx, reload_tx.clone());
+        Some(
+            std::thread::Builder::new()
+                .name("tollgate-control".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the control runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(control(
+                        admin_listener,
+                        shared,
+                        tls,
+                        drain,
+                        reload_tx,
+                        reload_rx,
+                    ));
+                })
+                .map_err(|e| StartError::Setup {
+                    path: path.to_owned(),
+                    message: format!("cannot start the control thread: {e}"),
+                })?,
+        )
+    };
+    shared.listening.store(true, Ordering::SeqCst);
+    tracing::info!(%listen_addr, %admin_addr, workers = n, config = %path.display(), "tollgate listening");
+    Ok(Handle {
+        listen_addr,
+        admin_addr,
+        shared,
+        drain: drain_tx,
+        stop: stop_tx,
+        reload: reload_tx,
+        workers: threads,
+        control,
+    })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The control thread: admin server, file watcher, reloads; until `stop`.
+async fn control(
+    admin: std::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: TlsState,
+    drain: watch::Receiver<bool>,
+    reload_tx: mpsc::UnboundedSender<()>,
+    mut reload_rx: mpsc::UnboundedReceiver<()>,
+) {
+    match tokio::net::TcpListener::from_std(admin) {
+        Ok(l) => {
+            tokio::spawn(crate::admin::serve(l, shared.clone(), drain.clone()));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot serve the admin endpoints"),
+    }
+    let _watcher = watch_files(&shared, reload_tx);
+    let mut drain = drain;
+    loop {
+        tokio::select! {
+            _ = drain.wait_for(|d| *d) => return,
+            r = reload_rx.recv() => {
+                if r.is_none() { return; }
+                // Editors and ConfigMap updates write in several steps:
+                // wait for them to settle, then reload once.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while reload_rx.try_recv().is_ok() {}
+                reload(&shared, &tls);
+            }
+        }
+    }
+}
+
+/// Loads the config file again; a valid one replaces the running config for
+/// new calls, an invalid one is logged and counted and the old one stays.
+pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
+    let path = &shared.config_path;
+    match load(path, &ProcessEnv) {
+        Ok((active, tls_config)) => {
+            let old = shared.active.load();
+            let (o, n) = (&old.config.listener, &active.config.listener);
+            if o.address != n.address
+                || o.workers != n.workers
+                || o.tls.is_some() != n.tls.is_some()
+            {
+                tracing::warn!("listener address, workers or TLS on/off changed: these apply at the next restart");
+            }
+            if let Some(c) = tls_config {
+                tls.store(Some(Arc::new(tokio_rustls::TlsAcceptor::from(c))));
+            }
+            shared.active.store(Arc::new(active));
+            metrics::get().reload(true);
+            metrics::get().config_last_success.set(unix_now());
+            tracing::info!(config = %path.display(), "config reloaded");
+            true
+        }
+        Err(e) => {
+            metrics::get().reload(false);
+            tracing::error!(config = %path.display(), "config reload rejected, the previous config keeps serving: {e}");
+            false
+        }
+    }
+}
+
+/// Watches the folders of the config file and TLS files; any change there
+/// asks for a reload (Kubernetes swaps a ConfigMap through a symlink in
+/// the same folder).
+fn watch_files(
+    shared: &Shared,
+    reload: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            if !ev.kind.is_access() {
+                let _ = reload.send(());
+            }
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"))
+    .ok()?;
+    let config = &shared.active.load().config;
+    let base = shared.config_path.parent();
+    let mut dirs = vec![folder(&shared.config_path)];
+    if let Some(t) = &config.listener.tls {
+        dirs.push(folder(&crate::config::resolve(&t.cert, base)));
+        dirs.push(folder(&crate::config::resolve(&t.key, base)));
+    }
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        if let Err(e) = watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch; reload with SIGHUP");
+        }
+    }
+    Some(watcher)
+}
+
+fn folder(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+// === impl Handle ===
+
+impl Handle {
+    /// Asks for a reload (what SIGHUP does).
+    pub fn reload(&self) {
+        let _ = self.reload.send(());
+    }
+
+    /// Whether `/ready` answers 200.
+    pub fn is_ready(&self) -> bool {
+        server::is_ready(&self.shared)
+    }
+
+    /// Starts draining: `/ready` fails, listeners close, GOAWAY goes out.
+    pub fn begin_drain(&self) {
+        proxy::start_draining(&self.shared);
+        let _ = self.drain.send(true);
+    }
+
+    /// Drains and waits until every worker is done (blocking).
+    pub fn drain(mut self) {
+        self.begin_drain();
+        for t in self.workers.drain(..) {
+            let _ = t.join();
+        }
+        let _ = self.stop.send(true);
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+    }
+}
