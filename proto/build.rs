@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .file_descriptor_set_path(out.join("payments_v1_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
-    for p in protos {
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("tollgate_test_v1_descriptor.bin"))
+        .compile_protos(&["tollgate/test/v1/echo.proto"], &["."])?;
+    for p in protos.iter().chain(&["tollgate/test/v1/echo.proto"]) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

@@ -13,6 +13,19 @@ pub mod payments {
     }
 }
 
+/// `tollgate.test.v1`: the Echo service that tests and benchmarks put
+/// behind tollgate.
+pub mod test {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tollgate.test.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of `tollgate.test.v1` (for reflection and k6).
+pub const TEST_V1_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("tollgate_test_v1_descriptor");
+
 /// Encoded `FileDescriptorSet` of `payments.v1`, for gRPC server reflection.
 pub const PAYMENTS_V1_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("payments_v1_descriptor");
