@@ -120,7 +120,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Mid-frame, the end is not the end: hyper must poll once more so the
+        // truncation is reported instead of forwarded.
+        self.inner.is_end_stream() && self.observer.finish().is_ok()
     }
 
     fn size_hint(&self) -> SizeHint {

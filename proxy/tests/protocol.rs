@@ -1,0 +1,235 @@
+//! The gRPC framing as bytes, through the raw h2 crate on both sides:
+//! malformed frames from a client or from an upstream get a clear INTERNAL
+//! (never a panic or a silent pass), custom trailers on success pass, and an
+//! upstream reset reaches the client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::{basic_config, Proxy, Upstream};
+use http::{HeaderMap, Request, Response};
+
+/// What a raw client got back.
+#[derive(Debug)]
+struct Raw {
+    headers: HeaderMap,
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Raw {
+    fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| self.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+    }
+
+    fn grpc_message(&self) -> String {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| self.headers.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+async fn raw_call(
+    addr: SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Raw, h2::Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await?;
+    let mut req = Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let (resp, mut send) = client.send_request(req.body(()).unwrap(), false)?;
+    send.send_data(Bytes::copy_from_slice(body), true)?;
+    let resp = resp.await?;
+    let (parts, mut body) = resp.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await?;
+    Ok(Raw {
+        headers: parts.headers,
+        data,
+        trailers,
+    })
+}
+
+fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![flag];
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_client_frames_get_internal() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(up.addr));
+    let path = "/tollgate.test.v1.Echo/Unary";
+
+    // A well-formed call, for contrast.
+    let ok = raw_call(proxy.addr(), path, &[], &frame(0, b"\x0a\x02hi"))
+        .await
+        .unwrap();
+    assert_eq!(ok.grpc_status(), Some("0"), "{ok:?}");
+
+    let r = raw_call(proxy.addr(), path, &[], &frame(2, b"x"))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+    assert!(r.grpc_message().contains("compression flag 2"), "{r:?}");
+
+    let r = raw_call(proxy.addr(), path, &[], &frame(1, b"x"))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+    assert!(
+        r.grpc_message().contains("without a grpc-encoding"),
+        "{r:?}"
+    );
+
+    let mut truncated = frame(0, b"0123456789");
+    truncated.truncate(8);
+    let r = raw_call(proxy.addr(), path, &[], &truncated).await.unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+    assert!(r.grpc_message().contains("truncated gRPC frame"), "{r:?}");
+
+    let r = raw_call(proxy.addr(), path, &[], &[0, 0]).await.unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+
+    // A malformed path.
+    let r = raw_call(proxy.addr(), "/not-grpc", &[], &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("12"), "{r:?}");
+}
+
+/// A raw h2 upstream that misbehaves on purpose, by method name.
+async fn raw_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+                    tokio::spawn(async move {
+                        if method == "ResetEarly" {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            return;
+                        }
+                        let mut body = req.into_body();
+                        while let Some(Ok(c)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(c.len());
+                        }
+                        let resp = Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("x-raw-header", "h")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        match method.as_str() {
+                            "Trailers" => {
+                                let _ = send.send_data(Bytes::from(frame(0, b"\x0a\x02ok")), false);
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                t.insert("x-custom-trailer", "kept".parse().unwrap());
+                                t.insert("x-custom-trailer-bin", "AAEC".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            }
+                            "Reset" => {
+                                let _ = send.send_data(Bytes::from(frame(0, b"")), false);
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                            }
+                            "BadFrame" => {
+                                let _ = send.send_data(Bytes::from(frame(7, b"zz")), false);
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            }
+                            _ => {
+                                // Truncated: half a frame, then the end.
+                                let mut f = frame(0, b"0123456789");
+                                f.truncate(7);
+                                let _ = send.send_data(Bytes::from(f), true);
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_trailers_resets_and_malformed_frames() {
+    let up = raw_upstream().await;
+    let proxy = Proxy::start(&basic_config(up));
+
+    let r = raw_call(proxy.addr(), "/raw.Test/Trailers", &[], &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.headers.get("x-raw-header").unwrap(), "h");
+    assert_eq!(r.data, frame(0, b"\x0a\x02ok"));
+    let t = r.trailers.as_ref().expect("trailers");
+    assert_eq!(t.get("grpc-status").unwrap(), "0");
+    assert_eq!(t.get("x-custom-trailer").unwrap(), "kept");
+    assert_eq!(t.get("x-custom-trailer-bin").unwrap(), "AAEC");
+
+    // Reset after the response began: the client's stream is reset too.
+    let err = raw_call(proxy.addr(), "/raw.Test/Reset", &[], &frame(0, b""))
+        .await
+        .unwrap_err();
+    assert!(err.is_reset(), "the client sees the stream reset: {err:?}");
+    // Reset before any response: UNAVAILABLE naming the upstream.
+    let r = raw_call(proxy.addr(), "/raw.Test/ResetEarly", &[], &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("14"), "{r:?}");
+    assert!(r.grpc_message().contains("upstream echo"), "{r:?}");
+
+    let r = raw_call(proxy.addr(), "/raw.Test/BadFrame", &[], &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+    assert!(r.grpc_message().contains("upstream response"), "{r:?}");
+
+    let r = raw_call(proxy.addr(), "/raw.Test/Truncated", &[], &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
+    assert!(r.grpc_message().contains("truncated"), "{r:?}");
+}
