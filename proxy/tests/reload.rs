@@ -1,0 +1,114 @@
+//! Hot reload: a valid new config swaps in for new calls (calls in flight
+//! finish on the old one); an invalid one is refused, counted, and the old
+//! config keeps serving.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, req, Proxy, Upstream};
+use tokio_stream::StreamExt;
+use tollgate_proto::test::v1::EchoRequest;
+use tonic::Code;
+
+fn config(a: std::net::SocketAddr, b: std::net::SocketAddr, unary_to: &str) -> String {
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  a: {{ addresses: [\"{a}\"] }}\n  b: {{ addresses: [\"{b}\"] }}\nroutes:\n  - {{ match: {{ service: tollgate.test.v1.Echo, method: Unary }}, upstream: {unary_to}, name: reload-unary }}\n  - {{ match: {{}}, upstream: a, name: reload-rest }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let proxy = Proxy::start(&config(a.addr, b.addr, "a"));
+    let mut c = proxy.client().await;
+    c.unary(req(b"1")).await.unwrap();
+    assert_eq!(a.seen.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A long stream in flight on the old config.
+    let mut stream = c
+        .server_stream(EchoRequest {
+            count: 20,
+            delay_ms: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+
+    // A valid change, picked up from the file.
+    std::fs::write(&proxy.config_path, config(a.addr, b.addr, "b")).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "unary calls to go to upstream b",
+        || {
+            let mut c = c.clone();
+            let b = &b;
+            async move {
+                c.unary(req(b"2")).await.ok()?;
+                (b.seen.calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut n = 1;
+    while let Some(m) = stream.next().await {
+        m.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 20, "the stream in flight finished on the old config");
+
+    // An invalid change: refused, counted, and the old config serves on.
+    let before = proxy.metrics().await;
+    assert!(before.contains("tollgate_config_reloads_total{result=\"success\"}"));
+    std::fs::write(
+        &proxy.config_path,
+        "routes:\n  - match: {}\n    upstream: nowhere\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the failed reload to be counted",
+        || async {
+            proxy
+                .metrics()
+                .await
+                .contains("tollgate_config_reloads_total{result=\"failure\"} 1")
+                .then_some(())
+        },
+    )
+    .await;
+    let b_calls = b.seen.calls.load(std::sync::atomic::Ordering::SeqCst);
+    c.unary(req(b"3")).await.unwrap();
+    assert_eq!(
+        b.seen.calls.load(std::sync::atomic::Ordering::SeqCst),
+        b_calls + 1,
+        "the last good config still routes Unary to b"
+    );
+    let (status, _) = common::http_get(proxy.admin(), "/ready").await;
+    assert_eq!(status, 200);
+
+    // Removing the route makes the method UNIMPLEMENTED... once valid again.
+    std::fs::write(
+        &proxy.config_path,
+        config(a.addr, b.addr, "b")
+            .replace("  - { match: {}, upstream: a, name: reload-rest }\n", ""),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "ServerStream to lose its route",
+        || {
+            let mut c = c.clone();
+            async move {
+                let e = c.server_stream(EchoRequest::default()).await.err()?;
+                (e.code() == Code::Unimplemented).then_some(())
+            }
+        },
+    )
+    .await;
+}

@@ -1,0 +1,173 @@
+//! TLS on both sides with certificates made by rcgen: clients reach tollgate
+//! over TLS (ALPN h2), tollgate reaches a TLS upstream, a new certificate on
+//! disk is picked up without a restart, and `client_ca` requires client
+//! certificates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, req, Proxy};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tollgate_proto::test::v1::echo_client::EchoClient;
+use tollgate_proto::test::v1::echo_server::EchoServer;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// A certificate for `names`, signed by `ca`: (cert PEM, key PEM).
+fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write then rename, as a ConfigMap update or a cert manager would.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+async fn tls_upstream(ca: &Ca) -> std::net::SocketAddr {
+    let (cert, key) = leaf(ca, &["upstream.internal"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(common::Seen::default());
+    tokio::spawn(
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .unwrap()
+            .add_service(EchoServer::new(common::EchoService { seen }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<(String, String)>,
+) -> Result<EchoClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("tollgate.local");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(EchoClient::new(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_both_sides_and_certificate_reload() {
+    let upstream_ca = ca("upstream CA");
+    let upstream = tls_upstream(&upstream_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first_ca = ca("first CA");
+    let (cert, key) = leaf(&first_ca, &["tollgate.local"]);
+    write(dir.path(), "tls.crt", &cert);
+    write(dir.path(), "tls.key", &key);
+    write(dir.path(), "upstream-ca.pem", &upstream_ca.pem);
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: {d}/tls.crt, key: {d}/tls.key }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  secure: {{ addresses: [\"{upstream}\"], tls: {{ ca: {d}/upstream-ca.pem, server_name: upstream.internal }} }}\nroutes:\n  - {{ match: {{}}, upstream: secure }}\n",
+        d = dir.path().display()
+    );
+    let proxy = Proxy::start(&yaml);
+
+    let mut c = tls_client(proxy.addr(), &first_ca.pem, None).await.unwrap();
+    let r = c.unary(req(b"over tls")).await.unwrap().into_inner();
+    assert_eq!(r.payload, b"over tls");
+
+    // Plain h2c to a TLS listener does not work (and does not hang).
+    let plain = Channel::from_shared(format!("http://{}", proxy.addr()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(EchoClient::new(ch).unary(req(b"x")).await.is_err());
+    }
+
+    // A new certificate from another CA, swapped in on disk.
+    let second_ca = ca("second CA");
+    let (cert, key) = leaf(&second_ca, &["tollgate.local"]);
+    write(dir.path(), "tls.key", &key);
+    write(dir.path(), "tls.crt", &cert);
+    let mut c = eventually(
+        Duration::from_secs(10),
+        "the new certificate to be served",
+        || async {
+            let mut c = tls_client(proxy.addr(), &second_ca.pem, None).await.ok()?;
+            c.unary(req(b"new cert")).await.ok()?;
+            Some(c)
+        },
+    )
+    .await;
+    c.unary(req(b"again")).await.unwrap();
+    assert!(
+        tls_client(proxy.addr(), &first_ca.pem, None).await.is_err(),
+        "the old certificate is no longer served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ca_requires_a_client_certificate() {
+    let up = common::Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = ca("server CA");
+    let client_ca = ca("client CA");
+    let (cert, key) = leaf(&server_ca, &["tollgate.local"]);
+    write(dir.path(), "tls.crt", &cert);
+    write(dir.path(), "tls.key", &key);
+    write(dir.path(), "clients.pem", &client_ca.pem);
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: tls.crt, key: tls.key, client_ca: clients.pem }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    );
+    std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
+    let env: std::collections::HashMap<&str, &str> = Default::default();
+    let handle = tollgate::runtime::start(&dir.path().join("tollgate.yaml"), &env).unwrap();
+
+    let anonymous = match tls_client(handle.listen_addr, &server_ca.pem, None).await {
+        Ok(mut c) => c.unary(req(b"x")).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!anonymous, "a client without a certificate is refused");
+    let mut c = tls_client(
+        handle.listen_addr,
+        &server_ca.pem,
+        Some(leaf(&client_ca, &["client-1"])),
+    )
+    .await
+    .unwrap();
+    c.unary(req(b"mtls")).await.unwrap();
+    handle.begin_drain();
+}
