@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test test-rust test-python lint fmt clean
+.PHONY: help build run test lint fmt clean bench-proxy bench-payments
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -11,8 +11,8 @@ help: ## List the targets
 build: ## Build every binary (debug)
 	$(CARGO) build --workspace
 
-run: ## Start the payment backend on embedded defaults (SQLite in ./payments.db, events kept in the outbox)
-	$(CARGO) run -p payment-backend -- serve --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9090
+run: ## Start the payment backend (SQLite, :50051) and tollgate in front of it (:10000, admin :9901)
+	bash scripts/run-dev.sh
 
 test: ## Install what tests need, start real services, run every test
 	bash scripts/install-test-deps.sh
@@ -26,6 +26,9 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+bench-payments: ## CreatePayment on PostgreSQL vs pgbench (see BENCHMARKS.md)
+	bash load-tests/bench-create-payment.sh
 
 clean: ## Remove build output and the local database
 	$(CARGO) clean

@@ -1,0 +1,208 @@
+//! The real `tollgate` binary: SIGTERM drains streams in flight and exits 0;
+//! `/metrics` passes `promtool check metrics`; `tollgate check` exits 2 on a
+//! bad config and names each problem.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, http_get, req, Upstream};
+use tokio_stream::StreamExt;
+use tollgate_proto::test::v1::echo_client::EchoClient;
+use tollgate_proto::test::v1::EchoRequest;
+use tonic::transport::Channel;
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_in_flight_then_exits_zero() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listener: {{ address: 127.0.0.1:{port}, drain_timeout: 20s }}\nadmin: {{ address: 127.0.0.1:{admin} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "tollgate to be ready",
+        || async move {
+            tokio::net::TcpStream::connect(admin_addr).await.ok()?;
+            (http_get(admin_addr, "/ready").await.0 == 200).then_some(())
+        },
+    )
+    .await;
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = EchoClient::new(channel);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = c
+            .server_stream(EchoRequest {
+                count: 10,
+                delay_ms: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
+
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually(Duration::from_secs(5), "/ready to fail", || async move {
+        (http_get(admin_addr, "/ready").await.0 == 503).then_some(())
+    })
+    .await;
+    // New connections are refused while the streams drain.
+    let refused = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .is_err();
+    assert!(refused, "no new connections while draining");
+    for mut s in streams {
+        let mut n = 1;
+        while let Some(m) = s.next().await {
+            m.expect("the stream completes");
+            n += 1;
+        }
+        assert_eq!(n, 10, "every message of the in-flight stream arrived");
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = child.0.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read as _;
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (s, err)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    assert!(status.1.contains("draining"), "{}", status.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let up = Upstream::start().await;
+    let proxy = common::Proxy::start(&common::basic_config(up.addr));
+    let mut c = proxy.client().await;
+    c.unary(req(b"x")).await.unwrap();
+    let _ = c
+        .unary(EchoRequest {
+            fail_code: 5,
+            ..Default::default()
+        })
+        .await;
+    let text = proxy.metrics().await;
+    for name in [
+        "tollgate_requests_total",
+        "tollgate_request_duration_seconds_bucket",
+        "tollgate_upstream_duration_seconds_bucket",
+        "tollgate_active_connections",
+        "tollgate_active_streams",
+        "tollgate_messages_total",
+        "tollgate_message_bytes_total",
+        "tollgate_config_reloads_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/install-test-deps.sh installs it)");
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "upstreams:\n  a: { addresses: [\"h:1\"] }\nroutes:\n  - { match: {}, upstream: a }\n  - { match: { service: x.Y }, upstream: b }\n  - { match: { service: x.Y }, upstream: a }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[1].upstream: no upstream named \"b\"; defined: a"),
+        "{err}"
+    );
+    assert!(
+        err.contains("routes[2].match: same match as routes[1]"),
+        "{err}"
+    );
+
+    let good = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/dev.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("OK (3 routes, 1 upstreams)"));
+}
