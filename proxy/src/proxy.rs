@@ -107,6 +107,35 @@ impl Worker {
     }
 }
 
+/// What a call knows of its connection; made once per connection.
+pub struct Conn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client's IP as an `x-forwarded-for` value.
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Conn {
+    /// Facts of a new connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        Conn {
+            peer,
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        }
+    }
+}
+
+/// The answer to an HTTP/1 request: 505 with the reason.
+pub fn http1_refusal() -> Response<ResponseBody> {
+    let mut r = plain(
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        "tollgate forwards gRPC, which needs HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n",
+    );
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     metrics::get().non_grpc(status.as_u16());
     let mut r = Response::new(ResponseBody::Fixed(Some(Bytes::from_static(
@@ -130,18 +159,13 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 pub async fn handle(
     worker: Arc<Worker>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    conn: Arc<Conn>,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
+    let peer = conn.peer;
     // Classify: gRPC is HTTP/2, POST, application/grpc*.
     if req.version() != Version::HTTP_2 {
-        let mut r = plain(
-            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            "tollgate forwards gRPC, which needs HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n",
-        );
-        r.headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        return http1_refusal();
     }
     if req.method() != Method::POST {
         let mut r = plain(
@@ -224,7 +248,7 @@ pub async fn handle(
             }
         }
     }
-    add_forwarded_for(&mut parts.headers, peer);
+    add_forwarded_for(&mut parts.headers, &conn);
     let spec = &route.upstream;
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(spec.scheme());
@@ -247,7 +271,9 @@ pub async fn handle(
     );
     let pool = worker.pool(spec);
     let tally = Tally::start(stats.clone(), start);
-    let sent = pool.send(upstream_req);
+    // Boxed: the send future is large, and a call's whole future is copied
+    // into its task when hyper spawns it; one allocation is cheaper.
+    let sent = Box::pin(pool.send(upstream_req));
     let response = match deadline {
         Some(d) => match tokio::time::timeout_at(d, sent).await {
             Ok(r) => r,
@@ -305,14 +331,20 @@ pub async fn handle(
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
 }
 
-fn add_forwarded_for(headers: &mut http::HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+fn add_forwarded_for(headers: &mut http::HeaderMap, conn: &Conn) {
+    let Some(ip) = &conn.forwarded_for else {
+        return;
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+    match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            let joined = format!("{prev}, {}", conn.peer.ip());
+            if let Ok(v) = HeaderValue::from_str(&joined) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        _ => {
+            headers.insert("x-forwarded-for", ip.clone());
+        }
     }
 }
 
@@ -324,4 +356,20 @@ pub fn start_draining(shared: &Shared) {
 /// How long to wait for in-flight calls when draining.
 pub fn drain_timeout(shared: &Shared) -> Duration {
     shared.active.load().config.listener.drain_timeout.0
+}
+
+#[cfg(test)]
+mod tests {
+    fn size_of_return<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every call's future is moved into a task allocation: a large one costs
+    /// copies and large-chunk mallocs on the hot path.
+    #[test]
+    fn the_call_future_is_small() {
+        let size = size_of_return(super::handle);
+        eprintln!("handle future: {size} bytes");
+        assert!(size <= 1536, "handle's future grew to {size} bytes");
+    }
 }

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,18 +54,14 @@ pub async fn run_worker(
     };
     let worker = Arc::new(Worker::new(shared.clone()));
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    {
-        let max_streams = shared.active.load().config.listener.max_concurrent_streams;
-        let mut h2 = builder.http2();
-        h2.timer(TokioTimer::new())
-            .max_concurrent_streams(max_streams)
-            .initial_stream_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(8 * 1024 * 1024)
-            .max_pending_accept_reset_streams(Some(1000))
-            .keep_alive_interval(Some(Duration::from_secs(60)))
-            .keep_alive_timeout(Duration::from_secs(20));
-    }
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(shared.active.load().config.listener.max_concurrent_streams)
+        .initial_stream_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .max_pending_accept_reset_streams(Some(1000))
+        // gRPC has no use for `date`; it is an unindexable literal per response.
+        .auto_date_header(false);
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
@@ -82,6 +77,12 @@ pub async fn run_worker(
             },
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(60))
+                .with_interval(Duration::from_secs(10))
+                .with_retries(3),
+        );
         let acceptor = tls.load_full();
         let worker = worker.clone();
         let builder = builder.clone();
@@ -98,12 +99,38 @@ pub async fn run_worker(
     }
 }
 
+/// The HTTP/2 client preface: what a gRPC client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes on a connection are (so far) the HTTP/2 preface.
+/// Peeking once per connection keeps every later read free of a detection
+/// layer.
+async fn speaks_h2(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; PREFACE.len()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return false;
+        }
+        if n == PREFACE.len() {
+            return true;
+        }
+        // Only part of the preface has arrived: wait for the rest.
+        let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: Option<Arc<tokio_rustls::TlsAcceptor>>,
     worker: Arc<Worker>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     struct Open;
@@ -114,18 +141,19 @@ async fn serve_connection(
     }
     metrics::get().active_connections.inc();
     let _open = Open;
+    let conn = Arc::new(proxy::Conn::new(peer));
     let service = hyper::service::service_fn(move |req| {
-        let worker = worker.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(worker, req, peer).await) }
+        let (worker, conn) = (worker.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(worker, req, conn).await) }
     });
     let result = match acceptor {
         None => {
+            if !speaks_h2(&stream).await {
+                http1_refusal(stream).await;
+                return;
+            }
             watcher
-                .watch(
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned(),
-                )
+                .watch(builder.serve_connection(TokioIo::new(stream), service))
                 .await
         }
         Some(acceptor) => {
@@ -142,18 +170,32 @@ async fn serve_connection(
                     return;
                 }
             };
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                http1_refusal(tls).await;
+                return;
+            }
             watcher
-                .watch(
-                    builder
-                        .serve_connection(TokioIo::new(tls), service)
-                        .into_owned(),
-                )
+                .watch(builder.serve_connection(TokioIo::new(tls), service))
                 .await
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// Answers an HTTP/1 client with 505 and a one-line reason, then closes.
+async fn http1_refusal<IO>(io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(proxy::http1_refusal())
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
 }
 
 /// Whether the process serves: config loaded, listeners bound, not draining.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -222,7 +222,9 @@ impl Pool {
         if let Some(s) = Self::live(slot) {
             return Ok(s);
         }
-        let s = self.connect(slot.endpoint).await?;
+        // Boxed: the connect path (TCP, TLS, HTTP/2 handshake) is rare, and
+        // inlined it would make every call's future several KiB larger.
+        let s = Box::pin(self.connect(slot.endpoint)).await?;
         if let Ok(mut g) = slot.sender.lock() {
             *g = Some(s.clone());
         }
@@ -266,6 +268,12 @@ impl Pool {
             )
         })??;
         let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10))
+                .with_retries(3),
+        );
         match &spec.tls {
             None => self.handshake(endpoint, tcp).await,
             Some(tls) => {
@@ -302,12 +310,12 @@ impl Pool {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
+        // No HTTP/2 keep-alive pings: they cost a clock read per frame.
+        // Dead upstreams are found by TCP keepalive (set at connect) and by
+        // the next call's error.
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
             .initial_stream_window_size(2 * 1024 * 1024)
             .initial_connection_window_size(8 * 1024 * 1024)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
             .max_concurrent_reset_streams(10_000)
             .handshake(TokioIo::new(io))
             .await
