@@ -1,6 +1,7 @@
 //! The store conformance suite: every case runs through the real gRPC API
 //! against both stores — SQLite (the embedded default) and a real PostgreSQL
-//! server — and checks that the ledger balances afterwards.
+//! server — and checks that the ledger balances afterwards. A third run sends
+//! every call through tollgate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,6 +31,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     super::$case(super::Db::Postgres).await;
+                }
+            )*
+        }
+        /// The same calls, every one through tollgate.
+        mod via_tollgate {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(super::Db::SqliteViaTollgate).await;
                 }
             )*
         }

@@ -71,6 +71,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
+    /// Reloads attempted (valid or not) since start.
+    pub reload_attempts: std::sync::atomic::AtomicU64,
 }
 
 /// One worker thread's state: its own upstream connections.

@@ -152,6 +152,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         config_path: path.to_owned(),
         draining: AtomicBool::new(false),
         listening: AtomicBool::new(false),
+        reload_attempts: Default::default(),
     });
     let tls: TlsState = Arc::new(ArcSwapOption::from(
         tls_config.map(|c| Arc::new(tokio_rustls::TlsAcceptor::from(c))),
@@ -268,6 +269,7 @@ async fn control(
 /// Loads the config file again; a valid one replaces the running config for
 /// new calls, an invalid one is logged and counted and the old one stays.
 pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
+    shared.reload_attempts.fetch_add(1, Ordering::SeqCst);
     let path = &shared.config_path;
     match load(path, &ProcessEnv) {
         Ok((active, tls_config)) => {
@@ -296,30 +298,47 @@ pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
     }
 }
 
-/// Watches the folders of the config file and TLS files; any change there
-/// asks for a reload (Kubernetes swaps a ConfigMap through a symlink in
-/// the same folder).
+/// Watches the config file and TLS files (through their folders, since
+/// editors and Kubernetes replace files rather than write them in place).
+/// Only events on those files — or on `..data`, the symlink Kubernetes swaps
+/// when a ConfigMap or Secret changes — ask for a reload; other files in the
+/// same folders are ignored.
 fn watch_files(
     shared: &Shared,
     reload: mpsc::UnboundedSender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
+    let config = &shared.active.load().config;
+    let base = shared.config_path.parent();
+    let mut files = vec![shared.config_path.clone()];
+    if let Some(t) = &config.listener.tls {
+        files.push(crate::config::resolve(&t.cert, base));
+        files.push(crate::config::resolve(&t.key, base));
+        if let Some(ca) = &t.client_ca {
+            files.push(crate::config::resolve(ca, base));
+        }
+    }
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_owned()))
+        .chain(std::iter::once(std::ffi::OsString::from("..data")))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            if !ev.kind.is_access() {
-                let _ = reload.send(());
-            }
+        let Ok(ev) = ev else { return };
+        if ev.kind.is_access() {
+            return;
+        }
+        let relevant = ev
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
+        if relevant {
+            let _ = reload.send(());
         }
     })
     .map_err(|e| tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"))
     .ok()?;
-    let config = &shared.active.load().config;
-    let base = shared.config_path.parent();
-    let mut dirs = vec![folder(&shared.config_path)];
-    if let Some(t) = &config.listener.tls {
-        dirs.push(folder(&crate::config::resolve(&t.cert, base)));
-        dirs.push(folder(&crate::config::resolve(&t.key, base)));
-    }
+    let mut dirs: Vec<PathBuf> = files.iter().map(|f| folder(f)).collect();
     dirs.sort();
     dirs.dedup();
     for d in dirs {
@@ -343,6 +362,11 @@ impl Handle {
     /// Asks for a reload (what SIGHUP does).
     pub fn reload(&self) {
         let _ = self.reload.send(());
+    }
+
+    /// Reloads attempted since start (file changes, SIGHUP, [`Handle::reload`]).
+    pub fn reload_attempts(&self) -> u64 {
+        self.shared.reload_attempts.load(Ordering::SeqCst)
     }
 
     /// Whether `/ready` answers 200.

@@ -112,3 +112,27 @@ async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_files_in_the_config_folder_do_not_reload() {
+    let a = Upstream::start().await;
+    let proxy = Proxy::start(&common::basic_config(a.addr));
+    let handle = proxy.handle.as_ref().unwrap();
+    for i in 0..50 {
+        std::fs::write(proxy.dir.path().join("access.log"), format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        handle.reload_attempts(),
+        0,
+        "writes to another file reloaded the config"
+    );
+    std::fs::write(&proxy.config_path, common::basic_config(a.addr)).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a reload after the config changes",
+        || async { (handle.reload_attempts() >= 1).then_some(()) },
+    )
+    .await;
+}

@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 pub enum Db {
     Sqlite,
     Postgres,
+    /// SQLite, with every call going through tollgate.
+    SqliteViaTollgate,
 }
 
 /// Knobs a test may turn.
@@ -47,6 +49,8 @@ impl Default for Options {
 /// A running backend and clients to it.
 pub struct Backend {
     pub running: Option<Running>,
+    /// tollgate in front, for [`Db::SqliteViaTollgate`].
+    proxy: Option<(tollgate::runtime::Handle, tempfile::TempDir)>,
     pub payments: PaymentServiceClient<Channel>,
     pub accounts: AccountServiceClient<Channel>,
     pub channel: Channel,
@@ -60,7 +64,7 @@ static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A fresh, empty database URL of the given kind.
 pub fn fresh_database(db: Db) -> (String, Option<tempfile::TempDir>) {
     match db {
-        Db::Sqlite => {
+        Db::Sqlite | Db::SqliteViaTollgate => {
             let dir = tempfile::tempdir().unwrap();
             let url = format!("sqlite://{}/payments.db?mode=rwc", dir.path().display());
             (url, Some(dir))
@@ -114,7 +118,11 @@ impl Backend {
             startup_timeout: Duration::from_secs(10),
         };
         let running = server::start(cfg).await.expect("backend starts");
-        let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        let proxy = (db == Db::SqliteViaTollgate).then(|| start_tollgate(running.grpc_addr));
+        let target = proxy
+            .as_ref()
+            .map_or(running.grpc_addr, |(h, _)| h.listen_addr);
+        let channel = Channel::from_shared(format!("http://{target}"))
             .unwrap()
             .connect()
             .await
@@ -125,6 +133,7 @@ impl Backend {
             store: running.store.clone(),
             channel,
             running: Some(running),
+            proxy,
             url,
             _dir: dir,
         }
@@ -195,8 +204,29 @@ impl Backend {
     }
 }
 
+/// tollgate in-process in front of `backend`, with a catch-all route.
+fn start_tollgate(backend: std::net::SocketAddr) -> (tollgate::runtime::Handle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  payment-backend: {{ addresses: [\"{backend}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: payment-backend }}\n"
+        ),
+    )
+    .unwrap();
+    let env: std::collections::HashMap<&str, &str> = Default::default();
+    (
+        tollgate::runtime::start(&path, &env).expect("tollgate starts"),
+        dir,
+    )
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
+        if let Some((h, _)) = self.proxy.take() {
+            h.begin_drain();
+        }
         // Shut down in the background if a test forgot (or panicked).
         if let Some(r) = self.running.take() {
             if let Ok(h) = tokio::runtime::Handle::try_current() {
