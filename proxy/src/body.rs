@@ -180,7 +180,9 @@ impl Drop for Tally {
 
 /// The upstream's response body on its way to the client.
 pub struct Proxied {
-    inner: Option<Incoming>,
+    inner: Option<h2::RecvStream>,
+    /// All DATA frames were read; trailers (if any) come next.
+    data_done: bool,
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<Route>,
@@ -206,7 +208,7 @@ pub enum ResponseBody {
 impl Proxied {
     /// Observes the upstream's `inner` body.
     pub fn new(
-        inner: Incoming,
+        inner: h2::RecvStream,
         max: u32,
         compressed_ok: bool,
         state: Arc<CallState>,
@@ -216,6 +218,7 @@ impl Proxied {
     ) -> Self {
         Proxied {
             inner: Some(inner),
+            data_done: false,
             observer: FrameObserver::new(max, compressed_ok),
             state,
             route,
@@ -231,7 +234,7 @@ impl Proxied {
         &mut self,
         code: Code,
         message: &str,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         self.inner = None;
         self.done = true;
         self.tally.finish(Some(code as u8));
@@ -241,12 +244,12 @@ impl Proxied {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -273,7 +276,7 @@ impl Body for ResponseBody {
 }
 
 impl Proxied {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if self.done {
             return Poll::Ready(None);
         }
@@ -287,35 +290,33 @@ impl Proxied {
             self.done = true;
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if let Err(e) = self.observer.observe(data) {
+        if !self.data_done {
+            match ready!(inner.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Pulled only when the client can take more, so giving
+                    // the window back now keeps the two sides in step.
+                    let _ = inner.flow_control().release_capacity(data.len());
+                    if let Err(e) = self.observer.observe(&data) {
                         return self
                             .end_with(frame_error_code(&e), &format!("upstream response: {e}"));
                     }
-                    return Poll::Ready(Some(Ok(frame)));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Err(e) = self.observer.finish() {
-                        return self.end_with(Code::Internal, &format!("upstream response: {e}"));
-                    }
-                    let status = trailers.get("grpc-status").and_then(parse_status);
-                    self.done = true;
-                    self.tally.finish(status);
-                }
-                Poll::Ready(Some(Ok(frame)))
+                Some(Err(e)) => return self.upstream_failed(e),
+                None => self.data_done = true,
             }
-            Some(Err(e)) => {
-                if let Some(fe) = self.state.request_error() {
-                    return self.end_with(frame_error_code(&fe), &fe.to_string());
+        }
+        match ready!(inner.poll_trailers(cx)) {
+            Ok(Some(trailers)) => {
+                if let Err(e) = self.observer.finish() {
+                    return self.end_with(Code::Internal, &format!("upstream response: {e}"));
                 }
-                // The upstream reset the stream: reset the client's too.
+                let status = trailers.get("grpc-status").and_then(parse_status);
                 self.done = true;
-                self.tally.finish(None);
-                Poll::Ready(Some(Err(e)))
+                self.tally.finish(status);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
-            None => {
+            Ok(None) => {
                 if let Err(e) = self.observer.finish() {
                     return self.end_with(Code::Internal, &format!("upstream response: {e}"));
                 }
@@ -323,7 +324,18 @@ impl Proxied {
                 self.tally.finish(None);
                 Poll::Ready(None)
             }
+            Err(e) => self.upstream_failed(e),
         }
+    }
+
+    fn upstream_failed(&mut self, e: h2::Error) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(fe) = self.state.request_error() {
+            return self.end_with(frame_error_code(&fe), &fe.to_string());
+        }
+        // The upstream reset the stream: reset the client's too.
+        self.done = true;
+        self.tally.finish(None);
+        Poll::Ready(Some(Err(e)))
     }
 }
 

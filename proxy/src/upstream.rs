@@ -4,6 +4,11 @@
 //! Each worker thread has its own [`Pool`] per upstream, so calls on one
 //! worker share connections without crossing threads. Within a pool, calls
 //! go round robin over endpoints (and over `connections` per endpoint).
+//!
+//! Calls are sent with the `h2` crate directly: the request's first message
+//! (already received for a unary call) is queued together with its HEADERS,
+//! so both leave in one write and the upstream wakes once per call. The rest
+//! of a streaming body follows with flow-control backpressure.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,9 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http_body::Body as _;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -129,7 +139,7 @@ impl UpstreamSpec {
 
 struct Slot {
     endpoint: usize,
-    sender: Mutex<Option<SendRequest<RequestBody>>>,
+    sender: Mutex<Option<SendRequest<Bytes>>>,
     /// Held while (re)connecting, so concurrent calls wait for one connect
     /// instead of opening one connection each.
     connecting: tokio::sync::Mutex<()>,
@@ -167,54 +177,76 @@ impl Pool {
         &self.spec
     }
 
-    /// Sends a request on a pooled connection. A request that a closing
-    /// connection refused before sending is retried once on a new one.
+    /// Sends a call on a pooled connection and returns the upstream's
+    /// response. A connection found closing before the call was sent is
+    /// replaced and the call sent on the new one.
     pub async fn send(
         &self,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<RecvStream>, UpstreamError> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        let mut sender = self.sender(slot).await?;
-        match sender.try_send_request(req).await {
-            Ok(r) => Ok(r),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    self.forget(slot, &sender);
-                    let mut sender = self.sender(slot).await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|e| self.spec.error(slot.endpoint, "request", e.to_string()))
-                }
-                None => Err(self.request_error(slot.endpoint, e.into_error())),
-            },
-        }
-    }
-
-    fn request_error(&self, endpoint: usize, e: hyper::Error) -> UpstreamError {
-        let detail = match std::error::Error::source(&e) {
-            Some(s) => format!("{e}: {s}"),
-            None => e.to_string(),
-        };
-        self.spec.error(endpoint, "request", detail)
-    }
-
-    fn forget(&self, slot: &Slot, dead: &SendRequest<RequestBody>) {
-        if let Ok(mut s) = slot.sender.lock() {
-            if s.as_ref()
-                .is_some_and(|c| c.is_closed() || dead.is_closed())
+        let (parts, mut body) = req.into_parts();
+        let mut sender = self.ready(slot).await?;
+        let eos = body.is_end_stream();
+        let (response, mut stream) = sender
+            .send_request(http::Request::from_parts(parts, ()), eos)
+            .map_err(|e| self.h2_error(slot.endpoint, &e))?;
+        if !eos {
+            // Queue what the client already sent, in this same turn, so it
+            // goes out in the write that carries the HEADERS.
+            if poll_fn(|cx| Poll::Ready(pipe(&mut body, &mut stream, cx, false)))
+                .await
+                .is_pending()
             {
-                *s = None;
+                tokio::spawn(async move {
+                    poll_fn(|cx| pipe(&mut body, &mut stream, cx, true)).await;
+                });
+            }
+        }
+        response.await.map_err(|e| self.h2_error(slot.endpoint, &e))
+    }
+
+    fn h2_error(&self, endpoint: usize, e: &h2::Error) -> UpstreamError {
+        let kind = if e.is_reset() {
+            "reset"
+        } else if e.is_go_away() {
+            "goaway"
+        } else if e.is_io() {
+            "io"
+        } else {
+            "protocol"
+        };
+        self.spec.error(endpoint, kind, e.to_string())
+    }
+
+    /// A connection ready for one more stream; a closed one is replaced once.
+    async fn ready(&self, slot: &Slot) -> Result<SendRequest<Bytes>, UpstreamError> {
+        let sender = self.sender(slot).await?;
+        match sender.ready().await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                self.forget(slot);
+                let sender = self.sender(slot).await?;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| self.h2_error(slot.endpoint, &e))
             }
         }
     }
 
-    fn live(slot: &Slot) -> Option<SendRequest<RequestBody>> {
-        let guard = slot.sender.lock().ok()?;
-        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    fn forget(&self, slot: &Slot) {
+        if let Ok(mut s) = slot.sender.lock() {
+            *s = None;
+        }
     }
 
-    async fn sender(&self, slot: &Slot) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    fn live(slot: &Slot) -> Option<SendRequest<Bytes>> {
+        let guard = slot.sender.lock().ok()?;
+        guard.clone()
+    }
+
+    async fn sender(&self, slot: &Slot) -> Result<SendRequest<Bytes>, UpstreamError> {
         if let Some(s) = Self::live(slot) {
             return Ok(s);
         }
@@ -231,7 +263,7 @@ impl Pool {
         Ok(s)
     }
 
-    async fn connect(&self, endpoint: usize) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self, endpoint: usize) -> Result<SendRequest<Bytes>, UpstreamError> {
         let spec = &self.spec;
         let timeout = spec.config.connect_timeout.0;
         let (host, port) = &spec.endpoints[endpoint];
@@ -306,18 +338,15 @@ impl Pool {
         &self,
         endpoint: usize,
         io: IO,
-    ) -> Result<SendRequest<RequestBody>, UpstreamError>
+    ) -> Result<SendRequest<Bytes>, UpstreamError>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        // No HTTP/2 keep-alive pings: they cost a clock read per frame.
-        // Dead upstreams are found by TCP keepalive (set at connect) and by
-        // the next call's error.
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(2 * 1024 * 1024)
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(2 * 1024 * 1024)
             .initial_connection_window_size(8 * 1024 * 1024)
             .max_concurrent_reset_streams(10_000)
-            .handshake(TokioIo::new(io))
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| {
                 self.spec.error(
@@ -333,5 +362,61 @@ impl Pool {
             }
         });
         Ok(sender)
+    }
+}
+
+/// Moves the client's request body to the upstream stream. With
+/// `backpressure`, waits for the upstream's flow-control window before
+/// taking more from the client (the eager first pass does not: what it sends
+/// was already received). Ready when the body is done (or failed, in which
+/// case the upstream stream is reset).
+fn pipe(
+    body: &mut RequestBody,
+    stream: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    backpressure: bool,
+) -> Poll<()> {
+    loop {
+        if backpressure {
+            stream.reserve_capacity(1);
+            if stream.capacity() == 0 {
+                loop {
+                    match std::task::ready!(stream.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(_)) | None => return Poll::Ready(()),
+                    }
+                }
+            } else if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let eos = body.is_end_stream();
+                    if stream.send_data(data, eos).is_err() || eos {
+                        return Poll::Ready(());
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream.reserve_capacity(0);
+                        let _ = stream.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            },
+            Some(Err(_)) => {
+                // The client's stream failed or its framing was refused:
+                // the upstream must not see a partial call as complete.
+                stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return Poll::Ready(());
+            }
+        }
     }
 }
