@@ -27,6 +27,9 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
+bench-proxy: ## tollgate vs direct, nginx grpc_pass and HAProxy with h2load (see BENCHMARKS.md)
+	bash load-tests/bench-proxy.sh
+
 bench-payments: ## CreatePayment on PostgreSQL vs pgbench (see BENCHMARKS.md)
 	bash load-tests/bench-create-payment.sh
 
