@@ -58,9 +58,54 @@ impl<T> Outcome<T> {
     }
 }
 
+/// A mutating request: it carries an idempotency key field.
+pub trait Keyed: Message + Clone {
+    /// The RPC's name, e.g. `CreatePayment`.
+    const METHOD: &'static str;
+    /// The key field.
+    fn key_field(&self) -> &str;
+    /// Clears the key field (the fingerprint is of the rest).
+    fn clear_key(&mut self);
+}
+
+macro_rules! keyed {
+    ($($t:ident => $m:literal),* $(,)?) => {$(
+        impl Keyed for tollgate_proto::payments::v1::$t {
+            const METHOD: &'static str = $m;
+            fn key_field(&self) -> &str {
+                &self.idempotency_key
+            }
+            fn clear_key(&mut self) {
+                self.idempotency_key.clear();
+            }
+        }
+    )*};
+}
+
+keyed!(
+    CreateAccountRequest => "CreateAccount",
+    DepositRequest => "Deposit",
+    CreatePaymentRequest => "CreatePayment",
+    CapturePaymentRequest => "CapturePayment",
+    CancelPaymentRequest => "CancelPayment",
+    RefundPaymentRequest => "RefundPayment",
+);
+
 // === impl Idempotency ===
 
 impl Idempotency {
+    /// The idempotency facts of a mutating call.
+    pub fn of<T: Keyed>(request: &tonic::Request<T>) -> Result<Self, Error> {
+        let r = request.get_ref();
+        Self::from_call(
+            request.metadata(),
+            T::METHOD,
+            r,
+            r.key_field(),
+            T::clear_key,
+        )
+    }
+
     /// Reads the key (request field or `idempotency-key` header) and the
     /// caller scope, and fingerprints `request` with its key field cleared by
     /// `without_key`.

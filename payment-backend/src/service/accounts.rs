@@ -32,14 +32,7 @@ impl AccountService for AccountApi {
     ) -> Result<Response<pb::Account>, Status> {
         observe("CreateAccount", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "CreateAccount",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             if r.owner.trim().is_empty() {
                 v.add("owner", "required: who owns the account");
@@ -62,11 +55,7 @@ impl AccountService for AccountApi {
     ) -> Result<Response<pb::DepositResponse>, Status> {
         observe("Deposit", async {
             let r = request.get_ref();
-            let idem =
-                Idempotency::from_call(request.metadata(), "Deposit", r, &r.idempotency_key, |r| {
-                    r.idempotency_key.clear()
-                })
-                .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             v.check("account_id", check_id(&r.account_id, "acct"));
             match &r.amount {

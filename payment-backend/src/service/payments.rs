@@ -57,14 +57,7 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Payment>, Status> {
         observe("CreatePayment", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "CreatePayment",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             v.check("payer_account_id", check_id(&r.payer_account_id, "acct"));
             v.check("payee_account_id", check_id(&r.payee_account_id, "acct"));
@@ -128,14 +121,7 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Payment>, Status> {
         observe("CapturePayment", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "CapturePayment",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             v.check("payment_id", check_id(&r.payment_id, "pay"));
             check_optional_amount(&mut v, r.amount_minor);
@@ -155,14 +141,7 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Payment>, Status> {
         observe("CancelPayment", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "CancelPayment",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             v.check("payment_id", check_id(&r.payment_id, "pay"));
             v.check("reason", check_text(&r.reason, 500));
@@ -182,14 +161,7 @@ impl PaymentService for PaymentApi {
     ) -> Result<Response<pb::Refund>, Status> {
         observe("RefundPayment", async {
             let r = request.get_ref();
-            let idem = Idempotency::from_call(
-                request.metadata(),
-                "RefundPayment",
-                r,
-                &r.idempotency_key,
-                |r| r.idempotency_key.clear(),
-            )
-            .map_err(status)?;
+            let idem = Idempotency::of(&request).map_err(status)?;
             let mut v = Violations::default();
             v.check("payment_id", check_id(&r.payment_id, "pay"));
             check_optional_amount(&mut v, r.amount_minor);
