@@ -2,6 +2,10 @@
 //! whether a call goes on. A route without limits has no step at all
 //! (`Route::limits` is `None`), so it costs nothing per call.
 
+pub mod algorithm;
+pub mod behaviour;
+pub mod rate;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -1,0 +1,277 @@
+//! The four limit algorithms, each written once as a pure function of
+//! (state, now, cost): no clock, no storage. The in-process backend calls
+//! them directly; the Redis scripts implement the same decisions, and
+//! [`crate::limit::behaviour`] is the table every backend must pass.
+//!
+//! Times are microseconds since an arbitrary epoch (the backend's clock, or
+//! Redis `TIME`), so one replica's clock never decides for another.
+
+use std::collections::VecDeque;
+
+use super::rate::Rate;
+
+/// How a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Every admitted unit is remembered for one period: exact, most memory.
+    SlidingWindowLog,
+    /// The current and previous fixed windows, the previous one weighted by
+    /// how much of it still overlaps the sliding window: close, two counters.
+    SlidingWindowCounter,
+    /// Generic cell rate algorithm (a token bucket kept as one timestamp):
+    /// smooth, allows bursts of `burst`.
+    Gcra,
+    /// Counts per aligned window: cheapest, allows 2x at window edges.
+    FixedWindow,
+}
+
+/// A limit's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Params {
+    /// Units per period.
+    pub rate: Rate,
+    /// GCRA only: how many units may go at once (default: the rate's limit).
+    pub burst: Option<u64>,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+}
+
+/// What one limit says about one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the call's cost fits.
+    pub allowed: bool,
+    /// The limit's size (for `ratelimit-limit`).
+    pub limit: u64,
+    /// Units left after this call (for `ratelimit-remaining`).
+    pub remaining: u64,
+    /// Microseconds until the quota is fully available again
+    /// (`ratelimit-reset`).
+    pub reset_micros: u64,
+    /// Rejected: microseconds to wait before the same call can pass
+    /// (`retry-after`, RetryInfo). 0 when allowed.
+    pub retry_after_micros: u64,
+}
+
+/// A limit's state for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Fixed window: its start and the units counted in it.
+    Fixed {
+        /// Window start.
+        window: u64,
+        /// Units counted.
+        count: u64,
+    },
+    /// Sliding counter: the current window's start and the counts of the
+    /// current and previous windows.
+    Counter {
+        /// Current window start.
+        window: u64,
+        /// Units in the current window.
+        current: u64,
+        /// Units in the previous window.
+        previous: u64,
+    },
+    /// Sliding log: (time, units) of every admission still in the window.
+    Log(VecDeque<(u64, u64)>),
+    /// GCRA: the theoretical arrival time of the next unit.
+    Gcra {
+        /// Theoretical arrival time.
+        tat: u64,
+    },
+}
+
+// === impl Params ===
+
+impl Params {
+    /// The most units this limit can ever admit at once.
+    pub fn capacity(&self) -> u64 {
+        match self.algorithm {
+            Algorithm::Gcra => self.burst.unwrap_or(self.rate.limit).max(1),
+            _ => self.rate.limit,
+        }
+    }
+
+    /// Decides a call of `cost` units at `now` against `state` (`None`: a key
+    /// never seen). Returns the decision and the state to keep if the call
+    /// goes on; a rejected call leaves the state as it was.
+    pub fn decide(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+        match self.algorithm {
+            Algorithm::FixedWindow => self.fixed(state, now, cost),
+            Algorithm::SlidingWindowCounter => self.counter(state, now, cost),
+            Algorithm::SlidingWindowLog => self.log(state, now, cost),
+            Algorithm::Gcra => self.gcra(state, now, cost),
+        }
+    }
+
+    /// How long a key's state matters: after this long without calls it is
+    /// the same as no state (for expiry in the stores).
+    pub fn ttl_micros(&self) -> u64 {
+        match self.algorithm {
+            Algorithm::SlidingWindowCounter => 2 * self.rate.period_micros(),
+            Algorithm::Gcra => self.rate.emission_interval_micros() * self.capacity(),
+            _ => self.rate.period_micros(),
+        }
+    }
+
+    fn fixed(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+        let period = self.rate.period_micros();
+        let limit = self.rate.limit;
+        let window = now - now % period;
+        let count = match state {
+            Some(State::Fixed { window: w, count }) if *w == window => *count,
+            _ => 0,
+        };
+        let reset = window + period - now;
+        let allowed = count + cost <= limit;
+        let count = if allowed { count + cost } else { count };
+        (
+            Decision {
+                allowed,
+                limit,
+                remaining: limit.saturating_sub(count),
+                reset_micros: reset,
+                retry_after_micros: if allowed { 0 } else { reset },
+            },
+            State::Fixed { window, count },
+        )
+    }
+
+    fn counter(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+        let period = self.rate.period_micros();
+        let limit = self.rate.limit;
+        let window = now - now % period;
+        let (current, previous) = match state {
+            Some(State::Counter {
+                window: w,
+                current,
+                previous,
+            }) if *w == window => (*current, *previous),
+            Some(State::Counter {
+                window: w, current, ..
+            }) if *w + period == window => (0, *current),
+            _ => (0, 0),
+        };
+        let elapsed = now - window;
+        // estimate = previous * (period - elapsed) / period + current, kept
+        // scaled by `period` so the comparison is exact integer arithmetic.
+        let scaled = |current: u64| {
+            u128::from(previous) * u128::from(period - elapsed)
+                + u128::from(current) * u128::from(period)
+        };
+        let cap = u128::from(limit) * u128::from(period);
+        let allowed = scaled(current + cost) <= cap;
+        let current = if allowed { current + cost } else { current };
+        let remaining = ((cap.saturating_sub(scaled(current))) / u128::from(period)) as u64;
+        let reset = window + period - now;
+        let retry = if allowed {
+            0
+        } else if current + cost <= limit && previous > 0 {
+            // Wait until enough of the previous window has slid out.
+            let need = u128::from(current + cost);
+            let room = u128::from(limit) - need; // units the previous window may still weigh
+            let keep = room * u128::from(period) / u128::from(previous); // period - elapsed' at most
+            let at = u128::from(period) - keep;
+            (at as u64).saturating_sub(elapsed).max(1)
+        } else {
+            reset
+                + if previous > 0 || current > 0 {
+                    period / 2
+                } else {
+                    0
+                }
+        };
+        (
+            Decision {
+                allowed,
+                limit,
+                remaining,
+                reset_micros: reset,
+                retry_after_micros: retry,
+            },
+            State::Counter {
+                window,
+                current,
+                previous,
+            },
+        )
+    }
+
+    fn log(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+        let period = self.rate.period_micros();
+        let limit = self.rate.limit;
+        let mut entries = match state {
+            Some(State::Log(e)) => e.clone(),
+            _ => VecDeque::new(),
+        };
+        while entries.front().is_some_and(|(t, _)| t + period <= now) {
+            entries.pop_front();
+        }
+        let used: u64 = entries.iter().map(|(_, c)| c).sum();
+        let allowed = used + cost <= limit;
+        let retry = if allowed {
+            0
+        } else if cost > limit {
+            period
+        } else {
+            // The earliest time enough old admissions have left the window.
+            let mut freed = 0;
+            let mut at = now + period;
+            for (t, c) in &entries {
+                freed += c;
+                if used - freed + cost <= limit {
+                    at = t + period;
+                    break;
+                }
+            }
+            at - now
+        };
+        if allowed {
+            entries.push_back((now, cost));
+        }
+        let used = if allowed { used + cost } else { used };
+        let reset = entries.front().map_or(0, |(t, _)| t + period - now);
+        (
+            Decision {
+                allowed,
+                limit,
+                remaining: limit.saturating_sub(used),
+                reset_micros: reset,
+                retry_after_micros: retry,
+            },
+            State::Log(entries),
+        )
+    }
+
+    fn gcra(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+        let t = self.rate.emission_interval_micros();
+        let capacity = self.capacity();
+        let tau = t * capacity;
+        let tat = match state {
+            Some(State::Gcra { tat }) => (*tat).max(now),
+            _ => now,
+        };
+        let new_tat = tat + t * cost;
+        let allow_at = new_tat.saturating_sub(tau);
+        let allowed = now >= allow_at && cost <= capacity;
+        let kept = if allowed { new_tat } else { tat };
+        let remaining = (now + tau).saturating_sub(kept) / t;
+        (
+            Decision {
+                allowed,
+                limit: capacity,
+                remaining,
+                reset_micros: kept - now,
+                retry_after_micros: if allowed {
+                    0
+                } else if cost > capacity {
+                    tau
+                } else {
+                    allow_at - now
+                },
+            },
+            State::Gcra { tat: kept },
+        )
+    }
+}

@@ -1,0 +1,231 @@
+//! The behaviour every limit backend must show, as a table: each case is a
+//! limit and a sequence of calls at given times with the expected answer.
+//! The pure algorithms run it in unit tests; the Redis backends run the same
+//! table against real servers.
+
+use std::time::Duration;
+
+use super::algorithm::{Algorithm, Params};
+use super::rate::Rate;
+
+/// One call of a case.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    /// Microseconds after the case's start.
+    pub at: u64,
+    /// Units the call costs.
+    pub cost: u64,
+    /// Whether it must pass.
+    pub allowed: bool,
+    /// If set: the retry-after (µs) a rejection must give, within 1%.
+    pub retry_after: Option<u64>,
+}
+
+/// A named case.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// What it shows.
+    pub name: &'static str,
+    /// The limit.
+    pub params: Params,
+    /// The calls, in time order.
+    pub steps: Vec<Step>,
+}
+
+const S: u64 = 1_000_000;
+
+fn params(algorithm: Algorithm, limit: u64, period_secs: u64, burst: Option<u64>) -> Params {
+    Params {
+        rate: Rate {
+            limit,
+            period: Duration::from_secs(period_secs),
+        },
+        burst,
+        algorithm,
+    }
+}
+
+fn ok(at: u64) -> Step {
+    Step {
+        at,
+        cost: 1,
+        allowed: true,
+        retry_after: None,
+    }
+}
+
+fn no(at: u64) -> Step {
+    Step {
+        at,
+        cost: 1,
+        allowed: false,
+        retry_after: None,
+    }
+}
+
+fn no_retry(at: u64, retry_after: u64) -> Step {
+    Step {
+        at,
+        cost: 1,
+        allowed: false,
+        retry_after: Some(retry_after),
+    }
+}
+
+/// Every case, for every algorithm.
+pub fn cases() -> Vec<Case> {
+    use Algorithm::*;
+    let mut cases = Vec::new();
+    // A burst of 10 against 5/s: exactly 5 pass, for every algorithm.
+    for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+        let mut steps: Vec<Step> = (0..5).map(|i| ok(10 * S + i)).collect();
+        steps.extend((5..10).map(|i| no(10 * S + i)));
+        cases.push(Case {
+            name: "a burst admits exactly the limit",
+            params: params(a, 5, 1, None),
+            steps,
+        });
+    }
+    cases.push(Case {
+        name: "fixed window resets at the window edge",
+        params: params(FixedWindow, 2, 1, None),
+        steps: vec![
+            ok(10 * S + 900_000),
+            ok(10 * S + 900_001),
+            no_retry(10 * S + 900_002, 99_998),
+            ok(11 * S),
+            ok(11 * S + 1),
+            no(11 * S + 2),
+        ],
+    });
+    cases.push(Case {
+        name: "sliding log frees each slot one period after its use",
+        params: params(SlidingWindowLog, 2, 1, None),
+        steps: vec![
+            ok(10 * S),
+            ok(10 * S + 500_000),
+            no_retry(10 * S + 600_000, 400_000),
+            ok(11 * S),
+            no(11 * S + 1),
+            ok(11 * S + 500_000),
+        ],
+    });
+    cases.push(Case {
+        name: "sliding counter weighs the previous window",
+        params: params(SlidingWindowCounter, 10, 1, None),
+        steps: {
+            // 10 in the previous window; halfway through the next one the
+            // previous window still weighs 5, so 5 more pass, not 10.
+            let mut s: Vec<Step> = (0..10).map(|i| ok(10 * S + 100_000 + i)).collect();
+            s.extend((0..5).map(|i| ok(11 * S + 500_000 + i)));
+            s.push(no(11 * S + 500_010));
+            s
+        },
+    });
+    cases.push(Case {
+        name: "gcra refills one unit per emission interval",
+        params: params(Gcra, 10, 1, Some(2)),
+        steps: vec![
+            ok(10 * S),
+            ok(10 * S),
+            no_retry(10 * S, 100_000),
+            ok(10 * S + 100_000),
+            no(10 * S + 100_001),
+            ok(10 * S + 200_000),
+        ],
+    });
+    cases.push(Case {
+        name: "cost counts as that many calls",
+        params: params(FixedWindow, 10, 60, None),
+        steps: vec![
+            Step {
+                at: 10 * S,
+                cost: 7,
+                allowed: true,
+                retry_after: None,
+            },
+            Step {
+                at: 10 * S + 1,
+                cost: 4,
+                allowed: false,
+                retry_after: None,
+            },
+            Step {
+                at: 10 * S + 2,
+                cost: 3,
+                allowed: true,
+                retry_after: None,
+            },
+        ],
+    });
+    cases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::algorithm::State;
+
+    #[test]
+    fn the_pure_algorithms_pass_the_table() {
+        for case in cases() {
+            let mut state: Option<State> = None;
+            for (i, step) in case.steps.iter().enumerate() {
+                let (d, next) = case.params.decide(state.as_ref(), step.at, step.cost);
+                assert_eq!(
+                    d.allowed, step.allowed,
+                    "{} ({:?}) step {i}: {d:?}",
+                    case.name, case.params.algorithm
+                );
+                if let Some(r) = step.retry_after {
+                    let diff = d.retry_after_micros.abs_diff(r);
+                    assert!(
+                        diff * 100 <= r,
+                        "{} step {i}: retry {} µs, want {r}",
+                        case.name,
+                        d.retry_after_micros
+                    );
+                }
+                if d.allowed {
+                    assert_eq!(d.retry_after_micros, 0);
+                    state = Some(next);
+                } else {
+                    assert!(
+                        d.retry_after_micros > 0,
+                        "{} step {i}: a rejection says when to retry",
+                        case.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn waiting_the_retry_delay_lets_the_call_pass() {
+        use Algorithm::*;
+        for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+            let p = params(a, 3, 1, None);
+            let mut state = None;
+            let mut now = 5 * S + 123_456;
+            for _ in 0..3 {
+                let (d, s) = p.decide(state.as_ref(), now, 1);
+                assert!(d.allowed);
+                state = Some(s);
+                now += 1_000;
+            }
+            let (d, _) = p.decide(state.as_ref(), now, 1);
+            assert!(!d.allowed, "{a:?}");
+            let (d, _) = p.decide(state.as_ref(), now + d.retry_after_micros, 1);
+            assert!(d.allowed, "{a:?}: still refused after the retry delay");
+        }
+    }
+
+    #[test]
+    fn remaining_counts_down_and_reset_is_within_a_period() {
+        let p = params(Algorithm::FixedWindow, 3, 1, None);
+        let (d1, s) = p.decide(None, 10 * S + 250_000, 1);
+        assert_eq!((d1.limit, d1.remaining, d1.reset_micros), (3, 2, 750_000));
+        let (d2, _) = p.decide(Some(&s), 10 * S + 250_001, 1);
+        assert_eq!(d2.remaining, 1);
+    }
+}
