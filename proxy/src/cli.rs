@@ -70,7 +70,11 @@ fn exit_for(e: &StartError) -> u8 {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check { config } => match runtime::load(&config, &ProcessEnv) {
+        Command::Check { config } => match runtime::load(
+            &config,
+            &ProcessEnv,
+            &std::sync::Arc::new(crate::limit::memory::MemoryStore::new(1)),
+        ) {
             Ok((active, _)) => {
                 println!(
                     "{}: OK ({} routes, {} upstreams)",

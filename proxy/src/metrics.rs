@@ -37,6 +37,7 @@ pub struct Metrics {
     pub config_last_success: IntGauge,
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
+    limit_decisions: IntCounterVec,
     info: IntGaugeVec,
 }
 
@@ -132,6 +133,11 @@ impl Metrics {
             "Requests that were not gRPC, answered with an HTTP status, by status.",
             &["status"],
         );
+        let limit_decisions = counter(
+            "tollgate_limit_decisions_total",
+            "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, skipped, over_capacity).",
+            &["route", "limit", "outcome"],
+        );
         let info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; the version is a label."),
             &["version"],
@@ -154,6 +160,7 @@ impl Metrics {
             reloads,
             config_last_success,
             non_grpc,
+            limit_decisions,
             info,
         }
     }
@@ -170,6 +177,12 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
+    }
+
+    /// The counter of one limit's outcome.
+    pub fn limit_decision(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
+        self.limit_decisions
+            .with_label_values(&[route, limit, outcome])
     }
 
     /// Counts a non-gRPC request.

@@ -48,9 +48,13 @@ pub struct Active {
 
 impl Active {
     /// Builds the serving state of a validated config.
-    pub fn build(config: Config, base: Option<&std::path::Path>) -> Result<Active, String> {
+    pub fn build(
+        config: Config,
+        base: Option<&std::path::Path>,
+        store: &Arc<crate::limit::memory::MemoryStore>,
+    ) -> Result<Active, String> {
         let upstreams = routes::upstream_specs(&config, base)?;
-        let routes = RouteTable::build(&config, &upstreams);
+        let routes = RouteTable::build(&config, &upstreams, store)?;
         Ok(Active {
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
@@ -73,6 +77,9 @@ pub struct Shared {
     pub listening: AtomicBool,
     /// Reloads attempted (valid or not) since start.
     pub reload_attempts: std::sync::atomic::AtomicU64,
+    /// In-process limit state; kept across reloads, so limits that did not
+    /// change keep counting where they were.
+    pub limit_store: Arc<crate::limit::memory::MemoryStore>,
 }
 
 /// One worker thread's state: its own upstream connections.

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Match};
+use crate::limit::memory::MemoryStore;
+use crate::limit::step::RouteLimits;
 use crate::limit::LimitStep;
 use crate::metrics::RouteStats;
 use crate::upstream::UpstreamSpec;
@@ -84,20 +86,26 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table of a validated config; `upstreams` by name.
-    pub fn build(cfg: &Config, upstreams: &HashMap<String, Arc<UpstreamSpec>>) -> Self {
+    pub fn build(
+        cfg: &Config,
+        upstreams: &HashMap<String, Arc<UpstreamSpec>>,
+        store: &Arc<MemoryStore>,
+    ) -> Result<Self, String> {
         let mut t = RouteTable::default();
         for r in &cfg.routes {
             let Some(upstream) = upstreams.get(&r.upstream) else {
                 continue; // validate() reported it
             };
             let name = r.display_name();
+            let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, store)?
+                .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
             let i = t.routes.len();
             t.routes.push(Arc::new(Route {
                 stats: RouteStats::new(&name),
                 name: name.into(),
                 upstream: upstream.clone(),
                 timeout: r.timeout.map(|d| d.0),
-                limits: None,
+                limits,
             }));
             t.insert(&r.matcher, i);
         }
@@ -106,7 +114,7 @@ impl RouteTable {
         }
         t.patterns
             .sort_by_key(|p| std::cmp::Reverse((p.0.rank(), p.1.rank())));
-        t
+        Ok(t)
     }
 
     fn insert(&mut self, m: &Match, i: usize) {
@@ -171,7 +179,7 @@ mod tests {
         let cfg = Config::parse(yaml).unwrap();
         assert_eq!(cfg.validate(None), vec![]);
         let ups = upstream_specs(&cfg, None).unwrap();
-        RouteTable::build(&cfg, &ups)
+        RouteTable::build(&cfg, &ups, &Arc::new(MemoryStore::new(100))).unwrap()
     }
 
     const YAML: &str = r#"

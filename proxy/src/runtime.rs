@@ -66,6 +66,7 @@ pub struct Handle {
 pub fn load(
     path: &Path,
     env: &dyn Env,
+    store: &Arc<crate::limit::memory::MemoryStore>,
 ) -> Result<(Active, Option<Arc<rustls::ServerConfig>>), StartError> {
     let config = Config::load(path, env)?;
     let base = path.parent();
@@ -80,7 +81,7 @@ pub fn load(
         }
         None => None,
     };
-    let active = Active::build(config, base).map_err(|message| StartError::Setup {
+    let active = Active::build(config, base, store).map_err(|message| StartError::Setup {
         path: path.to_owned(),
         message,
     })?;
@@ -97,7 +98,12 @@ fn workers(config: &Config) -> usize {
 
 /// Starts tollgate from the config file at `path`.
 pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
-    let (active, tls_config) = load(path, env)?;
+    // The limit store outlives reloads; its size is read once, at start.
+    let max_keys = Config::load(path, env)
+        .map(|c| c.limiter.max_keys)
+        .unwrap_or(1);
+    let limit_store = Arc::new(crate::limit::memory::MemoryStore::new(max_keys));
+    let (active, tls_config) = load(path, env, &limit_store)?;
     metrics::get().reload(true);
     metrics::get().config_last_success.set(unix_now());
     let listen: SocketAddr =
@@ -153,6 +159,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         draining: AtomicBool::new(false),
         listening: AtomicBool::new(false),
         reload_attempts: Default::default(),
+        limit_store,
     });
     let tls: TlsState = Arc::new(ArcSwapOption::from(
         tls_config.map(|c| Arc::new(tokio_rustls::TlsAcceptor::from(c))),
@@ -271,7 +278,7 @@ async fn control(
 pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
     shared.reload_attempts.fetch_add(1, Ordering::SeqCst);
     let path = &shared.config_path;
-    match load(path, &ProcessEnv) {
+    match load(path, &ProcessEnv, &shared.limit_store) {
         Ok((active, tls_config)) => {
             let old = shared.active.load();
             let (o, n) = (&old.config.listener, &active.config.listener);

@@ -36,6 +36,9 @@ pub struct Config {
     /// Named upstream clusters.
     #[serde(default)]
     pub upstreams: BTreeMap<String, Upstream>,
+    /// Where limit state lives and what happens when it cannot be reached.
+    #[serde(default)]
+    pub limiter: Limiter,
     /// Routes; the most specific match wins, order does not matter.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -132,6 +135,212 @@ pub struct Route {
     /// Longest a call may take; caps the client's `grpc-timeout`.
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// Rate limits, all checked together for every call of the route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+}
+
+/// Where limit state lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// In this process (each replica counts on its own).
+    #[default]
+    Memory,
+}
+
+/// The `limiter` block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limiter {
+    /// Where limit state lives.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Global dry run: every limit is evaluated and counted, none rejects.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Add `ratelimit-*` headers to allowed calls too.
+    #[serde(default = "default_true")]
+    pub response_headers: bool,
+    /// Most distinct keys kept in memory; beyond it, calls with new keys
+    /// pass uncounted (and are counted in metrics).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            backend: Backend::Memory,
+            shadow: false,
+            response_headers: true,
+            max_keys: default_max_keys(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_keys() -> usize {
+    1_000_000
+}
+
+/// One rate limit of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Its name (in the rejection message, metrics and keys).
+    pub name: String,
+    /// What one budget is per: the values of these parts, joined.
+    #[serde(default)]
+    pub key: Vec<KeyPart>,
+    /// `100/s`, `6000/min`, `1000/h`, `10000/day`.
+    pub rate: String,
+    /// How it counts.
+    #[serde(default)]
+    pub algorithm: AlgorithmName,
+    /// GCRA: units that may go at once (default: the rate's number).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Units a call costs: a number, or `{ header: name }` (default 1).
+    #[serde(default)]
+    pub cost: Option<Cost>,
+    /// Evaluate and count, never reject.
+    #[serde(default)]
+    pub shadow: bool,
+    /// What to do when a key part is missing from a call.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+    /// Other rates for particular keys (`"merchant-vip": 1000/s`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, String>,
+}
+
+/// A part of a limit's key: exactly one of its fields is set, e.g.
+/// `{ header: x-merchant-id }` or `{ peer_ip: { mask: 24 } }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPart {
+    /// A metadata (header) value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The client's IP, optionally masked to a prefix (`{ mask: 24 }`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ip: Option<PeerIp>,
+    /// The gRPC method (`package.Service/Method`): `{ method: {} }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Empty>,
+    /// A fixed text (one budget for everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constant: Option<String>,
+}
+
+/// What a key part reads, once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A header's value.
+    Header(String),
+    /// The peer IP with an optional prefix mask.
+    PeerIp(Option<u8>),
+    /// `package.Service/Method`.
+    Method,
+    /// A constant.
+    Constant(String),
+}
+
+impl KeyPart {
+    /// The one thing this part reads; `None` unless exactly one field is set.
+    pub fn source(&self) -> Option<KeySource> {
+        let set = [
+            self.header.is_some(),
+            self.peer_ip.is_some(),
+            self.method.is_some(),
+            self.constant.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            return None;
+        }
+        Some(if let Some(h) = &self.header {
+            KeySource::Header(h.clone())
+        } else if let Some(p) = &self.peer_ip {
+            KeySource::PeerIp(p.mask)
+        } else if self.method.is_some() {
+            KeySource::Method
+        } else {
+            KeySource::Constant(self.constant.clone().unwrap_or_default())
+        })
+    }
+}
+
+/// `peer_ip` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerIp {
+    /// Prefix length kept (IPv4 ≤ 32, IPv6 ≤ 128); absent: the whole address.
+    #[serde(default)]
+    pub mask: Option<u8>,
+}
+
+/// `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// A limit's algorithm, as written in the config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    /// Exact; remembers each admission for a period.
+    SlidingWindowLog,
+    /// Two weighted windows.
+    SlidingWindowCounter,
+    /// Token bucket as one timestamp (the default).
+    #[default]
+    Gcra,
+    /// Per aligned window.
+    FixedWindow,
+}
+
+/// What a call costs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Cost {
+    /// Always this many units.
+    Constant(u64),
+    /// The number in this header (1 when absent or not a number).
+    Header {
+        /// The header.
+        header: String,
+    },
+}
+
+/// When a key part is missing: `skip` (the limit does not apply to the
+/// call) or `{ default: value }` (use the value instead).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OnMissing {
+    /// `skip`.
+    Skip(SkipWord),
+    /// `{ default: value }`.
+    Default {
+        /// The value used when a part is missing.
+        default: String,
+    },
+}
+
+/// The word `skip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipWord {
+    /// Skip the limit.
+    Skip,
+}
+
+impl Default for OnMissing {
+    fn default() -> Self {
+        OnMissing::Skip(SkipWord::Skip)
+    }
 }
 
 /// Which calls a route takes: `service` and `method` are exact names, a
@@ -426,6 +635,10 @@ impl Config {
                     p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
                 }
             }
+            check_limits(&mut p, &at, &r.limits);
+        }
+        if self.limiter.max_keys == 0 {
+            p.add("limiter.max_keys", "must be at least 1");
         }
         p.0
     }
@@ -440,6 +653,113 @@ impl Problems {
             path: path.into(),
             message: message.into(),
         });
+    }
+}
+
+/// Headers a call can never carry as metadata: pseudo headers, HTTP/2's
+/// forbidden connection headers, and names with upper case (HTTP/2 header
+/// names are lower case on the wire).
+fn header_never_present(h: &str) -> Option<&'static str> {
+    if h.starts_with(':') {
+        Some("pseudo headers are not metadata; key on method or peer_ip instead")
+    } else if [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .contains(&h)
+    {
+        Some("HTTP/2 forbids this header, so no call carries it")
+    } else if h.chars().any(|c| c.is_ascii_uppercase()) {
+        Some("HTTP/2 header names are lower case; write it in lower case")
+    } else if h.is_empty()
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    {
+        Some("not a valid header name")
+    } else {
+        None
+    }
+}
+
+fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
+    let mut names = HashSet::new();
+    for (i, l) in limits.iter().enumerate() {
+        let at = format!("{route}.limits[{i}]");
+        if l.name.is_empty()
+            || !l
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            p.add(
+                format!("{at}.name"),
+                "names use letters, digits, '-', '_' and '.'",
+            );
+        }
+        if !names.insert(&l.name) {
+            p.add(
+                format!("{at}.name"),
+                format!("{:?} is used by another limit of this route", l.name),
+            );
+        }
+        if let Err(e) = crate::limit::rate::Rate::parse(&l.rate) {
+            p.add(format!("{at}.rate"), e);
+        }
+        if l.burst == Some(0) {
+            p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
+        }
+        if l.burst.is_some() && l.algorithm != AlgorithmName::Gcra {
+            p.add(format!("{at}.burst"), "only the gcra algorithm has a burst");
+        }
+        for (j, part) in l.key.iter().enumerate() {
+            match part.source() {
+                None => p.add(
+                    format!("{at}.key[{j}]"),
+                    "set exactly one of header, peer_ip, method, constant",
+                ),
+                Some(KeySource::Header(h)) => {
+                    if let Some(why) = header_never_present(&h) {
+                        p.add(
+                            format!("{at}.key[{j}].header"),
+                            format!("{h:?} can never be present: {why}"),
+                        );
+                    }
+                }
+                Some(KeySource::PeerIp(Some(m))) if m > 128 => {
+                    p.add(
+                        format!("{at}.key[{j}].peer_ip.mask"),
+                        "must be at most 32 (IPv4) or 128 (IPv6)",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(Cost::Constant(0)) = &l.cost {
+            p.add(format!("{at}.cost"), "must be at least 1");
+        }
+        if let Some(Cost::Header { header }) = &l.cost {
+            if let Some(why) = header_never_present(header) {
+                p.add(
+                    format!("{at}.cost.header"),
+                    format!("{header:?} can never be present: {why}"),
+                );
+            }
+        }
+        for (k, r) in &l.overrides {
+            if let Err(e) = crate::limit::rate::Rate::parse(r) {
+                p.add(format!("{at}.overrides.{k}"), e);
+            }
+        }
+        if !l.overrides.is_empty() && l.key.is_empty() {
+            p.add(
+                format!("{at}.overrides"),
+                "overrides pick keys; this limit has no key",
+            );
+        }
     }
 }
 

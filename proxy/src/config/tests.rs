@@ -115,3 +115,41 @@ fn the_shipped_examples_are_valid() {
         }
     }
 }
+
+#[test]
+fn bad_limits_are_reported_clearly() {
+    let p = problems(
+        r#"
+upstreams: { a: { addresses: ["h:1"] } }
+routes:
+  - match: {}
+    upstream: a
+    limits:
+      - { name: x, rate: 0/s }
+      - { name: x, rate: 10/fortnight, key: [ { header: X-Merchant } ] }
+      - { name: y, rate: 1/s, key: [ { header: ":path" } ], algorithm: fixed_window, burst: 3 }
+      - { name: z, rate: 1/s, overrides: { a: 2/s } }
+"#,
+    );
+    for e in [
+        "routes[0].limits[0].rate: \"0/s\": the rate must be more than 0",
+        "routes[0].limits[1].name: \"x\" is used by another limit",
+        "routes[0].limits[1].rate: \"10/fortnight\": unknown unit",
+        "routes[0].limits[1].key[0].header: \"X-Merchant\" can never be present",
+        "routes[0].limits[2].key[0].header: \":path\" can never be present",
+        "routes[0].limits[2].burst: only the gcra algorithm has a burst",
+        "routes[0].limits[3].overrides: overrides pick keys",
+    ] {
+        assert!(
+            p.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
+    }
+    let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/s, algorithm: leaky } ]\n").unwrap_err();
+    assert!(err.contains("unknown variant `leaky`"), "{err}");
+    let err = Config::parse("limiter: { backend: redis }").unwrap_err();
+    assert!(
+        err.contains("unknown variant `redis`, expected `memory`"),
+        "{err}"
+    );
+}

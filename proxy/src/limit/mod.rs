@@ -4,7 +4,9 @@
 
 pub mod algorithm;
 pub mod behaviour;
+pub mod memory;
 pub mod rate;
+pub mod step;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,7 +43,7 @@ pub struct Rejection {
 
 /// The decision of a route's limits.
 pub type Decision<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<HeaderMap>, Rejection>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<Option<HeaderMap>, Box<Rejection>>> + Send + 'a>>;
 
 /// The limits of one route, checked together.
 pub trait LimitStep: Send + Sync {

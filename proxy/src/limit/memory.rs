@@ -1,0 +1,202 @@
+//! The in-process limit store: each replica counts on its own. State is
+//! kept per key in sharded maps; a call's limits are decided under their
+//! shards' locks and committed only if none rejects.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::time::Instant;
+
+use super::algorithm::{Decision, Params, State};
+
+const SHARDS: usize = 16;
+
+struct Entry {
+    state: State,
+    expires: u64,
+}
+
+/// One limit of a call, as the store sees it.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The full key (route, limit, values).
+    pub key: String,
+    /// The limit's parameters for this key.
+    pub params: Params,
+    /// Units the call costs.
+    pub cost: u64,
+    /// Shadow: decided and reported, never blocks the others' commit.
+    pub shadow: bool,
+}
+
+/// What the store answered for one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The algorithm's decision.
+    Decided(Decision),
+    /// The store is full of other keys: the call was not counted here.
+    OverCapacity,
+}
+
+/// In-process limit state.
+pub struct MemoryStore {
+    shards: Vec<Mutex<HashMap<String, Entry>>>,
+    max_per_shard: usize,
+    epoch: Instant,
+}
+
+// === impl MemoryStore ===
+
+impl MemoryStore {
+    /// A store keeping at most about `max_keys` keys.
+    pub fn new(max_keys: usize) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Now, in microseconds on this store's clock (tokio's, so tests can
+    /// pause and advance it).
+    pub fn now(&self) -> u64 {
+        // Offset so that aligned windows do not all start at zero.
+        1_000_000_000 + self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn shard(key: &str) -> usize {
+        (fnv1a(key.as_bytes()) % SHARDS as u64) as usize
+    }
+
+    /// Decides every check at once; commits the new states only if no
+    /// non-shadow check rejects.
+    pub fn decide(&self, checks: &[Check]) -> Vec<Answer> {
+        let now = self.now();
+        let mut shard_ids: Vec<usize> = checks.iter().map(|c| Self::shard(&c.key)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        // Locks in index order: two calls cannot deadlock.
+        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, HashMap<String, Entry>>)> = shard_ids
+            .iter()
+            .filter_map(|&i| self.shards[i].lock().ok().map(|g| (i, g)))
+            .collect();
+        let mut answers = Vec::with_capacity(checks.len());
+        let mut next_states = Vec::with_capacity(checks.len());
+        let mut commit = true;
+        for c in checks {
+            let i = Self::shard(&c.key);
+            let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) else {
+                answers.push(Answer::OverCapacity);
+                next_states.push(None);
+                continue;
+            };
+            if !map.contains_key(&c.key) && map.len() >= self.max_per_shard {
+                map.retain(|_, e| e.expires > now);
+                if map.len() >= self.max_per_shard {
+                    answers.push(Answer::OverCapacity);
+                    next_states.push(None);
+                    continue;
+                }
+            }
+            let current = map
+                .get(&c.key)
+                .filter(|e| e.expires > now)
+                .map(|e| &e.state);
+            let (d, state) = c.params.decide(current, now, c.cost);
+            if !d.allowed && !c.shadow {
+                commit = false;
+            }
+            answers.push(Answer::Decided(d));
+            next_states.push(d.allowed.then_some(state));
+        }
+        if commit {
+            for (c, state) in checks.iter().zip(next_states) {
+                let Some(state) = state else { continue };
+                let i = Self::shard(&c.key);
+                if let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) {
+                    let expires = now + c.params.ttl_micros();
+                    map.insert(c.key.clone(), Entry { state, expires });
+                }
+            }
+        }
+        answers
+    }
+}
+
+/// FNV-1a: a stable hash for shard choice and for shortening long keys.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limit::algorithm::Algorithm;
+    use crate::limit::rate::Rate;
+
+    fn check(key: &str, limit: u64, shadow: bool) -> Check {
+        Check {
+            key: key.into(),
+            params: Params {
+                rate: Rate {
+                    limit,
+                    period: Duration::from_secs(60),
+                },
+                burst: None,
+                algorithm: Algorithm::FixedWindow,
+            },
+            cost: 1,
+            shadow,
+        }
+    }
+
+    fn allowed(a: &Answer) -> bool {
+        matches!(a, Answer::Decided(d) if d.allowed)
+    }
+
+    #[test]
+    fn a_rejected_call_consumes_no_other_limit() {
+        let s = MemoryStore::new(1000);
+        let wide = check("wide", 10, false);
+        let narrow = check("narrow", 1, false);
+        let a = s.decide(&[wide.clone(), narrow.clone()]);
+        assert!(a.iter().all(allowed));
+        // narrow now rejects: wide must not be charged for these calls.
+        for _ in 0..5 {
+            let a = s.decide(&[wide.clone(), narrow.clone()]);
+            assert!(allowed(&a[0]) && !allowed(&a[1]));
+        }
+        let a = s.decide(&[wide]);
+        match a[0] {
+            Answer::Decided(d) => assert_eq!(d.remaining, 8, "only the first call counted"),
+            Answer::OverCapacity => panic!(),
+        }
+    }
+
+    #[test]
+    fn shadow_limits_never_block_the_others() {
+        let s = MemoryStore::new(1000);
+        s.decide(&[check("shadow", 1, true)]);
+        let a = s.decide(&[check("shadow", 1, true), check("real", 5, false)]);
+        assert!(!allowed(&a[0]) && allowed(&a[1]));
+    }
+
+    #[test]
+    fn the_number_of_keys_is_bounded() {
+        let s = MemoryStore::new(16);
+        let over = (0..200)
+            .map(|i| s.decide(&[check(&format!("k{i}"), 5, false)])[0])
+            .filter(|a| *a == Answer::OverCapacity)
+            .count();
+        assert!(over > 0, "a flood of keys hits the bound");
+        let kept: usize = s.shards.iter().map(|m| m.lock().unwrap().len()).sum();
+        assert!(kept <= 16, "{kept} keys kept");
+    }
+}
