@@ -186,5 +186,5 @@ fn check_reports_every_problem_and_exits_2() {
         "{}",
         String::from_utf8_lossy(&good.stderr)
     );
-    assert!(String::from_utf8_lossy(&good.stdout).contains("OK (3 routes, 1 upstreams)"));
+    assert!(String::from_utf8_lossy(&good.stdout).contains("OK (4 routes, 1 upstreams)"));
 }
