@@ -168,6 +168,18 @@ async fn raw_upstream() -> SocketAddr {
                                 t.insert("x-custom-trailer-bin", "AAEC".parse().unwrap());
                                 let _ = send.send_trailers(t);
                             }
+                            "Slow" => {
+                                // Ignores deadlines: one message every 50 ms for 5 s.
+                                for _ in 0..100 {
+                                    if send.send_data(Bytes::from(frame(0, b"")), false).is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                }
+                                let mut t = HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            }
                             "Reset" => {
                                 let _ = send.send_data(Bytes::from(frame(0, b"")), false);
                                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -232,4 +244,40 @@ async fn upstream_trailers_resets_and_malformed_frames() {
         .unwrap();
     assert_eq!(r.grpc_status(), Some("13"), "{r:?}");
     assert!(r.grpc_message().contains("truncated"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_end_streams_under_way() {
+    // The upstream ignores deadlines: only tollgate can end these streams.
+    let up = raw_upstream().await;
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  raw: {{ addresses: [\"{up}\"] }}\nroutes:\n  - {{ match: {{ service: raw.Capped }}, upstream: raw, timeout: 300ms }}\n  - {{ match: {{}}, upstream: raw }}\n"
+    );
+    let proxy = Proxy::start(&yaml);
+
+    // The client's grpc-timeout.
+    let r = raw_call(
+        proxy.addr(),
+        "/raw.Test/Slow",
+        &[("grpc-timeout", "300m")],
+        &frame(0, b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.grpc_status(), Some("4"), "{r:?}");
+    assert!(r.grpc_message().contains("grpc-timeout"), "{r:?}");
+    assert!(!r.data.is_empty(), "messages before the deadline arrived");
+
+    // The route's timeout, below the client's.
+    let r = raw_call(
+        proxy.addr(),
+        "/raw.Capped/Slow",
+        &[("grpc-timeout", "30S")],
+        &frame(0, b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.grpc_status(), Some("4"), "{r:?}");
+    assert!(r.grpc_message().contains("route's timeout"), "{r:?}");
+    assert!(!r.data.is_empty());
 }
