@@ -123,6 +123,14 @@ fn assert_in_order(v: &[(i64, String)]) {
     assert_eq!(seqs, expected, "events of a payment arrive in order: {v:?}");
 }
 
+/// Waits until every outbox event of `b` was published.
+async fn outbox_drains(b: &Backend, timeout: Duration) {
+    common::eventually(timeout, "the outbox to drain", || async {
+        (b.store.outbox_stats().await.ok()?.pending == 0).then_some(())
+    })
+    .await;
+}
+
 fn start_kafka() -> testkit::Kafka {
     let k = testkit::Kafka::start();
     k.create_topic(TOPIC, PARTITIONS as u32);
@@ -264,12 +272,7 @@ async fn lifecycle_events_arrive_in_order_with_payloads() {
     );
     assert!(d.occurred_at.is_some());
 
-    let store = b.store.clone();
-    common::eventually(Duration::from_secs(10), "the outbox to drain", || {
-        let store = store.clone();
-        async move { (store.outbox_stats().await.ok()?.pending == 0).then_some(()) }
-    })
-    .await;
+    outbox_drains(&b, Duration::from_secs(10)).await;
     b.stop().await;
 }
 
@@ -355,12 +358,7 @@ async fn broker_down_events_wait_then_all_arrive() {
         "none lost; repeats only with the same event id"
     );
 
-    let store = b.store.clone();
-    common::eventually(Duration::from_secs(20), "the outbox to drain", || {
-        let store = store.clone();
-        async move { (store.outbox_stats().await.ok()?.pending == 0).then_some(()) }
-    })
-    .await;
+    outbox_drains(&b, Duration::from_secs(20)).await;
     b.stop().await;
     drop(kafka);
 }
@@ -410,12 +408,7 @@ async fn an_event_the_topic_refuses_goes_to_the_dead_letter_topic() {
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default();
     assert!(error.to_lowercase().contains("size"), "{error}");
-    let store = b.store.clone();
-    common::eventually(Duration::from_secs(10), "the outbox to drain", || {
-        let store = store.clone();
-        async move { (store.outbox_stats().await.ok()?.pending == 0).then_some(()) }
-    })
-    .await;
+    outbox_drains(&b, Duration::from_secs(10)).await;
     assert!(b
         .metrics_text()
         .await

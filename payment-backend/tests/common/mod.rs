@@ -2,7 +2,13 @@
 //! loopback port, over SQLite (a temp file) or a real PostgreSQL database,
 //! and hands out real tonic clients.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -15,6 +21,8 @@ use tollgate_proto::payments::v1 as pb;
 use tollgate_proto::payments::v1::account_service_client::AccountServiceClient;
 use tollgate_proto::payments::v1::payment_service_client::PaymentServiceClient;
 use tonic::transport::Channel;
+
+pub use testkit::eventually;
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +208,7 @@ impl Backend {
     }
 
     pub async fn metrics_text(&self) -> String {
-        http_get(self.metrics_addr(), "/metrics").await
+        testkit::http_get(self.metrics_addr(), "/metrics").await.1
     }
 }
 
@@ -276,37 +284,4 @@ pub fn create_req(payer: &str, payee: &str, amount: i64, manual: bool) -> pb::Cr
 
 pub fn status_of(p: &pb::Payment) -> pb::PaymentStatus {
     pb::PaymentStatus::try_from(p.status).unwrap()
-}
-
-/// Minimal HTTP/1.1 GET returning the body (for /metrics).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or(text)
-}
-
-/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
