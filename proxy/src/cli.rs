@@ -74,6 +74,7 @@ pub fn main() -> ExitCode {
             &config,
             &ProcessEnv,
             &std::sync::Arc::new(crate::limit::memory::MemoryStore::new(1)),
+            None,
         ) {
             Ok((active, _)) => {
                 println!(

@@ -38,6 +38,9 @@ pub struct Metrics {
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
     limit_decisions: IntCounterVec,
+    limit_decision_duration: HistogramVec,
+    limit_store_errors: IntCounterVec,
+    limit_store_breaker: IntGaugeVec,
     info: IntGaugeVec,
 }
 
@@ -135,9 +138,40 @@ impl Metrics {
         );
         let limit_decisions = counter(
             "tollgate_limit_decisions_total",
-            "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, skipped, over_capacity).",
+            "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, failed_open, failed_closed, local_fallback, skipped, over_capacity).",
             &["route", "limit", "outcome"],
         );
+        let limit_decision_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_limit_decision_duration_seconds",
+                "Time to decide a call's limits, by backend (memory, redis, redis-cluster); failure modes included.",
+            )
+            .buckets(vec![
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.02, 0.05, 0.1,
+            ]),
+            &["backend"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(limit_decision_duration.clone()))
+            .expect("unique metric");
+        let limit_store_errors = counter(
+            "tollgate_limit_store_errors_total",
+            "Limit decisions Redis did not answer, by backend and kind (timeout, connection, response, breaker_open).",
+            &["backend", "kind"],
+        );
+        let limit_store_breaker = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_limit_store_breaker_open",
+                "1 while the circuit breaker in front of Redis is open (limits take their failure mode), else 0.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(limit_store_breaker.clone()))
+            .expect("unique metric");
         let info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; the version is a label."),
             &["version"],
@@ -161,6 +195,9 @@ impl Metrics {
             config_last_success,
             non_grpc,
             limit_decisions,
+            limit_decision_duration,
+            limit_store_errors,
+            limit_store_breaker,
             info,
         }
     }
@@ -183,6 +220,21 @@ impl Metrics {
     pub fn limit_decision(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
         self.limit_decisions
             .with_label_values(&[route, limit, outcome])
+    }
+
+    /// The decision-latency histogram of a backend.
+    pub fn limit_decision_duration(&self, backend: &str) -> Histogram {
+        self.limit_decision_duration.with_label_values(&[backend])
+    }
+
+    /// The counter of a limit-store error kind.
+    pub fn limit_store_error(&self, backend: &str, kind: &str) -> IntCounter {
+        self.limit_store_errors.with_label_values(&[backend, kind])
+    }
+
+    /// The breaker gauge of a backend.
+    pub fn limit_store_breaker(&self, backend: &str) -> IntGauge {
+        self.limit_store_breaker.with_label_values(&[backend])
     }
 
     /// Counts a non-gRPC request.

@@ -42,6 +42,9 @@ pub struct Active {
     pub upstreams: HashMap<String, Arc<UpstreamSpec>>,
     /// Largest message, either direction.
     pub max_message_bytes: u32,
+    /// Where limits are decided; a reload with the same Redis settings
+    /// keeps the Redis store (and its connections).
+    pub stores: crate::limit::step::Stores,
 }
 
 // === impl Active ===
@@ -51,11 +54,12 @@ impl Active {
     pub fn build(
         config: Config,
         base: Option<&std::path::Path>,
-        store: &Arc<crate::limit::memory::MemoryStore>,
+        stores: crate::limit::step::Stores,
     ) -> Result<Active, String> {
         let upstreams = routes::upstream_specs(&config, base)?;
-        let routes = RouteTable::build(&config, &upstreams, store)?;
+        let routes = RouteTable::build(&config, &upstreams, &stores)?;
         Ok(Active {
+            stores,
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
             upstreams,
@@ -84,6 +88,8 @@ pub struct Shared {
 
 /// One worker thread's state: its own upstream connections.
 pub struct Worker {
+    /// This worker's number (0..workers): picks its own Redis connection.
+    pub index: usize,
     /// What all workers share.
     pub shared: Arc<Shared>,
     pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
@@ -93,8 +99,9 @@ pub struct Worker {
 
 impl Worker {
     /// A worker with no connections yet.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
         Worker {
+            index,
             shared,
             pools: Mutex::new(HashMap::new()),
         }
@@ -217,6 +224,7 @@ pub async fn handle(
             method: call.method,
             headers: req.headers(),
             peer,
+            worker: worker.index,
         };
         match limits.check(info).await {
             Ok(h) => extra_headers = h,

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Match};
-use crate::limit::memory::MemoryStore;
-use crate::limit::step::RouteLimits;
+use crate::limit::step::{RouteLimits, Stores};
 use crate::limit::LimitStep;
 use crate::metrics::RouteStats;
 use crate::upstream::UpstreamSpec;
@@ -89,7 +88,7 @@ impl RouteTable {
     pub fn build(
         cfg: &Config,
         upstreams: &HashMap<String, Arc<UpstreamSpec>>,
-        store: &Arc<MemoryStore>,
+        stores: &Stores,
     ) -> Result<Self, String> {
         let mut t = RouteTable::default();
         for r in &cfg.routes {
@@ -97,7 +96,7 @@ impl RouteTable {
                 continue; // validate() reported it
             };
             let name = r.display_name();
-            let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, store)?
+            let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores)?
                 .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
             let i = t.routes.len();
             t.routes.push(Arc::new(Route {
@@ -179,7 +178,15 @@ mod tests {
         let cfg = Config::parse(yaml).unwrap();
         assert_eq!(cfg.validate(None), vec![]);
         let ups = upstream_specs(&cfg, None).unwrap();
-        RouteTable::build(&cfg, &ups, &Arc::new(MemoryStore::new(100))).unwrap()
+        RouteTable::build(
+            &cfg,
+            &ups,
+            &Stores {
+                memory: Arc::new(crate::limit::memory::MemoryStore::new(100)),
+                redis: None,
+            },
+        )
+        .unwrap()
     }
 
     const YAML: &str = r#"

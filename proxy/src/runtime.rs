@@ -63,28 +63,46 @@ pub struct Handle {
 }
 
 /// Loads and builds a config file: everything a reload or a start needs.
+/// `previous` is the config in force (a reload keeps its Redis store when
+/// the Redis settings did not change).
 pub fn load(
     path: &Path,
     env: &dyn Env,
-    store: &Arc<crate::limit::memory::MemoryStore>,
+    memory: &Arc<crate::limit::memory::MemoryStore>,
+    previous: Option<&Active>,
 ) -> Result<(Active, Option<Arc<rustls::ServerConfig>>), StartError> {
     let config = Config::load(path, env)?;
     let base = path.parent();
-    let tls = match &config.listener.tls {
-        Some(t) => {
-            Some(
-                crate::tls::server_config(t, base).map_err(|message| StartError::Setup {
-                    path: path.to_owned(),
-                    message: format!("listener.tls: {message}"),
-                })?,
-            )
-        }
-        None => None,
-    };
-    let active = Active::build(config, base, store).map_err(|message| StartError::Setup {
+    let setup = |message: String| StartError::Setup {
         path: path.to_owned(),
         message,
-    })?;
+    };
+    let tls = match &config.listener.tls {
+        Some(t) => Some(
+            crate::tls::server_config(t, base).map_err(|m| setup(format!("listener.tls: {m}")))?,
+        ),
+        None => None,
+    };
+    let redis = match (&config.limiter.redis, config.limiter.backend) {
+        (_, crate::config::Backend::Memory) | (None, _) => None,
+        (Some(r), backend) => {
+            let same = previous
+                .and_then(|p| p.stores.redis.as_ref())
+                .filter(|old| old.settings == (backend, r.clone()));
+            match same {
+                Some(old) => Some(old.clone()),
+                None => Some(Arc::new(
+                    crate::limit::redis::RedisStore::new(&config.limiter, workers(&config), base)
+                        .map_err(setup)?,
+                )),
+            }
+        }
+    };
+    let stores = crate::limit::step::Stores {
+        memory: memory.clone(),
+        redis,
+    };
+    let active = Active::build(config, base, stores).map_err(setup)?;
     Ok((active, tls))
 }
 
@@ -103,7 +121,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         .map(|c| c.limiter.max_keys)
         .unwrap_or(1);
     let limit_store = Arc::new(crate::limit::memory::MemoryStore::new(max_keys));
-    let (active, tls_config) = load(path, env, &limit_store)?;
+    let (active, tls_config) = load(path, env, &limit_store, None)?;
     metrics::get().reload(true);
     metrics::get().config_last_success.set(unix_now());
     let listen: SocketAddr =
@@ -179,7 +197,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(server::run_worker(l, shared, tls, drain)),
+                        Ok(rt) => rt.block_on(server::run_worker(i, l, shared, tls, drain)),
                         Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
                     }
                 })
@@ -278,7 +296,12 @@ async fn control(
 pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
     shared.reload_attempts.fetch_add(1, Ordering::SeqCst);
     let path = &shared.config_path;
-    match load(path, &ProcessEnv, &shared.limit_store) {
+    match load(
+        path,
+        &ProcessEnv,
+        &shared.limit_store,
+        Some(&shared.active.load()),
+    ) {
         Ok((active, tls_config)) => {
             let old = shared.active.load();
             let (o, n) = (&old.config.listener, &active.config.listener);

@@ -40,6 +40,7 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 /// Runs one worker until `drain` turns true and its connections are done
 /// (or the drain timeout passes).
 pub async fn run_worker(
+    index: usize,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     tls: TlsState,
@@ -52,7 +53,7 @@ pub async fn run_worker(
             return;
         }
     };
-    let worker = Arc::new(Worker::new(shared.clone()));
+    let worker = Arc::new(Worker::new(index, shared.clone()));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder

@@ -141,12 +141,32 @@ pub struct Route {
 }
 
 /// Where limit state lives.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Backend {
     /// In this process (each replica counts on its own).
     #[default]
     Memory,
+    /// One Redis server (or a primary behind a stable address): every
+    /// replica counts together.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
+}
+
+/// What a limit does when its store cannot answer in time (Redis down,
+/// slow, or the breaker open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the call through (counted as `failed_open`).
+    Open,
+    /// Refuse the call with UNAVAILABLE (counted as `failed_closed`).
+    Closed,
+    /// Count in this process at the limit divided by `limiter.replicas`
+    /// (counted as `local_fallback`).
+    #[default]
+    Local,
 }
 
 /// The `limiter` block.
@@ -166,6 +186,16 @@ pub struct Limiter {
     /// pass uncounted (and are counted in metrics).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// The Redis connection (backends `redis` and `redis-cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisStore>,
+    /// What limits do when Redis cannot answer; a limit may override it.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// How many tollgate replicas share the limits: `local` fallback counts
+    /// each limit divided by this in every replica.
+    #[serde(default = "default_replicas")]
+    pub replicas: u64,
 }
 
 impl Default for Limiter {
@@ -175,6 +205,57 @@ impl Default for Limiter {
             shadow: false,
             response_headers: true,
             max_keys: default_max_keys(),
+            redis: None,
+            failure_mode: FailureMode::default(),
+            replicas: default_replicas(),
+        }
+    }
+}
+
+/// Where Redis is and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStore {
+    /// Backend `redis`: `redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS. Env `TOLLGATE_REDIS_URL` overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Backend `redis-cluster`: some of the cluster's nodes (the rest are
+    /// discovered), same URL form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// Longest a decision waits for Redis before the failure mode applies.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    /// Longest a (re)connect may take; it happens in the background.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Prefix of every key tollgate writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// `rediss://`: PEM CA bundle that signed the server's certificate
+    /// (default: the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Failures in a row that open the circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// While the breaker is open, how often one call probes Redis.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: Dur,
+}
+
+impl Default for RedisStore {
+    fn default() -> Self {
+        RedisStore {
+            url: None,
+            urls: Vec::new(),
+            timeout: default_redis_timeout(),
+            connect_timeout: default_connect_timeout(),
+            key_prefix: default_key_prefix(),
+            ca: None,
+            breaker_failures: default_breaker_failures(),
+            probe_interval: default_probe_interval(),
         }
     }
 }
@@ -184,6 +265,21 @@ fn default_true() -> bool {
 }
 fn default_max_keys() -> usize {
     1_000_000
+}
+fn default_replicas() -> u64 {
+    1
+}
+fn default_redis_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(20))
+}
+fn default_key_prefix() -> String {
+    "tollgate".into()
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_probe_interval() -> Dur {
+    Dur(std::time::Duration::from_millis(200))
 }
 
 /// One rate limit of a route.
@@ -215,6 +311,9 @@ pub struct Limit {
     /// Other rates for particular keys (`"merchant-vip": 1000/s`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, String>,
+    /// When Redis cannot answer (default: `limiter.failure_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
 }
 
 /// A part of a limit's key: exactly one of its fields is set, e.g.
@@ -506,6 +605,12 @@ impl Config {
         if let Some(a) = env.var("TOLLGATE_ADMIN_LISTEN").filter(|a| !a.is_empty()) {
             self.admin.address = a;
         }
+        if let Some(u) = env.var("TOLLGATE_REDIS_URL").filter(|u| !u.is_empty()) {
+            self.limiter
+                .redis
+                .get_or_insert_with(RedisStore::default)
+                .url = Some(u);
+        }
     }
 
     /// Every problem of this config, each with its path. Relative TLS paths
@@ -640,6 +745,7 @@ impl Config {
         if self.limiter.max_keys == 0 {
             p.add("limiter.max_keys", "must be at least 1");
         }
+        check_limiter(&mut p, &self.limiter, base);
         p.0
     }
 }
@@ -706,8 +812,9 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
                 format!("{:?} is used by another limit of this route", l.name),
             );
         }
-        if let Err(e) = crate::limit::rate::Rate::parse(&l.rate) {
-            p.add(format!("{at}.rate"), e);
+        match crate::limit::rate::Rate::parse(&l.rate) {
+            Err(e) => p.add(format!("{at}.rate"), e),
+            Ok(rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
         }
         if l.burst == Some(0) {
             p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
@@ -750,8 +857,11 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
             }
         }
         for (k, r) in &l.overrides {
-            if let Err(e) = crate::limit::rate::Rate::parse(r) {
-                p.add(format!("{at}.overrides.{k}"), e);
+            match crate::limit::rate::Rate::parse(r) {
+                Err(e) => p.add(format!("{at}.overrides.{k}"), e),
+                Ok(rate) => {
+                    check_counter_range(p, &format!("{at}.overrides.{k}"), l.algorithm, rate)
+                }
             }
         }
         if !l.overrides.is_empty() && l.key.is_empty() {
@@ -760,6 +870,112 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
                 "overrides pick keys; this limit has no key",
             );
         }
+    }
+}
+
+/// The sliding counter compares `limit × period` in exact integer
+/// arithmetic, which Redis scripts only have below 2^53 (µs).
+fn check_counter_range(
+    p: &mut Problems,
+    at: &str,
+    algorithm: AlgorithmName,
+    rate: crate::limit::rate::Rate,
+) {
+    if algorithm == AlgorithmName::SlidingWindowCounter
+        && u128::from(rate.limit) * rate.period.as_micros() >= 1 << 53
+    {
+        p.add(
+            at,
+            format!(
+                "{rate} is too large for sliding_window_counter; use a shorter period (e.g. per minute) or another algorithm"
+            ),
+        );
+    }
+}
+
+fn check_limiter(p: &mut Problems, l: &Limiter, base: Option<&Path>) {
+    if l.replicas == 0 {
+        p.add("limiter.replicas", "must be at least 1");
+    }
+    let Some(r) = &l.redis else {
+        if l.backend != Backend::Memory {
+            p.add(
+                "limiter.redis",
+                "the redis backends need a redis block with the server's url (or urls for a cluster)",
+            );
+        }
+        return;
+    };
+    match l.backend {
+        Backend::Memory => p.add(
+            "limiter.redis",
+            "set only with backend redis or redis-cluster (the backend is memory)",
+        ),
+        Backend::Redis => {
+            if !r.urls.is_empty() {
+                p.add(
+                    "limiter.redis.urls",
+                    "a list of nodes is for backend redis-cluster; backend redis takes one url",
+                );
+            }
+            match &r.url {
+                None => p.add(
+                    "limiter.redis.url",
+                    "missing: the Redis server, e.g. redis://127.0.0.1:6379",
+                ),
+                Some(u) => check_redis_url(p, "limiter.redis.url", u),
+            }
+        }
+        Backend::RedisCluster => {
+            if r.url.is_some() {
+                p.add(
+                    "limiter.redis.url",
+                    "backend redis-cluster takes a list: urls: [redis://node-1:6379, ...]",
+                );
+            }
+            if r.urls.is_empty() {
+                p.add(
+                    "limiter.redis.urls",
+                    "missing: one or more cluster nodes, e.g. [redis://127.0.0.1:7000]",
+                );
+            }
+            for (i, u) in r.urls.iter().enumerate() {
+                check_redis_url(p, &format!("limiter.redis.urls[{i}]"), u);
+            }
+        }
+    }
+    if r.timeout.is_zero() {
+        p.add("limiter.redis.timeout", "must be more than 0");
+    }
+    if r.connect_timeout.is_zero() {
+        p.add("limiter.redis.connect_timeout", "must be more than 0");
+    }
+    if r.probe_interval.is_zero() {
+        p.add("limiter.redis.probe_interval", "must be more than 0");
+    }
+    if r.breaker_failures == 0 {
+        p.add("limiter.redis.breaker_failures", "must be at least 1");
+    }
+    if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
+        p.add(
+            "limiter.redis.key_prefix",
+            "must be non-empty, without '{' or '}' (tollgate sets the hash tags)",
+        );
+    }
+    if let Some(ca) = &r.ca {
+        check_file(p, "limiter.redis.ca", ca, base);
+    }
+}
+
+fn check_redis_url(p: &mut Problems, at: &str, u: &str) {
+    let shown = crate::redact::url(u);
+    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+        p.add(
+            at,
+            format!("{shown:?} must start with redis:// or rediss:// (TLS)"),
+        );
+    } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+        p.add(at, format!("{shown:?} is not a Redis URL: {e}"));
     }
 }
 

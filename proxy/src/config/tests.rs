@@ -147,9 +147,71 @@ routes:
     }
     let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/s, algorithm: leaky } ]\n").unwrap_err();
     assert!(err.contains("unknown variant `leaky`"), "{err}");
-    let err = Config::parse("limiter: { backend: redis }").unwrap_err();
+    let err = Config::parse("limiter: { backend: etcd }").unwrap_err();
     assert!(
-        err.contains("unknown variant `redis`, expected `memory`"),
+        err.contains("unknown variant `etcd`, expected one of `memory`, `redis`, `redis-cluster`"),
         "{err}"
+    );
+}
+
+#[test]
+fn redis_settings_are_checked() {
+    let problems = |yaml: &str| -> Vec<String> {
+        Config::parse(yaml)
+            .unwrap()
+            .validate(None)
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    };
+    let p = problems("limiter: { backend: redis }");
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("limiter.redis: the redis backends need a redis block")),
+        "{p:?}"
+    );
+    let p = problems("limiter: { backend: redis, redis: { url: \"http://h:1\", timeout: 0s } }");
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("limiter.redis.url: \"http://h:1\" must start with redis://")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x == "limiter.redis.timeout: must be more than 0"),
+        "{p:?}"
+    );
+    let p = problems("limiter: { backend: redis-cluster, redis: { url: \"redis://a:pw@h:1\" } }");
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("limiter.redis.url: backend redis-cluster takes a list")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("limiter.redis.urls: missing")),
+        "{p:?}"
+    );
+    let p = problems("limiter: { backend: memory, redis: { url: \"redis://h:1\" }, replicas: 0 }");
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("limiter.redis: set only with backend redis")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x == "limiter.replicas: must be at least 1"),
+        "{p:?}"
+    );
+    let p = problems("limiter: { backend: redis, redis: { url: \"redis://u:hunter2@h:1/x\" } }");
+    assert!(
+        p.iter().all(|x| !x.contains("hunter2")),
+        "a password is never printed: {p:?}"
+    );
+    let p = problems("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 10000000/day, algorithm: sliding_window_counter } ]\n");
+    assert!(
+        p.iter()
+            .any(|x| x.contains("too large for sliding_window_counter")),
+        "{p:?}"
     );
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::algorithm::{Algorithm, Params};
+use super::algorithm::{Algorithm, Decision, Params};
 use super::rate::Rate;
 
 /// One call of a case.
@@ -161,10 +161,67 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
+/// A time every period of the table divides (1 s and 60 s), far from the
+/// epoch: backends run each case from here.
+pub const ALIGNED_START: u64 = 1_700_000_040 * S;
+
+/// Whether a backend's decision for `step` (number `i` of `case`) is the
+/// one the table wants; the error says what differs.
+pub fn check_step(case: &Case, i: usize, step: &Step, d: &Decision) -> Result<(), String> {
+    let what = format!("{} ({:?}) step {i}", case.name, case.params.algorithm);
+    if d.allowed != step.allowed {
+        return Err(format!(
+            "{what}: {} but the table says {}: {d:?}",
+            if d.allowed { "allowed" } else { "refused" },
+            if step.allowed { "allowed" } else { "refused" },
+        ));
+    }
+    if let Some(r) = step.retry_after {
+        if d.retry_after_micros.abs_diff(r) * 100 > r {
+            return Err(format!(
+                "{what}: retry after {} µs, the table says {r}",
+                d.retry_after_micros
+            ));
+        }
+    }
+    if d.allowed && d.retry_after_micros != 0 {
+        return Err(format!("{what}: allowed with a retry delay: {d:?}"));
+    }
+    if !d.allowed && d.retry_after_micros == 0 {
+        return Err(format!("{what}: a rejection must say when to retry: {d:?}"));
+    }
+    if d.remaining > d.limit {
+        return Err(format!("{what}: more remaining than the limit: {d:?}"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::limit::algorithm::State;
+    use crate::limit::memory::{Answer, Check, MemoryStore};
+
+    #[test]
+    fn the_memory_store_passes_the_table() {
+        let store = MemoryStore::new(10_000);
+        for (n, case) in cases().into_iter().enumerate() {
+            for (i, step) in case.steps.iter().enumerate() {
+                let check = Check {
+                    key: format!("case-{n}"),
+                    tag: 0,
+                    params: case.params,
+                    cost: step.cost,
+                    shadow: false,
+                };
+                let a = store.decide_at(&[check], ALIGNED_START + step.at);
+                let Answer::Decided(d) = a[0] else {
+                    panic!("over capacity")
+                };
+                check_step(&case, i, step, &d).unwrap();
+            }
+        }
+    }
 
     #[test]
     fn the_pure_algorithms_pass_the_table() {

@@ -21,6 +21,8 @@ struct Entry {
 pub struct Check {
     /// The full key (route, limit, values).
     pub key: String,
+    /// Redis Cluster hash tag: equal for every check of one call.
+    pub tag: u64,
     /// The limit's parameters for this key.
     pub params: Params,
     /// Units the call costs.
@@ -71,7 +73,12 @@ impl MemoryStore {
     /// Decides every check at once; commits the new states only if no
     /// non-shadow check rejects.
     pub fn decide(&self, checks: &[Check]) -> Vec<Answer> {
-        let now = self.now();
+        self.decide_at(checks, self.now())
+    }
+
+    /// [`decide`](Self::decide) at a given time (µs on this store's clock;
+    /// tests step through cases with it).
+    pub fn decide_at(&self, checks: &[Check], now: u64) -> Vec<Answer> {
         let mut shard_ids: Vec<usize> = checks.iter().map(|c| Self::shard(&c.key)).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
@@ -144,6 +151,7 @@ mod tests {
     fn check(key: &str, limit: u64, shadow: bool) -> Check {
         Check {
             key: key.into(),
+            tag: 0,
             params: Params {
                 rate: Rate {
                     limit,

@@ -4,8 +4,10 @@
 
 pub mod algorithm;
 pub mod behaviour;
+pub mod breaker;
 pub mod memory;
 pub mod rate;
+pub mod redis;
 pub mod step;
 
 use std::future::Future;
@@ -27,6 +29,8 @@ pub struct CallInfo<'a> {
     pub headers: &'a HeaderMap,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The worker serving the call (picks its Redis connection).
+    pub worker: usize,
 }
 
 /// A call refused by a limit: the gRPC status and the headers the client

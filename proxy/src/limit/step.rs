@@ -12,11 +12,14 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue};
 use prometheus::IntCounter;
 
+use prometheus::Histogram;
+
 use super::algorithm::{Algorithm, Decision, Params};
 use super::memory::{fnv1a, Answer, Check, MemoryStore};
 use super::rate::Rate;
+use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Rejection};
-use crate::config::{self, AlgorithmName, Cost, KeySource, OnMissing};
+use crate::config::{self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing};
 use crate::grpc::status::Code;
 use crate::metrics;
 
@@ -30,6 +33,19 @@ struct Outcomes {
     shadow_limited: IntCounter,
     skipped: IntCounter,
     over_capacity: IntCounter,
+    failed_open: IntCounter,
+    failed_closed: IntCounter,
+    local_fallback: IntCounter,
+}
+
+/// Where a route's limits are decided: the in-process store (the memory
+/// backend, and the `local` failure mode of the Redis ones) and Redis.
+#[derive(Clone)]
+pub struct Stores {
+    /// In-process state; outlives reloads.
+    pub memory: Arc<MemoryStore>,
+    /// Redis, for the Redis backends.
+    pub redis: Option<Arc<RedisStore>>,
 }
 
 struct Compiled {
@@ -41,15 +57,36 @@ struct Compiled {
     cost: Option<Cost>,
     shadow: bool,
     on_missing: OnMissing,
+    failure_mode: FailureMode,
     outcomes: Outcomes,
+}
+
+/// What became of one limit of a call.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The store decided.
+    Decided(Decision),
+    /// Redis could not; decided in process at the limit / replicas.
+    Local(Decision),
+    /// Redis could not; the limit lets calls through.
+    FailedOpen,
+    /// Redis could not; the limit refuses calls.
+    FailedClosed,
+    /// The in-process store is full of other keys.
+    OverCapacity,
 }
 
 /// The limits of one route.
 pub struct RouteLimits {
     route: Arc<str>,
     limits: Vec<Compiled>,
-    store: Arc<MemoryStore>,
+    stores: Stores,
+    /// One Redis Cluster hash tag for the whole route (it has several
+    /// limits, whose keys must share a node); else each key is its own tag.
+    tag_by_route: Option<u64>,
+    replicas: u64,
     response_headers: bool,
+    memory_duration: Histogram,
 }
 
 fn algorithm(a: AlgorithmName) -> Algorithm {
@@ -69,7 +106,7 @@ impl RouteLimits {
         route: &str,
         limits: &[config::Limit],
         limiter: &config::Limiter,
-        store: &Arc<MemoryStore>,
+        stores: &Stores,
     ) -> Result<Option<Self>, String> {
         if limits.is_empty() {
             return Ok(None);
@@ -103,7 +140,11 @@ impl RouteLimits {
                     shadow_limited: m.limit_decision(route, &l.name, "shadow_limited"),
                     skipped: m.limit_decision(route, &l.name, "skipped"),
                     over_capacity: m.limit_decision(route, &l.name, "over_capacity"),
+                    failed_open: m.limit_decision(route, &l.name, "failed_open"),
+                    failed_closed: m.limit_decision(route, &l.name, "failed_closed"),
+                    local_fallback: m.limit_decision(route, &l.name, "local_fallback"),
                 },
+                failure_mode: l.failure_mode.unwrap_or(limiter.failure_mode),
                 name: l.name.clone(),
                 rate,
                 key: l.key.iter().filter_map(config::KeyPart::source).collect(),
@@ -116,9 +157,12 @@ impl RouteLimits {
         }
         Ok(Some(RouteLimits {
             route: route.into(),
+            tag_by_route: (compiled.len() > 1).then(|| fnv1a(route.as_bytes())),
             limits: compiled,
-            store: store.clone(),
+            stores: stores.clone(),
+            replicas: limiter.replicas.max(1),
             response_headers: limiter.response_headers,
+            memory_duration: m.limit_decision_duration("memory"),
         }))
     }
 
@@ -162,11 +206,13 @@ impl RouteLimits {
         }
     }
 
-    fn decide(&self, call: CallInfo<'_>) -> Result<Option<HeaderMap>, Box<Rejection>> {
+    /// The checks of a call: one per limit that applies (`which` maps each
+    /// back to its limit).
+    fn checks(&self, call: &CallInfo<'_>) -> (Vec<Check>, Vec<usize>) {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut which = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
-            let Some(value) = Self::value(l, &call) else {
+            let Some(value) = Self::value(l, call) else {
                 l.outcomes.skipped.inc();
                 continue;
             };
@@ -184,30 +230,107 @@ impl RouteLimits {
                 );
             }
             checks.push(Check {
+                tag: self.tag_by_route.unwrap_or_else(|| fnv1a(key.as_bytes())),
                 key,
                 params,
-                cost: Self::cost(l, &call),
+                cost: Self::cost(l, call),
                 shadow: l.shadow,
             });
             which.push(i);
         }
-        if checks.is_empty() {
-            return Ok(None);
+        (checks, which)
+    }
+
+    fn from_memory(answers: Vec<Answer>) -> Vec<Outcome> {
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Answer::Decided(d) => Outcome::Decided(d),
+                Answer::OverCapacity => Outcome::OverCapacity,
+            })
+            .collect()
+    }
+
+    /// Redis could not decide: each limit takes its failure mode. The
+    /// `local` ones are decided together in process, at the limit divided
+    /// by the replica count, under keys of their own.
+    fn fail_over(&self, checks: &[Check], which: &[usize]) -> Vec<Outcome> {
+        let mut local = Vec::new();
+        let mut local_at = Vec::new();
+        let mut out: Vec<Outcome> = which
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| match self.limits[i].failure_mode {
+                FailureMode::Open => Outcome::FailedOpen,
+                FailureMode::Closed => Outcome::FailedClosed,
+                FailureMode::Local => {
+                    let c = &checks[j];
+                    let mut params = c.params;
+                    params.rate.limit = (params.rate.limit / self.replicas).max(1);
+                    if let Some(b) = params.burst {
+                        params.burst = Some((b / self.replicas).max(1));
+                    }
+                    local.push(Check {
+                        key: format!("local\u{1f}{}", c.key),
+                        params,
+                        ..c.clone()
+                    });
+                    local_at.push(j);
+                    Outcome::OverCapacity
+                }
+            })
+            .collect();
+        if !local.is_empty() {
+            for (j, a) in local_at.into_iter().zip(self.stores.memory.decide(&local)) {
+                out[j] = match a {
+                    Answer::Decided(d) => Outcome::Local(d),
+                    Answer::OverCapacity => Outcome::OverCapacity,
+                };
+            }
         }
-        let answers = self.store.decide(&checks);
+        out
+    }
+
+    /// The call's fate from its limits' outcomes.
+    fn conclude(
+        &self,
+        which: &[usize],
+        outcomes: &[Outcome],
+        error: Option<&StoreError>,
+    ) -> Result<Option<HeaderMap>, Box<Rejection>> {
         let mut refusal: Option<(&Compiled, Decision)> = None;
+        let mut closed: Option<&Compiled> = None;
         let mut tightest: Option<Decision> = None;
-        for (answer, &i) in answers.iter().zip(&which) {
+        for (outcome, &i) in outcomes.iter().zip(which) {
             let l = &self.limits[i];
-            let d = match answer {
-                Answer::OverCapacity => {
+            let d = match *outcome {
+                Outcome::OverCapacity => {
                     l.outcomes.over_capacity.inc();
                     continue;
                 }
-                Answer::Decided(d) => *d,
+                Outcome::FailedOpen => {
+                    l.outcomes.failed_open.inc();
+                    continue;
+                }
+                Outcome::FailedClosed => {
+                    l.outcomes.failed_closed.inc();
+                    if !l.shadow {
+                        closed.get_or_insert(l);
+                    }
+                    continue;
+                }
+                Outcome::Local(d) => {
+                    l.outcomes.local_fallback.inc();
+                    d
+                }
+                Outcome::Decided(d) => d,
             };
             match (d.allowed, l.shadow) {
-                (true, _) => l.outcomes.allowed.inc(),
+                (true, _) => {
+                    if matches!(outcome, Outcome::Decided(_)) {
+                        l.outcomes.allowed.inc();
+                    }
+                }
                 (false, true) => l.outcomes.shadow_limited.inc(),
                 (false, false) => {
                     l.outcomes.limited.inc();
@@ -220,6 +343,9 @@ impl RouteLimits {
                 tightest = Some(d);
             }
         }
+        if let Some(l) = closed {
+            return Err(Box::new(unavailable(l, error)));
+        }
         match refusal {
             Some((l, d)) => Err(Box::new(rejection(l, d))),
             None => Ok(tightest
@@ -231,8 +357,33 @@ impl RouteLimits {
 
 impl LimitStep for RouteLimits {
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
-        // The in-process store answers at once.
-        Box::pin(std::future::ready(self.decide(call)))
+        let start = std::time::Instant::now();
+        let (checks, which) = self.checks(&call);
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
+        let Some(redis) = &self.stores.redis else {
+            // The in-process store answers at once.
+            let outcomes = Self::from_memory(self.stores.memory.decide(&checks));
+            let r = self.conclude(&which, &outcomes, None);
+            self.memory_duration.observe(start.elapsed().as_secs_f64());
+            return Box::pin(std::future::ready(r));
+        };
+        Box::pin(async move {
+            let r = match redis.decide(call.worker, &checks, None).await {
+                Ok(decisions) => {
+                    let outcomes: Vec<Outcome> =
+                        decisions.into_iter().map(Outcome::Decided).collect();
+                    self.conclude(&which, &outcomes, None)
+                }
+                Err(e) => {
+                    let outcomes = self.fail_over(&checks, &which);
+                    self.conclude(&which, &outcomes, Some(&e))
+                }
+            };
+            redis.duration().observe(start.elapsed().as_secs_f64());
+            r
+        })
     }
 }
 
@@ -265,6 +416,18 @@ fn ratelimit_headers(d: &Decision) -> HeaderMap {
         HeaderValue::from(secs_ceil(d.reset_micros)),
     );
     h
+}
+
+fn unavailable(l: &Compiled, error: Option<&StoreError>) -> Rejection {
+    let why = error.map_or_else(|| "Redis did not answer".to_owned(), |e| e.to_string());
+    Rejection {
+        code: Code::Unavailable,
+        message: format!(
+            "rate limit {:?} cannot be checked and fails closed: {why}; retry shortly",
+            l.name
+        ),
+        headers: HeaderMap::new(),
+    }
 }
 
 fn rejection(l: &Compiled, d: Decision) -> Rejection {

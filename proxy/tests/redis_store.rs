@@ -1,0 +1,197 @@
+//! The Redis limit store against a real redis-server and a real 3-master
+//! Redis Cluster: the behaviour table every backend passes (with the
+//! script's injected clock), one round trip per call whatever the number of
+//! limits, all-or-nothing commits, and the circuit breaker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use tollgate::config::{Backend, Dur, Limiter, RedisStore as RedisSettings};
+use tollgate::limit::algorithm::{Algorithm, Params};
+use tollgate::limit::behaviour::{cases, check_step, ALIGNED_START};
+use tollgate::limit::memory::Check;
+use tollgate::limit::rate::Rate;
+use tollgate::limit::redis::{RedisStore, StoreError};
+
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{what}-{}-{nanos}", std::process::id())
+}
+
+fn single(url: &str, timeout: Duration) -> RedisStore {
+    let limiter = Limiter {
+        backend: Backend::Redis,
+        redis: Some(RedisSettings {
+            url: Some(url.into()),
+            timeout: Dur(timeout),
+            key_prefix: unique("t"),
+            ..RedisSettings::default()
+        }),
+        ..Limiter::default()
+    };
+    RedisStore::new(&limiter, 1, None).unwrap()
+}
+
+fn cluster(urls: &[String]) -> RedisStore {
+    let limiter = Limiter {
+        backend: Backend::RedisCluster,
+        redis: Some(RedisSettings {
+            urls: urls.to_vec(),
+            timeout: Dur(Duration::from_secs(2)),
+            key_prefix: unique("t"),
+            ..RedisSettings::default()
+        }),
+        ..Limiter::default()
+    };
+    RedisStore::new(&limiter, 1, None).unwrap()
+}
+
+fn check(key: &str, tag: u64, params: Params, cost: u64, shadow: bool) -> Check {
+    Check {
+        key: key.into(),
+        tag,
+        params,
+        cost,
+        shadow,
+    }
+}
+
+fn fixed(limit: u64) -> Params {
+    Params {
+        rate: Rate {
+            limit,
+            period: Duration::from_secs(60),
+        },
+        burst: None,
+        algorithm: Algorithm::FixedWindow,
+    }
+}
+
+async fn run_table(store: &RedisStore) {
+    for (n, case) in cases().into_iter().enumerate() {
+        for (i, step) in case.steps.iter().enumerate() {
+            let key = format!("case-{n}");
+            let c = check(&key, n as u64, case.params, step.cost, false);
+            let d = store
+                .decide(0, &[c], Some(ALIGNED_START + step.at))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            check_step(&case, i, step, &d[0]).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_passes_the_behaviour_table() {
+    let redis = testkit::Redis::shared();
+    run_table(&single(redis.url(), Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_passes_the_behaviour_table() {
+    let cluster_ = testkit::RedisCluster::shared();
+    run_table(&cluster(cluster_.urls())).await;
+}
+
+async fn all_or_nothing(store: &RedisStore) {
+    // Three limits of one call (one hash tag): the narrow one refuses, so
+    // neither of the others is charged.
+    let tag = 7;
+    let wide = check("wide", tag, fixed(10), 1, false);
+    let narrow = check("narrow", tag, fixed(1), 1, false);
+    let shadow = check("shadow", tag, fixed(1), 1, true);
+    let all = [wide.clone(), narrow.clone(), shadow.clone()];
+    let d = store.decide(0, &all, None).await.unwrap();
+    assert!(d.iter().all(|d| d.allowed), "{d:?}");
+    for _ in 0..5 {
+        let d = store.decide(0, &all, None).await.unwrap();
+        assert!(d[0].allowed && !d[1].allowed && !d[2].allowed, "{d:?}");
+    }
+    let d = store.decide(0, &[wide], None).await.unwrap();
+    assert_eq!(d[0].remaining, 8, "only the first call was charged");
+    // A shadow limit that refuses does not block the others.
+    let other = check("other", tag, fixed(5), 1, false);
+    let d = store.decide(0, &[shadow, other], None).await.unwrap();
+    assert!(!d[0].allowed && d[1].allowed, "{d:?}");
+}
+
+#[tokio::test]
+async fn a_refused_call_consumes_no_other_limit_in_redis() {
+    all_or_nothing(&single(
+        testkit::Redis::shared().url(),
+        Duration::from_secs(2),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_call_consumes_no_other_limit_in_redis_cluster() {
+    all_or_nothing(&cluster(testkit::RedisCluster::shared().urls())).await;
+}
+
+#[tokio::test]
+async fn cost_larger_than_the_log_window_and_big_costs_work() {
+    let store = single(testkit::Redis::shared().url(), Duration::from_secs(2));
+    let log = Params {
+        rate: Rate {
+            limit: 5000,
+            period: Duration::from_secs(1),
+        },
+        burst: None,
+        algorithm: Algorithm::SlidingWindowLog,
+    };
+    let d = store
+        .decide(0, &[check("big", 1, log, 4500, false)], None)
+        .await
+        .unwrap();
+    assert!(d[0].allowed);
+    assert_eq!(d[0].remaining, 500);
+    let d = store
+        .decide(0, &[check("big", 1, log, 501, false)], None)
+        .await
+        .unwrap();
+    assert!(!d[0].allowed);
+    let d = store
+        .decide(0, &[check("big", 1, log, 6000, false)], None)
+        .await
+        .unwrap();
+    assert!(!d[0].allowed, "a cost above the limit never fits");
+    assert_eq!(d[0].retry_after_micros, 1_000_000);
+}
+
+#[tokio::test]
+async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
+    let redis = testkit::Redis::start();
+    let store = single(redis.url(), Duration::from_millis(500));
+    let c = [check("k", 1, fixed(100), 1, false)];
+    store.decide(0, &c, None).await.unwrap();
+
+    redis.stop();
+    let mut breaker_opened = false;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let e = store.decide(0, &c, None).await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(510),
+            "waited {:?}",
+            started.elapsed()
+        );
+        if e == StoreError::BreakerOpen {
+            breaker_opened = true;
+            break;
+        }
+    }
+    assert!(breaker_opened, "the breaker opens after failures in a row");
+
+    redis.start_again();
+    let back = testkit::eventually(Duration::from_secs(5), "decisions in Redis again", || {
+        let (store, c) = (&store, &c);
+        async move { store.decide(0, c, None).await.ok() }
+    })
+    .await;
+    assert!(back[0].allowed);
+}
