@@ -1,0 +1,209 @@
+//! Redis-backed limits through tollgate, with real gRPC clients: three
+//! tollgate replicas sharing one Redis (and one Redis Cluster) admit exactly
+//! the limit of a burst ten times its size; a refused call's retry delay,
+//! read from the status details, is enough; a reload keeps the counts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{req, Proxy, Upstream};
+use tonic::metadata::MetadataValue;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const LIMIT: u64 = 50;
+
+fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// A route with one limit per algorithm, each keyed on a header of its
+/// own: a call carrying `x-<algorithm>` meets only that limit.
+fn config(up: std::net::SocketAddr, redis: &str) -> String {
+    let limits: String = ["fixed_window", "sliding_window_log", "gcra", "sliding_window_counter"]
+        .iter()
+        .map(|a| {
+            format!(
+                "      - {{ name: {a}, key: [ {{ header: x-{a} }} ], rate: {LIMIT}/h, algorithm: {a}, failure_mode: closed }}\n"
+            )
+        })
+        .collect();
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 2 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n{redis}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    name: redis-{}\n    limits:\n{limits}",
+        up.port()
+    )
+}
+
+fn single(url: &str) -> String {
+    // A generous timeout: these tests count, and a timeout would fail the
+    // call closed rather than let it through.
+    format!("  backend: redis\n  redis: {{ url: \"{url}\", timeout: 2s }}")
+}
+
+fn cluster(urls: &[String]) -> String {
+    format!(
+        "  backend: redis-cluster\n  redis: {{ urls: [{}], timeout: 2s }}",
+        urls.iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Waits, if needed, so that the next 60 s do not cross an hour (the
+/// fixed window's edge would admit a second window's worth).
+async fn away_from_the_hour_edge() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = 3600 - secs % 3600;
+    if left < 60 {
+        tokio::time::sleep(Duration::from_secs(left + 1)).await;
+    }
+}
+
+/// Sends `10 × LIMIT` calls carrying `x-<algorithm>: value`, spread over
+/// the replicas, 24 at a time; returns how many were admitted.
+async fn burst(proxies: &[Proxy], algorithm: &str, value: &str) -> u64 {
+    let mut clients = Vec::new();
+    for p in proxies {
+        clients.push(p.client().await);
+    }
+    let header: &'static str = Box::leak(format!("x-{algorithm}").into_boxed_str());
+    let value = MetadataValue::try_from(value).unwrap();
+    let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..24usize {
+        let mut c = clients[t % clients.len()].clone();
+        let (admitted, value) = (admitted.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..(10 * LIMIT as usize).div_ceil(24) {
+                let mut r = tonic::Request::new(req(b"x"));
+                r.metadata_mut().insert(header, value.clone());
+                match c.unary(r).await {
+                    Ok(_) => {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    admitted.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn three_replicas_admit_exactly_the_limit(limiter: String) {
+    let up = Upstream::start().await;
+    let yaml = config(up.addr, &limiter);
+    let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&yaml)).collect();
+    away_from_the_hour_edge().await;
+    let run = unique();
+    for algorithm in ["fixed_window", "sliding_window_log", "gcra"] {
+        let admitted = burst(&proxies, algorithm, &run).await;
+        assert_eq!(
+            admitted,
+            LIMIT,
+            "{algorithm}: admitted {admitted} of {}",
+            10 * LIMIT
+        );
+    }
+    // The sliding counter is exact within one window and within 1% across
+    // windows (it weighs the previous one).
+    let admitted = burst(&proxies, "sliding_window_counter", &run).await;
+    assert!(
+        admitted.abs_diff(LIMIT) * 100 <= LIMIT,
+        "sliding_window_counter: admitted {admitted}"
+    );
+    assert_eq!(
+        up.seen.calls.load(std::sync::atomic::Ordering::SeqCst) as u64,
+        4 * LIMIT,
+        "refused calls never reach the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_redis_admit_exactly_the_limit() {
+    let redis = testkit::Redis::shared();
+    three_replicas_admit_exactly_the_limit(single(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_redis_cluster_admit_exactly_the_limit() {
+    let c = testkit::RedisCluster::shared();
+    three_replicas_admit_exactly_the_limit(cluster(c.urls())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_delay_from_redis_is_enough_and_a_reload_keeps_counts() {
+    let redis = testkit::Redis::shared();
+    let up = Upstream::start().await;
+    let key = unique();
+    let limits = |rate: &str| {
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n{}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    limits:\n      - {{ name: per-merchant, key: [ {{ header: x-merchant-id }} ], rate: {rate}, algorithm: gcra, burst: 2 }}\n      - {{ name: all, key: [ {{ constant: all }} ], rate: 1000/min }}\n",
+            single(redis.url()),
+            up.addr
+        )
+    };
+    let proxy = Proxy::start(&limits("2/s"));
+    let mut c = proxy.client().await;
+    let call = |c: &mut tollgate_proto::test::v1::echo_client::EchoClient<_>| {
+        let mut r = tonic::Request::new(req(b"m"));
+        r.metadata_mut().insert(
+            "x-merchant-id",
+            MetadataValue::try_from(key.as_str()).unwrap(),
+        );
+        let mut c = c.clone();
+        async move { c.unary(r).await }
+    };
+    call(&mut c).await.unwrap();
+    call(&mut c).await.unwrap();
+    let err = call(&mut c).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("\"per-merchant\""),
+        "{}",
+        err.message()
+    );
+    let delay = err.get_details_retry_info().unwrap().retry_delay.unwrap();
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(500),
+        "{delay:?}"
+    );
+    tokio::time::sleep(delay).await;
+    call(&mut c).await.expect("passes after the retry delay");
+
+    // A reload that changes another limit keeps this one's state: the
+    // merchant is still out of burst right after it.
+    std::fs::write(
+        &proxy.config_path,
+        limits("2/s").replace("1000/min", "999/min"),
+    )
+    .unwrap();
+    proxy.handle.as_ref().unwrap().reload();
+    common::eventually(Duration::from_secs(5), "the reload", || async {
+        common::http_get(proxy.admin(), "/config")
+            .await
+            .1
+            .contains("999/min")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        call(&mut c).await.unwrap_err().code(),
+        Code::ResourceExhausted,
+        "the reload did not reset the count"
+    );
+}
