@@ -129,14 +129,18 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The client's IP as an `x-forwarded-for` value.
     forwarded_for: Option<HeaderValue>,
+    /// The identity of the client's verified TLS certificate, if any.
+    pub tls_identity: Option<String>,
 }
 
 impl Conn {
-    /// Facts of a new connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
+    /// Facts of a new connection from `peer`, with the identity of its
+    /// client certificate (mTLS).
+    pub fn new(peer: SocketAddr, tls_identity: Option<String>) -> Self {
         Conn {
             peer,
             forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            tls_identity,
         }
     }
 }
@@ -224,6 +228,7 @@ pub async fn handle(
             method: call.method,
             headers: req.headers(),
             peer,
+            tls_identity: conn.tls_identity.as_deref(),
             worker: worker.index,
         };
         match limits.check(info).await {

@@ -142,17 +142,20 @@ async fn serve_connection(
     }
     metrics::get().active_connections.inc();
     let _open = Open;
-    let conn = Arc::new(proxy::Conn::new(peer));
-    let service = hyper::service::service_fn(move |req| {
-        let (worker, conn) = (worker.clone(), conn.clone());
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(worker, req, conn).await) }
-    });
+    let service = |conn: proxy::Conn| {
+        let conn = Arc::new(conn);
+        hyper::service::service_fn(move |req| {
+            let (worker, conn) = (worker.clone(), conn.clone());
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(worker, req, conn).await) }
+        })
+    };
     let result = match acceptor {
         None => {
             if !speaks_h2(&stream).await {
                 http1_refusal(stream).await;
                 return;
             }
+            let service = service(proxy::Conn::new(peer, None));
             watcher
                 .watch(builder.serve_connection(TokioIo::new(stream), service))
                 .await
@@ -175,6 +178,13 @@ async fn serve_connection(
                 http1_refusal(tls).await;
                 return;
             }
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|c| crate::tls::client_identity(c));
+            let service = service(proxy::Conn::new(peer, identity));
             watcher
                 .watch(builder.serve_connection(TokioIo::new(tls), service))
                 .await

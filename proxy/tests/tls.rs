@@ -171,3 +171,61 @@ async fn client_ca_requires_a_client_certificate() {
     c.unary(req(b"mtls")).await.unwrap();
     handle.begin_drain();
 }
+
+/// A client certificate whose identity is a URI SAN (a SPIFFE ID).
+fn spiffe_leaf(ca: &Ca, uri: &str) -> (String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_can_key_on_the_client_certificate() {
+    let up = common::Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = ca("server CA");
+    let client_ca = ca("client CA");
+    let (cert, key) = leaf(&server_ca, &["tollgate.local"]);
+    write(dir.path(), "tls.crt", &cert);
+    write(dir.path(), "tls.key", &key);
+    write(dir.path(), "clients.pem", &client_ca.pem);
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: tls.crt, key: tls.key, client_ca: clients.pem }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{}}\n    upstream: echo\n    limits: [ {{ name: per-workload, key: [ {{ tls_identity: {{}} }} ], rate: 2/min, algorithm: fixed_window }} ]\n",
+        up.addr
+    );
+    std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
+    let env: std::collections::HashMap<&str, &str> = Default::default();
+    let handle = tollgate::runtime::start(&dir.path().join("tollgate.yaml"), &env).unwrap();
+
+    let identities = [
+        spiffe_leaf(&client_ca, "spiffe://payments/ns/checkout/sa/api"),
+        leaf(&client_ca, &["refunds.internal"]),
+    ];
+    for id in identities {
+        let mut c = tls_client(handle.listen_addr, &server_ca.pem, Some(id))
+            .await
+            .unwrap();
+        c.unary(req(b"1")).await.unwrap();
+        c.unary(req(b"2")).await.unwrap();
+        let e = c.unary(req(b"3")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    }
+    handle.begin_drain();
+}
+
+#[test]
+fn a_tls_identity_key_needs_client_certificates() {
+    let c = tollgate::config::Config::parse(
+        "upstreams: { echo: { addresses: [\"127.0.0.1:1\"] } }\nroutes:\n  - match: {}\n    upstream: echo\n    limits: [ { name: w, key: [ { tls_identity: {} } ], rate: 1/s } ]\n",
+    )
+    .unwrap();
+    let p: Vec<String> = c.validate(None).iter().map(|p| p.to_string()).collect();
+    assert!(
+        p.iter().any(|x| x.starts_with("routes[0].limits[0].key[0].tls_identity: can never be present")),
+        "{p:?}"
+    );
+}

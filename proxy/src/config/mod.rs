@@ -333,6 +333,10 @@ pub struct KeyPart {
     /// A fixed text (one budget for everyone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constant: Option<String>,
+    /// The client certificate's identity (mTLS): its first URI SAN, else
+    /// its first DNS SAN, else its common name: `{ tls_identity: {} }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_identity: Option<Empty>,
 }
 
 /// What a key part reads, once validated.
@@ -346,6 +350,8 @@ pub enum KeySource {
     Method,
     /// A constant.
     Constant(String),
+    /// The client certificate's identity.
+    TlsIdentity,
 }
 
 impl KeyPart {
@@ -356,6 +362,7 @@ impl KeyPart {
             self.peer_ip.is_some(),
             self.method.is_some(),
             self.constant.is_some(),
+            self.tls_identity.is_some(),
         ];
         if set.iter().filter(|s| **s).count() != 1 {
             return None;
@@ -366,6 +373,8 @@ impl KeyPart {
             KeySource::PeerIp(p.mask)
         } else if self.method.is_some() {
             KeySource::Method
+        } else if self.tls_identity.is_some() {
+            KeySource::TlsIdentity
         } else {
             KeySource::Constant(self.constant.clone().unwrap_or_default())
         })
@@ -682,6 +691,11 @@ impl Config {
         }
         let mut seen_matches: Vec<(Match, usize)> = Vec::new();
         let mut names = HashSet::new();
+        let client_certs = self
+            .listener
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
             if !self.upstreams.contains_key(&r.upstream) {
@@ -740,7 +754,7 @@ impl Config {
                     p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
                 }
             }
-            check_limits(&mut p, &at, &r.limits);
+            check_limits(&mut p, &at, &r.limits, client_certs);
         }
         if self.limiter.max_keys == 0 {
             p.add("limiter.max_keys", "must be at least 1");
@@ -791,7 +805,7 @@ fn header_never_present(h: &str) -> Option<&'static str> {
     }
 }
 
-fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
+fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: bool) {
     let mut names = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let at = format!("{route}.limits[{i}]");
@@ -826,7 +840,7 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
             match part.source() {
                 None => p.add(
                     format!("{at}.key[{j}]"),
-                    "set exactly one of header, peer_ip, method, constant",
+                    "set exactly one of header, peer_ip, method, constant, tls_identity",
                 ),
                 Some(KeySource::Header(h)) => {
                     if let Some(why) = header_never_present(&h) {
@@ -836,6 +850,10 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit]) {
                         );
                     }
                 }
+                Some(KeySource::TlsIdentity) if !client_certs => p.add(
+                    format!("{at}.key[{j}].tls_identity"),
+                    "can never be present: the listener does not ask clients for certificates; set listener.tls.client_ca",
+                ),
                 Some(KeySource::PeerIp(Some(m))) if m > 128 => {
                     p.add(
                         format!("{at}.key[{j}].peer_ip.mask"),

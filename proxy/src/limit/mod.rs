@@ -29,6 +29,8 @@ pub struct CallInfo<'a> {
     pub headers: &'a HeaderMap,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The identity of the client's verified TLS certificate (mTLS).
+    pub tls_identity: Option<&'a str>,
     /// The worker serving the call (picks its Redis connection).
     pub worker: usize,
 }

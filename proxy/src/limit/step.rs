@@ -181,6 +181,7 @@ impl RouteLimits {
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
                 KeySource::PeerIp(mask) => Some(masked(call.peer.ip(), *mask)),
                 KeySource::Method => Some(format!("{}/{}", call.service, call.method)),
+                KeySource::TlsIdentity => call.tls_identity.map(str::to_owned),
                 KeySource::Constant(c) => Some(c.clone()),
             };
             match (v, &l.on_missing) {
