@@ -176,15 +176,42 @@ fn check_reports_every_problem_and_exits_2() {
         "{err}"
     );
 
-    let good = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    for example in ["dev", "redis", "redis-cluster"] {
+        let good = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", "--config"])
+            .arg(format!(
+                "{}/../config/{example}.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            good.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&good.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&good.stdout).contains("OK (4 routes, 1 upstreams)"),
+            "{example}"
+        );
+    }
+
+    // A bad Redis URL is reported without its password.
+    std::fs::write(
+        &path,
+        "upstreams:\n  a: { addresses: [\"h:1\"] }\nlimiter: { backend: redis, redis: { url: \"redis://app:hunter2@h:99999\" } }\nroutes:\n  - { match: {}, upstream: a }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/dev.yaml"))
+        .arg(&path)
         .output()
         .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        good.status.success(),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
+        err.contains("limiter.redis.url: \"redis://app:***@h:99999\""),
+        "{err}"
     );
-    assert!(String::from_utf8_lossy(&good.stdout).contains("OK (4 routes, 1 upstreams)"));
+    assert!(!err.contains("hunter2"), "{err}");
 }

@@ -1,0 +1,150 @@
+//! Redis with credentials and TLS: an ACL user with a password (masked in
+//! `/config`), and `rediss://` to a redis-server that only speaks TLS,
+//! verified against a private CA.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::{req, Proxy, Upstream};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use tonic::Code;
+
+fn config(up: std::net::SocketAddr, redis: &str) -> String {
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n  backend: redis\n  failure_mode: closed\n  redis: {{ {redis}, timeout: 2s }}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    limits: [ {{ name: two, key: [ {{ constant: \"{}\" }} ], rate: 2/min, algorithm: fixed_window }} ]\n",
+        std::process::id()
+    )
+}
+
+/// Two calls pass and the third is limited: decided in Redis (the limiter
+/// fails closed, so a Redis it cannot use would give UNAVAILABLE).
+async fn limits_work(proxy: &Proxy) {
+    let mut c = proxy.client().await;
+    c.unary(req(b"1")).await.unwrap();
+    c.unary(req(b"2")).await.unwrap();
+    let e = c.unary(req(b"3")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_with_a_password_and_no_password_in_config_output() {
+    let redis = testkit::Redis::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "tollgate",
+            "on",
+            ">pw-7c1e9",
+            "~tollgate:*",
+            "+@all",
+        ])
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+    // Nobody else may use the server without a password.
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "off"])
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+    let url = format!("redis://tollgate:pw-7c1e9@127.0.0.1:{}", redis.port());
+
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(up.addr, &format!("url: \"{url}\"")));
+    limits_work(&proxy).await;
+    let (_, shown) = common::http_get(proxy.admin(), "/config").await;
+    assert!(shown.contains("redis://tollgate:***@127.0.0.1"), "{shown}");
+    assert!(!shown.contains("pw-7c1e9"), "{shown}");
+
+    // The wrong password: refused (fails closed), never let through.
+    let wrong = Proxy::start(&config(
+        up.addr,
+        &format!("url: \"redis://tollgate:nope@127.0.0.1:{}\"", redis.port()),
+    ));
+    let e = wrong.client().await.unary(req(b"x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(!e.message().contains("nope"), "{}", e.message());
+}
+
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca() {
+    // Installs redis-server when missing.
+    let _ = testkit::Redis::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "redis CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let path = |n: &str| dir.path().join(n);
+    std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(path("redis.crt"), cert.pem()).unwrap();
+    std::fs::write(path("redis.key"), key.serialize_pem()).unwrap();
+
+    let port = testkit::free_port();
+    let redis = TlsRedis {
+        child: Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(path("redis.crt"))
+            .arg("--tls-key-file")
+            .arg(path("redis.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(path("ca.pem"))
+            .args(["--tls-auth-clients", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts"),
+        port,
+    };
+    common::eventually(Duration::from_secs(10), "redis-server on TLS", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+            .await
+            .ok()
+    })
+    .await;
+
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        &format!(
+            "url: \"rediss://localhost:{port}\", ca: \"{}\"",
+            path("ca.pem").display()
+        ),
+    ));
+    limits_work(&proxy).await;
+
+    // Without the CA the server is not trusted: fails closed.
+    let untrusted = Proxy::start(&config(
+        up.addr,
+        &format!("url: \"rediss://localhost:{port}\""),
+    ));
+    let e = untrusted.client().await.unary(req(b"x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}
