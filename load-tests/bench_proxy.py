@@ -56,7 +56,7 @@ def rss_kib(pid):
     return 0
 
 
-def h2load(port, conns, streams, data_file, log, pids):
+def h2load(port, conns, streams, data_file, log, pids, extra=()):
     """Runs one measurement; returns (rps, p50 µs, calls, proxy CPU µs per call or None).
     The proxy's CPU is read at the end of the warm-up and at the end, so it
     covers exactly the measured calls."""
@@ -66,7 +66,7 @@ def h2load(port, conns, streams, data_file, log, pids):
         os.remove(log)
     cmd = LOAD_CPU + ["h2load", f"http://127.0.0.1:{port}{PATH}", "-c", str(conns), "-m", str(streams),
                       "-D", str(DURATION), "--warm-up-time", str(WARMUP), "-d", data_file,
-                      "-H", "content-type: application/grpc", "-H", "te: trailers"]
+                      "-H", "content-type: application/grpc", "-H", "te: trailers", *extra]
     if conns * streams == 1:
         cmd += ["--log-file", log]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

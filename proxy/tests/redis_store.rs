@@ -195,3 +195,45 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     .await;
     assert!(back[0].allowed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_script_runs_and_stay_exact() {
+    let redis = testkit::Redis::start();
+    let store = std::sync::Arc::new(single(redis.url(), Duration::from_secs(2)));
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CONFIG")
+        .arg(&["RESETSTAT"])
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let c = [check("shared", 1, fixed(50), 1, false)];
+                store.decide(0, &c, None).await.unwrap()[0].allowed
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u32::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 50, "a batch decides its calls one after another");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let evalsha: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (1..200).contains(&evalsha),
+        "{evalsha} script runs for 200 calls: concurrent calls were not batched"
+    );
+}

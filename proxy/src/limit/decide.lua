@@ -1,14 +1,19 @@
--- decide.lua: decides every limit of one call in one round trip, and
--- commits the new states only if no limit outside shadow mode rejects (a
--- refused call consumes nothing). Each algorithm mirrors the pure code in
+-- decide.lua: decides a batch of calls in one round trip. For each call,
+-- in order, it decides every limit of the call and commits the new states
+-- only if no limit outside shadow mode rejects (a refused call consumes
+-- nothing); a later call of the batch sees the earlier ones' commits, as if
+-- they had come one by one. Each algorithm mirrors the pure code in
 -- proxy/src/limit/algorithm.rs line by line; the behaviour table in
 -- proxy/src/limit/behaviour.rs runs against both.
 --
--- KEYS[i]  the state key of limit i. In Redis Cluster all keys of one call
---          share a hash tag, so the script runs on one node.
+-- KEYS     the state keys of every limit of every call, in order. In Redis
+--          Cluster all keys of one script share a slot (tollgate batches
+--          per slot and gives the limits of one route one hash tag).
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (one clock for every
 --          replica; tests pass a time to step through a case).
--- ARGV[2 + 8*(i-1) ...] for limit i, eight numbers:
+-- ARGV[2]  the number of calls in the batch. Then, per call, the number of
+--          its limits, and for each limit (its key is the next of KEYS)
+--          eight numbers:
 --          algorithm  1 fixed window, 2 sliding window counter,
 --                     3 sliding window log, 4 gcra
 --          limit      units per period
@@ -18,8 +23,9 @@
 --          cost       units this call takes
 --          shadow     1: decided and reported, never blocks the commit
 --          ttl        microseconds after which an untouched state is moot
--- Returns five integers per limit: allowed (1/0), limit, remaining,
--- reset (µs until the quota is whole again), retry after (µs, 0 if allowed).
+-- Returns five integers per limit, calls and limits in order: allowed
+-- (1/0), limit, remaining, reset (µs until the quota is whole again), retry
+-- after (µs, 0 if allowed).
 --
 -- State per key: fixed window a hash {w = window start, c = count}; sliding
 -- counter a hash {w, cur, prev}; sliding log a sorted set with one member
@@ -48,168 +54,175 @@ else
 end
 
 local out = {}
-local writes = {}
-local commit = true
+local a = 3
+local k = 1
 
-for i, key in ipairs(KEYS) do
-  local a = 2 + 8 * (i - 1)
-  local algorithm = tonumber(ARGV[a])
-  local limit = tonumber(ARGV[a + 1])
-  local period = tonumber(ARGV[a + 2])
-  local capacity = tonumber(ARGV[a + 3])
-  local emission = tonumber(ARGV[a + 4])
-  local cost = tonumber(ARGV[a + 5])
-  local shadow = ARGV[a + 6] == '1'
-  local ttl = tonumber(ARGV[a + 7])
-  local allowed, shown, remaining, reset, retry, write
+for _ = 1, tonumber(ARGV[2]) do
+  local limits = tonumber(ARGV[a])
+  a = a + 1
+  local writes = {}
+  local commit = true
+  for _ = 1, limits do
+    local key = KEYS[k]
+    k = k + 1
+    local algorithm = tonumber(ARGV[a])
+    local limit = tonumber(ARGV[a + 1])
+    local period = tonumber(ARGV[a + 2])
+    local capacity = tonumber(ARGV[a + 3])
+    local emission = tonumber(ARGV[a + 4])
+    local cost = tonumber(ARGV[a + 5])
+    local shadow = ARGV[a + 6] == '1'
+    local ttl = tonumber(ARGV[a + 7])
+    a = a + 8
+    local allowed, shown, remaining, reset, retry, write
 
-  if algorithm == 1 then
-    local st = redis.call('HMGET', key, 'w', 'c')
-    local window = now - now % period
-    local count = 0
-    if tonumber(st[1]) == window then
-      count = tonumber(st[2]) or 0
-    end
-    reset = window + period - now
-    allowed = count + cost <= limit
-    if allowed then
-      count = count + cost
-      write = function()
-        redis.call('HSET', key, 'w', int(window), 'c', int(count))
-        redis.call('PEXPIRE', key, ttl_ms(ttl))
+    if algorithm == 1 then
+      local st = redis.call('HMGET', key, 'w', 'c')
+      local window = now - now % period
+      local count = 0
+      if tonumber(st[1]) == window then
+        count = tonumber(st[2]) or 0
       end
-    end
-    shown = limit
-    remaining = math.max(0, limit - count)
-    retry = allowed and 0 or reset
-
-  elseif algorithm == 2 then
-    local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
-    local window = now - now % period
-    local w = tonumber(st[1])
-    local current, previous = 0, 0
-    if w == window then
-      current = tonumber(st[2]) or 0
-      previous = tonumber(st[3]) or 0
-    elseif w ~= nil and w + period == window then
-      previous = tonumber(st[2]) or 0
-    end
-    local elapsed = now - window
-    -- previous * (period - elapsed) / period + current, scaled by period so
-    -- the comparison is exact (config check keeps limit * period < 2^53).
-    local function scaled(c)
-      return previous * (period - elapsed) + c * period
-    end
-    local cap = limit * period
-    allowed = scaled(current + cost) <= cap
-    if allowed then
-      current = current + cost
-      write = function()
-        redis.call('HSET', key, 'w', int(window), 'cur', int(current), 'prev', int(previous))
-        redis.call('PEXPIRE', key, ttl_ms(ttl))
+      reset = window + period - now
+      allowed = count + cost <= limit
+      if allowed then
+        count = count + cost
+        write = function()
+          redis.call('HSET', key, 'w', int(window), 'c', int(count))
+          redis.call('PEXPIRE', key, ttl_ms(ttl))
+        end
       end
-    end
-    shown = limit
-    remaining = math.floor(math.max(0, cap - scaled(current)) / period)
-    reset = window + period - now
-    if allowed then
-      retry = 0
-    elseif current + cost <= limit and previous > 0 then
-      local room = limit - (current + cost)
-      local keep = math.floor(room * period / previous)
-      retry = math.max(1, period - keep - elapsed)
-    elseif previous > 0 or current > 0 then
-      retry = reset + period / 2
-    else
-      retry = reset
-    end
+      shown = limit
+      remaining = math.max(0, limit - count)
+      retry = allowed and 0 or reset
 
-  elseif algorithm == 3 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
-    local used = redis.call('ZCARD', key)
-    allowed = used + cost <= limit
-    if allowed then
-      retry = 0
-    elseif cost > limit then
-      retry = period
-    else
-      -- The member whose leaving makes room: enough of the oldest units
-      -- must slide out of the window.
-      local e = redis.call('ZRANGE', key, used + cost - limit - 1, used + cost - limit - 1, 'WITHSCORES')
-      retry = tonumber(e[2]) + period - now
-    end
-    local oldest
-    if used > 0 then
-      oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
-    elseif allowed then
-      oldest = now
-    end
-    if allowed then
-      -- Members are unique: at one instant the count only grows.
-      write = function()
-        local args = {}
-        for j = 1, cost do
-          args[#args + 1] = int(now)
-          args[#args + 1] = int(now) .. ':' .. int(used + j)
-          if #args >= 2000 then
-            redis.call('ZADD', key, unpack(args))
-            args = {}
+    elseif algorithm == 2 then
+      local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
+      local window = now - now % period
+      local w = tonumber(st[1])
+      local current, previous = 0, 0
+      if w == window then
+        current = tonumber(st[2]) or 0
+        previous = tonumber(st[3]) or 0
+      elseif w ~= nil and w + period == window then
+        previous = tonumber(st[2]) or 0
+      end
+      local elapsed = now - window
+      -- previous * (period - elapsed) / period + current, scaled by period so
+      -- the comparison is exact (config check keeps limit * period < 2^53).
+      local function scaled(c)
+        return previous * (period - elapsed) + c * period
+      end
+      local cap = limit * period
+      allowed = scaled(current + cost) <= cap
+      if allowed then
+        current = current + cost
+        write = function()
+          redis.call('HSET', key, 'w', int(window), 'cur', int(current), 'prev', int(previous))
+          redis.call('PEXPIRE', key, ttl_ms(ttl))
+        end
+      end
+      shown = limit
+      remaining = math.floor(math.max(0, cap - scaled(current)) / period)
+      reset = window + period - now
+      if allowed then
+        retry = 0
+      elseif current + cost <= limit and previous > 0 then
+        local room = limit - (current + cost)
+        local keep = math.floor(room * period / previous)
+        retry = math.max(1, period - keep - elapsed)
+      elseif previous > 0 or current > 0 then
+        retry = reset + period / 2
+      else
+        retry = reset
+      end
+
+    elseif algorithm == 3 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
+      local used = redis.call('ZCARD', key)
+      allowed = used + cost <= limit
+      if allowed then
+        retry = 0
+      elseif cost > limit then
+        retry = period
+      else
+        -- The member whose leaving makes room: enough of the oldest units
+        -- must slide out of the window.
+        local e = redis.call('ZRANGE', key, used + cost - limit - 1, used + cost - limit - 1, 'WITHSCORES')
+        retry = tonumber(e[2]) + period - now
+      end
+      local oldest
+      if used > 0 then
+        oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+      elseif allowed then
+        oldest = now
+      end
+      if allowed then
+        -- Members are unique: at one instant the count only grows.
+        write = function()
+          local args = {}
+          for j = 1, cost do
+            args[#args + 1] = int(now)
+            args[#args + 1] = int(now) .. ':' .. int(used + j)
+            if #args >= 2000 then
+              redis.call('ZADD', key, unpack(args))
+              args = {}
+            end
           end
+          if #args > 0 then
+            redis.call('ZADD', key, unpack(args))
+          end
+          redis.call('PEXPIRE', key, ttl_ms(ttl))
         end
-        if #args > 0 then
-          redis.call('ZADD', key, unpack(args))
-        end
-        redis.call('PEXPIRE', key, ttl_ms(ttl))
+        used = used + cost
       end
-      used = used + cost
-    end
-    shown = limit
-    remaining = math.max(0, limit - used)
-    reset = oldest and (oldest + period - now) or 0
+      shown = limit
+      remaining = math.max(0, limit - used)
+      reset = oldest and (oldest + period - now) or 0
 
-  else
-    local tau = emission * capacity
-    local tat = tonumber(redis.call('GET', key))
-    if tat == nil or tat < now then
-      tat = now
-    end
-    local new_tat = tat + emission * cost
-    local allow_at = math.max(0, new_tat - tau)
-    allowed = now >= allow_at and cost <= capacity
-    local kept = allowed and new_tat or tat
-    if allowed then
-      write = function()
-        redis.call('SET', key, int(kept), 'PX', ttl_ms(ttl))
-      end
-    end
-    shown = capacity
-    remaining = math.floor(math.max(0, now + tau - kept) / emission)
-    reset = kept - now
-    if allowed then
-      retry = 0
-    elseif cost > capacity then
-      retry = tau
     else
-      retry = allow_at - now
+      local tau = emission * capacity
+      local tat = tonumber(redis.call('GET', key))
+      if tat == nil or tat < now then
+        tat = now
+      end
+      local new_tat = tat + emission * cost
+      local allow_at = math.max(0, new_tat - tau)
+      allowed = now >= allow_at and cost <= capacity
+      local kept = allowed and new_tat or tat
+      if allowed then
+        write = function()
+          redis.call('SET', key, int(kept), 'PX', ttl_ms(ttl))
+        end
+      end
+      shown = capacity
+      remaining = math.floor(math.max(0, now + tau - kept) / emission)
+      reset = kept - now
+      if allowed then
+        retry = 0
+      elseif cost > capacity then
+        retry = tau
+      else
+        retry = allow_at - now
+      end
     end
-  end
 
-  if not allowed and not shadow then
-    commit = false
+    if not allowed and not shadow then
+      commit = false
+    end
+    if write then
+      writes[#writes + 1] = write
+    end
+    out[#out + 1] = allowed and 1 or 0
+    out[#out + 1] = shown
+    out[#out + 1] = remaining
+    out[#out + 1] = reset
+    out[#out + 1] = retry
   end
-  if write then
-    writes[#writes + 1] = write
-  end
-  out[#out + 1] = allowed and 1 or 0
-  out[#out + 1] = shown
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
-end
-
-if commit then
-  for _, write in ipairs(writes) do
-    write()
+  if commit then
+    for _, write in ipairs(writes) do
+      write()
+    end
   end
 end
 return out

@@ -1,24 +1,28 @@
 //! The Redis limit store: every replica counts in one Redis (single node or
 //! Cluster), so a limit holds across replicas. A call's limits are decided
-//! by one script ([`decide.lua`](./decide.lua)) in one round trip, which
-//! also commits them only if none rejects, with Redis `TIME` as the clock.
+//! by one script ([`decide.lua`](./decide.lua)), which also commits them
+//! only if none rejects, with Redis `TIME` as the clock.
 //!
-//! Each worker thread has its own multiplexed connection, created on first
-//! use on that worker's runtime: concurrent calls of a worker pipeline on
-//! it and no call crosses threads. A decision never waits past the
-//! configured timeout; a circuit breaker stops calling a Redis that keeps
-//! failing and probes for its return, and when it opens every connection
-//! is rebuilt (a connection to a host that vanished may never error).
+//! Each worker thread has its own connection and a batcher on that worker's
+//! runtime: the calls that arrive while a batch is in Redis go together in
+//! the next one, as one `EVALSHA` (per Cluster slot). One call costs at most
+//! one Redis command, and under load far less: Redis runs one script for
+//! many calls, and tollgate writes and reads once for them. A decision never
+//! waits past the configured timeout; a circuit breaker stops calling a
+//! Redis that keeps failing and probes for its return, and when it opens
+//! every connection is rebuilt (a connection to a host that vanished may
+//! never error).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{AsyncConnectionConfig, RedisError};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::algorithm::{Algorithm, Decision};
@@ -66,16 +70,19 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// One worker's connection.
-#[derive(Default)]
-struct Slot {
-    /// The connection and the breaker generation it was made in.
-    conn: Mutex<Option<(u64, Conn)>>,
-    /// The last failed connect's error, for the calls that waited on it.
-    last_error: Mutex<Option<String>>,
-    connecting: AtomicBool,
-    ready: Notify,
+/// One call's part of a batch, encoded by the caller.
+struct Request {
+    keys: Vec<String>,
+    /// Eight numbers per limit (see decide.lua).
+    args: Vec<u64>,
+    now: Option<u64>,
+    /// Cluster: the slot of the keys (all equal).
+    slot: Option<Slot>,
+    reply: oneshot::Sender<Result<Vec<Decision>, StoreError>>,
 }
+
+/// Most calls in one script run; more wait for the next batch.
+const MAX_BATCH: usize = 256;
 
 struct Meters {
     timeout: IntCounter,
@@ -86,18 +93,24 @@ struct Meters {
     duration: Histogram,
 }
 
-/// A Redis (or Redis Cluster) limit store.
-pub struct RedisStore {
+/// What the batchers share with the store.
+struct Inner {
     target: Target,
-    slots: Vec<Arc<Slot>>,
     script: redis::Script,
     timeout: Duration,
     connect_timeout: Duration,
-    prefix: String,
-    breaker: Breaker,
     /// Bumped whenever the breaker opens: older connections are dropped.
     generation: AtomicU64,
     shown: String,
+}
+
+/// A Redis (or Redis Cluster) limit store.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    /// Per worker: the queue of its batcher (started on first use).
+    batchers: Vec<Mutex<Option<mpsc::UnboundedSender<Request>>>>,
+    prefix: String,
+    breaker: Breaker,
     backend: &'static str,
     meters: Meters,
     /// What it was built from: a reload with the same settings keeps it.
@@ -171,15 +184,17 @@ impl RedisStore {
         };
         let m = metrics::get();
         Ok(RedisStore {
-            target,
-            slots: (0..workers.max(1)).map(|_| Arc::default()).collect(),
-            script: redis::Script::new(SCRIPT),
-            timeout: r.timeout.0,
-            connect_timeout: r.connect_timeout.0,
+            inner: Arc::new(Inner {
+                target,
+                script: redis::Script::new(SCRIPT),
+                timeout: r.timeout.0,
+                connect_timeout: r.connect_timeout.0,
+                generation: AtomicU64::new(0),
+                shown,
+            }),
+            batchers: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
             prefix: r.key_prefix.clone(),
             breaker: Breaker::new(r.breaker_failures, r.probe_interval.0),
-            generation: AtomicU64::new(0),
-            shown,
             backend,
             meters: Meters {
                 timeout: m.limit_store_error(backend, "timeout"),
@@ -209,8 +224,8 @@ impl RedisStore {
         format!("{}:{{{:016x}}}:{}", self.prefix, check.tag, check.key)
     }
 
-    /// Decides every check in one script call on worker `worker`'s
-    /// connection. `now` (µs) replaces Redis `TIME` when set (tests).
+    /// Decides every check of one call, in a batch with the other calls of
+    /// worker `worker`. `now` (µs) replaces Redis `TIME` when set (tests).
     pub async fn decide(
         &self,
         worker: usize,
@@ -222,17 +237,13 @@ impl RedisStore {
             self.meters.breaker_open.inc();
             return Err(StoreError::BreakerOpen);
         }
-        let deadline = Instant::now() + self.timeout;
-        let slot = &self.slots[worker % self.slots.len()];
-        let result = match self.connection(slot, deadline).await {
-            Ok(conn) => self.run(slot, conn, checks, now, deadline).await,
-            Err(e) => Err(e),
-        };
+        let deadline = Instant::now() + self.inner.timeout;
+        let result = self.ask(worker, checks, now, deadline).await;
         match &result {
             Ok(_) => {
                 if self.breaker.success(gate) == Transition::Closed {
                     self.meters.breaker.set(0);
-                    tracing::info!(redis = %self.shown, "Redis answers again; limits are decided in Redis");
+                    tracing::info!(redis = %self.inner.shown, "Redis answers again; limits are decided in Redis");
                 }
             }
             Err(e) => {
@@ -242,10 +253,10 @@ impl RedisStore {
                     _ => self.meters.response.inc(),
                 }
                 if self.breaker.failure(gate) == Transition::Opened {
-                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    self.inner.generation.fetch_add(1, Ordering::AcqRel);
                     self.meters.breaker.set(1);
                     tracing::warn!(
-                        redis = %self.shown,
+                        redis = %self.inner.shown,
                         error = %e,
                         "Redis keeps failing: circuit breaker open, limits take their failure mode; probing for its return"
                     );
@@ -255,140 +266,216 @@ impl RedisStore {
         result
     }
 
-    async fn run(
+    async fn ask(
         &self,
-        slot: &Slot,
-        conn: Conn,
+        worker: usize,
         checks: &[Check],
         now: Option<u64>,
         deadline: Instant,
     ) -> Result<Vec<Decision>, StoreError> {
-        let mut call = self.script.prepare_invoke();
-        call.arg(now.map(|n| n.to_string()).unwrap_or_default());
+        let mut keys = Vec::with_capacity(checks.len());
+        let mut args = Vec::with_capacity(8 * checks.len());
         for c in checks {
             let p = &c.params;
-            call.key(self.redis_key(c))
-                .arg(match p.algorithm {
+            keys.push(self.redis_key(c));
+            args.extend([
+                match p.algorithm {
                     Algorithm::FixedWindow => 1,
                     Algorithm::SlidingWindowCounter => 2,
                     Algorithm::SlidingWindowLog => 3,
                     Algorithm::Gcra => 4,
-                })
-                .arg(p.rate.limit)
-                .arg(p.rate.period_micros())
-                .arg(p.capacity())
-                .arg(p.rate.emission_interval_micros())
-                .arg(c.cost)
-                .arg(u8::from(c.shadow))
-                .arg(p.ttl_micros());
+                },
+                p.rate.limit,
+                p.rate.period_micros(),
+                p.capacity(),
+                p.rate.emission_interval_micros(),
+                c.cost,
+                u64::from(c.shadow),
+                p.ttl_micros(),
+            ]);
         }
-        let reply: Result<Vec<i64>, RedisError> = match conn {
-            Conn::Single(mut c) => tokio::time::timeout_at(deadline, call.invoke_async(&mut c))
-                .await
-                .map_err(|_| StoreError::Timeout)?,
-            Conn::Cluster(mut c) => tokio::time::timeout_at(deadline, call.invoke_async(&mut c))
-                .await
-                .map_err(|_| StoreError::Timeout)?,
+        let slot = match self.inner.target {
+            Target::Cluster(_) => keys.first().map(Slot::for_key),
+            Target::Single(_) => None,
         };
-        let reply = reply.map_err(|e| {
-            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-                // Let the next call connect afresh.
-                if let Ok(mut g) = slot.conn.lock() {
-                    *g = None;
-                }
-                StoreError::Connection(e.to_string())
-            } else {
-                StoreError::Response(e.to_string())
-            }
-        })?;
-        if reply.len() != 5 * checks.len() {
-            return Err(StoreError::Response(format!(
-                "the decision script returned {} numbers for {} limits",
-                reply.len(),
-                checks.len()
-            )));
-        }
-        let n = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok(reply
-            .chunks_exact(5)
-            .map(|r| Decision {
-                allowed: r[0] == 1,
-                limit: n(r[1]),
-                remaining: n(r[2]),
-                reset_micros: n(r[3]),
-                retry_after_micros: n(r[4]),
-            })
-            .collect())
-    }
-
-    /// The worker's connection, connecting (in the background, so a slow
-    /// connect is not abandoned by a call's timeout) when there is none.
-    async fn connection(&self, slot: &Arc<Slot>, deadline: Instant) -> Result<Conn, StoreError> {
-        let generation = self.generation.load(Ordering::Acquire);
-        let notified = slot.ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if let Ok(mut g) = slot.conn.lock() {
-            match &*g {
-                Some((gen, c)) if *gen == generation => return Ok(c.clone()),
-                Some(_) => *g = None,
-                None => {}
-            }
-        }
-        if !slot.connecting.swap(true, Ordering::AcqRel) {
-            self.spawn_connect(slot, generation);
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(StoreError::Timeout);
-        }
-        if let Ok(g) = slot.conn.lock() {
-            if let Some((_, c)) = &*g {
-                return Ok(c.clone());
-            }
-        }
-        let why = slot
-            .last_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone())
-            .unwrap_or_else(|| "connect failed".into());
-        Err(StoreError::Connection(why))
-    }
-
-    fn spawn_connect(&self, slot: &Arc<Slot>, generation: u64) {
-        let target = self.target.clone();
-        let connect_timeout = self.connect_timeout;
-        let shown = self.shown.clone();
-        let slot = slot.clone();
-        tokio::spawn(async move {
-            let r = match tokio::time::timeout(connect_timeout, connect(target)).await {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "no connection within {}",
-                    humantime::format_duration(connect_timeout)
-                )),
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            keys,
+            args,
+            now,
+            slot,
+            reply: tx,
+        };
+        let batcher = &self.batchers[worker % self.batchers.len()];
+        {
+            let mut queue = batcher
+                .lock()
+                .map_err(|_| StoreError::Connection("batcher lock poisoned".into()))?;
+            let unsent = match queue.as_ref() {
+                Some(q) => q.send(request).err().map(|e| e.0),
+                None => Some(request),
             };
-            match r {
-                Ok(c) => {
-                    if let Ok(mut g) = slot.conn.lock() {
-                        *g = Some((generation, c));
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(redis = %shown, error = %e, "cannot connect to Redis");
-                    if let Ok(mut g) = slot.last_error.lock() {
-                        *g = Some(e);
-                    }
+            // No batcher yet, or its runtime is gone (tests): start one.
+            if let Some(request) = unsent {
+                let (q, rx) = mpsc::unbounded_channel();
+                tokio::spawn(batcher_loop(self.inner.clone(), rx));
+                let _ = q.send(request);
+                *queue = Some(q);
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(_)) => Err(StoreError::Connection("the batcher stopped".into())),
+            Ok(Ok(r)) => {
+                let d = r?;
+                if d.len() == checks.len() {
+                    Ok(d)
+                } else {
+                    Err(StoreError::Response(format!(
+                        "the decision script returned {} decisions for {} limits",
+                        d.len(),
+                        checks.len()
+                    )))
                 }
             }
-            slot.connecting.store(false, Ordering::Release);
-            slot.ready.notify_waiters();
-        });
+        }
     }
 }
 
-async fn connect(target: Target) -> Result<Conn, RedisError> {
+/// One worker's batcher: takes every call waiting, sends them as one script
+/// run (one per Cluster slot, in parallel), hands each call its decisions,
+/// and repeats. Owns the worker's connection; ends when the store is gone.
+async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut conn: Option<(u64, Conn)> = None;
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Calls that gave up (timed out) need no answer.
+        batch.retain(|r: &Request| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let generation = inner.generation.load(Ordering::Acquire);
+        if conn.as_ref().is_none_or(|(g, _)| *g != generation) {
+            conn = None;
+            match tokio::time::timeout(inner.connect_timeout, connect(&inner.target)).await {
+                Ok(Ok(c)) => conn = Some((generation, c)),
+                Ok(Err(e)) => {
+                    fail(&mut batch, &StoreError::Connection(e.to_string()));
+                    continue;
+                }
+                Err(_) => {
+                    let why = format!(
+                        "no connection within {}",
+                        humantime::format_duration(inner.connect_timeout)
+                    );
+                    fail(&mut batch, &StoreError::Connection(why));
+                    continue;
+                }
+            }
+        }
+        let Some((_, c)) = &conn else { continue };
+        // Calls go together when they share a clock and (Cluster) a slot.
+        let mut groups: Vec<Vec<Request>> = Vec::new();
+        for r in batch.drain(..) {
+            match groups
+                .iter_mut()
+                .find(|g| g[0].now == r.now && g[0].slot == r.slot)
+            {
+                Some(g) => g.push(r),
+                None => groups.push(vec![r]),
+            }
+        }
+        let broken = if groups.len() == 1 {
+            let group = groups.pop().unwrap_or_default();
+            run(&inner, c.clone(), group).await
+        } else {
+            let tasks: Vec<_> = groups
+                .into_iter()
+                .map(|g| tokio::spawn(run_owned(inner.clone(), c.clone(), g)))
+                .collect();
+            let mut broken = false;
+            for t in tasks {
+                broken |= t.await.unwrap_or(true);
+            }
+            broken
+        };
+        if broken {
+            // Let the next batch connect afresh.
+            conn = None;
+        }
+    }
+}
+
+fn fail(batch: &mut Vec<Request>, e: &StoreError) {
+    for r in batch.drain(..) {
+        let _ = r.reply.send(Err(e.clone()));
+    }
+}
+
+async fn run_owned(inner: Arc<Inner>, conn: Conn, group: Vec<Request>) -> bool {
+    run(&inner, conn, group).await
+}
+
+/// Runs one group as one script call and answers its calls; returns whether
+/// the connection broke.
+async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
+    let mut call = inner.script.prepare_invoke();
+    call.arg(group[0].now.map(|n| n.to_string()).unwrap_or_default())
+        .arg(group.len());
+    for r in &group {
+        call.arg(r.keys.len());
+        for k in &r.keys {
+            call.key(k);
+        }
+        call.arg(&r.args[..]);
+    }
+    let reply: Result<Result<Vec<i64>, RedisError>, _> = match conn {
+        Conn::Single(mut c) => tokio::time::timeout(inner.timeout, call.invoke_async(&mut c)).await,
+        Conn::Cluster(mut c) => {
+            tokio::time::timeout(inner.timeout, call.invoke_async(&mut c)).await
+        }
+    };
+    let (error, broken) = match reply {
+        Err(_) => (StoreError::Timeout, false),
+        Ok(Err(e)) => {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                (StoreError::Connection(e.to_string()), true)
+            } else {
+                (StoreError::Response(e.to_string()), false)
+            }
+        }
+        Ok(Ok(numbers)) => {
+            let limits: usize = group.iter().map(|r| r.keys.len()).sum();
+            if numbers.len() != 5 * limits {
+                (
+                    StoreError::Response(format!(
+                        "the decision script returned {} numbers for {limits} limits",
+                        numbers.len()
+                    )),
+                    false,
+                )
+            } else {
+                let n = |v: i64| u64::try_from(v).unwrap_or(0);
+                let mut decisions = numbers.chunks_exact(5).map(|r| Decision {
+                    allowed: r[0] == 1,
+                    limit: n(r[1]),
+                    remaining: n(r[2]),
+                    reset_micros: n(r[3]),
+                    retry_after_micros: n(r[4]),
+                });
+                for r in group {
+                    let mine: Vec<Decision> = decisions.by_ref().take(r.keys.len()).collect();
+                    let _ = r.reply.send(Ok(mine));
+                }
+                return false;
+            }
+        }
+    };
+    fail(&mut group, &error);
+    broken
+}
+
+async fn connect(target: &Target) -> Result<Conn, RedisError> {
     match target {
         Target::Single(client) => {
             let cfg = AsyncConnectionConfig::new();

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Runs the limiter benchmark; see bench-limits.sh. Prints a Markdown table.
+
+Same harness and method as the proxy benchmark (bench_proxy.py): unary Echo
+calls with h2load, servers pinned to CPU 0 and the load generator to CPU 1.
+Each scenario is its own tollgate process in front of the same upstream;
+Redis (one redis-server) sits on CPU 0 with them, since it is a server of
+the system under test.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_proxy import (  # noqa: E402
+    DURATION, REPS, ROOT, SERVER_CPU, WARMUP, frame, free_port, h2load, wait_port,
+)
+
+HIGH = "1000000000/s"  # never rejects
+
+SCENARIOS = {
+    "pass-through (no limits)": ("memory", []),
+    "in-process, 1 limit": ("memory", [
+        f"{{ name: per-client, key: [ {{ header: x-client-id }} ], rate: {HIGH}, algorithm: gcra }}",
+    ]),
+    "Redis, 1 limit": ("redis", [
+        f"{{ name: per-client, key: [ {{ header: x-client-id }} ], rate: {HIGH}, algorithm: gcra }}",
+    ]),
+    "Redis, 3 limits": ("redis", [
+        f"{{ name: per-client, key: [ {{ header: x-client-id }} ], rate: {HIGH}, algorithm: gcra }}",
+        f"{{ name: per-method, key: [ {{ method: {{}} }} ], rate: {HIGH}, algorithm: sliding_window_counter }}",
+        f"{{ name: per-peer, key: [ {{ peer_ip: {{ mask: 24 }} }} ], rate: {HIGH}, algorithm: fixed_window }}",
+    ]),
+    "Redis, 1 limit, ~all rejected": ("redis", [
+        "{ name: per-client, key: [ { header: x-client-id } ], rate: 1/min, algorithm: gcra }",
+    ]),
+}
+
+
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def redis_commands(port):
+    """Commands Redis has run since the last CONFIG RESETSTAT, by command."""
+    stats = {}
+    for line in redis_cli(port, "INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            fields = dict(kv.split("=") for kv in rest.split(","))
+            stats[name] = int(fields["calls"])
+    stats.pop("info", None)
+    stats.pop("config|resetstat", None)
+    return stats
+
+
+def main():
+    work = tempfile.mkdtemp()
+    procs = []
+    redis_dir = f"{work}/redis"
+
+    def spawn(cmd):
+        p = subprocess.Popen(SERVER_CPU + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    try:
+        out = subprocess.run([f"{ROOT}/scripts/redis.sh", "start", redis_dir, "--owner", str(os.getpid())],
+                             check=True, capture_output=True, text=True).stdout
+        env = dict(line.split("=", 1) for line in out.split())
+        redis_port = int(env["PORT"])
+        with open(f"{redis_dir}/redis.pid") as f:
+            redis_pid = int(f.read().strip())
+        subprocess.run(["taskset", "-a", "-p", "-c", "0", str(redis_pid)], check=True, capture_output=True)
+
+        up = free_port()
+        spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
+        wait_port(up)
+        targets = {}
+        for name, (backend, limits) in SCENARIOS.items():
+            port, admin = free_port(), free_port()
+            cfg = f"{work}/{port}.yaml"
+            limiter = "limiter: { backend: memory }\n"
+            if backend == "redis":
+                limiter = f"limiter: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{redis_port}\" }} }}\n"
+            route = "  - match: { service: tollgate.test.v1.Echo }\n    upstream: echo\n"
+            if limits:
+                route += "    limits:\n" + "".join(f"      - {lim}\n" for lim in limits)
+            with open(cfg, "w") as f:
+                f.write(f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
+                        f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{up}\"] }}\n{limiter}routes:\n{route}")
+            p = spawn([f"{ROOT}/target/release/tollgate", "run", "--config", cfg])
+            targets[name] = (port, p.pid, backend)
+        for port, _, _ in targets.values():
+            wait_port(port)
+        time.sleep(0.5)
+
+        payload = f"{work}/unary.bin"
+        with open(payload, "wb") as f:
+            f.write(frame(b"\x0a\x64" + bytes(range(100))))
+        headers = ["-H", "x-client-id: bench-client"]
+        results = {}
+        commands = {}
+        for rep in range(REPS):
+            for shape in ((1, 1), (4, 25)):
+                for name, (port, pid, backend) in targets.items():
+                    redis_cli(redis_port, "CONFIG", "RESETSTAT")
+                    rps, p50, n, cpu = h2load(port, shape[0], shape[1], payload, f"{work}/h2load.log", [pid],
+                                              extra=headers)
+                    if backend == "redis" and n:
+                        stats = redis_commands(redis_port)
+                        # Warm-up calls count too: divide by every call made.
+                        total_calls = n * (DURATION + WARMUP) / DURATION
+                        commands.setdefault(name, []).append((sum(stats.values()) / total_calls, stats))
+                    results.setdefault((shape, name), []).append((rps, p50, cpu))
+                    print(f"rep {rep + 1} {shape[0]}x{shape[1]} {name}: {rps:,.0f} rps p50 {p50} µs"
+                          + (f" cpu {cpu:.1f} µs/call" if cpu is not None else ""), file=sys.stderr)
+
+        med = statistics.median
+        rng = lambda xs: f"{min(xs):,.0f}–{max(xs):,.0f}"  # noqa: E731
+        base = med(r[0] for r in results[((4, 25), "pass-through (no limits)")])
+        base_p50 = med(r[1] for r in results[((1, 1), "pass-through (no limits)")])
+        print()
+        print(f"Each cell: median of {REPS} runs (min–max); {DURATION} s measured after {WARMUP} s warm-up.")
+        print()
+        print("| scenario | 4x25 RPS | vs pass-through | tollgate CPU per call | 1x1 p50 | Redis commands per call |")
+        print("|---|---|---|---|---|---|")
+        for name in SCENARIOS:
+            a = results[((1, 1), name)]
+            b = results[((4, 25), name)]
+            cpu = [r[2] for r in b if r[2] is not None]
+            p50 = med([r[1] for r in a])
+            cmds = commands.get(name)
+            per_call = f"{max(c[0] for c in cmds):.2f} (max)" if cmds else "—"
+            print(f"| {name} | {med([r[0] for r in b]):,.0f} ({rng([r[0] for r in b])}) "
+                  f"| {med([r[0] for r in b]) / base:.2f}x "
+                  f"| {med(cpu):.1f} µs ({min(cpu):.1f}–{max(cpu):.1f}) "
+                  f"| {p50:.0f} µs (+{p50 - base_p50:.0f}) | {per_call} |")
+        print()
+        for name, cmds in commands.items():
+            print(f"{name}: Redis commands in the last run: {cmds[-1][1]}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run([f"{ROOT}/scripts/redis.sh", "stop", redis_dir], capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
