@@ -84,6 +84,9 @@ def main():
              "--database-url", f"sqlite://{tmp}/payments.db"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))
+        backend = grpc.insecure_channel(f"127.0.0.1:{backend_port}")
+        grpc.channel_ready_future(backend).result(timeout=30)
+        backend.close()
         port, admin = free_port(), f"127.0.0.1:{free_port()}"
         config = os.path.join(tmp, "tollgate.yaml")
         with open(config, "w") as f:
@@ -95,6 +98,7 @@ upstreams:
 limiter:
   backend: redis
   redis: {{ url: "{redis_url}", timeout: 1s }}
+  response_headers: true
 routes:
   - match: {{ service: grpc.health.v1.Health }}
     upstream: backend

@@ -18,7 +18,7 @@ use tonic_types::StatusExt;
 fn config(up: std::net::SocketAddr, limits: &str) -> String {
     let name = format!("lim-{}", up.port());
     format!(
-        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo, method: Unary }}\n    upstream: echo\n    name: {name}\n    limits:\n{limits}\n  - {{ match: {{}}, upstream: echo }}\n"
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter: {{ response_headers: true }}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo, method: Unary }}\n    upstream: echo\n    name: {name}\n    limits:\n{limits}\n  - {{ match: {{}}, upstream: echo }}\n"
     )
 }
 

@@ -77,7 +77,7 @@ async fn run_table(store: &RedisStore) {
             let key = format!("case-{n}");
             let c = check(&key, n as u64, case.params, step.cost, false);
             let d = store
-                .decide(0, &[c], Some(ALIGNED_START + step.at))
+                .decide(0, &[c], Some(ALIGNED_START + step.at), true)
                 .await
                 .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             check_step(&case, i, step, &d[0]).unwrap();
@@ -105,17 +105,17 @@ async fn all_or_nothing(store: &RedisStore) {
     let narrow = check("narrow", tag, fixed(1), 1, false);
     let shadow = check("shadow", tag, fixed(1), 1, true);
     let all = [wide.clone(), narrow.clone(), shadow.clone()];
-    let d = store.decide(0, &all, None).await.unwrap();
+    let d = store.decide(0, &all, None, true).await.unwrap();
     assert!(d.iter().all(|d| d.allowed), "{d:?}");
     for _ in 0..5 {
-        let d = store.decide(0, &all, None).await.unwrap();
+        let d = store.decide(0, &all, None, true).await.unwrap();
         assert!(d[0].allowed && !d[1].allowed && !d[2].allowed, "{d:?}");
     }
-    let d = store.decide(0, &[wide], None).await.unwrap();
+    let d = store.decide(0, &[wide], None, true).await.unwrap();
     assert_eq!(d[0].remaining, 8, "only the first call was charged");
     // A shadow limit that refuses does not block the others.
     let other = check("other", tag, fixed(5), 1, false);
-    let d = store.decide(0, &[shadow, other], None).await.unwrap();
+    let d = store.decide(0, &[shadow, other], None, true).await.unwrap();
     assert!(!d[0].allowed && d[1].allowed, "{d:?}");
 }
 
@@ -145,18 +145,18 @@ async fn cost_larger_than_the_log_window_and_big_costs_work() {
         algorithm: Algorithm::SlidingWindowLog,
     };
     let d = store
-        .decide(0, &[check("big", 1, log, 4500, false)], None)
+        .decide(0, &[check("big", 1, log, 4500, false)], None, true)
         .await
         .unwrap();
     assert!(d[0].allowed);
     assert_eq!(d[0].remaining, 500);
     let d = store
-        .decide(0, &[check("big", 1, log, 501, false)], None)
+        .decide(0, &[check("big", 1, log, 501, false)], None, true)
         .await
         .unwrap();
     assert!(!d[0].allowed);
     let d = store
-        .decide(0, &[check("big", 1, log, 6000, false)], None)
+        .decide(0, &[check("big", 1, log, 6000, false)], None, true)
         .await
         .unwrap();
     assert!(!d[0].allowed, "a cost above the limit never fits");
@@ -168,13 +168,13 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     let redis = testkit::Redis::start();
     let store = single(redis.url(), Duration::from_millis(500));
     let c = [check("k", 1, fixed(100), 1, false)];
-    store.decide(0, &c, None).await.unwrap();
+    store.decide(0, &c, None, true).await.unwrap();
 
     redis.stop();
     let mut breaker_opened = false;
     for _ in 0..20 {
         let started = std::time::Instant::now();
-        let e = store.decide(0, &c, None).await.unwrap_err();
+        let e = store.decide(0, &c, None, true).await.unwrap_err();
         assert!(
             started.elapsed() < Duration::from_millis(510),
             "waited {:?}",
@@ -190,7 +190,7 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     redis.start_again();
     let back = testkit::eventually(Duration::from_secs(5), "decisions in Redis again", || {
         let (store, c) = (&store, &c);
-        async move { store.decide(0, c, None).await.ok() }
+        async move { store.decide(0, c, None, true).await.ok() }
     })
     .await;
     assert!(back[0].allowed);
@@ -212,7 +212,8 @@ async fn concurrent_calls_share_script_runs_and_stay_exact() {
             let store = store.clone();
             tokio::spawn(async move {
                 let c = [check("shared", 1, fixed(50), 1, false)];
-                store.decide(0, &c, None).await.unwrap()[0].allowed
+                // Without details: allowing limits answer with one number.
+                store.decide(0, &c, None, false).await.unwrap()[0].allowed
             })
         })
         .collect();

@@ -179,8 +179,10 @@ pub struct Limiter {
     /// Global dry run: every limit is evaluated and counted, none rejects.
     #[serde(default)]
     pub shadow: bool,
-    /// Add `ratelimit-*` headers to allowed calls too.
-    #[serde(default = "default_true")]
+    /// Add `ratelimit-*` headers to allowed calls too (refused calls
+    /// always carry them). Off by default: three more headers per response
+    /// that every client must decode.
+    #[serde(default)]
     pub response_headers: bool,
     /// Most distinct keys kept in memory; beyond it, calls with new keys
     /// pass uncounted (and are counted in metrics).
@@ -203,7 +205,7 @@ impl Default for Limiter {
         Limiter {
             backend: Backend::Memory,
             shadow: false,
-            response_headers: true,
+            response_headers: false,
             max_keys: default_max_keys(),
             redis: None,
             failure_mode: FailureMode::default(),
@@ -260,9 +262,6 @@ impl Default for RedisStore {
     }
 }
 
-fn default_true() -> bool {
-    true
-}
 fn default_max_keys() -> usize {
     1_000_000
 }

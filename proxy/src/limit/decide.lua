@@ -11,27 +11,30 @@
 --          per slot and gives the limits of one route one hash tag).
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (one clock for every
 --          replica; tests pass a time to step through a case).
--- ARGV[2]  the number of calls in the batch. Then, per call, the number of
---          its limits, and for each limit (its key is the next of KEYS)
---          eight numbers:
+-- ARGV[2]  D, the number of limit definitions, then seven numbers each:
 --          algorithm  1 fixed window, 2 sliding window counter,
 --                     3 sliding window log, 4 gcra
 --          limit      units per period
 --          period     microseconds
 --          capacity   gcra: the burst; others: the limit
 --          emission   gcra: microseconds per unit (period / limit, >= 1)
---          cost       units this call takes
---          shadow     1: decided and reported, never blocks the commit
 --          ttl        microseconds after which an untouched state is moot
--- Returns five integers per limit, calls and limits in order: allowed
--- (1/0), limit, remaining, reset (µs until the quota is whole again), retry
--- after (µs, 0 if allowed).
+--          shadow     1: decided and reported, never blocks the commit
+-- Then     the number of calls, and per call: the number of its limits,
+--          whether it wants the figures of limits that allow it (1/0), and
+--          for each limit (its key is the next of KEYS) two numbers: its
+--          definition (1..D) and the units this call takes.
+-- Returns, per limit, calls and limits in order: -1 for a limit that
+-- allows the call when its figures are not wanted; else five integers:
+-- allowed (1/0), limit, remaining, reset (µs until the quota is whole
+-- again), retry after (µs, 0 if allowed).
 --
 -- State per key: fixed window a hash {w = window start, c = count}; sliding
 -- counter a hash {w, cur, prev}; sliding log a sorted set with one member
 -- per unit, scored by its time; gcra a string holding the theoretical
--- arrival time. Numbers are handed to Redis through int() because Lua would
--- print large ones in exponent form.
+-- arrival time. Redis (5 and later) hands numbers to commands exactly; only
+-- the log's member names are built with int(), because Lua's own number
+-- printing would use exponent form.
 
 if redis.replicate_commands then
   redis.replicate_commands()
@@ -42,7 +45,7 @@ local function int(n)
 end
 
 local function ttl_ms(micros)
-  return int(math.max(1, math.ceil(micros / 1000)))
+  return math.max(1, math.ceil(micros / 1000))
 end
 
 local now
@@ -53,27 +56,36 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local out = {}
+local defs = {}
 local a = 3
-local k = 1
+for d = 1, tonumber(ARGV[2]) do
+  defs[d] = {
+    tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6] == '1',
+  }
+  a = a + 7
+end
 
-for _ = 1, tonumber(ARGV[2]) do
+local out = {}
+local n = 0
+local k = 1
+local calls = tonumber(ARGV[a])
+a = a + 1
+
+for _ = 1, calls do
   local limits = tonumber(ARGV[a])
-  a = a + 1
+  local details = ARGV[a + 1] == '1'
+  a = a + 2
   local writes = {}
   local commit = true
   for _ = 1, limits do
     local key = KEYS[k]
     k = k + 1
-    local algorithm = tonumber(ARGV[a])
-    local limit = tonumber(ARGV[a + 1])
-    local period = tonumber(ARGV[a + 2])
-    local capacity = tonumber(ARGV[a + 3])
-    local emission = tonumber(ARGV[a + 4])
-    local cost = tonumber(ARGV[a + 5])
-    local shadow = ARGV[a + 6] == '1'
-    local ttl = tonumber(ARGV[a + 7])
-    a = a + 8
+    local def = defs[tonumber(ARGV[a])]
+    local cost = tonumber(ARGV[a + 1])
+    a = a + 2
+    local algorithm, limit, period, capacity, emission, ttl, shadow =
+      def[1], def[2], def[3], def[4], def[5], def[6], def[7]
     local allowed, shown, remaining, reset, retry, write
 
     if algorithm == 1 then
@@ -88,7 +100,7 @@ for _ = 1, tonumber(ARGV[2]) do
       if allowed then
         count = count + cost
         write = function()
-          redis.call('HSET', key, 'w', int(window), 'c', int(count))
+          redis.call('HSET', key, 'w', window, 'c', count)
           redis.call('PEXPIRE', key, ttl_ms(ttl))
         end
       end
@@ -118,7 +130,7 @@ for _ = 1, tonumber(ARGV[2]) do
       if allowed then
         current = current + cost
         write = function()
-          redis.call('HSET', key, 'w', int(window), 'cur', int(current), 'prev', int(previous))
+          redis.call('HSET', key, 'w', window, 'cur', current, 'prev', previous)
           redis.call('PEXPIRE', key, ttl_ms(ttl))
         end
       end
@@ -138,7 +150,7 @@ for _ = 1, tonumber(ARGV[2]) do
       end
 
     elseif algorithm == 3 then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
       local used = redis.call('ZCARD', key)
       allowed = used + cost <= limit
       if allowed then
@@ -162,7 +174,7 @@ for _ = 1, tonumber(ARGV[2]) do
         write = function()
           local args = {}
           for j = 1, cost do
-            args[#args + 1] = int(now)
+            args[#args + 1] = now
             args[#args + 1] = int(now) .. ':' .. int(used + j)
             if #args >= 2000 then
               redis.call('ZADD', key, unpack(args))
@@ -191,9 +203,7 @@ for _ = 1, tonumber(ARGV[2]) do
       allowed = now >= allow_at and cost <= capacity
       local kept = allowed and new_tat or tat
       if allowed then
-        write = function()
-          redis.call('SET', key, int(kept), 'PX', ttl_ms(ttl))
-        end
+        write = {key, kept, ttl_ms(ttl)}
       end
       shown = capacity
       remaining = math.floor(math.max(0, now + tau - kept) / emission)
@@ -213,15 +223,26 @@ for _ = 1, tonumber(ARGV[2]) do
     if write then
       writes[#writes + 1] = write
     end
-    out[#out + 1] = allowed and 1 or 0
-    out[#out + 1] = shown
-    out[#out + 1] = remaining
-    out[#out + 1] = reset
-    out[#out + 1] = retry
+    if allowed and not details then
+      out[n + 1] = -1
+      n = n + 1
+    else
+      out[n + 1] = allowed and 1 or 0
+      out[n + 2] = shown
+      out[n + 3] = remaining
+      out[n + 4] = reset
+      out[n + 5] = retry
+      n = n + 5
+    end
   end
   if commit then
     for _, write in ipairs(writes) do
-      write()
+      if type(write) == 'table' then
+        -- gcra: the new theoretical arrival time
+        redis.call('SET', write[1], write[2], 'PX', write[3])
+      else
+        write()
+      end
     end
   end
 end

@@ -25,7 +25,7 @@ use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::algorithm::{Algorithm, Decision};
+use super::algorithm::{Algorithm, Decision, Params};
 use super::breaker::{Breaker, Gate, Transition};
 use super::memory::Check;
 use crate::config::{self, Backend};
@@ -70,11 +70,13 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// One call's part of a batch, encoded by the caller.
+/// One call's part of a batch.
 struct Request {
     keys: Vec<String>,
-    /// Eight numbers per limit (see decide.lua).
-    args: Vec<u64>,
+    /// Per limit: its parameters, whether it is in shadow mode, the cost.
+    limits: Vec<(Params, bool, u64)>,
+    /// Whether the figures of allowing limits are wanted (for headers).
+    details: bool,
     now: Option<u64>,
     /// Cluster: the slot of the keys (all equal).
     slot: Option<Slot>,
@@ -226,11 +228,14 @@ impl RedisStore {
 
     /// Decides every check of one call, in a batch with the other calls of
     /// worker `worker`. `now` (µs) replaces Redis `TIME` when set (tests).
+    /// Without `details`, a limit that allows the call reports only that
+    /// (its limit, remaining and reset are 0): less for Redis to send.
     pub async fn decide(
         &self,
         worker: usize,
         checks: &[Check],
         now: Option<u64>,
+        details: bool,
     ) -> Result<Vec<Decision>, StoreError> {
         let gate = self.breaker.gate();
         if gate == Gate::Refuse {
@@ -238,7 +243,7 @@ impl RedisStore {
             return Err(StoreError::BreakerOpen);
         }
         let deadline = Instant::now() + self.inner.timeout;
-        let result = self.ask(worker, checks, now, deadline).await;
+        let result = self.ask(worker, checks, now, details, deadline).await;
         match &result {
             Ok(_) => {
                 if self.breaker.success(gate) == Transition::Closed {
@@ -271,29 +276,14 @@ impl RedisStore {
         worker: usize,
         checks: &[Check],
         now: Option<u64>,
+        details: bool,
         deadline: Instant,
     ) -> Result<Vec<Decision>, StoreError> {
-        let mut keys = Vec::with_capacity(checks.len());
-        let mut args = Vec::with_capacity(8 * checks.len());
-        for c in checks {
-            let p = &c.params;
-            keys.push(self.redis_key(c));
-            args.extend([
-                match p.algorithm {
-                    Algorithm::FixedWindow => 1,
-                    Algorithm::SlidingWindowCounter => 2,
-                    Algorithm::SlidingWindowLog => 3,
-                    Algorithm::Gcra => 4,
-                },
-                p.rate.limit,
-                p.rate.period_micros(),
-                p.capacity(),
-                p.rate.emission_interval_micros(),
-                c.cost,
-                u64::from(c.shadow),
-                p.ttl_micros(),
-            ]);
-        }
+        let keys: Vec<String> = checks.iter().map(|c| self.redis_key(c)).collect();
+        let limits = checks
+            .iter()
+            .map(|c| (c.params, c.shadow, c.cost))
+            .collect();
         let slot = match self.inner.target {
             Target::Cluster(_) => keys.first().map(Slot::for_key),
             Target::Single(_) => None,
@@ -301,7 +291,8 @@ impl RedisStore {
         let (tx, rx) = oneshot::channel();
         let request = Request {
             keys,
-            args,
+            limits,
+            details,
             now,
             slot,
             reply: tx,
@@ -419,15 +410,48 @@ async fn run_owned(inner: Arc<Inner>, conn: Conn, group: Vec<Request>) -> bool {
 /// Runs one group as one script call and answers its calls; returns whether
 /// the connection broke.
 async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
+    // Limit definitions go once per batch; calls refer to them.
+    let mut defs: Vec<(Params, bool)> = Vec::new();
+    let mut refs: Vec<(usize, u64)> = Vec::new();
+    for r in &group {
+        for &(params, shadow, cost) in &r.limits {
+            let d = match defs.iter().position(|d| *d == (params, shadow)) {
+                Some(d) => d,
+                None => {
+                    defs.push((params, shadow));
+                    defs.len() - 1
+                }
+            };
+            refs.push((d + 1, cost));
+        }
+    }
     let mut call = inner.script.prepare_invoke();
     call.arg(group[0].now.map(|n| n.to_string()).unwrap_or_default())
-        .arg(group.len());
+        .arg(defs.len());
+    for (p, shadow) in &defs {
+        call.arg(match p.algorithm {
+            Algorithm::FixedWindow => 1,
+            Algorithm::SlidingWindowCounter => 2,
+            Algorithm::SlidingWindowLog => 3,
+            Algorithm::Gcra => 4,
+        })
+        .arg(p.rate.limit)
+        .arg(p.rate.period_micros())
+        .arg(p.capacity())
+        .arg(p.rate.emission_interval_micros())
+        .arg(p.ttl_micros())
+        .arg(u8::from(*shadow));
+    }
+    call.arg(group.len());
+    let mut refs = refs.into_iter();
     for r in &group {
-        call.arg(r.keys.len());
+        call.arg(r.keys.len()).arg(u8::from(r.details));
         for k in &r.keys {
             call.key(k);
         }
-        call.arg(&r.args[..]);
+        for (d, cost) in refs.by_ref().take(r.keys.len()) {
+            call.arg(d).arg(cost);
+        }
     }
     let reply: Result<Result<Vec<i64>, RedisError>, _> = match conn {
         Conn::Single(mut c) => tokio::time::timeout(inner.timeout, call.invoke_async(&mut c)).await,
@@ -444,35 +468,68 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
                 (StoreError::Response(e.to_string()), false)
             }
         }
-        Ok(Ok(numbers)) => {
-            let limits: usize = group.iter().map(|r| r.keys.len()).sum();
-            if numbers.len() != 5 * limits {
-                (
-                    StoreError::Response(format!(
-                        "the decision script returned {} numbers for {limits} limits",
-                        numbers.len()
-                    )),
-                    false,
-                )
-            } else {
-                let n = |v: i64| u64::try_from(v).unwrap_or(0);
-                let mut decisions = numbers.chunks_exact(5).map(|r| Decision {
-                    allowed: r[0] == 1,
-                    limit: n(r[1]),
-                    remaining: n(r[2]),
-                    reset_micros: n(r[3]),
-                    retry_after_micros: n(r[4]),
-                });
-                for r in group {
-                    let mine: Vec<Decision> = decisions.by_ref().take(r.keys.len()).collect();
-                    let _ = r.reply.send(Ok(mine));
+        Ok(Ok(numbers)) => match split(&numbers, &group) {
+            Ok(decisions) => {
+                for (r, d) in group.into_iter().zip(decisions) {
+                    let _ = r.reply.send(Ok(d));
                 }
                 return false;
             }
-        }
+            Err(e) => (StoreError::Response(e), false),
+        },
     };
     fail(&mut group, &error);
     broken
+}
+
+/// The script's numbers, as each call's decisions.
+fn split(numbers: &[i64], group: &[Request]) -> Result<Vec<Vec<Decision>>, String> {
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mut at = 0;
+    let mut out = Vec::with_capacity(group.len());
+    for r in group {
+        let mut mine = Vec::with_capacity(r.keys.len());
+        for _ in 0..r.keys.len() {
+            match numbers.get(at) {
+                Some(-1) => {
+                    at += 1;
+                    mine.push(Decision {
+                        allowed: true,
+                        limit: 0,
+                        remaining: 0,
+                        reset_micros: 0,
+                        retry_after_micros: 0,
+                    });
+                }
+                Some(_) if at + 5 <= numbers.len() => {
+                    let d = &numbers[at..at + 5];
+                    at += 5;
+                    mine.push(Decision {
+                        allowed: d[0] == 1,
+                        limit: n(d[1]),
+                        remaining: n(d[2]),
+                        reset_micros: n(d[3]),
+                        retry_after_micros: n(d[4]),
+                    });
+                }
+                _ => {
+                    return Err(format!(
+                        "the decision script returned {} numbers: too few for the batch",
+                        numbers.len()
+                    ))
+                }
+            }
+        }
+        out.push(mine);
+    }
+    if at != numbers.len() {
+        return Err(format!(
+            "the decision script returned {} numbers, {} more than the batch",
+            numbers.len(),
+            numbers.len() - at
+        ));
+    }
+    Ok(out)
 }
 
 async fn connect(target: &Target) -> Result<Conn, RedisError> {

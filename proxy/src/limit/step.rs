@@ -371,7 +371,10 @@ impl LimitStep for RouteLimits {
             return Box::pin(std::future::ready(r));
         };
         Box::pin(async move {
-            let r = match redis.decide(call.worker, &checks, None).await {
+            let r = match redis
+                .decide(call.worker, &checks, None, self.response_headers)
+                .await
+            {
                 Ok(decisions) => {
                     let outcomes: Vec<Outcome> =
                         decisions.into_iter().map(Outcome::Decided).collect();
