@@ -29,12 +29,14 @@
 -- allowed (1/0), limit, remaining, reset (µs until the quota is whole
 -- again), retry after (µs, 0 if allowed).
 --
--- State per key: fixed window a hash {w = window start, c = count}; sliding
--- counter a hash {w, cur, prev}; sliding log a sorted set with one member
--- per unit, scored by its time; gcra a string holding the theoretical
--- arrival time. Redis (5 and later) hands numbers to commands exactly; only
--- the log's member names are built with int(), because Lua's own number
--- printing would use exponent form.
+-- State per key: fixed window a string "window start:count"; sliding
+-- counter "window start:current:previous"; sliding log a sorted set with
+-- one member per unit, scored by its time; gcra a string holding the
+-- theoretical arrival time. One GET and one SET each (a Redis call from Lua
+-- costs more than parsing a short string). Redis (5 and later) hands
+-- numbers to commands exactly; strings made of numbers (states, the log's
+-- members) are built with int(), because Lua's own number printing would
+-- use exponent form.
 
 if redis.replicate_commands then
   redis.replicate_commands()
@@ -89,35 +91,38 @@ for _ = 1, calls do
     local allowed, shown, remaining, reset, retry, write
 
     if algorithm == 1 then
-      local st = redis.call('HMGET', key, 'w', 'c')
+      local st = redis.call('GET', key)
       local window = now - now % period
       local count = 0
-      if tonumber(st[1]) == window then
-        count = tonumber(st[2]) or 0
+      if st then
+        local w, c = string.match(st, '^(%d+):(%d+)$')
+        if tonumber(w) == window then
+          count = tonumber(c)
+        end
       end
       reset = window + period - now
       allowed = count + cost <= limit
       if allowed then
         count = count + cost
-        write = function()
-          redis.call('HSET', key, 'w', window, 'c', count)
-          redis.call('PEXPIRE', key, ttl_ms(ttl))
-        end
+        write = {key, int(window) .. ':' .. int(count), ttl_ms(ttl)}
       end
       shown = limit
       remaining = math.max(0, limit - count)
       retry = allowed and 0 or reset
 
     elseif algorithm == 2 then
-      local st = redis.call('HMGET', key, 'w', 'cur', 'prev')
+      local st = redis.call('GET', key)
       local window = now - now % period
-      local w = tonumber(st[1])
       local current, previous = 0, 0
-      if w == window then
-        current = tonumber(st[2]) or 0
-        previous = tonumber(st[3]) or 0
-      elseif w ~= nil and w + period == window then
-        previous = tonumber(st[2]) or 0
+      if st then
+        local sw, sc, sp = string.match(st, '^(%d+):(%d+):(%d+)$')
+        local w = tonumber(sw)
+        if w == window then
+          current = tonumber(sc)
+          previous = tonumber(sp)
+        elseif w ~= nil and w + period == window then
+          previous = tonumber(sc)
+        end
       end
       local elapsed = now - window
       -- previous * (period - elapsed) / period + current, scaled by period so
@@ -129,10 +134,7 @@ for _ = 1, calls do
       allowed = scaled(current + cost) <= cap
       if allowed then
         current = current + cost
-        write = function()
-          redis.call('HSET', key, 'w', window, 'cur', current, 'prev', previous)
-          redis.call('PEXPIRE', key, ttl_ms(ttl))
-        end
+        write = {key, int(window) .. ':' .. int(current) .. ':' .. int(previous), ttl_ms(ttl)}
       end
       shown = limit
       remaining = math.floor(math.max(0, cap - scaled(current)) / period)
@@ -238,7 +240,6 @@ for _ = 1, calls do
   if commit then
     for _, write in ipairs(writes) do
       if type(write) == 'table' then
-        -- gcra: the new theoretical arrival time
         redis.call('SET', write[1], write[2], 'PX', write[3])
       else
         write()

@@ -79,6 +79,9 @@ impl MemoryStore {
     /// [`decide`](Self::decide) at a given time (µs on this store's clock;
     /// tests step through cases with it).
     pub fn decide_at(&self, checks: &[Check], now: u64) -> Vec<Answer> {
+        if let [c] = checks {
+            return vec![self.decide_one(c, now)];
+        }
         let mut shard_ids: Vec<usize> = checks.iter().map(|c| Self::shard(&c.key)).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
@@ -97,13 +100,10 @@ impl MemoryStore {
                 next_states.push(None);
                 continue;
             };
-            if !map.contains_key(&c.key) && map.len() >= self.max_per_shard {
-                map.retain(|_, e| e.expires > now);
-                if map.len() >= self.max_per_shard {
-                    answers.push(Answer::OverCapacity);
-                    next_states.push(None);
-                    continue;
-                }
+            if !self.room_for(map, &c.key, now) {
+                answers.push(Answer::OverCapacity);
+                next_states.push(None);
+                continue;
             }
             let current = map
                 .get(&c.key)
@@ -121,12 +121,51 @@ impl MemoryStore {
                 let Some(state) = state else { continue };
                 let i = Self::shard(&c.key);
                 if let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) {
-                    let expires = now + c.params.ttl_micros();
-                    map.insert(c.key.clone(), Entry { state, expires });
+                    store(map, c, state, now);
                 }
             }
         }
         answers
+    }
+
+    /// One limit: one lock, no bookkeeping for the others.
+    fn decide_one(&self, c: &Check, now: u64) -> Answer {
+        let Ok(mut map) = self.shards[Self::shard(&c.key)].lock() else {
+            return Answer::OverCapacity;
+        };
+        if !self.room_for(&mut map, &c.key, now) {
+            return Answer::OverCapacity;
+        }
+        let current = map
+            .get(&c.key)
+            .filter(|e| e.expires > now)
+            .map(|e| &e.state);
+        let (d, state) = c.params.decide(current, now, c.cost);
+        if d.allowed {
+            store(&mut map, c, state, now);
+        }
+        Answer::Decided(d)
+    }
+
+    /// Whether `key` has (or may take) a place in a shard: expired keys make
+    /// room when it is full.
+    fn room_for(&self, map: &mut HashMap<String, Entry>, key: &str, now: u64) -> bool {
+        if map.len() < self.max_per_shard || map.contains_key(key) {
+            return true;
+        }
+        map.retain(|_, e| e.expires > now);
+        map.len() < self.max_per_shard
+    }
+}
+
+/// Keeps a key's new state, in place when the key is known.
+fn store(map: &mut HashMap<String, Entry>, c: &Check, state: State, now: u64) {
+    let expires = now + c.params.ttl_micros();
+    match map.get_mut(&c.key) {
+        Some(e) => *e = Entry { state, expires },
+        None => {
+            map.insert(c.key.clone(), Entry { state, expires });
+        }
     }
 }
 

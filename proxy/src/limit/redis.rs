@@ -13,7 +13,7 @@
 //! every connection is rebuilt (a connection to a host that vanished may
 //! never error).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{AsyncConnectionConfig, RedisError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 use super::algorithm::{Algorithm, Decision, Params};
@@ -85,6 +85,11 @@ struct Request {
 
 /// Most calls in one script run; more wait for the next batch.
 const MAX_BATCH: usize = 256;
+
+/// Batches one worker may have in Redis at once: one accumulating while
+/// another is decided keeps the pipeline busy when Redis is slow to be
+/// scheduled.
+const MAX_IN_FLIGHT: usize = 4;
 
 struct Meters {
     timeout: IntCounter,
@@ -223,7 +228,16 @@ impl RedisStore {
     /// The Redis key of a limit key: the prefix, the hash tag (all keys of
     /// one call share it, so the script runs on one Cluster node), the key.
     pub fn redis_key(&self, check: &Check) -> String {
-        format!("{}:{{{:016x}}}:{}", self.prefix, check.tag, check.key)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut k = String::with_capacity(self.prefix.len() + 20 + check.key.len());
+        k.push_str(&self.prefix);
+        k.push_str(":{");
+        for i in (0..16).rev() {
+            k.push(char::from(HEX[((check.tag >> (i * 4)) & 0xf) as usize]));
+        }
+        k.push_str("}:");
+        k.push_str(&check.key);
+        k
     }
 
     /// Decides every check of one call, in a batch with the other calls of
@@ -338,15 +352,26 @@ impl RedisStore {
 /// and repeats. Owns the worker's connection; ends when the store is gone.
 async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut conn: Option<(u64, Conn)> = None;
+    let broken = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        // While the batches in flight are full, calls queue up for the next.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
         // Calls that gave up (timed out) need no answer.
         batch.retain(|r: &Request| !r.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
         let generation = inner.generation.load(Ordering::Acquire);
-        if conn.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if broken.swap(false, Ordering::AcqRel)
+            || conn.as_ref().is_none_or(|(g, _)| *g != generation)
+        {
             conn = None;
             match tokio::time::timeout(inner.connect_timeout, connect(&inner.target)).await {
                 Ok(Ok(c)) => conn = Some((generation, c)),
@@ -376,23 +401,19 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
                 None => groups.push(vec![r]),
             }
         }
-        let broken = if groups.len() == 1 {
-            let group = groups.pop().unwrap_or_default();
-            run(&inner, c.clone(), group).await
-        } else {
-            let tasks: Vec<_> = groups
-                .into_iter()
-                .map(|g| tokio::spawn(run_owned(inner.clone(), c.clone(), g)))
-                .collect();
-            let mut broken = false;
-            for t in tasks {
-                broken |= t.await.unwrap_or(true);
-            }
-            broken
-        };
-        if broken {
-            // Let the next batch connect afresh.
-            conn = None;
+        // Each group (one per Cluster slot) runs on its own; the batch's
+        // place in flight is free once all are done.
+        let permit = Arc::new(permit);
+        for group in groups {
+            let (inner, c, broken, permit) =
+                (inner.clone(), c.clone(), broken.clone(), permit.clone());
+            tokio::spawn(async move {
+                if run(&inner, c, group).await {
+                    // The next batch connects afresh.
+                    broken.store(true, Ordering::Release);
+                }
+                drop(permit);
+            });
         }
     }
 }
@@ -401,10 +422,6 @@ fn fail(batch: &mut Vec<Request>, e: &StoreError) {
     for r in batch.drain(..) {
         let _ = r.reply.send(Err(e.clone()));
     }
-}
-
-async fn run_owned(inner: Arc<Inner>, conn: Conn, group: Vec<Request>) -> bool {
-    run(&inner, conn, group).await
 }
 
 /// Runs one group as one script call and answers its calls; returns whether

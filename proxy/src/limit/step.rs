@@ -50,6 +50,8 @@ pub struct Stores {
 
 struct Compiled {
     name: String,
+    /// `route␟limit␟algorithm␟`: every key of this limit starts with it.
+    key_prefix: String,
     rate: Rate,
     key: Vec<KeySource>,
     params: Params,
@@ -78,7 +80,6 @@ enum Outcome {
 
 /// The limits of one route.
 pub struct RouteLimits {
-    route: Arc<str>,
     limits: Vec<Compiled>,
     stores: Stores,
     /// One Redis Cluster hash tag for the whole route (it has several
@@ -146,6 +147,7 @@ impl RouteLimits {
                 },
                 failure_mode: l.failure_mode.unwrap_or(limiter.failure_mode),
                 name: l.name.clone(),
+                key_prefix: format!("{route}\u{1f}{}\u{1f}{:?}\u{1f}", l.name, params.algorithm),
                 rate,
                 key: l.key.iter().filter_map(config::KeyPart::source).collect(),
                 params,
@@ -156,7 +158,6 @@ impl RouteLimits {
             });
         }
         Ok(Some(RouteLimits {
-            route: route.into(),
             tag_by_route: (compiled.len() > 1).then(|| fnv1a(route.as_bytes())),
             limits: compiled,
             stores: stores.clone(),
@@ -166,31 +167,53 @@ impl RouteLimits {
         }))
     }
 
-    /// The key's value for a call (`None`: a part is missing and the limit
-    /// skips such calls).
-    fn value(l: &Compiled, call: &CallInfo<'_>) -> Option<String> {
-        let mut out = String::new();
+    /// Appends the key's value for a call to `out`; `false`: a part is
+    /// missing and the limit skips such calls.
+    fn value(l: &Compiled, call: &CallInfo<'_>, out: &mut String) -> bool {
+        use std::fmt::Write as _;
         for (i, part) in l.key.iter().enumerate() {
             if i > 0 {
                 out.push('/');
             }
-            let v = match part {
-                KeySource::Header(h) => call
-                    .headers
-                    .get(h.as_str())
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                KeySource::PeerIp(mask) => Some(masked(call.peer.ip(), *mask)),
-                KeySource::Method => Some(format!("{}/{}", call.service, call.method)),
-                KeySource::TlsIdentity => call.tls_identity.map(str::to_owned),
-                KeySource::Constant(c) => Some(c.clone()),
+            let present = match part {
+                KeySource::Header(h) => match call.headers.get(h.as_str()) {
+                    Some(v) => {
+                        match v.to_str() {
+                            Ok(v) => out.push_str(v),
+                            Err(_) => out.push_str(&String::from_utf8_lossy(v.as_bytes())),
+                        }
+                        true
+                    }
+                    None => false,
+                },
+                KeySource::PeerIp(mask) => {
+                    out.push_str(&masked(call.peer.ip(), *mask));
+                    true
+                }
+                KeySource::Method => {
+                    let _ = write!(out, "{}/{}", call.service, call.method);
+                    true
+                }
+                KeySource::TlsIdentity => match call.tls_identity {
+                    Some(id) => {
+                        out.push_str(id);
+                        true
+                    }
+                    None => false,
+                },
+                KeySource::Constant(c) => {
+                    out.push_str(c);
+                    true
+                }
             };
-            match (v, &l.on_missing) {
-                (Some(v), _) => out.push_str(&v),
-                (None, OnMissing::Default { default }) => out.push_str(default),
-                (None, OnMissing::Skip(_)) => return None,
+            if !present {
+                match &l.on_missing {
+                    OnMissing::Default { default } => out.push_str(default),
+                    OnMissing::Skip(_) => return false,
+                }
             }
         }
-        Some(out)
+        true
     }
 
     fn cost(l: &Compiled, call: &CallInfo<'_>) -> u64 {
@@ -213,22 +236,23 @@ impl RouteLimits {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut which = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
-            let Some(value) = Self::value(l, call) else {
+            // The key: route, limit and algorithm, then the value.
+            let mut key = String::with_capacity(l.key_prefix.len() + 48);
+            key.push_str(&l.key_prefix);
+            if !Self::value(l, call, &mut key) {
                 l.outcomes.skipped.inc();
                 continue;
+            }
+            let params = if l.overrides.is_empty() {
+                l.params
+            } else {
+                l.overrides
+                    .get(&key[l.key_prefix.len()..])
+                    .copied()
+                    .unwrap_or(l.params)
             };
-            let params = l.overrides.get(&value).copied().unwrap_or(l.params);
-            let mut key = format!(
-                "{}\u{1f}{}\u{1f}{:?}\u{1f}{value}",
-                self.route, l.name, params.algorithm
-            );
             if key.len() > MAX_KEY_BYTES {
-                key = format!(
-                    "{}\u{1f}{}\u{1f}#{:016x}",
-                    self.route,
-                    l.name,
-                    fnv1a(key.as_bytes())
-                );
+                key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
             }
             checks.push(Check {
                 tag: self.tag_by_route.unwrap_or_else(|| fnv1a(key.as_bytes())),
