@@ -207,3 +207,38 @@ async fn the_retry_delay_from_redis_is_enough_and_a_reload_keeps_counts() {
         "the reload did not reset the count"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_keys_cannot_fill_redis() {
+    let redis = testkit::Redis::start();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n  backend: redis\n  max_keys: 16\n  redis: {{ url: \"{}\", timeout: 2s }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    limits: [ {{ name: per-merchant, key: [ {{ header: x-merchant-id }} ], rate: 5/min }} ]\n",
+        redis.url(),
+        up.addr
+    ));
+    let mut c = proxy.client().await;
+    for i in 0..200 {
+        let mut r = tonic::Request::new(req(b"k"));
+        r.metadata_mut().insert(
+            "x-merchant-id",
+            MetadataValue::try_from(format!("m-{i}")).unwrap(),
+        );
+        c.unary(r)
+            .await
+            .expect("calls with keys beyond the bound pass uncounted");
+    }
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut con).await.unwrap();
+    assert!(
+        (1..=16).contains(&keys),
+        "{keys} keys in Redis for max_keys 16"
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        m.lines()
+            .any(|l| l.contains("outcome=\"over_capacity\"") && !l.ends_with(" 0")),
+        "over_capacity is counted"
+    );
+}

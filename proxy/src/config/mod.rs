@@ -184,8 +184,9 @@ pub struct Limiter {
     /// that every client must decode.
     #[serde(default)]
     pub response_headers: bool,
-    /// Most distinct keys kept in memory; beyond it, calls with new keys
-    /// pass uncounted (and are counted in metrics).
+    /// Most distinct keys kept in memory, or written to Redis by this
+    /// replica; beyond it, calls with new keys pass uncounted (and are
+    /// counted as `over_capacity`).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
     /// The Redis connection (backends `redis` and `redis-cluster`).

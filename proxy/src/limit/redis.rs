@@ -13,6 +13,7 @@
 //! every connection is rebuilt (a connection to a host that vanished may
 //! never error).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,8 +112,53 @@ struct Inner {
     shown: String,
 }
 
+/// Bounds the distinct keys one replica writes to Redis
+/// (`limiter.max_keys`), so a client sending ever new key values cannot
+/// fill Redis: a key seen within its lifetime passes, a new one passes
+/// while there is room, and beyond that the limit does not count the call
+/// (`over_capacity`), as the in-process store does.
+struct KeyGate {
+    shards: Vec<Mutex<HashMap<u64, u64>>>,
+    max_per_shard: usize,
+    epoch: std::time::Instant,
+}
+
+impl KeyGate {
+    const SHARDS: usize = 16;
+
+    fn new(max_keys: usize) -> Self {
+        KeyGate {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            max_per_shard: max_keys.div_ceil(Self::SHARDS).max(1),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn admit(&self, hash: u64, ttl_micros: u64) -> bool {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let Ok(mut map) = self.shards[(hash % Self::SHARDS as u64) as usize].lock() else {
+            return false;
+        };
+        if let Some(expires) = map.get_mut(&hash) {
+            *expires = now + ttl_micros;
+            return true;
+        }
+        if map.len() >= self.max_per_shard {
+            map.retain(|_, e| *e > now);
+            if map.len() >= self.max_per_shard {
+                return false;
+            }
+        }
+        map.insert(hash, now + ttl_micros);
+        true
+    }
+}
+
 /// A Redis (or Redis Cluster) limit store.
 pub struct RedisStore {
+    keys: KeyGate,
     inner: Arc<Inner>,
     /// Per worker: the queue of its batcher (started on first use).
     batchers: Vec<Mutex<Option<mpsc::UnboundedSender<Request>>>>,
@@ -191,6 +237,7 @@ impl RedisStore {
         };
         let m = metrics::get();
         Ok(RedisStore {
+            keys: KeyGate::new(limiter.max_keys),
             inner: Arc::new(Inner {
                 target,
                 script: redis::Script::new(SCRIPT),
@@ -213,6 +260,14 @@ impl RedisStore {
             },
             settings: (limiter.backend, r),
         })
+    }
+
+    /// Whether this replica may write `check`'s key (see [`KeyGate`]).
+    pub fn admit(&self, check: &Check) -> bool {
+        self.keys.admit(
+            super::memory::fnv1a(check.key.as_bytes()),
+            check.params.ttl_micros(),
+        )
     }
 
     /// `redis` or `redis-cluster` (the metrics' backend label).

@@ -394,6 +394,19 @@ impl LimitStep for RouteLimits {
             self.memory_duration.observe(start.elapsed().as_secs_f64());
             return Box::pin(std::future::ready(r));
         };
+        let (mut checks, mut which) = (checks, which);
+        let mut i = 0;
+        while i < checks.len() {
+            if redis.admit(&checks[i]) {
+                i += 1;
+            } else {
+                checks.remove(i);
+                self.limits[which.remove(i)].outcomes.over_capacity.inc();
+            }
+        }
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
         Box::pin(async move {
             let r = match redis
                 .decide(call.worker, &checks, None, self.response_headers)
