@@ -6,7 +6,7 @@
 # commands per call from INFO commandstats. Method: BENCH-METHOD.md (servers,
 # proxies and Redis on CPU 0, the load generator on CPU 1).
 #
-# Usage: load-tests/bench-limits.sh     (REPS=3 DURATION=10 WARMUP=2)
+# Usage: load-tests/bench-limits.sh     (REPS=3 DURATION=10 WARMUP=2 REDIS_CPU=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v h2load >/dev/null || {
