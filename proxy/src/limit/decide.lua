@@ -32,8 +32,9 @@
 -- State per key: fixed window a string "window start:count"; sliding
 -- counter "window start:current:previous"; sliding log a sorted set with
 -- one member per unit, scored by its time; gcra a string holding the
--- theoretical arrival time. One GET and one SET each (a Redis call from Lua
--- costs more than parsing a short string). Redis (5 and later) hands
+-- theoretical arrival time. The string states of a batch are read with one
+-- MGET and each written once, with one SET (a Redis call from Lua costs more
+-- than parsing a short string). Redis (5 and later) hands
 -- numbers to commands exactly; strings made of numbers (states, the log's
 -- members) are built with int(), because Lua's own number printing would
 -- use exponent form.
@@ -68,11 +69,43 @@ for d = 1, tonumber(ARGV[2]) do
   a = a + 7
 end
 
+local calls = tonumber(ARGV[a])
+a = a + 1
+
+-- The string states (every algorithm but the log) of the whole batch are
+-- read with one MGET and written once per key at the end: a Redis call
+-- from Lua costs more than the decision. Calls see the states as the
+-- earlier calls of the batch left them.
+local state = {}
+local dirty = {}
+do
+  local wanted, seen = {}, {}
+  local b, kk = a, 1
+  for _ = 1, calls do
+    local limits = tonumber(ARGV[b])
+    b = b + 2
+    for _ = 1, limits do
+      local key = KEYS[kk]
+      kk = kk + 1
+      if defs[tonumber(ARGV[b])][1] ~= 3 and not seen[key] then
+        seen[key] = true
+        wanted[#wanted + 1] = key
+      end
+      b = b + 2
+    end
+  end
+  for from = 1, #wanted, 1000 do
+    local chunk = {unpack(wanted, from, math.min(from + 999, #wanted))}
+    local values = redis.call('MGET', unpack(chunk))
+    for i, key in ipairs(chunk) do
+      state[key] = values[i]
+    end
+  end
+end
+
 local out = {}
 local n = 0
 local k = 1
-local calls = tonumber(ARGV[a])
-a = a + 1
 
 for _ = 1, calls do
   local limits = tonumber(ARGV[a])
@@ -91,7 +124,7 @@ for _ = 1, calls do
     local allowed, shown, remaining, reset, retry, write
 
     if algorithm == 1 then
-      local st = redis.call('GET', key)
+      local st = state[key]
       local window = now - now % period
       local count = 0
       if st then
@@ -111,7 +144,7 @@ for _ = 1, calls do
       retry = allowed and 0 or reset
 
     elseif algorithm == 2 then
-      local st = redis.call('GET', key)
+      local st = state[key]
       local window = now - now % period
       local current, previous = 0, 0
       if st then
@@ -196,7 +229,7 @@ for _ = 1, calls do
 
     else
       local tau = emission * capacity
-      local tat = tonumber(redis.call('GET', key))
+      local tat = tonumber(state[key])
       if tat == nil or tat < now then
         tat = now
       end
@@ -205,7 +238,7 @@ for _ = 1, calls do
       allowed = now >= allow_at and cost <= capacity
       local kept = allowed and new_tat or tat
       if allowed then
-        write = {key, kept, ttl_ms(ttl)}
+        write = {key, int(kept), ttl_ms(ttl)}
       end
       shown = capacity
       remaining = math.floor(math.max(0, now + tau - kept) / emission)
@@ -240,11 +273,16 @@ for _ = 1, calls do
   if commit then
     for _, write in ipairs(writes) do
       if type(write) == 'table' then
-        redis.call('SET', write[1], write[2], 'PX', write[3])
+        state[write[1]] = write[2]
+        dirty[write[1]] = write[3]
       else
         write()
       end
     end
   end
+end
+
+for key, px in pairs(dirty) do
+  redis.call('SET', key, state[key], 'PX', px)
 end
 return out
