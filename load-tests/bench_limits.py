@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_proxy import (  # noqa: E402
-    DURATION, REPS, ROOT, SERVER_CPU, WARMUP, frame, free_port, h2load, wait_port,
+    DURATION, REPS, ROOT, SERVER_CPU, WARMUP, frame, free_port, h2load, stop_all, wait_port,
 )
 
 HIGH = "1000000000/s"  # never rejects
@@ -170,13 +170,7 @@ def main():
         for (shape, name), cmds in commands.items():
             print(f"{name} {shape[0]}x{shape[1]}: Redis commands in the last run: {cmds[-1][2]}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         subprocess.run([f"{ROOT}/scripts/redis.sh", "stop", redis_dir], capture_output=True)
 
 

@@ -48,6 +48,17 @@ def cpu_ticks(pids):
     return total
 
 
+def stop_all(procs):
+    """Stops every process started for a run, killing the slow ones."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -235,13 +246,7 @@ export default () => {
         print()
         print(f"tollgate RSS: {idle_rss / 1024:.1f} MiB idle after the runs, {peak / 1024:.1f} MiB with 1,000 streams open ({done[0] if done else ''})")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

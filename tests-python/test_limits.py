@@ -10,7 +10,6 @@ retry-after and the ratelimit-* fields; waiting the retry delay is enough.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 import urllib.request
 
 import grpc
+from harness import check, free_port, summary
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -25,23 +25,6 @@ from grpc_status import rpc_status
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = os.path.join(ROOT, "target", "debug", "payment-backend")
 TOLLGATE = os.path.join(ROOT, "target", "debug", "tollgate")
-RESULTS = {"passed": 0, "failed": 0}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def check(name, fn):
-    try:
-        fn()
-        RESULTS["passed"] += 1
-        print(f"ok   {name}")
-    except Exception as e:  # report every failure, keep going
-        RESULTS["failed"] += 1
-        print(f"FAIL {name}: {e!r}")
 
 
 def start_redis(tmp):
@@ -170,8 +153,7 @@ routes:
         subprocess.run([os.path.join(ROOT, "scripts", "redis.sh"), "stop", os.path.join(tmp, "redis")],
                        capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    return 1 if RESULTS["failed"] else 0
+    return summary()
 
 
 if __name__ == "__main__":

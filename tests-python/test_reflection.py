@@ -9,7 +9,6 @@ then walks a payment lifecycle and checks health and errors.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import time
 import uuid
 
 import grpc
+from harness import RESULTS, check, free_port, summary
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,12 +24,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "debug", "payment-backend")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reflected:
@@ -110,17 +104,6 @@ class Reflected:
         return invoke
 
 
-RESULTS = {"passed": 0, "failed": 0}
-
-
-def check(name, fn):
-    try:
-        fn()
-        RESULTS["passed"] += 1
-        print(f"ok   {name}")
-    except Exception as e:  # report every failure, keep going
-        RESULTS["failed"] += 1
-        print(f"FAIL {name}: {e!r}")
 
 
 def main():
@@ -210,8 +193,7 @@ def main():
         if not check_exit:
             sys.stdout.write(proc.stderr.read().decode(errors="replace"))
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    return 1 if RESULTS["failed"] else 0
+    return summary()
 
 
 if __name__ == "__main__":

@@ -138,23 +138,44 @@ async fn tls_on_both_sides_and_certificate_reload() {
     );
 }
 
+/// tollgate serving TLS with `client_ca` (mTLS) in front of `upstream`
+/// (named `echo`), with `routes` (YAML list items).
+struct Mtls {
+    _dir: tempfile::TempDir,
+    server_ca: Ca,
+    client_ca: Ca,
+    handle: tollgate::runtime::Handle,
+}
+
+impl Mtls {
+    fn start(upstream: std::net::SocketAddr, routes: &str) -> Mtls {
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = ca("server CA");
+        let client_ca = ca("client CA");
+        let (cert, key) = leaf(&server_ca, &["tollgate.local"]);
+        write(dir.path(), "tls.crt", &cert);
+        write(dir.path(), "tls.key", &key);
+        write(dir.path(), "clients.pem", &client_ca.pem);
+        let yaml = format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: tls.crt, key: tls.key, client_ca: clients.pem }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{upstream}\"] }}\nroutes:\n{routes}"
+        );
+        std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
+        let env: std::collections::HashMap<&str, &str> = Default::default();
+        let handle = tollgate::runtime::start(&dir.path().join("tollgate.yaml"), &env).unwrap();
+        Mtls {
+            _dir: dir,
+            server_ca,
+            client_ca,
+            handle,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_client_certificate() {
     let up = common::Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let server_ca = ca("server CA");
-    let client_ca = ca("client CA");
-    let (cert, key) = leaf(&server_ca, &["tollgate.local"]);
-    write(dir.path(), "tls.crt", &cert);
-    write(dir.path(), "tls.key", &key);
-    write(dir.path(), "clients.pem", &client_ca.pem);
-    let yaml = format!(
-        "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: tls.crt, key: tls.key, client_ca: clients.pem }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
-        up.addr
-    );
-    std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
-    let env: std::collections::HashMap<&str, &str> = Default::default();
-    let handle = tollgate::runtime::start(&dir.path().join("tollgate.yaml"), &env).unwrap();
+    let m = Mtls::start(up.addr, "  - { match: {}, upstream: echo }\n");
+    let (server_ca, client_ca, handle) = (&m.server_ca, &m.client_ca, &m.handle);
 
     let anonymous = match tls_client(handle.listen_addr, &server_ca.pem, None).await {
         Ok(mut c) => c.unary(req(b"x")).await.is_ok(),
@@ -164,7 +185,7 @@ async fn client_ca_requires_a_client_certificate() {
     let mut c = tls_client(
         handle.listen_addr,
         &server_ca.pem,
-        Some(leaf(&client_ca, &["client-1"])),
+        Some(leaf(client_ca, &["client-1"])),
     )
     .await
     .unwrap();
@@ -186,24 +207,15 @@ fn spiffe_leaf(ca: &Ca, uri: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_can_key_on_the_client_certificate() {
     let up = common::Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let server_ca = ca("server CA");
-    let client_ca = ca("client CA");
-    let (cert, key) = leaf(&server_ca, &["tollgate.local"]);
-    write(dir.path(), "tls.crt", &cert);
-    write(dir.path(), "tls.key", &key);
-    write(dir.path(), "clients.pem", &client_ca.pem);
-    let yaml = format!(
-        "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: tls.crt, key: tls.key, client_ca: clients.pem }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{}}\n    upstream: echo\n    limits: [ {{ name: per-workload, key: [ {{ tls_identity: {{}} }} ], rate: 2/min, algorithm: fixed_window }} ]\n",
-        up.addr
+    let m = Mtls::start(
+        up.addr,
+        "  - match: {}\n    upstream: echo\n    limits: [ { name: per-workload, key: [ { tls_identity: {} } ], rate: 2/min, algorithm: fixed_window } ]\n",
     );
-    std::fs::write(dir.path().join("tollgate.yaml"), yaml).unwrap();
-    let env: std::collections::HashMap<&str, &str> = Default::default();
-    let handle = tollgate::runtime::start(&dir.path().join("tollgate.yaml"), &env).unwrap();
+    let (server_ca, client_ca, handle) = (&m.server_ca, &m.client_ca, &m.handle);
 
     let identities = [
-        spiffe_leaf(&client_ca, "spiffe://payments/ns/checkout/sa/api"),
-        leaf(&client_ca, &["refunds.internal"]),
+        spiffe_leaf(client_ca, "spiffe://payments/ns/checkout/sa/api"),
+        leaf(client_ca, &["refunds.internal"]),
     ];
     for id in identities {
         let mut c = tls_client(handle.listen_addr, &server_ca.pem, Some(id))

@@ -1,0 +1,29 @@
+"""What the end-to-end checks share: free ports and a tally of checks that
+keeps going after a failure."""
+
+import socket
+
+RESULTS = {"passed": 0, "failed": 0}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(name, fn):
+    """Runs one named check; reports it and counts it, failed or not."""
+    try:
+        fn()
+        RESULTS["passed"] += 1
+        print(f"ok   {name}")
+    except Exception as e:  # report every failure, keep going
+        RESULTS["failed"] += 1
+        print(f"FAIL {name}: {e!r}")
+
+
+def summary():
+    """Prints the tally; returns the exit status."""
+    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+    return 1 if RESULTS["failed"] else 0
