@@ -151,6 +151,15 @@ async fn metrics_pass_promtool() {
     }
 }
 
+/// `tollgate check --config PATH`, run to completion.
+fn tollgate_check(path: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_reports_every_problem_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,11 +169,7 @@ fn check_reports_every_problem_and_exits_2() {
         "upstreams:\n  a: { addresses: [\"h:1\"] }\nroutes:\n  - { match: {}, upstream: a }\n  - { match: { service: x.Y }, upstream: b }\n  - { match: { service: x.Y }, upstream: a }\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = tollgate_check(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -177,14 +182,10 @@ fn check_reports_every_problem_and_exits_2() {
     );
 
     for example in ["dev", "redis", "redis-cluster"] {
-        let good = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["check", "--config"])
-            .arg(format!(
-                "{}/../config/{example}.yaml",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .output()
-            .unwrap();
+        let good = tollgate_check(std::path::Path::new(&format!(
+            "{}/../config/{example}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        )));
         assert!(
             good.status.success(),
             "{example}: {}",
@@ -202,11 +203,7 @@ fn check_reports_every_problem_and_exits_2() {
         "upstreams:\n  a: { addresses: [\"h:1\"] }\nlimiter: { backend: redis, redis: { url: \"redis://app:hunter2@h:99999\" } }\nroutes:\n  - { match: {}, upstream: a }\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = tollgate_check(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

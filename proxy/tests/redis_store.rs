@@ -51,13 +51,9 @@ fn cluster(urls: &[String]) -> RedisStore {
 }
 
 fn check(key: &str, tag: u64, params: Params, cost: u64, shadow: bool) -> Check {
-    Check {
-        key: key.into(),
-        tag,
-        params,
-        cost,
-        shadow,
-    }
+    let mut c = Check::new(key.into(), params, cost, shadow);
+    c.tag = tag;
+    c
 }
 
 fn fixed(limit: u64) -> Params {

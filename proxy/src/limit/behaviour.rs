@@ -207,13 +207,7 @@ mod tests {
         let store = MemoryStore::new(10_000);
         for (n, case) in cases().into_iter().enumerate() {
             for (i, step) in case.steps.iter().enumerate() {
-                let check = Check {
-                    key: format!("case-{n}"),
-                    tag: 0,
-                    params: case.params,
-                    cost: step.cost,
-                    shadow: false,
-                };
+                let check = Check::new(format!("case-{n}"), case.params, step.cost, false);
                 let a = store.decide_at(&[check], ALIGNED_START + step.at);
                 let Answer::Decided(d) = a[0] else {
                     panic!("over capacity")

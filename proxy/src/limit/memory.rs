@@ -3,17 +3,21 @@
 //! shards' locks and committed only if none rejects.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use tokio::time::Instant;
 
 use super::algorithm::{Decision, Params, State};
-
-const SHARDS: usize = 16;
+use super::shards::{Expiring, Shards};
 
 struct Entry {
     state: State,
     expires: u64,
+}
+
+impl Expiring for Entry {
+    fn expires(&self) -> u64 {
+        self.expires
+    }
 }
 
 /// One limit of a call, as the store sees it.
@@ -21,6 +25,8 @@ struct Entry {
 pub struct Check {
     /// The full key (route, limit, values).
     pub key: String,
+    /// The key's hash (shard choice), computed once.
+    pub hash: u64,
     /// Redis Cluster hash tag: equal for every check of one call.
     pub tag: u64,
     /// The limit's parameters for this key.
@@ -29,6 +35,22 @@ pub struct Check {
     pub cost: u64,
     /// Shadow: decided and reported, never blocks the others' commit.
     pub shadow: bool,
+}
+
+impl Check {
+    /// A check of `key`, hashed once here; its Cluster tag is its own hash
+    /// until the caller sets one shared by the call.
+    pub fn new(key: String, params: Params, cost: u64, shadow: bool) -> Check {
+        let hash = fnv1a(key.as_bytes());
+        Check {
+            key,
+            hash,
+            tag: hash,
+            params,
+            cost,
+            shadow,
+        }
+    }
 }
 
 /// What the store answered for one check.
@@ -42,8 +64,7 @@ pub enum Answer {
 
 /// In-process limit state.
 pub struct MemoryStore {
-    shards: Vec<Mutex<HashMap<String, Entry>>>,
-    max_per_shard: usize,
+    shards: Shards<String, Entry>,
     epoch: Instant,
 }
 
@@ -53,8 +74,7 @@ impl MemoryStore {
     /// A store keeping at most about `max_keys` keys.
     pub fn new(max_keys: usize) -> Self {
         MemoryStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            shards: Shards::new(max_keys),
             epoch: Instant::now(),
         }
     }
@@ -64,10 +84,6 @@ impl MemoryStore {
     pub fn now(&self) -> u64 {
         // Offset so that aligned windows do not all start at zero.
         1_000_000_000 + self.epoch.elapsed().as_micros() as u64
-    }
-
-    fn shard(key: &str) -> usize {
-        (fnv1a(key.as_bytes()) % SHARDS as u64) as usize
     }
 
     /// Decides every check at once; commits the new states only if no
@@ -82,34 +98,31 @@ impl MemoryStore {
         if let [c] = checks {
             return vec![self.decide_one(c, now)];
         }
-        let mut shard_ids: Vec<usize> = checks.iter().map(|c| Self::shard(&c.key)).collect();
+        let mut shard_ids: Vec<usize> = checks
+            .iter()
+            .map(|c| Shards::<String, Entry>::index(c.hash))
+            .collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
         // Locks in index order: two calls cannot deadlock.
         let mut guards: Vec<(usize, std::sync::MutexGuard<'_, HashMap<String, Entry>>)> = shard_ids
             .iter()
-            .filter_map(|&i| self.shards[i].lock().ok().map(|g| (i, g)))
+            .filter_map(|&i| self.shards.lock(i).map(|g| (i, g)))
             .collect();
         let mut answers = Vec::with_capacity(checks.len());
         let mut next_states = Vec::with_capacity(checks.len());
         let mut commit = true;
         for c in checks {
-            let i = Self::shard(&c.key);
-            let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) else {
+            let i = Shards::<String, Entry>::index(c.hash);
+            let decided = guards
+                .iter_mut()
+                .find(|(j, _)| *j == i)
+                .and_then(|(_, map)| self.decide_in(map, c, now));
+            let Some((d, state)) = decided else {
                 answers.push(Answer::OverCapacity);
                 next_states.push(None);
                 continue;
             };
-            if !self.room_for(map, &c.key, now) {
-                answers.push(Answer::OverCapacity);
-                next_states.push(None);
-                continue;
-            }
-            let current = map
-                .get(&c.key)
-                .filter(|e| e.expires > now)
-                .map(|e| &e.state);
-            let (d, state) = c.params.decide(current, now, c.cost);
             if !d.allowed && !c.shadow {
                 commit = false;
             }
@@ -119,7 +132,7 @@ impl MemoryStore {
         if commit {
             for (c, state) in checks.iter().zip(next_states) {
                 let Some(state) = state else { continue };
-                let i = Self::shard(&c.key);
+                let i = Shards::<String, Entry>::index(c.hash);
                 if let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) {
                     store(map, c, state, now);
                 }
@@ -130,31 +143,36 @@ impl MemoryStore {
 
     /// One limit: one lock, no bookkeeping for the others.
     fn decide_one(&self, c: &Check, now: u64) -> Answer {
-        let Ok(mut map) = self.shards[Self::shard(&c.key)].lock() else {
+        let Some(mut map) = self.shards.lock(Shards::<String, Entry>::index(c.hash)) else {
             return Answer::OverCapacity;
         };
-        if !self.room_for(&mut map, &c.key, now) {
-            return Answer::OverCapacity;
+        match self.decide_in(&mut map, c, now) {
+            Some((d, state)) => {
+                if d.allowed {
+                    store(&mut map, c, state, now);
+                }
+                Answer::Decided(d)
+            }
+            None => Answer::OverCapacity,
+        }
+    }
+
+    /// The decision for `c` in its (locked) shard, and the state to keep if
+    /// the call goes on; `None` when the shard has no room for a new key.
+    fn decide_in(
+        &self,
+        map: &mut HashMap<String, Entry>,
+        c: &Check,
+        now: u64,
+    ) -> Option<(Decision, State)> {
+        if !self.shards.room_for(map, &c.key, now) {
+            return None;
         }
         let current = map
             .get(&c.key)
             .filter(|e| e.expires > now)
             .map(|e| &e.state);
-        let (d, state) = c.params.decide(current, now, c.cost);
-        if d.allowed {
-            store(&mut map, c, state, now);
-        }
-        Answer::Decided(d)
-    }
-
-    /// Whether `key` has (or may take) a place in a shard: expired keys make
-    /// room when it is full.
-    fn room_for(&self, map: &mut HashMap<String, Entry>, key: &str, now: u64) -> bool {
-        if map.len() < self.max_per_shard || map.contains_key(key) {
-            return true;
-        }
-        map.retain(|_, e| e.expires > now);
-        map.len() < self.max_per_shard
+        Some(c.params.decide(current, now, c.cost))
     }
 }
 
@@ -188,10 +206,9 @@ mod tests {
     use crate::limit::rate::Rate;
 
     fn check(key: &str, limit: u64, shadow: bool) -> Check {
-        Check {
-            key: key.into(),
-            tag: 0,
-            params: Params {
+        Check::new(
+            key.into(),
+            Params {
                 rate: Rate {
                     limit,
                     period: Duration::from_secs(60),
@@ -199,9 +216,9 @@ mod tests {
                 burst: None,
                 algorithm: Algorithm::FixedWindow,
             },
-            cost: 1,
+            1,
             shadow,
-        }
+        )
     }
 
     fn allowed(a: &Answer) -> bool {
@@ -243,7 +260,7 @@ mod tests {
             .filter(|a| *a == Answer::OverCapacity)
             .count();
         assert!(over > 0, "a flood of keys hits the bound");
-        let kept: usize = s.shards.iter().map(|m| m.lock().unwrap().len()).sum();
+        let kept = s.shards.len();
         assert!(kept <= 16, "{kept} keys kept");
     }
 }

@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod memory;
 pub mod rate;
 pub mod redis;
+mod shards;
 pub mod step;
 
 use std::future::Future;

@@ -13,7 +13,6 @@
 //! every connection is rebuilt (a connection to a host that vanished may
 //! never error).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use tokio::time::Instant;
 use super::algorithm::{Algorithm, Decision, Params};
 use super::breaker::{Breaker, Gate, Transition};
 use super::memory::Check;
+use super::shards::Shards;
 use crate::config::{self, Backend};
 use crate::metrics;
 
@@ -118,38 +118,25 @@ struct Inner {
 /// while there is room, and beyond that the limit does not count the call
 /// (`over_capacity`), as the in-process store does.
 struct KeyGate {
-    shards: Vec<Mutex<HashMap<u64, u64>>>,
-    max_per_shard: usize,
+    seen: Shards<u64, u64>,
     epoch: std::time::Instant,
 }
 
 impl KeyGate {
-    const SHARDS: usize = 16;
-
     fn new(max_keys: usize) -> Self {
         KeyGate {
-            shards: (0..Self::SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-            max_per_shard: max_keys.div_ceil(Self::SHARDS).max(1),
+            seen: Shards::new(max_keys),
             epoch: std::time::Instant::now(),
         }
     }
 
     fn admit(&self, hash: u64, ttl_micros: u64) -> bool {
         let now = self.epoch.elapsed().as_micros() as u64;
-        let Ok(mut map) = self.shards[(hash % Self::SHARDS as u64) as usize].lock() else {
+        let Some(mut map) = self.seen.lock(Shards::<u64, u64>::index(hash)) else {
             return false;
         };
-        if let Some(expires) = map.get_mut(&hash) {
-            *expires = now + ttl_micros;
-            return true;
-        }
-        if map.len() >= self.max_per_shard {
-            map.retain(|_, e| *e > now);
-            if map.len() >= self.max_per_shard {
-                return false;
-            }
+        if !self.seen.room_for(&mut map, &hash, now) {
+            return false;
         }
         map.insert(hash, now + ttl_micros);
         true

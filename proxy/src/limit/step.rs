@@ -254,13 +254,11 @@ impl RouteLimits {
             if key.len() > MAX_KEY_BYTES {
                 key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
             }
-            checks.push(Check {
-                tag: self.tag_by_route.unwrap_or_else(|| fnv1a(key.as_bytes())),
-                key,
-                params,
-                cost: Self::cost(l, call),
-                shadow: l.shadow,
-            });
+            let mut check = Check::new(key, params, Self::cost(l, call), l.shadow);
+            if let Some(tag) = self.tag_by_route {
+                check.tag = tag;
+            }
+            checks.push(check);
             which.push(i);
         }
         (checks, which)
@@ -295,11 +293,12 @@ impl RouteLimits {
                     if let Some(b) = params.burst {
                         params.burst = Some((b / self.replicas).max(1));
                     }
-                    local.push(Check {
-                        key: format!("local\u{1f}{}", c.key),
+                    local.push(Check::new(
+                        format!("local\u{1f}{}", c.key),
                         params,
-                        ..c.clone()
-                    });
+                        c.cost,
+                        c.shadow,
+                    ));
                     local_at.push(j);
                     Outcome::OverCapacity
                 }
