@@ -73,7 +73,7 @@ async fn run_table(store: &RedisStore) {
             let key = format!("case-{n}");
             let c = check(&key, n as u64, case.params, step.cost, false);
             let d = store
-                .decide(0, &[c], Some(ALIGNED_START + step.at), true)
+                .decide(0, vec![c], Some(ALIGNED_START + step.at), true)
                 .await
                 .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             check_step(&case, i, step, &d[0]).unwrap();
@@ -101,17 +101,20 @@ async fn all_or_nothing(store: &RedisStore) {
     let narrow = check("narrow", tag, fixed(1), 1, false);
     let shadow = check("shadow", tag, fixed(1), 1, true);
     let all = [wide.clone(), narrow.clone(), shadow.clone()];
-    let d = store.decide(0, &all, None, true).await.unwrap();
+    let d = store.decide(0, all.to_vec(), None, true).await.unwrap();
     assert!(d.iter().all(|d| d.allowed), "{d:?}");
     for _ in 0..5 {
-        let d = store.decide(0, &all, None, true).await.unwrap();
+        let d = store.decide(0, all.to_vec(), None, true).await.unwrap();
         assert!(d[0].allowed && !d[1].allowed && !d[2].allowed, "{d:?}");
     }
-    let d = store.decide(0, &[wide], None, true).await.unwrap();
+    let d = store.decide(0, vec![wide], None, true).await.unwrap();
     assert_eq!(d[0].remaining, 8, "only the first call was charged");
     // A shadow limit that refuses does not block the others.
     let other = check("other", tag, fixed(5), 1, false);
-    let d = store.decide(0, &[shadow, other], None, true).await.unwrap();
+    let d = store
+        .decide(0, vec![shadow, other], None, true)
+        .await
+        .unwrap();
     assert!(!d[0].allowed && d[1].allowed, "{d:?}");
 }
 
@@ -141,18 +144,18 @@ async fn cost_larger_than_the_log_window_and_big_costs_work() {
         algorithm: Algorithm::SlidingWindowLog,
     };
     let d = store
-        .decide(0, &[check("big", 1, log, 4500, false)], None, true)
+        .decide(0, vec![check("big", 1, log, 4500, false)], None, true)
         .await
         .unwrap();
     assert!(d[0].allowed);
     assert_eq!(d[0].remaining, 500);
     let d = store
-        .decide(0, &[check("big", 1, log, 501, false)], None, true)
+        .decide(0, vec![check("big", 1, log, 501, false)], None, true)
         .await
         .unwrap();
     assert!(!d[0].allowed);
     let d = store
-        .decide(0, &[check("big", 1, log, 6000, false)], None, true)
+        .decide(0, vec![check("big", 1, log, 6000, false)], None, true)
         .await
         .unwrap();
     assert!(!d[0].allowed, "a cost above the limit never fits");
@@ -164,13 +167,13 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     let redis = testkit::Redis::start();
     let store = single(redis.url(), Duration::from_millis(500));
     let c = [check("k", 1, fixed(100), 1, false)];
-    store.decide(0, &c, None, true).await.unwrap();
+    store.decide(0, c.to_vec(), None, true).await.unwrap();
 
     redis.stop();
     let mut breaker_opened = false;
     for _ in 0..20 {
         let started = std::time::Instant::now();
-        let e = store.decide(0, &c, None, true).await.unwrap_err();
+        let e = store.decide(0, c.to_vec(), None, true).await.unwrap_err();
         assert!(
             started.elapsed() < Duration::from_millis(510),
             "waited {:?}",
@@ -186,7 +189,63 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     redis.start_again();
     let back = testkit::eventually(Duration::from_secs(5), "decisions in Redis again", || {
         let (store, c) = (&store, &c);
-        async move { store.decide(0, c, None, true).await.ok() }
+        async move { store.decide(0, c.to_vec(), None, true).await.ok() }
+    })
+    .await;
+    assert!(back[0].allowed);
+}
+
+/// Calls to a Redis that does not answer end at the timeout, never at the
+/// (much longer) connect timeout; `what` says what was waited for.
+async fn every_call_ends_by_its_timeout(store: &RedisStore, what: &str) {
+    let c = [check("k", 1, fixed(100), 1, false)];
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let e = store.decide(0, c.to_vec(), None, true).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            matches!(e, StoreError::Timeout | StoreError::BreakerOpen),
+            "{what}: {e}"
+        );
+        assert!(
+            waited < Duration::from_millis(250),
+            "{what}: a call waited {waited:?} with a 100ms timeout"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_silent_or_frozen_redis_answers_every_call_by_its_timeout() {
+    // Accepts connections and never says a word: connecting never ends.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let store = single(&url, Duration::from_millis(100));
+    every_call_ends_by_its_timeout(&store, "connecting to a silent listener").await;
+
+    // A real Redis, connected, then frozen (SIGSTOP), then thawed.
+    let redis = testkit::Redis::start();
+    let store = single(redis.url(), Duration::from_millis(100));
+    let c = [check("k", 1, fixed(100), 1, false)];
+    store.decide(0, c.to_vec(), None, true).await.unwrap();
+    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    every_call_ends_by_its_timeout(&store, "a frozen Redis").await;
+    signal("-CONT");
+    let back = testkit::eventually(Duration::from_secs(5), "decisions in Redis again", || {
+        let (store, c) = (&store, &c);
+        async move { store.decide(0, c.to_vec(), None, true).await.ok() }
     })
     .await;
     assert!(back[0].allowed);
@@ -209,7 +268,7 @@ async fn concurrent_calls_share_script_runs_and_stay_exact() {
             tokio::spawn(async move {
                 let c = [check("shared", 1, fixed(50), 1, false)];
                 // Without details: allowing limits answer with one number.
-                store.decide(0, &c, None, false).await.unwrap()[0].allowed
+                store.decide(0, c.to_vec(), None, false).await.unwrap()[0].allowed
             })
         })
         .collect();

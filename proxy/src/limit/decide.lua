@@ -6,9 +6,10 @@
 -- proxy/src/limit/algorithm.rs line by line; the behaviour table in
 -- proxy/src/limit/behaviour.rs runs against both.
 --
--- KEYS     the state keys of every limit of every call, in order. In Redis
---          Cluster all keys of one script share a slot (tollgate batches
---          per slot and gives the limits of one route one hash tag).
+-- KEYS     the state keys the batch touches, each once. In Redis Cluster
+--          all keys of one script share a slot (tollgate batches per slot
+--          and gives the limits of one route one hash tag). A key belongs
+--          to one algorithm (tollgate puts the algorithm in the key).
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (one clock for every
 --          replica; tests pass a time to step through a case).
 -- ARGV[2]  D, the number of limit definitions, then seven numbers each:
@@ -22,10 +23,10 @@
 --          shadow     1: decided and reported, never blocks the commit
 -- Then     the number of calls, and per call: the number of its limits,
 --          whether it wants the figures of limits that allow it (1/0), and
---          for each limit (its key is the next of KEYS) two numbers: its
---          definition (1..D) and the units this call takes.
--- Returns, per limit, calls and limits in order: -1 for a limit that
--- allows the call when its figures are not wanted; else five integers:
+--          for each limit three numbers: its key (1..#KEYS), its definition
+--          (1..D) and the units this call takes.
+-- Returns, per call in order: -1 when every limit allows it and its
+-- figures are not wanted; else, per limit in order, five integers:
 -- allowed (1/0), limit, remaining, reset (µs until the quota is whole
 -- again), retry after (µs, 0 if allowed).
 --
@@ -33,8 +34,9 @@
 -- counter "window start:current:previous"; sliding log a sorted set with
 -- one member per unit, scored by its time; gcra a string holding the
 -- theoretical arrival time. The string states of a batch are read with one
--- MGET and each written once, with one SET (a Redis call from Lua costs more
--- than parsing a short string). Redis (5 and later) hands
+-- MGET, parsed once into numbers, and each written once at the end with one
+-- SET (a Redis call from Lua costs more than the decisions). Redis (5 and
+-- later) hands
 -- numbers to commands exactly; strings made of numbers (states, the log's
 -- members) are built with int(), because Lua's own number printing would
 -- use exponent form.
@@ -72,105 +74,120 @@ end
 local calls = tonumber(ARGV[a])
 a = a + 1
 
--- The string states (every algorithm but the log) of the whole batch are
--- read with one MGET and written once per key at the end: a Redis call
--- from Lua costs more than the decision. Calls see the states as the
--- earlier calls of the batch left them.
-local state = {}
-local dirty = {}
+-- The string states (every algorithm but the log) of the whole batch, read
+-- with one MGET and held as numbers while the batch is decided: sa, sb, sc
+-- by key index are the state's fields (fixed window: start, count; sliding
+-- counter: start, current, previous; gcra: tat). Calls see the states as
+-- the earlier calls of the batch left them.
+local alg = {}
+local sa, sb, sc = {}, {}, {}
 do
-  local wanted, seen = {}, {}
-  local b, kk = a, 1
+  local b = a
   for _ = 1, calls do
     local limits = tonumber(ARGV[b])
     b = b + 2
     for _ = 1, limits do
-      local key = KEYS[kk]
-      kk = kk + 1
-      if defs[tonumber(ARGV[b])][1] ~= 3 and not seen[key] then
-        seen[key] = true
-        wanted[#wanted + 1] = key
+      local ki = tonumber(ARGV[b])
+      if not alg[ki] then
+        alg[ki] = defs[tonumber(ARGV[b + 1])][1]
       end
-      b = b + 2
+      b = b + 3
+    end
+  end
+  local wanted = {}
+  for ki = 1, #KEYS do
+    if alg[ki] ~= 3 then
+      wanted[#wanted + 1] = ki
     end
   end
   for from = 1, #wanted, 1000 do
-    local chunk = {unpack(wanted, from, math.min(from + 999, #wanted))}
+    local chunk = {}
+    for i = from, math.min(from + 999, #wanted) do
+      chunk[#chunk + 1] = KEYS[wanted[i]]
+    end
     local values = redis.call('MGET', unpack(chunk))
-    for i, key in ipairs(chunk) do
-      state[key] = values[i]
+    for i = 1, #chunk do
+      local st, ki = values[i], wanted[from + i - 1]
+      if st then
+        local algorithm = alg[ki]
+        if algorithm == 1 then
+          local w, c = string.match(st, '^(%d+):(%d+)$')
+          sa[ki], sb[ki] = tonumber(w), tonumber(c)
+        elseif algorithm == 2 then
+          local w, c, p = string.match(st, '^(%d+):(%d+):(%d+)$')
+          sa[ki], sb[ki], sc[ki] = tonumber(w), tonumber(c), tonumber(p)
+        else
+          sa[ki] = tonumber(st)
+        end
+      end
     end
   end
 end
 
+-- Writes of the call being decided, applied only if it commits: key index,
+-- the state's new fields, its ttl (the log: units held before, cost, ttl).
+local pk, pa, pb, pc, pt = {}, {}, {}, {}, {}
+-- Figures of the call's limits, answered unless all allow unasked.
+local fa, fl, fr, fs, fy = {}, {}, {}, {}, {}
+local dirty = {}
 local out = {}
 local n = 0
-local k = 1
 
 for _ = 1, calls do
   local limits = tonumber(ARGV[a])
   local details = ARGV[a + 1] == '1'
   a = a + 2
-  local writes = {}
+  local np = 0
   local commit = true
-  for _ = 1, limits do
-    local key = KEYS[k]
-    k = k + 1
-    local def = defs[tonumber(ARGV[a])]
-    local cost = tonumber(ARGV[a + 1])
-    a = a + 2
+  local all_allowed = true
+  for j = 1, limits do
+    local ki = tonumber(ARGV[a])
+    local def = defs[tonumber(ARGV[a + 1])]
+    local cost = tonumber(ARGV[a + 2])
+    a = a + 3
     local algorithm, limit, period, capacity, emission, ttl, shadow =
       def[1], def[2], def[3], def[4], def[5], def[6], def[7]
-    local allowed, shown, remaining, reset, retry, write
+    local allowed, shown, remaining, reset, retry
 
     if algorithm == 1 then
-      local st = state[key]
       local window = now - now % period
       local count = 0
-      if st then
-        local w, c = string.match(st, '^(%d+):(%d+)$')
-        if tonumber(w) == window then
-          count = tonumber(c)
-        end
+      if sa[ki] == window then
+        count = sb[ki]
       end
       reset = window + period - now
       allowed = count + cost <= limit
       if allowed then
         count = count + cost
-        write = {key, int(window) .. ':' .. int(count), ttl_ms(ttl)}
+        np = np + 1
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, window, count, 0, ttl
       end
       shown = limit
       remaining = math.max(0, limit - count)
       retry = allowed and 0 or reset
 
     elseif algorithm == 2 then
-      local st = state[key]
       local window = now - now % period
       local current, previous = 0, 0
-      if st then
-        local sw, sc, sp = string.match(st, '^(%d+):(%d+):(%d+)$')
-        local w = tonumber(sw)
-        if w == window then
-          current = tonumber(sc)
-          previous = tonumber(sp)
-        elseif w ~= nil and w + period == window then
-          previous = tonumber(sc)
-        end
+      local w = sa[ki]
+      if w == window then
+        current, previous = sb[ki], sc[ki]
+      elseif w ~= nil and w + period == window then
+        previous = sb[ki]
       end
       local elapsed = now - window
       -- previous * (period - elapsed) / period + current, scaled by period so
       -- the comparison is exact (config check keeps limit * period < 2^53).
-      local function scaled(c)
-        return previous * (period - elapsed) + c * period
-      end
+      local carried = previous * (period - elapsed)
       local cap = limit * period
-      allowed = scaled(current + cost) <= cap
+      allowed = carried + (current + cost) * period <= cap
       if allowed then
         current = current + cost
-        write = {key, int(window) .. ':' .. int(current) .. ':' .. int(previous), ttl_ms(ttl)}
+        np = np + 1
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, window, current, previous, ttl
       end
       shown = limit
-      remaining = math.floor(math.max(0, cap - scaled(current)) / period)
+      remaining = math.floor(math.max(0, cap - (carried + current * period)) / period)
       reset = window + period - now
       if allowed then
         retry = 0
@@ -185,6 +202,7 @@ for _ = 1, calls do
       end
 
     elseif algorithm == 3 then
+      local key = KEYS[ki]
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
       local used = redis.call('ZCARD', key)
       allowed = used + cost <= limit
@@ -205,22 +223,8 @@ for _ = 1, calls do
         oldest = now
       end
       if allowed then
-        -- Members are unique: at one instant the count only grows.
-        write = function()
-          local args = {}
-          for j = 1, cost do
-            args[#args + 1] = now
-            args[#args + 1] = int(now) .. ':' .. int(used + j)
-            if #args >= 2000 then
-              redis.call('ZADD', key, unpack(args))
-              args = {}
-            end
-          end
-          if #args > 0 then
-            redis.call('ZADD', key, unpack(args))
-          end
-          redis.call('PEXPIRE', key, ttl_ms(ttl))
-        end
+        np = np + 1
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, used, cost, 0, ttl
         used = used + cost
       end
       shown = limit
@@ -229,7 +233,7 @@ for _ = 1, calls do
 
     else
       local tau = emission * capacity
-      local tat = tonumber(state[key])
+      local tat = sa[ki]
       if tat == nil or tat < now then
         tat = now
       end
@@ -238,7 +242,8 @@ for _ = 1, calls do
       allowed = now >= allow_at and cost <= capacity
       local kept = allowed and new_tat or tat
       if allowed then
-        write = {key, int(kept), ttl_ms(ttl)}
+        np = np + 1
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, kept, 0, 0, ttl
       end
       shown = capacity
       remaining = math.floor(math.max(0, now + tau - kept) / emission)
@@ -252,37 +257,61 @@ for _ = 1, calls do
       end
     end
 
-    if not allowed and not shadow then
-      commit = false
+    if not allowed then
+      all_allowed = false
+      if not shadow then
+        commit = false
+      end
     end
-    if write then
-      writes[#writes + 1] = write
-    end
-    if allowed and not details then
-      out[n + 1] = -1
-      n = n + 1
-    else
-      out[n + 1] = allowed and 1 or 0
-      out[n + 2] = shown
-      out[n + 3] = remaining
-      out[n + 4] = reset
-      out[n + 5] = retry
+    fa[j], fl[j], fr[j], fs[j], fy[j] = allowed and 1 or 0, shown, remaining, reset, retry
+  end
+
+  if all_allowed and not details then
+    n = n + 1
+    out[n] = -1
+  else
+    for j = 1, limits do
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = fa[j], fl[j], fr[j], fs[j], fy[j]
       n = n + 5
     end
   end
+
   if commit then
-    for _, write in ipairs(writes) do
-      if type(write) == 'table' then
-        state[write[1]] = write[2]
-        dirty[write[1]] = write[3]
+    for i = 1, np do
+      local ki = pk[i]
+      if alg[ki] == 3 then
+        -- Members are unique: at one instant the count only grows.
+        local key, used, cost = KEYS[ki], pa[i], pb[i]
+        local args = {}
+        for j = 1, cost do
+          args[#args + 1] = now
+          args[#args + 1] = int(now) .. ':' .. int(used + j)
+          if #args >= 2000 then
+            redis.call('ZADD', key, unpack(args))
+            args = {}
+          end
+        end
+        if #args > 0 then
+          redis.call('ZADD', key, unpack(args))
+        end
+        redis.call('PEXPIRE', key, ttl_ms(pt[i]))
       else
-        write()
+        sa[ki], sb[ki], sc[ki] = pa[i], pb[i], pc[i]
+        dirty[ki] = pt[i]
       end
     end
   end
 end
 
-for key, px in pairs(dirty) do
-  redis.call('SET', key, state[key], 'PX', px)
+for ki, ttl in pairs(dirty) do
+  local algorithm, value = alg[ki]
+  if algorithm == 1 then
+    value = int(sa[ki]) .. ':' .. int(sb[ki])
+  elseif algorithm == 2 then
+    value = int(sa[ki]) .. ':' .. int(sb[ki]) .. ':' .. int(sc[ki])
+  else
+    value = int(sa[ki])
+  end
+  redis.call('SET', KEYS[ki], value, 'PX', ttl_ms(ttl))
 end
 return out

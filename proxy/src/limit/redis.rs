@@ -13,6 +13,8 @@
 //! every connection is rebuilt (a connection to a host that vanished may
 //! never error).
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,14 +75,14 @@ enum Conn {
 
 /// One call's part of a batch.
 struct Request {
-    keys: Vec<String>,
-    /// Per limit: its parameters, whether it is in shadow mode, the cost.
-    limits: Vec<(Params, bool, u64)>,
+    checks: Vec<Check>,
     /// Whether the figures of allowing limits are wanted (for headers).
     details: bool,
     now: Option<u64>,
     /// Cluster: the slot of the keys (all equal).
     slot: Option<Slot>,
+    /// The batcher answers by then, whatever Redis does.
+    deadline: Instant,
     reply: oneshot::Sender<Result<Vec<Decision>, StoreError>>,
 }
 
@@ -251,10 +253,7 @@ impl RedisStore {
 
     /// Whether this replica may write `check`'s key (see [`KeyGate`]).
     pub fn admit(&self, check: &Check) -> bool {
-        self.keys.admit(
-            super::memory::fnv1a(check.key.as_bytes()),
-            check.params.ttl_micros(),
-        )
+        self.keys.admit(check.hash, check.params.ttl_micros())
     }
 
     /// `redis` or `redis-cluster` (the metrics' backend label).
@@ -267,21 +266,6 @@ impl RedisStore {
         &self.meters.duration
     }
 
-    /// The Redis key of a limit key: the prefix, the hash tag (all keys of
-    /// one call share it, so the script runs on one Cluster node), the key.
-    pub fn redis_key(&self, check: &Check) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut k = String::with_capacity(self.prefix.len() + 20 + check.key.len());
-        k.push_str(&self.prefix);
-        k.push_str(":{");
-        for i in (0..16).rev() {
-            k.push(char::from(HEX[((check.tag >> (i * 4)) & 0xf) as usize]));
-        }
-        k.push_str("}:");
-        k.push_str(&check.key);
-        k
-    }
-
     /// Decides every check of one call, in a batch with the other calls of
     /// worker `worker`. `now` (µs) replaces Redis `TIME` when set (tests).
     /// Without `details`, a limit that allows the call reports only that
@@ -289,7 +273,7 @@ impl RedisStore {
     pub async fn decide(
         &self,
         worker: usize,
-        checks: &[Check],
+        checks: Vec<Check>,
         now: Option<u64>,
         details: bool,
     ) -> Result<Vec<Decision>, StoreError> {
@@ -298,8 +282,7 @@ impl RedisStore {
             self.meters.breaker_open.inc();
             return Err(StoreError::BreakerOpen);
         }
-        let deadline = Instant::now() + self.inner.timeout;
-        let result = self.ask(worker, checks, now, details, deadline).await;
+        let result = self.ask(worker, checks, now, details).await;
         match &result {
             Ok(_) => {
                 if self.breaker.success(gate) == Transition::Closed {
@@ -330,27 +313,22 @@ impl RedisStore {
     async fn ask(
         &self,
         worker: usize,
-        checks: &[Check],
+        checks: Vec<Check>,
         now: Option<u64>,
         details: bool,
-        deadline: Instant,
     ) -> Result<Vec<Decision>, StoreError> {
-        let keys: Vec<String> = checks.iter().map(|c| self.redis_key(c)).collect();
-        let limits = checks
-            .iter()
-            .map(|c| (c.params, c.shadow, c.cost))
-            .collect();
+        let limits = checks.len();
         let slot = match self.inner.target {
-            Target::Cluster(_) => keys.first().map(Slot::for_key),
+            Target::Cluster(_) => checks.first().map(|c| Slot::for_key(hash_tag(c.tag))),
             Target::Single(_) => None,
         };
         let (tx, rx) = oneshot::channel();
         let request = Request {
-            keys,
-            limits,
+            checks,
             details,
             now,
             slot,
+            deadline: Instant::now() + self.inner.timeout,
             reply: tx,
         };
         let batcher = &self.batchers[worker % self.batchers.len()];
@@ -365,23 +343,22 @@ impl RedisStore {
             // No batcher yet, or its runtime is gone (tests): start one.
             if let Some(request) = unsent {
                 let (q, rx) = mpsc::unbounded_channel();
-                tokio::spawn(batcher_loop(self.inner.clone(), rx));
+                tokio::spawn(batcher_loop(self.inner.clone(), self.prefix.clone(), rx));
                 let _ = q.send(request);
                 *queue = Some(q);
             }
         }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => Err(StoreError::Timeout),
-            Ok(Err(_)) => Err(StoreError::Connection("the batcher stopped".into())),
-            Ok(Ok(r)) => {
+        // The batcher answers every call by its deadline.
+        match rx.await {
+            Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
+            Ok(r) => {
                 let d = r?;
-                if d.len() == checks.len() {
+                if d.len() == limits {
                     Ok(d)
                 } else {
                     Err(StoreError::Response(format!(
-                        "the decision script returned {} decisions for {} limits",
+                        "the decision script returned {} decisions for {limits} limits",
                         d.len(),
-                        checks.len()
                     )))
                 }
             }
@@ -389,36 +366,68 @@ impl RedisStore {
     }
 }
 
+/// `{tag}`: the Cluster hash tag of a call's keys, 16 hex digits in braces.
+fn hash_tag(tag: u64) -> [u8; 18] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [b'{'; 18];
+    for i in 0..16 {
+        t[1 + i] = HEX[((tag >> ((15 - i) * 4)) & 0xf) as usize];
+    }
+    t[17] = b'}';
+    t
+}
+
+/// Writes the Redis key of `check` to `out`: `prefix:{tag}:key`. All keys of
+/// one call share the hash tag, so the script runs on one Cluster node.
+fn write_key(out: &mut Vec<u8>, prefix: &str, check: &Check) {
+    out.extend_from_slice(prefix.as_bytes());
+    out.push(b':');
+    out.extend_from_slice(&hash_tag(check.tag));
+    out.push(b':');
+    out.extend_from_slice(check.key.as_bytes());
+}
+
 /// One worker's batcher: takes every call waiting, sends them as one script
 /// run (one per Cluster slot, in parallel), hands each call its decisions,
 /// and repeats. Owns the worker's connection; ends when the store is gone.
-async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request>) {
+/// It answers every call by the call's deadline: while it waits (for a
+/// place in flight, for a connection) calls whose time is up get a timeout,
+/// and a batch in Redis waits no longer than its oldest call may. Calls
+/// themselves need no timer.
+async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let prefix: Arc<str> = prefix.into();
     let mut conn: Option<(u64, Conn)> = None;
     let broken = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut batch = Vec::new();
+    let mut pending: Vec<Request> = Vec::new();
     loop {
-        // While the batches in flight are full, calls queue up for the next.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        if pending.is_empty() && rx.recv_many(&mut pending, MAX_BATCH).await == 0 {
             return;
         }
-        // Calls that gave up (timed out) need no answer.
-        batch.retain(|r: &Request| !r.reply.is_closed());
-        if batch.is_empty() {
-            continue;
+        // While the batches in flight are full, calls queue up for the next.
+        let permit = match in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match until(&mut pending, &mut rx, in_flight.clone().acquire_owned()).await {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        while pending.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => pending.push(r),
+                Err(_) => break,
+            }
         }
         let generation = inner.generation.load(Ordering::Acquire);
         if broken.swap(false, Ordering::AcqRel)
             || conn.as_ref().is_none_or(|(g, _)| *g != generation)
         {
             conn = None;
-            match tokio::time::timeout(inner.connect_timeout, connect(&inner.target)).await {
+            let connecting = tokio::time::timeout(inner.connect_timeout, connect(&inner.target));
+            match until(&mut pending, &mut rx, connecting).await {
                 Ok(Ok(c)) => conn = Some((generation, c)),
                 Ok(Err(e)) => {
-                    fail(&mut batch, &StoreError::Connection(e.to_string()));
+                    fail(&mut pending, &StoreError::Connection(e.to_string()));
                     continue;
                 }
                 Err(_) => {
@@ -426,15 +435,25 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
                         "no connection within {}",
                         humantime::format_duration(inner.connect_timeout)
                     );
-                    fail(&mut batch, &StoreError::Connection(why));
+                    fail(&mut pending, &StoreError::Connection(why));
                     continue;
                 }
             }
         }
         let Some((_, c)) = &conn else { continue };
-        // Calls go together when they share a clock and (Cluster) a slot.
+        let take = pending.len().min(MAX_BATCH);
+        let now = Instant::now();
+        // Calls go together when they share a clock and (Cluster) a slot;
+        // calls that gave up or whose time is up need no Redis.
         let mut groups: Vec<Vec<Request>> = Vec::new();
-        for r in batch.drain(..) {
+        for r in pending.drain(..take) {
+            if r.reply.is_closed() {
+                continue;
+            }
+            if r.deadline <= now {
+                let _ = r.reply.send(Err(StoreError::Timeout));
+                continue;
+            }
             match groups
                 .iter_mut()
                 .find(|g| g[0].now == r.now && g[0].slot == r.slot)
@@ -447,15 +466,47 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
         // place in flight is free once all are done.
         let permit = Arc::new(permit);
         for group in groups {
-            let (inner, c, broken, permit) =
-                (inner.clone(), c.clone(), broken.clone(), permit.clone());
+            let (inner, prefix, c, broken, permit) = (
+                inner.clone(),
+                prefix.clone(),
+                c.clone(),
+                broken.clone(),
+                permit.clone(),
+            );
             tokio::spawn(async move {
-                if run(&inner, c, group).await {
+                if run(&inner, &prefix, c, group).await {
                     // The next batch connects afresh.
                     broken.store(true, Ordering::Release);
                 }
                 drop(permit);
             });
+        }
+    }
+}
+
+/// Drives `work` to its end while the calls waiting for it run out of time:
+/// each is answered with a timeout at its deadline. Calls that arrive
+/// meanwhile join `pending` and are watched too.
+async fn until<F: std::future::Future>(
+    pending: &mut Vec<Request>,
+    rx: &mut mpsc::UnboundedReceiver<Request>,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
+    let mut open = true;
+    loop {
+        let oldest = pending.iter().map(|r| r.deadline).min();
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            n = rx.recv_many(pending, MAX_BATCH), if open => open = n > 0,
+            _ = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now)), if oldest.is_some() => {
+                let now = Instant::now();
+                pending.retain(|r| !r.reply.is_closed());
+                for r in pending.extract_if(.., |r| r.deadline <= now) {
+                    let _ = r.reply.send(Err(StoreError::Timeout));
+                }
+            }
         }
     }
 }
@@ -466,57 +517,62 @@ fn fail(batch: &mut Vec<Request>, e: &StoreError) {
     }
 }
 
+/// Identity hasher for keys already hashed ([`Check::hash`]).
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A check's key, hashed once: equal keys are sent once per batch.
+struct KeyRef<'a>(&'a Check);
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(self.0.hash ^ self.0.tag);
+    }
+}
+
+impl PartialEq for KeyRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.tag == other.0.tag && self.0.key == other.0.key
+    }
+}
+
+impl Eq for KeyRef<'_> {}
+
 /// Runs one group as one script call and answers its calls; returns whether
 /// the connection broke.
-async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
-    // Limit definitions go once per batch; calls refer to them.
-    let mut defs: Vec<(Params, bool)> = Vec::new();
-    let mut refs: Vec<(usize, u64)> = Vec::new();
-    for r in &group {
-        for &(params, shadow, cost) in &r.limits {
-            let d = match defs.iter().position(|d| *d == (params, shadow)) {
-                Some(d) => d,
-                None => {
-                    defs.push((params, shadow));
-                    defs.len() - 1
-                }
-            };
-            refs.push((d + 1, cost));
+async fn run(inner: &Inner, prefix: &str, conn: Conn, mut group: Vec<Request>) -> bool {
+    let deadline = group.iter().map(|r| r.deadline).min();
+    let cmd = command(inner, prefix, &group);
+    let ask = async {
+        let mut conn = conn;
+        let first = query(&mut conn, &cmd).await;
+        match first {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted or flushed its scripts: load it again.
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).clone();
+                query::<String>(&mut conn, &load).await?;
+                query(&mut conn, &cmd).await
+            }
+            other => other,
         }
-    }
-    let mut call = inner.script.prepare_invoke();
-    call.arg(group[0].now.map(|n| n.to_string()).unwrap_or_default())
-        .arg(defs.len());
-    for (p, shadow) in &defs {
-        call.arg(match p.algorithm {
-            Algorithm::FixedWindow => 1,
-            Algorithm::SlidingWindowCounter => 2,
-            Algorithm::SlidingWindowLog => 3,
-            Algorithm::Gcra => 4,
-        })
-        .arg(p.rate.limit)
-        .arg(p.rate.period_micros())
-        .arg(p.capacity())
-        .arg(p.rate.emission_interval_micros())
-        .arg(p.ttl_micros())
-        .arg(u8::from(*shadow));
-    }
-    call.arg(group.len());
-    let mut refs = refs.into_iter();
-    for r in &group {
-        call.arg(r.keys.len()).arg(u8::from(r.details));
-        for k in &r.keys {
-            call.key(k);
-        }
-        for (d, cost) in refs.by_ref().take(r.keys.len()) {
-            call.arg(d).arg(cost);
-        }
-    }
-    let reply: Result<Result<Vec<i64>, RedisError>, _> = match conn {
-        Conn::Single(mut c) => tokio::time::timeout(inner.timeout, call.invoke_async(&mut c)).await,
-        Conn::Cluster(mut c) => {
-            tokio::time::timeout(inner.timeout, call.invoke_async(&mut c)).await
-        }
+    };
+    let reply: Result<Result<Vec<i64>, RedisError>, _> = match deadline {
+        Some(d) => tokio::time::timeout_at(d, ask).await,
+        None => return false,
     };
     let (error, broken) = match reply {
         Err(_) => (StoreError::Timeout, false),
@@ -541,45 +597,129 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
     broken
 }
 
-/// The script's numbers, as each call's decisions.
+async fn query<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    cmd: &redis::Cmd,
+) -> Result<T, RedisError> {
+    match conn {
+        Conn::Single(c) => cmd.query_async(c).await,
+        Conn::Cluster(c) => cmd.query_async(c).await,
+    }
+}
+
+/// The `EVALSHA` of a group (see the contract at the top of decide.lua):
+/// each key once, limit definitions once, then the calls referring to them.
+fn command(inner: &Inner, prefix: &str, group: &[Request]) -> redis::Cmd {
+    let limits: usize = group.iter().map(|r| r.checks.len()).sum();
+    let mut keys: HashMap<KeyRef<'_>, usize, BuildHasherDefault<Prehashed>> =
+        HashMap::with_capacity_and_hasher(limits, Default::default());
+    let mut unique: Vec<&Check> = Vec::new();
+    let mut defs: Vec<(Params, bool)> = Vec::new();
+    // Per limit of every call: its key and definition (1-based).
+    let mut refs: Vec<(usize, usize)> = Vec::with_capacity(limits);
+    for r in group {
+        for c in &r.checks {
+            let k = *keys.entry(KeyRef(c)).or_insert_with(|| {
+                unique.push(c);
+                unique.len()
+            });
+            let d = match defs.iter().position(|d| *d == (c.params, c.shadow)) {
+                Some(d) => d + 1,
+                None => {
+                    defs.push((c.params, c.shadow));
+                    defs.len()
+                }
+            };
+            refs.push((k, d));
+        }
+    }
+    let mut cmd = redis::Cmd::with_capacity(
+        4 + unique.len() + 9 * defs.len() + 2 * group.len() + 3 * limits,
+        64 * (unique.len() + limits),
+    );
+    cmd.arg("EVALSHA")
+        .arg(inner.script.get_hash())
+        .arg(unique.len());
+    let mut key = Vec::with_capacity(128);
+    for c in &unique {
+        key.clear();
+        write_key(&mut key, prefix, c);
+        cmd.arg(&key[..]);
+    }
+    match group[0].now {
+        Some(n) => cmd.arg(n),
+        None => cmd.arg(""),
+    };
+    cmd.arg(defs.len());
+    for (p, shadow) in &defs {
+        cmd.arg(match p.algorithm {
+            Algorithm::FixedWindow => 1,
+            Algorithm::SlidingWindowCounter => 2,
+            Algorithm::SlidingWindowLog => 3,
+            Algorithm::Gcra => 4,
+        })
+        .arg(p.rate.limit)
+        .arg(p.rate.period_micros())
+        .arg(p.capacity())
+        .arg(p.rate.emission_interval_micros())
+        .arg(p.ttl_micros())
+        .arg(u8::from(*shadow));
+    }
+    cmd.arg(group.len());
+    let mut refs = refs.into_iter();
+    for r in group {
+        cmd.arg(r.checks.len()).arg(u8::from(r.details));
+        for (c, (k, d)) in r.checks.iter().zip(refs.by_ref()) {
+            cmd.arg(k).arg(d).arg(c.cost);
+        }
+    }
+    cmd
+}
+
+/// The script's numbers, as each call's decisions: -1 for a call every
+/// limit allows (figures not wanted), else five numbers per limit.
 fn split(numbers: &[i64], group: &[Request]) -> Result<Vec<Vec<Decision>>, String> {
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let too_few = || {
+        format!(
+            "the decision script returned {} numbers: too few for the batch",
+            numbers.len()
+        )
+    };
     let mut at = 0;
     let mut out = Vec::with_capacity(group.len());
     for r in group {
-        let mut mine = Vec::with_capacity(r.keys.len());
-        for _ in 0..r.keys.len() {
-            match numbers.get(at) {
-                Some(-1) => {
-                    at += 1;
-                    mine.push(Decision {
-                        allowed: true,
-                        limit: 0,
-                        remaining: 0,
-                        reset_micros: 0,
-                        retry_after_micros: 0,
-                    });
-                }
-                Some(_) if at + 5 <= numbers.len() => {
-                    let d = &numbers[at..at + 5];
-                    at += 5;
-                    mine.push(Decision {
-                        allowed: d[0] == 1,
-                        limit: n(d[1]),
-                        remaining: n(d[2]),
-                        reset_micros: n(d[3]),
-                        retry_after_micros: n(d[4]),
-                    });
-                }
-                _ => {
-                    return Err(format!(
-                        "the decision script returned {} numbers: too few for the batch",
-                        numbers.len()
-                    ))
-                }
+        let limits = r.checks.len();
+        match numbers.get(at) {
+            Some(-1) => {
+                at += 1;
+                let allowed = Decision {
+                    allowed: true,
+                    limit: 0,
+                    remaining: 0,
+                    reset_micros: 0,
+                    retry_after_micros: 0,
+                };
+                out.push(vec![allowed; limits]);
             }
+            Some(_) => {
+                let figures = numbers.get(at..at + 5 * limits).ok_or_else(too_few)?;
+                at += 5 * limits;
+                out.push(
+                    figures
+                        .chunks_exact(5)
+                        .map(|d| Decision {
+                            allowed: d[0] == 1,
+                            limit: n(d[1]),
+                            remaining: n(d[2]),
+                            reset_micros: n(d[3]),
+                            retry_after_micros: n(d[4]),
+                        })
+                        .collect(),
+                );
+            }
+            None => return Err(too_few()),
         }
-        out.push(mine);
     }
     if at != numbers.len() {
         return Err(format!(
@@ -601,5 +741,35 @@ async fn connect(target: &Target) -> Result<Conn, RedisError> {
                 .map(Conn::Single)
         }
         Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::rate::Rate;
+
+    #[test]
+    fn keys_carry_the_calls_hash_tag_and_its_slot() {
+        let params = Params {
+            rate: Rate::parse("10/s").unwrap_or_else(|e| panic!("{e}")),
+            burst: None,
+            algorithm: Algorithm::Gcra,
+        };
+        let mut c = Check::new(
+            "route\u{1f}per-client\u{1f}Gcra\u{1f}m-1".into(),
+            params,
+            1,
+            false,
+        );
+        c.tag = 0xab;
+        let mut key = Vec::new();
+        write_key(&mut key, "tollgate", &c);
+        assert_eq!(
+            String::from_utf8_lossy(&key),
+            "tollgate:{00000000000000ab}:route\u{1f}per-client\u{1f}Gcra\u{1f}m-1"
+        );
+        // The slot of the key is the slot of its tag alone.
+        assert_eq!(Slot::for_key(&key), Slot::for_key(hash_tag(c.tag)));
     }
 }

@@ -170,7 +170,6 @@ impl RouteLimits {
     /// Appends the key's value for a call to `out`; `false`: a part is
     /// missing and the limit skips such calls.
     fn value(l: &Compiled, call: &CallInfo<'_>, out: &mut String) -> bool {
-        use std::fmt::Write as _;
         for (i, part) in l.key.iter().enumerate() {
             if i > 0 {
                 out.push('/');
@@ -187,11 +186,13 @@ impl RouteLimits {
                     None => false,
                 },
                 KeySource::PeerIp(mask) => {
-                    out.push_str(&masked(call.peer.ip(), *mask));
+                    masked(out, call.peer.ip(), *mask);
                     true
                 }
                 KeySource::Method => {
-                    let _ = write!(out, "{}/{}", call.service, call.method);
+                    out.push_str(call.service);
+                    out.push('/');
+                    out.push_str(call.method);
                     true
                 }
                 KeySource::TlsIdentity => match call.tls_identity {
@@ -231,8 +232,8 @@ impl RouteLimits {
     }
 
     /// The checks of a call: one per limit that applies (`which` maps each
-    /// back to its limit).
-    fn checks(&self, call: &CallInfo<'_>) -> (Vec<Check>, Vec<usize>) {
+    /// back to its limit). `count`: limits that skip the call are counted.
+    fn checks(&self, call: &CallInfo<'_>, count: bool) -> (Vec<Check>, Vec<usize>) {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut which = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
@@ -240,7 +241,9 @@ impl RouteLimits {
             let mut key = String::with_capacity(l.key_prefix.len() + 48);
             key.push_str(&l.key_prefix);
             if !Self::value(l, call, &mut key) {
-                l.outcomes.skipped.inc();
+                if count {
+                    l.outcomes.skipped.inc();
+                }
                 continue;
             }
             let params = if l.overrides.is_empty() {
@@ -382,7 +385,7 @@ impl RouteLimits {
 impl LimitStep for RouteLimits {
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
         let start = std::time::Instant::now();
-        let (checks, which) = self.checks(&call);
+        let (checks, which) = self.checks(&call, true);
         if checks.is_empty() {
             return Box::pin(std::future::ready(Ok(None)));
         }
@@ -408,7 +411,7 @@ impl LimitStep for RouteLimits {
         }
         Box::pin(async move {
             let r = match redis
-                .decide(call.worker, &checks, None, self.response_headers)
+                .decide(call.worker, checks, None, self.response_headers)
                 .await
             {
                 Ok(decisions) => {
@@ -417,6 +420,15 @@ impl LimitStep for RouteLimits {
                     self.conclude(&which, &outcomes, None)
                 }
                 Err(e) => {
+                    // The checks went to Redis: built again for the failure
+                    // modes, for the limits that were asked.
+                    let (mut checks, all) = self.checks(&call, false);
+                    let mut asked = which.iter().peekable();
+                    let mut j = 0;
+                    checks.retain(|_| {
+                        j += 1;
+                        asked.next_if_eq(&&all[j - 1]).is_some()
+                    });
                     let outcomes = self.fail_over(&checks, &which);
                     self.conclude(&which, &outcomes, Some(&e))
                 }
@@ -427,20 +439,30 @@ impl LimitStep for RouteLimits {
     }
 }
 
-fn masked(ip: IpAddr, mask: Option<u8>) -> String {
-    match (ip, mask) {
-        (_, None) => ip.to_string(),
+/// Appends the peer address, masked to its first `mask` bits (`10.1.2.0/24`).
+fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
+    use std::fmt::Write as _;
+    let _ = match (ip, mask) {
+        (_, None) => write!(out, "{ip}"),
         (IpAddr::V4(v4), Some(m)) => {
             let m = u32::from(m.min(32));
             let bits = if m == 0 { 0 } else { u32::MAX << (32 - m) };
-            format!("{}/{m}", std::net::Ipv4Addr::from(u32::from(v4) & bits))
+            write!(
+                out,
+                "{}/{m}",
+                std::net::Ipv4Addr::from(u32::from(v4) & bits)
+            )
         }
         (IpAddr::V6(v6), Some(m)) => {
             let m = u32::from(m.min(128));
             let bits = if m == 0 { 0 } else { u128::MAX << (128 - m) };
-            format!("{}/{m}", std::net::Ipv6Addr::from(u128::from(v6) & bits))
+            write!(
+                out,
+                "{}/{m}",
+                std::net::Ipv6Addr::from(u128::from(v6) & bits)
+            )
         }
-    }
+    };
 }
 
 fn secs_ceil(micros: u64) -> u64 {
@@ -506,12 +528,16 @@ fn rejection(l: &Compiled, d: Decision) -> Rejection {
 mod tests {
     use super::*;
 
+    fn shown(ip: &str, mask: Option<u8>) -> String {
+        let mut out = String::new();
+        masked(&mut out, ip.parse().unwrap(), mask);
+        out
+    }
+
     #[test]
     fn peer_ips_are_masked() {
-        let v4: IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(masked(v4, Some(24)), "10.1.2.0/24");
-        assert_eq!(masked(v4, None), "10.1.2.3");
-        let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        assert_eq!(masked(v6, Some(32)), "2001:db8::/32");
+        assert_eq!(shown("10.1.2.3", Some(24)), "10.1.2.0/24");
+        assert_eq!(shown("10.1.2.3", None), "10.1.2.3");
+        assert_eq!(shown("2001:db8::1", Some(32)), "2001:db8::/32");
     }
 }
