@@ -440,29 +440,50 @@ impl LimitStep for RouteLimits {
 }
 
 /// Appends the peer address, masked to its first `mask` bits (`10.1.2.0/24`).
+/// IPv4 is written digit by digit: it is on every call of a per-IP limit.
 fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
     use std::fmt::Write as _;
-    let _ = match (ip, mask) {
-        (_, None) => write!(out, "{ip}"),
-        (IpAddr::V4(v4), Some(m)) => {
-            let m = u32::from(m.min(32));
+    match ip {
+        IpAddr::V4(v4) => {
+            let m = u32::from(mask.unwrap_or(32).min(32));
             let bits = if m == 0 { 0 } else { u32::MAX << (32 - m) };
-            write!(
-                out,
-                "{}/{m}",
-                std::net::Ipv4Addr::from(u32::from(v4) & bits)
-            )
+            for (i, octet) in (u32::from(v4) & bits).to_be_bytes().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, octet.into());
+            }
+            if mask.is_some() {
+                out.push('/');
+                push_decimal(out, m);
+            }
         }
-        (IpAddr::V6(v6), Some(m)) => {
-            let m = u32::from(m.min(128));
-            let bits = if m == 0 { 0 } else { u128::MAX << (128 - m) };
-            write!(
-                out,
-                "{}/{m}",
-                std::net::Ipv6Addr::from(u128::from(v6) & bits)
-            )
+        IpAddr::V6(v6) => {
+            let _ = match mask {
+                None => write!(out, "{v6}"),
+                Some(m) => {
+                    let m = u32::from(m.min(128));
+                    let bits = if m == 0 { 0 } else { u128::MAX << (128 - m) };
+                    write!(
+                        out,
+                        "{}/{m}",
+                        std::net::Ipv6Addr::from(u128::from(v6) & bits)
+                    )
+                }
+            };
         }
-    };
+    }
+}
+
+/// Appends `n` (at most 999) in decimal.
+fn push_decimal(out: &mut String, n: u32) {
+    if n >= 100 {
+        out.push(char::from(b'0' + (n / 100) as u8));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + (n / 10 % 10) as u8));
+    }
+    out.push(char::from(b'0' + (n % 10) as u8));
 }
 
 fn secs_ceil(micros: u64) -> u64 {
@@ -538,6 +559,9 @@ mod tests {
     fn peer_ips_are_masked() {
         assert_eq!(shown("10.1.2.3", Some(24)), "10.1.2.0/24");
         assert_eq!(shown("10.1.2.3", None), "10.1.2.3");
+        assert_eq!(shown("255.100.9.0", Some(32)), "255.100.9.0/32");
+        assert_eq!(shown("192.168.7.250", Some(0)), "0.0.0.0/0");
+        assert_eq!(shown("192.168.7.250", Some(20)), "192.168.0.0/20");
         assert_eq!(shown("2001:db8::1", Some(32)), "2001:db8::/32");
     }
 }
