@@ -4,8 +4,7 @@
 Same harness and method as the proxy benchmark (bench_proxy.py): unary Echo
 calls with h2load, servers pinned to CPU 0 and the load generator to CPU 1.
 Each scenario is its own tollgate process in front of the same upstream;
-Redis (one redis-server) sits on CPU 0 with them, since it is a server of
-the system under test.
+one redis-server serves the Redis scenarios, on CPU 1 by default (REDIS_CPU).
 """
 
 import os
@@ -126,36 +125,46 @@ def main():
         headers = ["-H", "x-client-id: bench-client"]
         results = {}
         commands = {}
+        pass_through = "pass-through (no limits)"
+        paired = {}
+
+        def measure(rep, shape, name):
+            port, pid, backend, admin = targets[name]
+            redis_cli(redis_port, "CONFIG", "RESETSTAT")
+            decided = decisions(admin) if backend == "redis" else 0
+            rps, p50, n, cpu = h2load(port, shape[0], shape[1], payload, f"{work}/h2load.log", [pid],
+                                      extra=headers)
+            if backend == "redis" and n:
+                stats = redis_commands(redis_port)
+                # Every call decided since the reset, warm-up included.
+                total_calls = decisions(admin) - decided
+                sent = sum(v for k, v in stats.items() if k in ("evalsha", "eval") or k.startswith("script"))
+                inner = sum(stats.values()) - sent
+                commands.setdefault((shape, name), []).append((sent / total_calls, inner / total_calls, stats))
+            results.setdefault((shape, name), []).append((rps, p50, cpu))
+            print(f"rep {rep + 1} {shape[0]}x{shape[1]} {name}: {rps:,.0f} rps p50 {p50} µs"
+                  + (f" cpu {cpu:.1f} µs/call" if cpu is not None else ""), file=sys.stderr)
+            return rps
+
         for rep in range(REPS):
-            for shape in ((1, 1), (4, 25)):
-                for name, (port, pid, backend, admin) in targets.items():
-                    redis_cli(redis_port, "CONFIG", "RESETSTAT")
-                    decided = decisions(admin) if backend == "redis" else 0
-                    rps, p50, n, cpu = h2load(port, shape[0], shape[1], payload, f"{work}/h2load.log", [pid],
-                                              extra=headers)
-                    if backend == "redis" and n:
-                        stats = redis_commands(redis_port)
-                        # Every call decided since the reset, warm-up included.
-                        total_calls = decisions(admin) - decided
-                        sent = sum(v for k, v in stats.items() if k in ("evalsha", "eval") or k.startswith("script"))
-                        inner = sum(stats.values()) - sent
-                        commands.setdefault((shape, name), []).append((sent / total_calls, inner / total_calls, stats))
-                    results.setdefault((shape, name), []).append((rps, p50, cpu))
-                    print(f"rep {rep + 1} {shape[0]}x{shape[1]} {name}: {rps:,.0f} rps p50 {p50} µs"
-                          + (f" cpu {cpu:.1f} µs/call" if cpu is not None else ""), file=sys.stderr)
+            for name in targets:
+                measure(rep, (1, 1), name)
+            # At 4x25 each scenario runs right after a pass-through run: the
+            # ratio of the two is what the machine's drift sways least.
+            for name in targets:
+                if name == pass_through:
+                    continue
+                base = measure(rep, (4, 25), pass_through)
+                paired.setdefault(name, []).append(measure(rep, (4, 25), name) / base)
 
         med = statistics.median
         rng = lambda xs: f"{min(xs):,.0f}–{max(xs):,.0f}"  # noqa: E731
         base_p50 = med(r[1] for r in results[((1, 1), "pass-through (no limits)")])
         print()
         print(f"Each cell: median of {REPS} runs (min–max); {DURATION} s measured after {WARMUP} s warm-up; "
-              f"Redis on CPU {REDIS_CPU}. 'vs pass-through': the median (min–max) of each repetition's "
-              f"RPS over the pass-through RPS of the same repetition.")
+              f"Redis on CPU {REDIS_CPU}. 'vs pass-through': at 4x25 each scenario runs right after a "
+              f"pass-through run; the median (min–max) of its RPS over that run's.")
         print()
-        # Each repetition's scenarios ran minutes apart at most: a scenario's
-        # ratio to the pass-through of the same repetition is less swayed by
-        # the machine's drift than a ratio of medians.
-        base_runs = [r[0] for r in results[((4, 25), "pass-through (no limits)")]]
         print("| scenario | 4x25 RPS | vs pass-through | tollgate CPU per call | 1x1 p50 | commands sent to Redis per call (1x1 max / 4x25) | commands the script runs per call (4x25) |")
         print("|---|---|---|---|---|---|---|")
         for name in SCENARIOS:
@@ -166,11 +175,11 @@ def main():
             c1, c4 = commands.get(((1, 1), name)), commands.get(((4, 25), name))
             per_call = (f"{max(c[0] for c in c1):.2f} / {statistics.median(c[0] for c in c4):.3f} "
                         f"| {statistics.median(c[1] for c in c4):.2f}" if c1 and c4 else "— | —")
-            ratios = [r[0] / p for r, p in zip(b, base_runs)]
+            ratios = paired.get(name, [1.0])
             print(f"| {name} | {med([r[0] for r in b]):,.0f} ({rng([r[0] for r in b])}) "
                   f"| {med(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) "
                   f"| {med(cpu):.1f} µs ({min(cpu):.1f}–{max(cpu):.1f}) "
-                  f"| {p50:.0f} µs (+{p50 - base_p50:.0f}) | {per_call} |")
+                  f"| {p50:.0f} µs ({p50 - base_p50:+.0f}) | {per_call} |")
         print()
         for (shape, name), cmds in commands.items():
             print(f"{name} {shape[0]}x{shape[1]}: Redis commands in the last run: {cmds[-1][2]}")
