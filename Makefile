@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test lint fmt clean bench-proxy bench-limits bench-payments
+.PHONY: help build run test lint fmt clean bench-proxy bench-limits bench-script bench-payments
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ bench-proxy: ## tollgate vs direct, nginx grpc_pass and HAProxy with h2load (see
 
 bench-limits: ## the limiter: no limits vs in-process vs Redis (1 and 3 limits) vs mostly rejected (see BENCHMARKS.md)
 	bash load-tests/bench-limits.sh
+
+bench-script: ## Redis CPU per call of the decision script, batches of 31 calls x 3 limits (see BENCHMARKS.md)
+	bash load-tests/bench-script.sh
 
 bench-payments: ## CreatePayment on PostgreSQL vs pgbench (see BENCHMARKS.md)
 	bash load-tests/bench-create-payment.sh
