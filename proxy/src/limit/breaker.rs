@@ -109,11 +109,15 @@ impl Breaker {
 
     /// Reports a store call that answered.
     pub fn success(&self, gate: Gate) -> Transition {
-        self.failures.store(0, Ordering::Release);
+        // Read first: on the common path (closed, no failures) nothing is
+        // written, so workers do not contend for the line.
+        if self.failures.load(Ordering::Acquire) != 0 {
+            self.failures.store(0, Ordering::Release);
+        }
         if gate == Gate::Probe {
             self.probing.store(false, Ordering::Release);
         }
-        if self.open.swap(false, Ordering::AcqRel) {
+        if self.open.load(Ordering::Acquire) && self.open.swap(false, Ordering::AcqRel) {
             Transition::Closed
         } else {
             Transition::None

@@ -132,8 +132,12 @@ impl KeyGate {
         }
     }
 
-    fn admit(&self, hash: u64, ttl_micros: u64) -> bool {
-        let now = self.epoch.elapsed().as_micros() as u64;
+    /// Microseconds since the gate was made: one reading serves a call.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn admit(&self, hash: u64, ttl_micros: u64, now: u64) -> bool {
         let Some(mut map) = self.seen.lock(Shards::<u64, u64>::index(hash)) else {
             return false;
         };
@@ -251,9 +255,19 @@ impl RedisStore {
         })
     }
 
-    /// Whether this replica may write `check`'s key (see [`KeyGate`]).
-    pub fn admit(&self, check: &Check) -> bool {
-        self.keys.admit(check.hash, check.params.ttl_micros())
+    /// Keeps the checks whose keys this replica may write (see
+    /// [`KeyGate`]); `dropped` learns the position of each other one.
+    pub fn admit(&self, checks: &mut Vec<Check>, mut dropped: impl FnMut(usize)) {
+        let now = self.keys.now();
+        let mut j = 0;
+        checks.retain(|c| {
+            j += 1;
+            let ok = self.keys.admit(c.hash, c.params.ttl_micros(), now);
+            if !ok {
+                dropped(j - 1);
+            }
+            ok
+        });
     }
 
     /// `redis` or `redis-cluster` (the metrics' backend label).

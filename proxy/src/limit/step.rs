@@ -397,14 +397,10 @@ impl LimitStep for RouteLimits {
             return Box::pin(std::future::ready(r));
         };
         let (mut checks, mut which) = (checks, which);
-        let mut i = 0;
-        while i < checks.len() {
-            if redis.admit(&checks[i]) {
-                i += 1;
-            } else {
-                checks.remove(i);
-                self.limits[which.remove(i)].outcomes.over_capacity.inc();
-            }
+        let mut dropped = Vec::new();
+        redis.admit(&mut checks, |j| dropped.push(j));
+        for j in dropped.into_iter().rev() {
+            self.limits[which.remove(j)].outcomes.over_capacity.inc();
         }
         if checks.is_empty() {
             return Box::pin(std::future::ready(Ok(None)));
