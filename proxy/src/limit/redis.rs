@@ -511,9 +511,10 @@ async fn until<F: std::future::Future>(
     loop {
         let oldest = pending.iter().map(|r| r.deadline).min();
         tokio::select! {
+            // Expiry before arrivals: a steady stream of new calls must not
+            // keep the waiting ones from their answer.
             biased;
             out = &mut work => return out,
-            n = rx.recv_many(pending, MAX_BATCH), if open => open = n > 0,
             _ = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now)), if oldest.is_some() => {
                 let now = Instant::now();
                 pending.retain(|r| !r.reply.is_closed());
@@ -521,6 +522,7 @@ async fn until<F: std::future::Future>(
                     let _ = r.reply.send(Err(StoreError::Timeout));
                 }
             }
+            n = rx.recv_many(pending, MAX_BATCH), if open => open = n > 0,
         }
     }
 }

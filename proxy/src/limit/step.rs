@@ -436,10 +436,12 @@ impl LimitStep for RouteLimits {
 }
 
 /// Appends the peer address, masked to its first `mask` bits (`10.1.2.0/24`).
-/// IPv4 is written digit by digit: it is on every call of a per-IP limit.
+/// An IPv4 client of a dual-stack listener (`::ffff:10.1.2.3`) counts as
+/// its IPv4 address, so a `/24` means the same for every client. IPv4 is
+/// written digit by digit: it is on every call of a per-IP limit.
 fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
     use std::fmt::Write as _;
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => {
             let m = u32::from(mask.unwrap_or(32).min(32));
             let bits = if m == 0 { 0 } else { u32::MAX << (32 - m) };
@@ -559,5 +561,8 @@ mod tests {
         assert_eq!(shown("192.168.7.250", Some(0)), "0.0.0.0/0");
         assert_eq!(shown("192.168.7.250", Some(20)), "192.168.0.0/20");
         assert_eq!(shown("2001:db8::1", Some(32)), "2001:db8::/32");
+        // IPv4 through a dual-stack listener: masked as IPv4.
+        assert_eq!(shown("::ffff:10.1.2.3", Some(24)), "10.1.2.0/24");
+        assert_eq!(shown("::ffff:10.1.2.3", None), "10.1.2.3");
     }
 }
