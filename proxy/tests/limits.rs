@@ -169,3 +169,63 @@ async fn shadow_limits_count_but_never_reject_and_overrides_apply() {
     // counted, not refused (calls without the header skip it).
     assert!(shadow.ends_with(" 7"), "{shadow}");
 }
+
+/// The grpc-status of one empty Unary call to `to`, sent from `source`.
+async fn status_from(source: [u8; 4], to: std::net::SocketAddr) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let tcp = socket.connect(to).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{to}/tollgate.test.v1.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    // One empty message: a valid EchoRequest.
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let (parts, mut body) = response.await.unwrap().into_parts();
+    while let Some(chunk) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+    }
+    let trailers = body.trailers().await.unwrap();
+    trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_network_limits_behind_a_dual_stack_listener_count_ipv4_networks_apart() {
+    // On `[::]` IPv4 clients arrive as ::ffff:a.b.c.d; a /24 must still mean
+    // their IPv4 network, not one network holding every IPv4 client.
+    let up = Upstream::start().await;
+    let yaml = config(
+        up.addr,
+        "      - { name: per-network, key: [ { peer_ip: { mask: 24 } } ], rate: 2/min, algorithm: fixed_window }",
+    )
+    .replace("address: 127.0.0.1:0, workers", "address: \"[::]:0\", workers");
+    let proxy = Proxy::start(&yaml);
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.addr().port()));
+
+    for _ in 0..2 {
+        assert_eq!(status_from([127, 0, 0, 1], to).await, "0");
+    }
+    assert_eq!(
+        status_from([127, 0, 0, 2], to).await,
+        "8",
+        "127.0.0.0/24 has used its 2/min"
+    );
+    assert_eq!(
+        status_from([127, 0, 1, 1], to).await,
+        "0",
+        "127.0.1.0/24 has a quota of its own"
+    );
+}
