@@ -251,6 +251,52 @@ async fn a_silent_or_frozen_redis_answers_every_call_by_its_timeout() {
     assert!(back[0].allowed);
 }
 
+#[tokio::test]
+async fn a_call_that_waited_long_does_not_cut_short_the_calls_batched_with_it() {
+    // Redis freezes. Four calls fill the four batches a worker may have in
+    // flight; E queues, then F a while later. When the first batch times
+    // out, E and F go to Redis together. Redis thaws after E's deadline and
+    // before F's: E gets a timeout, F gets Redis's answer.
+    let redis = testkit::Redis::start();
+    let store = std::sync::Arc::new(single(redis.url(), Duration::from_secs(1)));
+    let c = [check("k", 1, fixed(100), 1, false)];
+    store.decide(0, c.to_vec(), None, true).await.unwrap();
+    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let call = |store: std::sync::Arc<RedisStore>| {
+        let c = c.to_vec();
+        tokio::spawn(async move { store.decide(0, c, None, true).await })
+    };
+    let mut in_flight = Vec::new();
+    for _ in 0..4 {
+        in_flight.push(call(store.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = call(store.clone());
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let f = call(store.clone());
+    // The first batch times out at ~1 s, E's deadline is ~1.05 s, F's ~1.5 s.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    signal("-CONT");
+    assert_eq!(e.await.unwrap().unwrap_err(), StoreError::Timeout);
+    let f = f.await.unwrap();
+    assert!(
+        f.as_ref().is_ok_and(|d| d[0].allowed),
+        "F still had time when Redis answered: {f:?}"
+    );
+    for t in in_flight {
+        assert_eq!(t.await.unwrap().unwrap_err(), StoreError::Timeout);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_calls_share_script_runs_and_stay_exact() {
     let redis = testkit::Redis::start();

@@ -83,7 +83,23 @@ struct Request {
     slot: Option<Slot>,
     /// The batcher answers by then, whatever Redis does.
     deadline: Instant,
-    reply: oneshot::Sender<Result<Vec<Decision>, StoreError>>,
+    /// `None` once answered.
+    reply: Option<oneshot::Sender<Result<Vec<Decision>, StoreError>>>,
+}
+
+impl Request {
+    /// Answers the call (once; later answers are dropped).
+    fn answer(&mut self, result: Result<Vec<Decision>, StoreError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Whether no one waits for an answer any more (answered, or the call
+    /// gave up).
+    fn settled(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
 }
 
 /// Most calls in one script run; more wait for the next batch.
@@ -343,7 +359,7 @@ impl RedisStore {
             now,
             slot,
             deadline: Instant::now() + self.inner.timeout,
-            reply: tx,
+            reply: Some(tx),
         };
         let batcher = &self.batchers[worker % self.batchers.len()];
         {
@@ -437,7 +453,10 @@ async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::Unbounded
             || conn.as_ref().is_none_or(|(g, _)| *g != generation)
         {
             conn = None;
-            let connecting = tokio::time::timeout(inner.connect_timeout, connect(&inner.target));
+            let connecting = tokio::time::timeout(
+                inner.connect_timeout,
+                connect(&inner.target, inner.connect_timeout),
+            );
             match until(&mut pending, &mut rx, connecting).await {
                 Ok(Ok(c)) => conn = Some((generation, c)),
                 Ok(Err(e)) => {
@@ -460,12 +479,12 @@ async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::Unbounded
         // Calls go together when they share a clock and (Cluster) a slot;
         // calls that gave up or whose time is up need no Redis.
         let mut groups: Vec<Vec<Request>> = Vec::new();
-        for r in pending.drain(..take) {
-            if r.reply.is_closed() {
+        for mut r in pending.drain(..take) {
+            if r.settled() {
                 continue;
             }
             if r.deadline <= now {
-                let _ = r.reply.send(Err(StoreError::Timeout));
+                r.answer(Err(StoreError::Timeout));
                 continue;
             }
             match groups
@@ -517,9 +536,9 @@ async fn until<F: std::future::Future>(
             out = &mut work => return out,
             _ = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now)), if oldest.is_some() => {
                 let now = Instant::now();
-                pending.retain(|r| !r.reply.is_closed());
-                for r in pending.extract_if(.., |r| r.deadline <= now) {
-                    let _ = r.reply.send(Err(StoreError::Timeout));
+                pending.retain(|r| !r.settled());
+                for mut r in pending.extract_if(.., |r| r.deadline <= now) {
+                    r.answer(Err(StoreError::Timeout));
                 }
             }
             n = rx.recv_many(pending, MAX_BATCH), if open => open = n > 0,
@@ -528,8 +547,8 @@ async fn until<F: std::future::Future>(
 }
 
 fn fail(batch: &mut Vec<Request>, e: &StoreError) {
-    for r in batch.drain(..) {
-        let _ = r.reply.send(Err(e.clone()));
+    for mut r in batch.drain(..) {
+        r.answer(Err(e.clone()));
     }
 }
 
@@ -569,9 +588,10 @@ impl PartialEq for KeyRef<'_> {
 impl Eq for KeyRef<'_> {}
 
 /// Runs one group as one script call and answers its calls; returns whether
-/// the connection broke.
+/// the connection broke. Each call that runs out of time while Redis is at
+/// it is answered with a timeout then; the others wait for Redis until the
+/// last of them runs out.
 async fn run(inner: &Inner, prefix: &str, conn: Conn, mut group: Vec<Request>) -> bool {
-    let deadline = group.iter().map(|r| r.deadline).min();
     let cmd = command(inner, prefix, &group);
     let ask = async {
         let mut conn = conn;
@@ -586,23 +606,40 @@ async fn run(inner: &Inner, prefix: &str, conn: Conn, mut group: Vec<Request>) -
             other => other,
         }
     };
-    let reply: Result<Result<Vec<i64>, RedisError>, _> = match deadline {
-        Some(d) => tokio::time::timeout_at(d, ask).await,
-        None => return false,
+    tokio::pin!(ask);
+    let reply: Result<Vec<i64>, RedisError> = loop {
+        let Some(next) = group
+            .iter()
+            .filter(|r| !r.settled())
+            .map(|r| r.deadline)
+            .min()
+        else {
+            // Every call is answered or gone: nothing waits for Redis.
+            return false;
+        };
+        tokio::select! {
+            biased;
+            reply = &mut ask => break reply,
+            _ = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                for r in group.iter_mut().filter(|r| r.deadline <= now) {
+                    r.answer(Err(StoreError::Timeout));
+                }
+            }
+        }
     };
     let (error, broken) = match reply {
-        Err(_) => (StoreError::Timeout, false),
-        Ok(Err(e)) => {
+        Err(e) => {
             if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                 (StoreError::Connection(e.to_string()), true)
             } else {
                 (StoreError::Response(e.to_string()), false)
             }
         }
-        Ok(Ok(numbers)) => match split(&numbers, &group) {
+        Ok(numbers) => match split(&numbers, &group) {
             Ok(decisions) => {
-                for (r, d) in group.into_iter().zip(decisions) {
-                    let _ = r.reply.send(Ok(d));
+                for (r, d) in group.iter_mut().zip(decisions) {
+                    r.answer(Ok(d));
                 }
                 return false;
             }
@@ -747,10 +784,16 @@ fn split(numbers: &[i64], group: &[Request]) -> Result<Vec<Vec<Decision>>, Strin
     Ok(out)
 }
 
-async fn connect(target: &Target) -> Result<Conn, RedisError> {
+async fn connect(target: &Target, connect_timeout: Duration) -> Result<Conn, RedisError> {
     match target {
         Target::Single(client) => {
-            let cfg = AsyncConnectionConfig::new();
+            // Deadlines are the batcher's: the client's own response
+            // timeout (500 ms) would report a slow answer as a broken
+            // connection. A connection that never answers is rebuilt when
+            // the breaker opens.
+            let cfg = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(None);
             client
                 .get_multiplexed_async_connection_with_config(&cfg)
                 .await
