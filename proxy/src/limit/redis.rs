@@ -422,7 +422,7 @@ fn write_key(out: &mut Vec<u8>, prefix: &str, check: &Check) {
 /// and repeats. Owns the worker's connection; ends when the store is gone.
 /// It answers every call by the call's deadline: while it waits (for a
 /// place in flight, for a connection) calls whose time is up get a timeout,
-/// and a batch in Redis waits no longer than its oldest call may. Calls
+/// and so do the calls of a batch in Redis, each at its own deadline. Calls
 /// themselves need no timer.
 async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::UnboundedReceiver<Request>) {
     let prefix: Arc<str> = prefix.into();
