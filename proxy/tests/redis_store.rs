@@ -195,6 +195,17 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     assert!(back[0].allowed);
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to the redis-server: freezes or thaws it.
+fn signal(redis: &testkit::Redis, sig: &str) {
+    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid.trim()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 /// Calls to a Redis that does not answer end at the timeout, never at the
 /// (much longer) connect timeout; `what` says what was waited for.
 async fn every_call_ends_by_its_timeout(store: &RedisStore, what: &str) {
@@ -231,15 +242,7 @@ async fn a_silent_or_frozen_redis_answers_every_call_by_its_timeout() {
     let store = single(redis.url(), Duration::from_millis(100));
     let c = [check("k", 1, fixed(100), 1, false)];
     store.decide(0, c.to_vec(), None, true).await.unwrap();
-    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, pid.trim()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let signal = |sig: &str| signal(&redis, sig);
     signal("-STOP");
     every_call_ends_by_its_timeout(&store, "a frozen Redis").await;
     signal("-CONT");
@@ -261,15 +264,7 @@ async fn a_call_that_waited_long_does_not_cut_short_the_calls_batched_with_it() 
     let store = std::sync::Arc::new(single(redis.url(), Duration::from_secs(1)));
     let c = [check("k", 1, fixed(100), 1, false)];
     store.decide(0, c.to_vec(), None, true).await.unwrap();
-    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, pid.trim()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let signal = |sig: &str| signal(&redis, sig);
     signal("-STOP");
     let call = |store: std::sync::Arc<RedisStore>| {
         let c = c.to_vec();
