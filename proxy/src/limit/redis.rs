@@ -271,19 +271,15 @@ impl RedisStore {
         })
     }
 
-    /// Keeps the checks whose keys this replica may write (see
-    /// [`KeyGate`]); `dropped` learns the position of each other one.
-    pub fn admit(&self, checks: &mut Vec<Check>, mut dropped: impl FnMut(usize)) {
-        let now = self.keys.now();
-        let mut j = 0;
-        checks.retain(|c| {
-            j += 1;
-            let ok = self.keys.admit(c.hash, c.params.ttl_micros(), now);
-            if !ok {
-                dropped(j - 1);
-            }
-            ok
-        });
+    /// The key bound's clock (µs): one reading serves a call's checks.
+    pub fn key_clock(&self) -> u64 {
+        self.keys.now()
+    }
+
+    /// Whether this replica may write `check`'s key at `now` (see
+    /// [`KeyGate`]).
+    pub fn admit(&self, check: &Check, now: u64) -> bool {
+        self.keys.admit(check.hash, check.params.ttl_micros(), now)
     }
 
     /// `redis` or `redis-cluster` (the metrics' backend label).

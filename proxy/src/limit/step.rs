@@ -397,11 +397,20 @@ impl LimitStep for RouteLimits {
             return Box::pin(std::future::ready(r));
         };
         let (mut checks, mut which) = (checks, which);
-        let mut dropped = Vec::new();
-        redis.admit(&mut checks, |j| dropped.push(j));
-        for j in dropped.into_iter().rev() {
-            self.limits[which.remove(j)].outcomes.over_capacity.inc();
+        // Keys this replica may not write to Redis go uncounted.
+        let now = redis.key_clock();
+        let mut kept = 0;
+        for j in 0..checks.len() {
+            if redis.admit(&checks[j], now) {
+                checks.swap(kept, j);
+                which.swap(kept, j);
+                kept += 1;
+            } else {
+                self.limits[which[j]].outcomes.over_capacity.inc();
+            }
         }
+        checks.truncate(kept);
+        which.truncate(kept);
         if checks.is_empty() {
             return Box::pin(std::future::ready(Ok(None)));
         }
@@ -418,13 +427,13 @@ impl LimitStep for RouteLimits {
                 Err(e) => {
                     // The checks went to Redis: built again for the failure
                     // modes, for the limits that were asked.
-                    let (mut checks, all) = self.checks(&call, false);
-                    let mut asked = which.iter().peekable();
-                    let mut j = 0;
-                    checks.retain(|_| {
-                        j += 1;
-                        asked.next_if_eq(&&all[j - 1]).is_some()
-                    });
+                    let (checks, all) = self.checks(&call, false);
+                    let checks: Vec<Check> = checks
+                        .into_iter()
+                        .zip(all)
+                        .filter(|(_, i)| which.contains(i))
+                        .map(|(c, _)| c)
+                        .collect();
                     let outcomes = self.fail_over(&checks, &which);
                     self.conclude(&which, &outcomes, Some(&e))
                 }
