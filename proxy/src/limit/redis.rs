@@ -128,6 +128,8 @@ struct Inner {
     /// Bumped whenever the breaker opens: older connections are dropped.
     generation: AtomicU64,
     shown: String,
+    /// Every Redis key starts with it (`limiter.redis.key_prefix`).
+    prefix: String,
 }
 
 /// Bounds the distinct keys one replica writes to Redis
@@ -171,7 +173,6 @@ pub struct RedisStore {
     inner: Arc<Inner>,
     /// Per worker: the queue of its batcher (started on first use).
     batchers: Vec<Mutex<Option<mpsc::UnboundedSender<Request>>>>,
-    prefix: String,
     breaker: Breaker,
     backend: &'static str,
     meters: Meters,
@@ -254,9 +255,9 @@ impl RedisStore {
                 connect_timeout: r.connect_timeout.0,
                 generation: AtomicU64::new(0),
                 shown,
+                prefix: r.key_prefix.clone(),
             }),
             batchers: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
-            prefix: r.key_prefix.clone(),
             breaker: Breaker::new(r.breaker_failures, r.probe_interval.0),
             backend,
             meters: Meters {
@@ -369,7 +370,7 @@ impl RedisStore {
             // No batcher yet, or its runtime is gone (tests): start one.
             if let Some(request) = unsent {
                 let (q, rx) = mpsc::unbounded_channel();
-                tokio::spawn(batcher_loop(self.inner.clone(), self.prefix.clone(), rx));
+                tokio::spawn(batcher_loop(self.inner.clone(), rx));
                 let _ = q.send(request);
                 *queue = Some(q);
             }
@@ -420,8 +421,7 @@ fn write_key(out: &mut Vec<u8>, prefix: &str, check: &Check) {
 /// place in flight, for a connection) calls whose time is up get a timeout,
 /// and so do the calls of a batch in Redis, each at its own deadline. Calls
 /// themselves need no timer.
-async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::UnboundedReceiver<Request>) {
-    let prefix: Arc<str> = prefix.into();
+async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut conn: Option<(u64, Conn)> = None;
     let broken = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -495,15 +495,10 @@ async fn batcher_loop(inner: Arc<Inner>, prefix: String, mut rx: mpsc::Unbounded
         // place in flight is free once all are done.
         let permit = Arc::new(permit);
         for group in groups {
-            let (inner, prefix, c, broken, permit) = (
-                inner.clone(),
-                prefix.clone(),
-                c.clone(),
-                broken.clone(),
-                permit.clone(),
-            );
+            let (inner, c, broken, permit) =
+                (inner.clone(), c.clone(), broken.clone(), permit.clone());
             tokio::spawn(async move {
-                if run(&inner, &prefix, c, group).await {
+                if run(&inner, c, group).await {
                     // The next batch connects afresh.
                     broken.store(true, Ordering::Release);
                 }
@@ -587,8 +582,8 @@ impl Eq for KeyRef<'_> {}
 /// the connection broke. Each call that runs out of time while Redis is at
 /// it is answered with a timeout then; the others wait for Redis until the
 /// last of them runs out.
-async fn run(inner: &Inner, prefix: &str, conn: Conn, mut group: Vec<Request>) -> bool {
-    let cmd = command(inner, prefix, &group);
+async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
+    let cmd = command(inner, &group);
     let ask = async {
         let mut conn = conn;
         let first = query(&mut conn, &cmd).await;
@@ -658,7 +653,7 @@ async fn query<T: redis::FromRedisValue>(
 
 /// The `EVALSHA` of a group (see the contract at the top of decide.lua):
 /// each key once, limit definitions once, then the calls referring to them.
-fn command(inner: &Inner, prefix: &str, group: &[Request]) -> redis::Cmd {
+fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     let limits: usize = group.iter().map(|r| r.checks.len()).sum();
     let mut keys: HashMap<KeyRef<'_>, usize, BuildHasherDefault<Prehashed>> =
         HashMap::with_capacity_and_hasher(limits, Default::default());
@@ -692,7 +687,7 @@ fn command(inner: &Inner, prefix: &str, group: &[Request]) -> redis::Cmd {
     let mut key = Vec::with_capacity(128);
     for c in &unique {
         key.clear();
-        write_key(&mut key, prefix, c);
+        write_key(&mut key, &inner.prefix, c);
         cmd.arg(&key[..]);
     }
     match group[0].now {
