@@ -149,21 +149,25 @@ def main():
         for rep in range(REPS):
             for name in targets:
                 measure(rep, (1, 1), name)
-            # At 4x25 each scenario runs right after a pass-through run: the
-            # ratio of the two is what the machine's drift sways least.
+            # At 4x25 each scenario runs between two pass-through runs, and
+            # is compared with their mean: what the machine's drift sways
+            # least (it cancels a drift that is steady over the three runs).
+            before = measure(rep, (4, 25), pass_through)
             for name in targets:
                 if name == pass_through:
                     continue
-                base = measure(rep, (4, 25), pass_through)
-                paired.setdefault(name, []).append(measure(rep, (4, 25), name) / base)
+                rps = measure(rep, (4, 25), name)
+                after = measure(rep, (4, 25), pass_through)
+                paired.setdefault(name, []).append(rps / ((before + after) / 2))
+                before = after
 
         med = statistics.median
         rng = lambda xs: f"{min(xs):,.0f}–{max(xs):,.0f}"  # noqa: E731
         base_p50 = med(r[1] for r in results[((1, 1), "pass-through (no limits)")])
         print()
         print(f"Each cell: median of {REPS} runs (min–max); {DURATION} s measured after {WARMUP} s warm-up; "
-              f"Redis on CPU {REDIS_CPU}. 'vs pass-through': at 4x25 each scenario runs right after a "
-              f"pass-through run; the median (min–max) of its RPS over that run's.")
+              f"Redis on CPU {REDIS_CPU}. 'vs pass-through': at 4x25 each scenario runs between two "
+              f"pass-through runs; the median (min–max) of its RPS over their mean.")
         print()
         print("| scenario | 4x25 RPS | vs pass-through | tollgate CPU per call | 1x1 p50 | commands sent to Redis per call (1x1 max / 4x25) | commands the script runs per call (4x25) |")
         print("|---|---|---|---|---|---|---|")
