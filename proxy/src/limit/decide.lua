@@ -12,7 +12,11 @@
 --          to one algorithm (tollgate puts the algorithm in the key).
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (one clock for every
 --          replica; tests pass a time to step through a case).
--- ARGV[2]  D, the number of limit definitions, then seven numbers each:
+-- ARGV[2]  every number below, as one MessagePack array of unsigned
+--          integers (one C call turns it into a Lua table; a separate
+--          argument per number would cost Redis an object, a Lua string
+--          and a tonumber each):
+--          D, the number of limit definitions, then seven numbers each:
 --          algorithm  1 fixed window, 2 sliding window counter,
 --                     3 sliding window log, 4 gcra
 --          limit      units per period
@@ -21,10 +25,10 @@
 --          emission   gcra: microseconds per unit (period / limit, >= 1)
 --          ttl        microseconds after which an untouched state is moot
 --          shadow     1: decided and reported, never blocks the commit
--- Then     the number of calls, and per call: the number of its limits,
---          whether it wants the figures of limits that allow it (1/0), and
---          for each limit three numbers: its key (1..#KEYS), its definition
---          (1..D) and the units this call takes.
+--          then the number of calls, and per call: the number of its
+--          limits, whether it wants the figures of limits that allow it
+--          (1/0), and for each limit three numbers: its key (1..#KEYS), its
+--          definition (1..D) and the units this call takes.
 -- Returns, per call in order: -1 when every limit allows it and its
 -- figures are not wanted; else, per limit in order, five integers:
 -- allowed (1/0), limit, remaining, reset (µs until the quota is whole
@@ -61,17 +65,15 @@ else
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+local v = cmsgpack.unpack(ARGV[2])
 local defs = {}
-local a = 3
-for d = 1, tonumber(ARGV[2]) do
-  defs[d] = {
-    tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6] == '1',
-  }
+local a = 2
+for d = 1, v[1] do
+  defs[d] = { v[a], v[a + 1], v[a + 2], v[a + 3], v[a + 4], v[a + 5], v[a + 6] == 1 }
   a = a + 7
 end
 
-local calls = tonumber(ARGV[a])
+local calls = v[a]
 a = a + 1
 
 -- The string states (every algorithm but the log) of the whole batch, read
@@ -84,12 +86,12 @@ local sa, sb, sc = {}, {}, {}
 do
   local b = a
   for _ = 1, calls do
-    local limits = tonumber(ARGV[b])
+    local limits = v[b]
     b = b + 2
     for _ = 1, limits do
-      local ki = tonumber(ARGV[b])
+      local ki = v[b]
       if not alg[ki] then
-        alg[ki] = defs[tonumber(ARGV[b + 1])][1]
+        alg[ki] = defs[v[b + 1]][1]
       end
       b = b + 3
     end
@@ -134,16 +136,16 @@ local out = {}
 local n = 0
 
 for _ = 1, calls do
-  local limits = tonumber(ARGV[a])
-  local details = ARGV[a + 1] == '1'
+  local limits = v[a]
+  local details = v[a + 1] == 1
   a = a + 2
   local np = 0
   local commit = true
   local all_allowed = true
   for j = 1, limits do
-    local ki = tonumber(ARGV[a])
-    local def = defs[tonumber(ARGV[a + 1])]
-    local cost = tonumber(ARGV[a + 2])
+    local ki = v[a]
+    local def = defs[v[a + 1]]
+    local cost = v[a + 2]
     a = a + 3
     local algorithm, limit, period, capacity, emission, ttl, shadow =
       def[1], def[2], def[3], def[4], def[5], def[6], def[7]

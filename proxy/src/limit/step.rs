@@ -267,14 +267,11 @@ impl RouteLimits {
         (checks, which)
     }
 
-    fn from_memory(answers: Vec<Answer>) -> Vec<Outcome> {
-        answers
-            .into_iter()
-            .map(|a| match a {
-                Answer::Decided(d) => Outcome::Decided(d),
-                Answer::OverCapacity => Outcome::OverCapacity,
-            })
-            .collect()
+    fn from_memory(answer: Answer) -> Outcome {
+        match answer {
+            Answer::Decided(d) => Outcome::Decided(d),
+            Answer::OverCapacity => Outcome::OverCapacity,
+        }
     }
 
     /// Redis could not decide: each limit takes its failure mode. The
@@ -318,19 +315,19 @@ impl RouteLimits {
         out
     }
 
-    /// The call's fate from its limits' outcomes.
+    /// The call's fate from its limits' outcomes (in the order of `which`).
     fn conclude(
         &self,
         which: &[usize],
-        outcomes: &[Outcome],
+        outcomes: impl IntoIterator<Item = Outcome>,
         error: Option<&StoreError>,
     ) -> Result<Option<HeaderMap>, Box<Rejection>> {
         let mut refusal: Option<(&Compiled, Decision)> = None;
         let mut closed: Option<&Compiled> = None;
         let mut tightest: Option<Decision> = None;
-        for (outcome, &i) in outcomes.iter().zip(which) {
+        for (outcome, &i) in outcomes.into_iter().zip(which) {
             let l = &self.limits[i];
-            let d = match *outcome {
+            let d = match outcome {
                 Outcome::OverCapacity => {
                     l.outcomes.over_capacity.inc();
                     continue;
@@ -391,8 +388,8 @@ impl LimitStep for RouteLimits {
         }
         let Some(redis) = &self.stores.redis else {
             // The in-process store answers at once.
-            let outcomes = Self::from_memory(self.stores.memory.decide(&checks));
-            let r = self.conclude(&which, &outcomes, None);
+            let answers = self.stores.memory.decide(&checks);
+            let r = self.conclude(&which, answers.into_iter().map(Self::from_memory), None);
             self.memory_duration.observe(start.elapsed().as_secs_f64());
             return Box::pin(std::future::ready(r));
         };
@@ -420,9 +417,7 @@ impl LimitStep for RouteLimits {
                 .await
             {
                 Ok(decisions) => {
-                    let outcomes: Vec<Outcome> =
-                        decisions.into_iter().map(Outcome::Decided).collect();
-                    self.conclude(&which, &outcomes, None)
+                    self.conclude(&which, decisions.into_iter().map(Outcome::Decided), None)
                 }
                 Err(e) => {
                     // The checks went to Redis: built again for the failure
@@ -435,7 +430,7 @@ impl LimitStep for RouteLimits {
                         .map(|(c, _)| c)
                         .collect();
                     let outcomes = self.fail_over(&checks, &which);
-                    self.conclude(&which, &outcomes, Some(&e))
+                    self.conclude(&which, outcomes, Some(&e))
                 }
             };
             redis.duration().observe(start.elapsed().as_secs_f64());
