@@ -41,11 +41,13 @@ keys = [route + "per-client\x1fGcra\x1fbench-client",
         route + "per-method\x1fSlidingWindowCounter\x1ftollgate.test.v1.Echo/Unary",
         route + "per-peer\x1fFixedWindow\x1f127.0.0.0/24"]
 # 3 definitions (algorithm, limit, period, capacity, emission, ttl, shadow),
-# then the calls: 3 limits each, (key, definition, cost) per limit.
+# each key's algorithm, then the calls: 3 limits each, (key, definition,
+# cost) per limit.
 numbers = [3,
            4, 1000000000, 1000000, 1000000000, 1, 1000000, 0,
            2, 1000000000, 1000000, 1000000000, 1000000, 2000000, 0,
            1, 1000000000, 1000000, 1000000000, 1000000, 1000000, 0,
+           4, 2, 1,
            calls]
 for _ in range(calls):
     numbers += [3, 0, 1, 1, 1, 2, 2, 1, 3, 3, 1]

@@ -25,6 +25,7 @@
 --          emission   gcra: microseconds per unit (period / limit, >= 1)
 --          ttl        microseconds after which an untouched state is moot
 --          shadow     1: decided and reported, never blocks the commit
+--          then, per key in KEYS order, its algorithm (as above);
 --          then the number of calls, and per call: the number of its
 --          limits, whether it wants the figures of limits that allow it
 --          (1/0), and for each limit three numbers: its key (1..#KEYS), its
@@ -73,6 +74,12 @@ for d = 1, v[1] do
   a = a + 7
 end
 
+local alg = {}
+for ki = 1, #KEYS do
+  alg[ki] = v[a + ki - 1]
+end
+a = a + #KEYS
+
 local calls = v[a]
 a = a + 1
 
@@ -81,21 +88,8 @@ a = a + 1
 -- by key index are the state's fields (fixed window: start, count; sliding
 -- counter: start, current, previous; gcra: tat). Calls see the states as
 -- the earlier calls of the batch left them.
-local alg = {}
 local sa, sb, sc = {}, {}, {}
 do
-  local b = a
-  for _ = 1, calls do
-    local limits = v[b]
-    b = b + 2
-    for _ = 1, limits do
-      local ki = v[b]
-      if not alg[ki] then
-        alg[ki] = defs[v[b + 1]][1]
-      end
-      b = b + 3
-    end
-  end
   local wanted = {}
   for ki = 1, #KEYS do
     if alg[ki] ~= 3 then

@@ -680,19 +680,13 @@ fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     // ARGV[2]: every number, as one MessagePack array. Redis turns it into
     // one Lua table of numbers in one C call, where separate arguments cost
     // an object in Redis, a Lua string and a `tonumber` each.
-    let count = 2 + 7 * defs.len() + 2 * group.len() + 3 * limits;
+    let count = 2 + 7 * defs.len() + unique.len() + 2 * group.len() + 3 * limits;
     let mut numbers = Vec::with_capacity(5 + 9 * count);
     msgpack::array(&mut numbers, count);
     msgpack::uint(&mut numbers, defs.len() as u64);
     for (p, shadow) in &defs {
-        let algorithm = match p.algorithm {
-            Algorithm::FixedWindow => 1,
-            Algorithm::SlidingWindowCounter => 2,
-            Algorithm::SlidingWindowLog => 3,
-            Algorithm::Gcra => 4,
-        };
         for n in [
-            algorithm,
+            script_algorithm(p.algorithm),
             p.rate.limit,
             p.rate.period_micros(),
             p.capacity(),
@@ -702,6 +696,12 @@ fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
         ] {
             msgpack::uint(&mut numbers, n);
         }
+    }
+    // A key belongs to one algorithm (it is part of the key): the script
+    // reads the batch's states knowing each key's, without a pass over the
+    // calls.
+    for c in &unique {
+        msgpack::uint(&mut numbers, script_algorithm(c.params.algorithm));
     }
     msgpack::uint(&mut numbers, group.len() as u64);
     let mut refs = refs.into_iter();
@@ -730,6 +730,16 @@ fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     };
     cmd.arg(numbers);
     cmd
+}
+
+/// An algorithm as decide.lua numbers it.
+fn script_algorithm(a: Algorithm) -> u64 {
+    match a {
+        Algorithm::FixedWindow => 1,
+        Algorithm::SlidingWindowCounter => 2,
+        Algorithm::SlidingWindowLog => 3,
+        Algorithm::Gcra => 4,
+    }
 }
 
 /// The two MessagePack forms the script's numbers need (spec:
@@ -874,11 +884,12 @@ mod tests {
 
     #[test]
     fn numbers_go_to_redis_in_the_shortest_messagepack_form() {
-        let encode = |n: u64| {
+        let written = |write: &dyn Fn(&mut Vec<u8>)| {
             let mut out = Vec::new();
-            msgpack::uint(&mut out, n);
+            write(&mut out);
             out
         };
+        let encode = |n: u64| written(&|out| msgpack::uint(out, n));
         assert_eq!(encode(0), [0x00]);
         assert_eq!(encode(127), [0x7f]);
         assert_eq!(encode(128), [0xcc, 0x80]);
@@ -889,11 +900,7 @@ mod tests {
             encode(86_400_000_000),
             [0xcf, 0, 0, 0, 0x14, 0x1d, 0xd7, 0x60, 0x00]
         );
-        let header = |len: usize| {
-            let mut out = Vec::new();
-            msgpack::array(&mut out, len);
-            out
-        };
+        let header = |len: usize| written(&|out| msgpack::array(out, len));
         assert_eq!(header(0), [0x90]);
         assert_eq!(header(15), [0x9f]);
         assert_eq!(header(16), [0xdc, 0x00, 0x10]);
