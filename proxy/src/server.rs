@@ -145,8 +145,11 @@ async fn serve_connection(
     let service = |conn: proxy::Conn| {
         let conn = Arc::new(conn);
         hyper::service::service_fn(move |req| {
-            let (worker, conn) = (worker.clone(), conn.clone());
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(worker, req, conn).await) }
+            // Boxed where it is made: hyper moves the call's future into
+            // the stream's task, and a pointer moves cheaper than the
+            // future's kilobyte and more.
+            let call = Box::pin(proxy::handle(worker.clone(), req, conn.clone()));
+            async move { Ok::<_, std::convert::Infallible>(call.await) }
         })
     };
     let result = match acceptor {
