@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test lint fmt clean bench-proxy bench-limits bench-script bench-payments
+.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ fmt: ## Format the code
 
 bench-proxy: ## tollgate vs direct, nginx grpc_pass and HAProxy with h2load (see BENCHMARKS.md)
 	bash load-tests/bench-proxy.sh
+
+bench-ab: ## two tollgate builds side by side, runs interleaved: make bench-ab A=old/tollgate B=new/tollgate
+	bash load-tests/bench-ab.sh "$(A)" "$(B)"
 
 bench-limits: ## the limiter: no limits vs in-process vs Redis (1 and 3 limits) vs mostly rejected (see BENCHMARKS.md)
 	bash load-tests/bench-limits.sh

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Two tollgate builds, interleaved; see bench-ab.sh. Prints Markdown tables."""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_proxy import (  # noqa: E402
+    LOAD_CPU, PATH, ROOT, SERVER_CPU, frame, free_port, stop_all, wait_port,
+)
+
+PAIRS = int(os.environ.get("PAIRS", "4"))
+DURATION = int(os.environ.get("DURATION", "5"))
+WARMUP = int(os.environ.get("WARMUP", "1"))
+SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in os.environ.get("SHAPES", "1x1 4x25").split())
+
+
+def on_cpu_ns(pid):
+    """Time every thread of `pid` has spent on a CPU, in nanoseconds."""
+    total = 0
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # a thread that ended between listdir and open
+    return total
+
+
+def measure(port, pid, shape, payload, log):
+    """One h2load run: (rps, p50 µs or None, on-CPU µs per call)."""
+    conns, streams = shape
+    if os.path.exists(log):
+        os.remove(log)
+    cmd = LOAD_CPU + ["h2load", f"http://127.0.0.1:{port}{PATH}", "-c", str(conns), "-m", str(streams),
+                      "-D", str(DURATION), "--warm-up-time", str(WARMUP), "-d", payload,
+                      "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    if conns * streams == 1:
+        cmd += ["--log-file", log]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    time.sleep(WARMUP + 0.1)
+    before = on_cpu_ns(pid)
+    out = p.communicate()[0]
+    after = on_cpu_ns(pid)
+    succeeded = failed = 0
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            parts = line.replace(",", "").split()
+            succeeded = int(parts[parts.index("succeeded") - 1])
+            failed = int(parts[parts.index("failed") - 1])
+    if failed or not succeeded:
+        raise SystemExit(f"h2load: {failed} failed and {succeeded} succeeded calls on port {port}: "
+                         "is the binary a working tollgate?")
+    p50 = None
+    if os.path.exists(log):
+        with open(log) as f:
+            durations = sorted(int(x[2]) for x in (line.split() for line in f) if len(x) >= 3 and x[1] == "200")
+        p50 = durations[len(durations) // 2] if durations else None
+    return succeeded / DURATION, p50, (after - before) / 1000 / succeeded
+
+
+def spread(values, fmt):
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def main():
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: bench_ab.py A_BINARY B_BINARY")
+    binaries = {"A": sys.argv[1], "B": sys.argv[2]}
+    for name, path in binaries.items():
+        if not os.access(path, os.X_OK):
+            raise SystemExit(f"{name}: {path} is not an executable file; give the path of a tollgate binary")
+    work = tempfile.mkdtemp()
+    procs = []
+
+    def spawn(cmd):
+        p = subprocess.Popen(SERVER_CPU + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    try:
+        up = free_port()
+        spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
+        wait_port(up)
+        targets = {}
+        for name, path in binaries.items():
+            port, admin = free_port(), free_port()
+            cfg = f"{work}/{name}.yaml"
+            with open(cfg, "w") as f:
+                f.write(f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
+                        f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{up}\"] }}\n"
+                        "routes:\n  - { match: { service: tollgate.test.v1.Echo }, upstream: echo }\n")
+            proc = spawn([path, "run", "--config", cfg])
+            wait_port(port)
+            targets[name] = (port, proc.pid)
+        time.sleep(0.5)
+        payload = f"{work}/unary.bin"
+        with open(payload, "wb") as f:
+            f.write(frame(b"\x0a\x64" + bytes(range(100))))
+
+        results = {}
+        for pair in range(PAIRS):
+            # A then B, then B then A: a steady drift weighs on both alike.
+            order = ("A", "B") if pair % 2 == 0 else ("B", "A")
+            for shape in SHAPES:
+                for name in order:
+                    port, pid = targets[name]
+                    r = measure(port, pid, shape, payload, f"{work}/h2load.log")
+                    results.setdefault((shape, name), []).append(r)
+                    rps, p50, cpu = r
+                    print(f"pair {pair + 1} {shape[0]}x{shape[1]} {name}: {rps:,.0f} rps"
+                          + (f" p50 {p50} µs" if p50 is not None else "") + f" on-CPU {cpu:.1f} µs/call",
+                          file=sys.stderr)
+
+        print(f"\nA = {binaries['A']}\nB = {binaries['B']}\n")
+        print(f"Each cell: median of {PAIRS} interleaved runs (min–max); {DURATION} s measured after "
+              f"{WARMUP} s warm-up. On-CPU: the proxy's threads' time on a CPU per call (schedstat).\n")
+        print("| shape | build | RPS | p50 | on-CPU per call | B over A, pair by pair (on-CPU) |")
+        print("|---|---|---|---|---|---|")
+        for shape in SHAPES:
+            a = results[(shape, "A")]
+            b = results[(shape, "B")]
+            ratios = ", ".join(f"{rb[2] / ra[2]:.2f}" for ra, rb in zip(a, b))
+            for name, rows in (("A", a), ("B", b)):
+                p50s = [r[1] for r in rows if r[1] is not None]
+                print(f"| {shape[0]}x{shape[1]} | {name} | {spread([r[0] for r in rows], lambda v: f'{v:,.0f}')} | "
+                      + (spread(p50s, lambda v: f"{v:.0f} µs") if p50s else "—") + " | "
+                      + spread([r[2] for r in rows], lambda v: f"{v:.1f} µs") + " | "
+                      + (ratios if name == "B" else "") + " |")
+    finally:
+        stop_all(procs)
+
+
+if __name__ == "__main__":
+    main()
