@@ -73,6 +73,8 @@ def main():
         raise SystemExit("usage: bench_ab.py A_BINARY B_BINARY")
     binaries = {"A": sys.argv[1], "B": sys.argv[2]}
     for name, path in binaries.items():
+        if not path:
+            raise SystemExit(f"{name}: no binary given; usage: make bench-ab A=path/to/tollgate B=path/to/tollgate")
         if not os.access(path, os.X_OK):
             raise SystemExit(f"{name}: {path} is not an executable file; give the path of a tollgate binary")
     work = tempfile.mkdtemp()
