@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_proxy import (  # noqa: E402
-    LOAD_CPU, PATH, ROOT, SERVER_CPU, frame, free_port, stop_all, wait_port,
+    ROOT, SERVER_CPU, frame, free_port, h2load, pass_through_config, stop_all, wait_port,
 )
 
 PAIRS = int(os.environ.get("PAIRS", "4"))
@@ -19,49 +19,28 @@ WARMUP = int(os.environ.get("WARMUP", "1"))
 SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in os.environ.get("SHAPES", "1x1 4x25").split())
 
 
-def on_cpu_ns(pid):
-    """Time every thread of `pid` has spent on a CPU, in nanoseconds."""
+def on_cpu_us(pids):
+    """Time every thread of `pids` has spent on a CPU, in µs (schedstat:
+    exact, where utime+stime come in 10 ms ticks)."""
     total = 0
-    task_dir = f"/proc/{pid}/task"
-    for tid in os.listdir(task_dir):
-        try:
-            with open(f"{task_dir}/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass  # a thread that ended between listdir and open
-    return total
+    for pid in pids:
+        task_dir = f"/proc/{pid}/task"
+        for tid in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:
+                pass  # a thread that ended between listdir and open
+    return total / 1000
 
 
 def measure(port, pid, shape, payload, log):
     """One h2load run: (rps, p50 µs or None, on-CPU µs per call)."""
-    conns, streams = shape
-    if os.path.exists(log):
-        os.remove(log)
-    cmd = LOAD_CPU + ["h2load", f"http://127.0.0.1:{port}{PATH}", "-c", str(conns), "-m", str(streams),
-                      "-D", str(DURATION), "--warm-up-time", str(WARMUP), "-d", payload,
-                      "-H", "content-type: application/grpc", "-H", "te: trailers"]
-    if conns * streams == 1:
-        cmd += ["--log-file", log]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    time.sleep(WARMUP + 0.1)
-    before = on_cpu_ns(pid)
-    out = p.communicate()[0]
-    after = on_cpu_ns(pid)
-    succeeded = failed = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            parts = line.replace(",", "").split()
-            succeeded = int(parts[parts.index("succeeded") - 1])
-            failed = int(parts[parts.index("failed") - 1])
-    if failed or not succeeded:
-        raise SystemExit(f"h2load: {failed} failed and {succeeded} succeeded calls on port {port}: "
-                         "is the binary a working tollgate?")
-    p50 = None
-    if os.path.exists(log):
-        with open(log) as f:
-            durations = sorted(int(x[2]) for x in (line.split() for line in f) if len(x) >= 3 and x[1] == "200")
-        p50 = durations[len(durations) // 2] if durations else None
-    return succeeded / DURATION, p50, (after - before) / 1000 / succeeded
+    rps, p50, calls, cpu = h2load(port, shape[0], shape[1], payload, log, [pid],
+                                  cpu_us=on_cpu_us, duration=DURATION, warmup=WARMUP)
+    if not calls:
+        raise SystemExit(f"h2load: no call succeeded on port {port}: is the binary a working tollgate?")
+    return rps, (p50 if shape == (1, 1) else None), cpu
 
 
 def spread(values, fmt):
@@ -94,9 +73,7 @@ def main():
             port, admin = free_port(), free_port()
             cfg = f"{work}/{name}.yaml"
             with open(cfg, "w") as f:
-                f.write(f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
-                        f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{up}\"] }}\n"
-                        "routes:\n  - { match: { service: tollgate.test.v1.Echo }, upstream: echo }\n")
+                f.write(pass_through_config(port, admin, up))
             proc = spawn([path, "run", "--config", cfg])
             wait_port(port)
             targets[name] = (port, proc.pid)

@@ -48,6 +48,13 @@ def cpu_ticks(pids):
     return total
 
 
+def pass_through_config(port, admin, upstream):
+    """A tollgate config: the Echo service routed to `upstream`, no limits."""
+    return (f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
+            f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{upstream}\"] }}\n"
+            "routes:\n  - { match: { service: tollgate.test.v1.Echo }, upstream: echo }\n")
+
+
 def stop_all(procs):
     """Stops every process started for a run, killing the slow ones."""
     for p in procs:
@@ -67,24 +74,31 @@ def rss_kib(pid):
     return 0
 
 
-def h2load(port, conns, streams, data_file, log, pids, extra=()):
+def ticks_us(pids):
+    """utime+stime of `pids` in µs (100 Hz ticks)."""
+    return cpu_ticks(pids) * 10_000
+
+
+def h2load(port, conns, streams, data_file, log, pids, extra=(), cpu_us=ticks_us, duration=None, warmup=None):
     """Runs one measurement; returns (rps, p50 µs, calls, proxy CPU µs per call or None).
-    The proxy's CPU is read at the end of the warm-up and at the end, so it
-    covers exactly the measured calls."""
+    The proxy's CPU (`cpu_us(pids)`, cumulative µs) is read at the end of the
+    warm-up and at the end, so it covers exactly the measured calls."""
+    duration = DURATION if duration is None else duration
+    warmup = WARMUP if warmup is None else warmup
     # A per-request log costs the load generator time: keep it for the
     # latency shape (1x1) only; at 4x25 h2load's own mean is reported.
     if os.path.exists(log):
         os.remove(log)
     cmd = LOAD_CPU + ["h2load", f"http://127.0.0.1:{port}{PATH}", "-c", str(conns), "-m", str(streams),
-                      "-D", str(DURATION), "--warm-up-time", str(WARMUP), "-d", data_file,
+                      "-D", str(duration), "--warm-up-time", str(warmup), "-d", data_file,
                       "-H", "content-type: application/grpc", "-H", "te: trailers", *extra]
     if conns * streams == 1:
         cmd += ["--log-file", log]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    time.sleep(WARMUP + 0.1)
-    before = cpu_ticks(pids) if pids else 0
+    time.sleep(warmup + 0.1)
+    before = cpu_us(pids) if pids else 0
     out = p.communicate()[0]
-    after = cpu_ticks(pids) if pids else 0
+    after = cpu_us(pids) if pids else 0
     succeeded = 0
     for line in out.splitlines():
         if line.startswith("requests:"):
@@ -108,8 +122,8 @@ def h2load(port, conns, streams, data_file, log, pids, extra=()):
             if line.startswith("time for request:"):
                 mean = line.split()[5]  # min max mean sd
                 p50 = float(mean[:-2]) * (1000 if mean.endswith("ms") else 1) if mean.endswith("s") else 0
-    cpu = (after - before) * 10_000 / succeeded if pids and succeeded else None  # 100 Hz ticks -> µs
-    return succeeded / DURATION, p50, succeeded, cpu
+    cpu = (after - before) / succeeded if pids and succeeded else None
+    return succeeded / duration, p50, succeeded, cpu
 
 
 def main():
@@ -127,9 +141,7 @@ def main():
         wait_port(up)
         cfg = f"{work}/tollgate.yaml"
         with open(cfg, "w") as f:
-            f.write(f"listener: {{ address: 127.0.0.1:{tg} }}\nadmin: {{ address: 127.0.0.1:{tg_admin} }}\n"
-                    f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{up}\"] }}\n"
-                    "routes:\n  - { match: { service: tollgate.test.v1.Echo }, upstream: echo }\n")
+            f.write(pass_through_config(tg, tg_admin, up))
         tollgate = spawn([f"{ROOT}/target/release/tollgate", "run", "--config", cfg])
         os.makedirs(f"{work}/nginx/logs")
         with open(f"{work}/nginx/nginx.conf", "w") as f:

@@ -1,7 +1,7 @@
 //! `tollgate`: see `tollgate --help`.
 
 /// mimalloc: glibc malloc merged its fast bins on every call (each call's
-/// task is a block of over 1 KiB); see BENCHMARKS.md.
+/// future is a block of over 1 KiB); see BENCHMARKS.md.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
