@@ -138,7 +138,7 @@ impl Metrics {
         );
         let limit_decisions = counter(
             "tollgate_limit_decisions_total",
-            "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, failed_open, failed_closed, local_fallback, skipped, over_capacity).",
+            "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, failed_open, failed_closed, local_fallback, skipped, invalid, over_capacity).",
             &["route", "limit", "outcome"],
         );
         let limit_decision_duration = HistogramVec::new(

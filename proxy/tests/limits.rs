@@ -229,3 +229,197 @@ async fn per_network_limits_behind_a_dual_stack_listener_count_ipv4_networks_apa
         "127.0.1.0/24 has a quota of its own"
     );
 }
+
+fn with_metadata(
+    pairs: &[(&'static str, &'static str)],
+) -> tonic::Request<tollgate_proto::test::v1::EchoRequest> {
+    let mut r = tonic::Request::new(req(b"m"));
+    for (k, v) in pairs {
+        // `append`: a key given twice is sent as two header fields.
+        r.metadata_mut().append(*k, MetadataValue::from_static(v));
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_chosen_cost_never_wraps_the_count() {
+    for algorithm in [
+        "fixed_window",
+        "sliding_window_counter",
+        "sliding_window_log",
+        "gcra",
+    ] {
+        let up = Upstream::start().await;
+        let proxy = Proxy::start(&config(
+            up.addr,
+            &format!("      - {{ name: costly, key: [ {{ constant: all }} ], rate: 10/min, algorithm: {algorithm}, cost: {{ header: x-cost }} }}"),
+        ));
+        let mut c = proxy.client().await;
+        for _ in 0..10 {
+            c.unary(with_metadata(&[("x-cost", "1")])).await.unwrap();
+        }
+        let err = c
+            .unary(with_metadata(&[("x-cost", "1")]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{algorithm}");
+        // 2^64 - 1 would wrap `count + cost` to a small number.
+        let err = c
+            .unary(with_metadata(&[("x-cost", "18446744073709551615")]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{algorithm}: {err:?}");
+        assert!(
+            err.get_details_retry_info().is_none() && err.metadata().get("retry-after").is_none(),
+            "{algorithm}: no wait makes such a call pass, so no retry delay is promised: {err:?}"
+        );
+        assert!(
+            err.message()
+                .contains("can never admit a call of cost 18446744073709551615"),
+            "{algorithm}: {}",
+            err.message()
+        );
+        assert!(err.get_details_quota_failure().is_some(), "{algorithm}");
+        let err = c
+            .unary(with_metadata(&[("x-cost", "1")]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::ResourceExhausted,
+            "{algorithm}: the huge cost left the count as it was"
+        );
+        assert_eq!(up.seen.calls.load(Ordering::SeqCst), 10, "{algorithm}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_header_that_is_not_one_number_within_its_max_is_invalid_argument() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "      - { name: priced, key: [ { constant: all } ], rate: 1000/min, algorithm: fixed_window, cost: { header: x-cost, max: 50 } }",
+    ));
+    let mut c = proxy.client().await;
+    for (bad, why) in [
+        (
+            &[("x-cost", "51")][..],
+            "above the most a call may take for rate limit \"priced\" (50)",
+        ),
+        (
+            &[("x-cost", "-3")][..],
+            "must be a whole number of units from 1 to 50",
+        ),
+        (
+            &[("x-cost", "1e3")][..],
+            "must be a whole number of units from 1 to 50",
+        ),
+        (
+            &[("x-cost", "2"), ("x-cost", "3")][..],
+            "appears more than once",
+        ),
+    ] {
+        let err = c.unary(with_metadata(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+        assert!(
+            err.message().starts_with("metadata \"x-cost\" ") && err.message().contains(why),
+            "{bad:?}: {}",
+            err.message()
+        );
+        let violation = &err
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations[0];
+        assert_eq!(violation.field, "x-cost");
+    }
+    assert_eq!(
+        up.seen.calls.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+    // A number within the max passes and counts that many units.
+    let r = c.unary(with_metadata(&[("x-cost", " 50 ")])).await.unwrap();
+    assert_eq!(r.metadata().get("ratelimit-remaining").unwrap(), "950");
+    let m = proxy.metrics().await;
+    let route = format!("lim-{}", up.addr.port());
+    assert!(m.contains(&format!("tollgate_limit_decisions_total{{limit=\"priced\",outcome=\"invalid\",route=\"{route}\"}} 4")), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_header_cannot_pick_the_budget() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "      - { name: per-client, key: [ { header: x-client-id } ], rate: 3/min, algorithm: fixed_window }",
+    ));
+    let mut c = proxy.client().await;
+    // A fresh first value, then the victim's: read as the first alone, ten
+    // such calls would pass and never charge the victim.
+    for fresh in ["f0", "f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9"] {
+        let err = c
+            .unary(with_metadata(&[
+                ("x-client-id", fresh),
+                ("x-client-id", "victim"),
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "metadata \"x-client-id\" appears 2 times; rate limit \"per-client\" keys on one value: send it once"
+        );
+    }
+    assert_eq!(up.seen.calls.load(Ordering::SeqCst), 0);
+    for _ in 0..3 {
+        c.unary(with_metadata(&[("x-client-id", "victim")]))
+            .await
+            .expect("the victim's budget is whole");
+    }
+    assert_eq!(
+        c.unary(with_metadata(&[("x-client-id", "victim")]))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::ResourceExhausted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_header_can_be_read_first_or_all() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "      - { name: first, key: [ { header: x-first, repeated: first } ], rate: 1/min, algorithm: fixed_window }\n      - { name: all, key: [ { header: x-all, repeated: all } ], rate: 1/min, algorithm: fixed_window }",
+    ));
+    let mut c = proxy.client().await;
+    c.unary(with_metadata(&[("x-first", "a"), ("x-first", "b")]))
+        .await
+        .unwrap();
+    // `first`: the budget of "a" is used up, whatever follows it.
+    let err = c
+        .unary(with_metadata(&[("x-first", "a"), ("x-first", "c")]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("\"first\" exceeded"),
+        "{}",
+        err.message()
+    );
+    // `all`: "p,q" is a budget of its own, apart from "p" and from "q,p".
+    c.unary(with_metadata(&[("x-all", "p"), ("x-all", "q")]))
+        .await
+        .unwrap();
+    c.unary(with_metadata(&[("x-all", "p")])).await.unwrap();
+    c.unary(with_metadata(&[("x-all", "q"), ("x-all", "p")]))
+        .await
+        .unwrap();
+    let err = c
+        .unary(with_metadata(&[("x-all", "p"), ("x-all", "q")]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("\"all\" exceeded"),
+        "{}",
+        err.message()
+    );
+}

@@ -299,7 +299,8 @@ pub struct Limit {
     /// GCRA: units that may go at once (default: the rate's number).
     #[serde(default)]
     pub burst: Option<u64>,
-    /// Units a call costs: a number, or `{ header: name }` (default 1).
+    /// Units a call costs: a number, or `{ header: name, max: N }`
+    /// (default 1).
     #[serde(default)]
     pub cost: Option<Cost>,
     /// Evaluate and count, never reject.
@@ -337,13 +338,33 @@ pub struct KeyPart {
     /// its first DNS SAN, else its common name: `{ tls_identity: {} }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_identity: Option<Empty>,
+    /// With `header`: what a call carrying the header more than once gets
+    /// (default `reject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<Repeated>,
+}
+
+/// What a header key part does with a header a call carries more than
+/// once. HTTP/2 lets a client repeat any header, and a proxy that reads
+/// only the first value lets a client pick its own budget while the
+/// upstream also sees the victim's value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Repeated {
+    /// Refuse the call with INVALID_ARGUMENT naming the header.
+    #[default]
+    Reject,
+    /// Use the first value.
+    First,
+    /// Use every value, in order, joined with `,`.
+    All,
 }
 
 /// What a key part reads, once validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    /// A header's value.
-    Header(String),
+    /// A header's value, and what to do when it is repeated.
+    Header(String, Repeated),
     /// The peer IP with an optional prefix mask.
     PeerIp(Option<u8>),
     /// `package.Service/Method`.
@@ -368,7 +389,7 @@ impl KeyPart {
             return None;
         }
         Some(if let Some(h) = &self.header {
-            KeySource::Header(h.clone())
+            KeySource::Header(h.clone(), self.repeated.unwrap_or_default())
         } else if let Some(p) = &self.peer_ip {
             KeySource::PeerIp(p.mask)
         } else if self.method.is_some() {
@@ -416,11 +437,23 @@ pub enum AlgorithmName {
 pub enum Cost {
     /// Always this many units.
     Constant(u64),
-    /// The number in this header (1 when absent or not a number).
-    Header {
-        /// The header.
-        header: String,
-    },
+    /// The number in a header: `{ header: x-cost, max: 1000 }`.
+    Header(HeaderCost),
+}
+
+/// A cost the client states in a header. Absent, the call costs 1; a value
+/// that is not a whole number, appears more than once, or is above `max`
+/// is refused with INVALID_ARGUMENT naming the header.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderCost {
+    /// The header.
+    pub header: String,
+    /// The most one call may state; default: no bound but the number's
+    /// size (a cost above what the limit can ever admit is refused as
+    /// exhausted, with no retry delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
 }
 
 /// When a key part is missing: `skip` (the limit does not apply to the
@@ -833,16 +866,25 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: b
         if l.burst == Some(0) {
             p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
         }
+        if l.burst.is_some_and(|b| b >= 1 << 53) {
+            p.add(format!("{at}.burst"), "must be below 2^53");
+        }
         if l.burst.is_some() && l.algorithm != AlgorithmName::Gcra {
             p.add(format!("{at}.burst"), "only the gcra algorithm has a burst");
         }
         for (j, part) in l.key.iter().enumerate() {
+            if part.repeated.is_some() && part.header.is_none() {
+                p.add(
+                    format!("{at}.key[{j}].repeated"),
+                    "only a header key part can be repeated; remove it or key on a header",
+                );
+            }
             match part.source() {
                 None => p.add(
                     format!("{at}.key[{j}]"),
                     "set exactly one of header, peer_ip, method, constant, tls_identity",
                 ),
-                Some(KeySource::Header(h)) => {
+                Some(KeySource::Header(h, _)) => {
                     if let Some(why) = header_never_present(&h) {
                         p.add(
                             format!("{at}.key[{j}].header"),
@@ -866,12 +908,29 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: b
         if let Some(Cost::Constant(0)) = &l.cost {
             p.add(format!("{at}.cost"), "must be at least 1");
         }
-        if let Some(Cost::Header { header }) = &l.cost {
+        if let (Some(Cost::Constant(n)), Ok(rate)) =
+            (&l.cost, crate::limit::rate::Rate::parse(&l.rate))
+        {
+            let capacity = match l.algorithm {
+                AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
+                _ => rate.limit,
+            };
+            if *n > capacity {
+                p.add(
+                    format!("{at}.cost"),
+                    format!("{n} is more than the limit can ever admit ({capacity}): every call would be refused"),
+                );
+            }
+        }
+        if let Some(Cost::Header(HeaderCost { header, max })) = &l.cost {
             if let Some(why) = header_never_present(header) {
                 p.add(
                     format!("{at}.cost.header"),
                     format!("{header:?} can never be present: {why}"),
                 );
+            }
+            if *max == Some(0) {
+                p.add(format!("{at}.cost.max"), "must be at least 1 (or absent)");
             }
         }
         for (k, r) in &l.overrides {
@@ -891,15 +950,23 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: b
     }
 }
 
-/// The sliding counter compares `limit × period` in exact integer
-/// arithmetic, which Redis scripts only have below 2^53 (µs).
+/// Redis scripts count in doubles, exact below 2^53: limits (and the
+/// sliding counter's `limit × period`, in µs) stay below it.
 fn check_counter_range(
     p: &mut Problems,
     at: &str,
     algorithm: AlgorithmName,
     rate: crate::limit::rate::Rate,
 ) {
-    if algorithm == AlgorithmName::SlidingWindowCounter
+    if rate.limit >= 1 << 53 {
+        p.add(
+            at,
+            format!(
+                "{} per period is more than tollgate counts exactly (below 2^53)",
+                rate.limit
+            ),
+        );
+    } else if algorithm == AlgorithmName::SlidingWindowCounter
         && u128::from(rate.limit) * rate.period.as_micros() >= 1 << 53
     {
         p.add(

@@ -129,6 +129,9 @@ routes:
       - { name: x, rate: 10/fortnight, key: [ { header: X-Merchant } ] }
       - { name: y, rate: 1/s, key: [ { header: ":path" } ], algorithm: fixed_window, burst: 3 }
       - { name: z, rate: 1/s, overrides: { a: 2/s } }
+      - { name: c1, rate: 5/s, cost: 6, key: [ { peer_ip: {}, repeated: all } ] }
+      - { name: c2, rate: 9007199254740992/s, cost: { header: x-cost, max: 0 } }
+      - { name: c3, rate: 5/s, algorithm: gcra, burst: 2, cost: 3 }
 "#,
     );
     for e in [
@@ -139,6 +142,11 @@ routes:
         "routes[0].limits[2].key[0].header: \":path\" can never be present",
         "routes[0].limits[2].burst: only the gcra algorithm has a burst",
         "routes[0].limits[3].overrides: overrides pick keys",
+        "routes[0].limits[4].key[0].repeated: only a header key part can be repeated",
+        "routes[0].limits[4].cost: 6 is more than the limit can ever admit (5)",
+        "routes[0].limits[5].rate: 9007199254740992 per period is more than tollgate counts exactly",
+        "routes[0].limits[5].cost.max: must be at least 1",
+        "routes[0].limits[6].cost: 3 is more than the limit can ever admit (2)",
     ] {
         assert!(
             p.iter().any(|x| x.starts_with(e)),

@@ -5,6 +5,10 @@
 //!
 //! Times are microseconds since an arbitrary epoch (the backend's clock, or
 //! Redis `TIME`), so one replica's clock never decides for another.
+//!
+//! A cost may come from the client (`cost: { header: … }`), so every sum
+//! and product with it saturates: a cost near 2^64 must be refused, not
+//! wrap around to a small number and pass.
 
 use std::collections::VecDeque;
 
@@ -124,7 +128,7 @@ impl Params {
             _ => 0,
         };
         let reset = window + period - now;
-        let allowed = count + cost <= limit;
+        let allowed = count.saturating_add(cost) <= limit;
         let count = if allowed { count + cost } else { count };
         (
             Decision {
@@ -161,13 +165,13 @@ impl Params {
                 + u128::from(current) * u128::from(period)
         };
         let cap = u128::from(limit) * u128::from(period);
-        let allowed = scaled(current + cost) <= cap;
+        let allowed = scaled(current.saturating_add(cost)) <= cap;
         let current = if allowed { current + cost } else { current };
         let remaining = ((cap.saturating_sub(scaled(current))) / u128::from(period)) as u64;
         let reset = window + period - now;
         let retry = if allowed {
             0
-        } else if current + cost <= limit && previous > 0 {
+        } else if current.saturating_add(cost) <= limit && previous > 0 {
             // Wait until enough of the previous window has slid out.
             let need = u128::from(current + cost);
             let room = u128::from(limit) - need; // units the previous window may still weigh
@@ -209,7 +213,7 @@ impl Params {
             entries.pop_front();
         }
         let used: u64 = entries.iter().map(|(_, c)| c).sum();
-        let allowed = used + cost <= limit;
+        let allowed = used.saturating_add(cost) <= limit;
         let retry = if allowed {
             0
         } else if cost > limit {
@@ -252,7 +256,7 @@ impl Params {
             Some(State::Gcra { tat }) => (*tat).max(now),
             _ => now,
         };
-        let new_tat = tat + t * cost;
+        let new_tat = tat.saturating_add(t.saturating_mul(cost));
         let allow_at = new_tat.saturating_sub(tau);
         let allowed = now >= allow_at && cost <= capacity;
         let kept = if allowed { new_tat } else { tat };

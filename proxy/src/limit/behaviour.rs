@@ -158,6 +158,25 @@ pub fn cases() -> Vec<Case> {
             },
         ],
     });
+    // A client-chosen cost near 2^64 must be refused, never wrap around to
+    // a small sum that passes; the calls after it see the state it left.
+    for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+        for huge in [u64::MAX, u64::MAX - 1, 1 << 63] {
+            let mut steps: Vec<Step> = (0..3).map(|i| ok(10 * S + i)).collect();
+            steps.push(Step {
+                at: 10 * S + 3,
+                cost: huge,
+                allowed: false,
+                retry_after: None,
+            });
+            steps.push(no(10 * S + 4));
+            cases.push(Case {
+                name: "a cost near 2^64 is refused and wraps nothing",
+                params: params(a, 3, 60, None),
+                steps,
+            });
+        }
+    }
     cases
 }
 

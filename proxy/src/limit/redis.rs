@@ -711,7 +711,13 @@ fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
         for (c, (k, d)) in r.checks.iter().zip(refs.by_ref()) {
             msgpack::uint(&mut numbers, k as u64);
             msgpack::uint(&mut numbers, d as u64);
-            msgpack::uint(&mut numbers, c.cost);
+            // Lua reads integers above 2^63 as negative (and is exact only
+            // below 2^53): any cost above the capacity is refused alike, so
+            // one more than the capacity stands for them all.
+            msgpack::uint(
+                &mut numbers,
+                c.cost.min(c.params.capacity().saturating_add(1)),
+            );
         }
     }
     let mut cmd = redis::Cmd::with_capacity(5 + unique.len(), 64 * unique.len() + numbers.len());

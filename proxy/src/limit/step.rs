@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus::IntCounter;
 
 use prometheus::Histogram;
@@ -19,7 +19,7 @@ use super::memory::{fnv1a, Answer, Check, MemoryStore};
 use super::rate::Rate;
 use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Rejection};
-use crate::config::{self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing};
+use crate::config::{self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing, Repeated};
 use crate::grpc::status::Code;
 use crate::metrics;
 
@@ -32,6 +32,7 @@ struct Outcomes {
     limited: IntCounter,
     shadow_limited: IntCounter,
     skipped: IntCounter,
+    invalid: IntCounter,
     over_capacity: IntCounter,
     failed_open: IntCounter,
     failed_closed: IntCounter,
@@ -48,15 +49,37 @@ pub struct Stores {
     pub redis: Option<Arc<RedisStore>>,
 }
 
+/// A key part, ready to read from a call.
+enum Part {
+    /// A header's value(s).
+    Header(HeaderName, Repeated),
+    /// The peer IP with an optional prefix mask.
+    PeerIp(Option<u8>),
+    /// `package.Service/Method`.
+    Method,
+    /// A constant.
+    Constant(String),
+    /// The client certificate's identity.
+    TlsIdentity,
+}
+
+/// What a call costs, ready to read from a call.
+enum CostOf {
+    /// Always this many units.
+    Constant(u64),
+    /// The number in a header, at most `max`.
+    Header(HeaderName, Option<u64>),
+}
+
 struct Compiled {
     name: String,
     /// `route␟limit␟algorithm␟`: every key of this limit starts with it.
     key_prefix: String,
     rate: Rate,
-    key: Vec<KeySource>,
+    key: Vec<Part>,
     params: Params,
     overrides: HashMap<String, Params>,
-    cost: Option<Cost>,
+    cost: CostOf,
     shadow: bool,
     on_missing: OnMissing,
     failure_mode: FailureMode,
@@ -140,6 +163,7 @@ impl RouteLimits {
                     limited: m.limit_decision(route, &l.name, "limited"),
                     shadow_limited: m.limit_decision(route, &l.name, "shadow_limited"),
                     skipped: m.limit_decision(route, &l.name, "skipped"),
+                    invalid: m.limit_decision(route, &l.name, "invalid"),
                     over_capacity: m.limit_decision(route, &l.name, "over_capacity"),
                     failed_open: m.limit_decision(route, &l.name, "failed_open"),
                     failed_closed: m.limit_decision(route, &l.name, "failed_closed"),
@@ -149,10 +173,24 @@ impl RouteLimits {
                 name: l.name.clone(),
                 key_prefix: format!("{route}\u{1f}{}\u{1f}{:?}\u{1f}", l.name, params.algorithm),
                 rate,
-                key: l.key.iter().filter_map(config::KeyPart::source).collect(),
+                key: l
+                    .key
+                    .iter()
+                    .map(|p| match p.source() {
+                        Some(s) => Part::new(s),
+                        None => Err(format!(
+                            "limit {:?}: a key part sets no single source",
+                            l.name
+                        )),
+                    })
+                    .collect::<Result<_, String>>()?,
                 params,
                 overrides,
-                cost: l.cost.clone(),
+                cost: match &l.cost {
+                    None => CostOf::Constant(1),
+                    Some(Cost::Constant(n)) => CostOf::Constant(*n),
+                    Some(Cost::Header(h)) => CostOf::Header(header_name(&h.header)?, h.max),
+                },
                 shadow: l.shadow || limiter.shadow,
                 on_missing: l.on_missing.clone(),
             });
@@ -167,42 +205,64 @@ impl RouteLimits {
         }))
     }
 
-    /// Appends the key's value for a call to `out`; `false`: a part is
-    /// missing and the limit skips such calls.
-    fn value(l: &Compiled, call: &CallInfo<'_>, out: &mut String) -> bool {
+    /// Appends the key's value for a call to `out`; `Ok(false)`: a part is
+    /// missing and the limit skips such calls; `Err`: the call's metadata
+    /// cannot be used (a header the key reads is repeated).
+    fn value(l: &Compiled, call: &CallInfo<'_>, out: &mut String) -> Result<bool, Box<Rejection>> {
         for (i, part) in l.key.iter().enumerate() {
             if i > 0 {
                 out.push('/');
             }
             let present = match part {
-                KeySource::Header(h) => match call.headers.get(h.as_str()) {
-                    Some(v) => {
-                        match v.to_str() {
-                            Ok(v) => out.push_str(v),
-                            Err(_) => out.push_str(&String::from_utf8_lossy(v.as_bytes())),
+                Part::Header(h, repeated) => {
+                    let mut values = call.headers.get_all(h).iter();
+                    match values.next() {
+                        None => false,
+                        Some(first) => {
+                            push_value(out, first);
+                            if let Some(second) = values.next() {
+                                match repeated {
+                                    Repeated::First => {}
+                                    Repeated::All => {
+                                        for v in std::iter::once(second).chain(values) {
+                                            out.push(',');
+                                            push_value(out, v);
+                                        }
+                                    }
+                                    Repeated::Reject => {
+                                        let times = 2 + values.count();
+                                        return Err(Box::new(invalid_metadata(
+                                            h,
+                                            &format!(
+                                                "appears {times} times; rate limit {:?} keys on one value: send it once",
+                                                l.name
+                                            ),
+                                        )));
+                                    }
+                                }
+                            }
+                            true
                         }
-                        true
                     }
-                    None => false,
-                },
-                KeySource::PeerIp(mask) => {
+                }
+                Part::PeerIp(mask) => {
                     masked(out, call.peer.ip(), *mask);
                     true
                 }
-                KeySource::Method => {
+                Part::Method => {
                     out.push_str(call.service);
                     out.push('/');
                     out.push_str(call.method);
                     true
                 }
-                KeySource::TlsIdentity => match call.tls_identity {
+                Part::TlsIdentity => match call.tls_identity {
                     Some(id) => {
                         out.push_str(id);
                         true
                     }
                     None => false,
                 },
-                KeySource::Constant(c) => {
+                Part::Constant(c) => {
                     out.push_str(c);
                     true
                 }
@@ -210,42 +270,79 @@ impl RouteLimits {
             if !present {
                 match &l.on_missing {
                     OnMissing::Default { default } => out.push_str(default),
-                    OnMissing::Skip(_) => return false,
+                    OnMissing::Skip(_) => return Ok(false),
                 }
             }
         }
-        true
+        Ok(true)
     }
 
-    fn cost(l: &Compiled, call: &CallInfo<'_>) -> u64 {
-        match &l.cost {
-            None => 1,
-            Some(Cost::Constant(n)) => *n,
-            Some(Cost::Header { header }) => call
-                .headers
-                .get(header.as_str())
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|n| *n > 0)
-                .unwrap_or(1),
+    /// The units a call takes of `l`: a header's cost must be one whole
+    /// number, at most the limit's `max`; absent, the call costs 1.
+    fn cost(l: &Compiled, call: &CallInfo<'_>) -> Result<u64, Box<Rejection>> {
+        let (h, max) = match &l.cost {
+            CostOf::Constant(n) => return Ok(*n),
+            CostOf::Header(h, max) => (h, *max),
+        };
+        let mut values = call.headers.get_all(h).iter();
+        let Some(v) = values.next() else {
+            return Ok(1);
+        };
+        let refuse = |why: String| Err(Box::new(invalid_metadata(h, &why)));
+        if values.next().is_some() {
+            return refuse(format!(
+                "appears more than once; it states the cost of the call for rate limit {:?}: send it once",
+                l.name
+            ));
+        }
+        let most = max.unwrap_or(u64::MAX);
+        match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            Some(n) if n <= most => Ok(n.max(1)),
+            Some(_) => refuse(format!(
+                "states a cost above the most a call may take for rate limit {:?} ({most})",
+                l.name
+            )),
+            None => refuse(format!(
+                "must be a whole number of units from 1 to {most} (the cost of the call for rate limit {:?})",
+                l.name
+            )),
         }
     }
 
     /// The checks of a call: one per limit that applies (`which` maps each
     /// back to its limit). `count`: limits that skip the call are counted.
-    fn checks(&self, call: &CallInfo<'_>, count: bool) -> (Vec<Check>, Vec<usize>) {
+    /// `Err`: the call is refused before any store is asked (its metadata
+    /// cannot be used, or it costs more than a limit can ever admit).
+    fn checks(
+        &self,
+        call: &CallInfo<'_>,
+        count: bool,
+    ) -> Result<(Vec<Check>, Vec<usize>), Box<Rejection>> {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut which = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
             // The key: route, limit and algorithm, then the value.
             let mut key = String::with_capacity(l.key_prefix.len() + 48);
             key.push_str(&l.key_prefix);
-            if !Self::value(l, call, &mut key) {
-                if count {
-                    l.outcomes.skipped.inc();
+            let cost = match Self::value(l, call, &mut key) {
+                Ok(false) => {
+                    if count {
+                        l.outcomes.skipped.inc();
+                    }
+                    continue;
                 }
-                continue;
-            }
+                Ok(true) => Self::cost(l, call),
+                Err(e) => Err(e),
+            };
+            let cost = match cost {
+                Ok(c) => c,
+                Err(e) => {
+                    if count {
+                        l.outcomes.invalid.inc();
+                    }
+                    return Err(e);
+                }
+            };
             let params = if l.overrides.is_empty() {
                 l.params
             } else {
@@ -254,17 +351,31 @@ impl RouteLimits {
                     .copied()
                     .unwrap_or(l.params)
             };
+            if cost > params.capacity() {
+                // No wait would let it pass: refused here, with no retry
+                // delay, and no store is asked.
+                if l.shadow {
+                    if count {
+                        l.outcomes.shadow_limited.inc();
+                    }
+                    continue;
+                }
+                if count {
+                    l.outcomes.limited.inc();
+                }
+                return Err(Box::new(beyond_capacity(l, &params, cost)));
+            }
             if key.len() > MAX_KEY_BYTES {
                 key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
             }
-            let mut check = Check::new(key, params, Self::cost(l, call), l.shadow);
+            let mut check = Check::new(key, params, cost, l.shadow);
             if let Some(tag) = self.tag_by_route {
                 check.tag = tag;
             }
             checks.push(check);
             which.push(i);
         }
-        (checks, which)
+        Ok((checks, which))
     }
 
     fn from_memory(answer: Answer) -> Outcome {
@@ -382,7 +493,10 @@ impl RouteLimits {
 impl LimitStep for RouteLimits {
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
         let start = std::time::Instant::now();
-        let (checks, which) = self.checks(&call, true);
+        let (checks, which) = match self.checks(&call, true) {
+            Ok(c) => c,
+            Err(refused) => return Box::pin(std::future::ready(Err(refused))),
+        };
         if checks.is_empty() {
             return Box::pin(std::future::ready(Ok(None)));
         }
@@ -422,7 +536,7 @@ impl LimitStep for RouteLimits {
                 Err(e) => {
                     // The checks went to Redis: built again for the failure
                     // modes, for the limits that were asked.
-                    let (checks, all) = self.checks(&call, false);
+                    let (checks, all) = self.checks(&call, false).unwrap_or_default();
                     let checks: Vec<Check> = checks
                         .into_iter()
                         .zip(all)
@@ -477,6 +591,31 @@ fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
     }
 }
 
+/// Appends a header value to a key: as text, or lossily when it is not
+/// visible ASCII.
+fn push_value(out: &mut String, v: &HeaderValue) {
+    match v.to_str() {
+        Ok(v) => out.push_str(v),
+        Err(_) => out.push_str(&String::from_utf8_lossy(v.as_bytes())),
+    }
+}
+
+fn header_name(h: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header name"))
+}
+
+impl Part {
+    fn new(s: KeySource) -> Result<Part, String> {
+        Ok(match s {
+            KeySource::Header(h, r) => Part::Header(header_name(&h)?, r),
+            KeySource::PeerIp(m) => Part::PeerIp(m),
+            KeySource::Method => Part::Method,
+            KeySource::Constant(c) => Part::Constant(c),
+            KeySource::TlsIdentity => Part::TlsIdentity,
+        })
+    }
+}
+
 /// Appends `n` (at most 999) in decimal.
 fn push_decimal(out: &mut String, n: u32) {
     if n >= 100 {
@@ -515,6 +654,59 @@ fn unavailable(l: &Compiled, error: Option<&StoreError>) -> Rejection {
     }
 }
 
+/// A call whose metadata a limit cannot use: INVALID_ARGUMENT naming the
+/// header (never echoing its value), with a BadRequest field violation.
+fn invalid_metadata(header: &HeaderName, why: &str) -> Rejection {
+    let message = format!("metadata {:?} {why}", header.as_str());
+    let details = tonic_types::ErrorDetails::with_bad_request_violation(header.as_str(), &message);
+    Rejection {
+        code: Code::InvalidArgument,
+        headers: details_header(tonic::Code::InvalidArgument, &message, details),
+        message,
+    }
+}
+
+/// A call costing more than the limit can ever admit: refused without a
+/// retry delay (no wait would make it pass), with a QuotaFailure.
+fn beyond_capacity(l: &Compiled, params: &Params, cost: u64) -> Rejection {
+    let capacity = params.capacity();
+    let message = format!(
+        "rate limit {:?} can never admit a call of cost {cost}: at most {capacity} at once ({} per key); split the call",
+        l.name, params.rate
+    );
+    let mut details = tonic_types::ErrorDetails::new();
+    details.add_quota_failure_violation(
+        format!("limits/{}", l.name),
+        format!(
+            "{} per key, {:?}, at most {capacity} at once",
+            params.rate, params.algorithm
+        ),
+    );
+    let mut headers = details_header(tonic::Code::ResourceExhausted, &message, details);
+    headers.insert("ratelimit-limit", HeaderValue::from(capacity));
+    Rejection {
+        code: Code::ResourceExhausted,
+        message,
+        headers,
+    }
+}
+
+/// `grpc-status-details-bin` carrying `details` (a google.rpc.Status).
+fn details_header(
+    code: tonic::Code,
+    message: &str,
+    details: tonic_types::ErrorDetails,
+) -> HeaderMap {
+    use tonic_types::StatusExt as _;
+    let status = tonic::Status::with_error_details(code, message, details);
+    let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(status.details());
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-status-details-bin", v);
+    }
+    headers
+}
+
 fn rejection(l: &Compiled, d: Decision) -> Rejection {
     let retry = Duration::from_micros(d.retry_after_micros);
     let message = format!(
@@ -528,18 +720,12 @@ fn rejection(l: &Compiled, d: Decision) -> Rejection {
         format!("limits/{}", l.name),
         format!("{} per key, {:?}", l.rate, l.params.algorithm),
     );
-    use tonic_types::StatusExt as _;
-    let status =
-        tonic::Status::with_error_details(tonic::Code::ResourceExhausted, message.clone(), details);
-    let mut headers = ratelimit_headers(&d);
+    let mut headers = details_header(tonic::Code::ResourceExhausted, &message, details);
+    headers.extend(ratelimit_headers(&d));
     headers.insert(
         "retry-after",
         HeaderValue::from(secs_ceil(d.retry_after_micros).max(1)),
     );
-    let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(status.details());
-    if let Ok(v) = HeaderValue::from_str(&encoded) {
-        headers.insert("grpc-status-details-bin", v);
-    }
     Rejection {
         code: Code::ResourceExhausted,
         message,
