@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
@@ -30,6 +31,9 @@ use crate::routes::Route;
 #[derive(Debug, Default)]
 pub struct CallState {
     request_error: OnceLock<FrameError>,
+    /// Set whenever data passes either way; the stream idle timer clears
+    /// it when it looks.
+    moved: AtomicBool,
 }
 
 impl CallState {
@@ -37,6 +41,40 @@ impl CallState {
     pub fn request_error(&self) -> Option<FrameError> {
         self.request_error.get().copied()
     }
+
+    /// Whether data passed either way since the last look.
+    pub fn take_moved(&self) -> bool {
+        self.moved.swap(false, Ordering::Relaxed)
+    }
+
+    fn mark_moved(&self) {
+        self.moved.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What ends a call that takes too long.
+pub enum TimerKind {
+    /// Its deadline (the client's `grpc-timeout` or the route's timeout),
+    /// with the reason the client is given.
+    Deadline(&'static str),
+    /// No deadline: it ends when no data passed either way for this long.
+    Idle(std::time::Duration),
+}
+
+/// A call's timer: its deadline, or the stream idle timeout.
+pub struct CallTimer {
+    /// Fires at the deadline, or one idle period after it was last set.
+    pub sleep: Pin<Box<Sleep>>,
+    /// What firing means.
+    pub kind: TimerKind,
+}
+
+/// The message of a call ended by the stream idle timeout.
+pub fn idle_message(idle: std::time::Duration) -> String {
+    format!(
+        "no message either way for {} (listener.stream_idle_timeout): give long calls a deadline",
+        humantime::format_duration(idle)
+    )
 }
 
 /// The gRPC status a framing problem is answered with.
@@ -105,6 +143,7 @@ impl Body for RequestBody {
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
+                    this.state.mark_moved();
                     if let Err(e) = this.observer.observe(data) {
                         return this.fail(e);
                     }
@@ -186,9 +225,11 @@ pub struct Proxied {
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<Route>,
-    deadline: Option<(Pin<Box<Sleep>>, &'static str)>,
+    timer: Option<CallTimer>,
     tally: Tally,
     done: bool,
+    /// Counts the call as open on its connection until the response ends.
+    open: Option<crate::server::OpenCall>,
 }
 
 /// What tollgate sends back to the client.
@@ -213,7 +254,7 @@ impl Proxied {
         compressed_ok: bool,
         state: Arc<CallState>,
         route: Arc<Route>,
-        deadline: Option<(Instant, &'static str)>,
+        timer: Option<CallTimer>,
         tally: Tally,
     ) -> Self {
         Proxied {
@@ -222,9 +263,10 @@ impl Proxied {
             observer: FrameObserver::new(max, compressed_ok),
             state,
             route,
-            deadline: deadline.map(|(at, why)| (Box::pin(tokio::time::sleep_until(at)), why)),
+            timer,
             tally,
             done: false,
+            open: None,
         }
     }
 
@@ -239,6 +281,16 @@ impl Proxied {
         self.done = true;
         self.tally.finish(Some(code as u8));
         Poll::Ready(Some(Ok(Frame::trailers(status_headers(code, message)))))
+    }
+}
+
+impl ResponseBody {
+    /// Keeps the call counted as open on its connection while this body
+    /// streams; a body that is sent at once lets it go now.
+    pub fn hold(&mut self, open: crate::server::OpenCall) {
+        if let ResponseBody::Proxied(p) = self {
+            p.open = Some(open);
+        }
     }
 }
 
@@ -280,10 +332,17 @@ impl Proxied {
         if self.done {
             return Poll::Ready(None);
         }
-        if let Some((sleep, why)) = &mut self.deadline {
-            if sleep.as_mut().poll(cx).is_ready() {
-                let why = *why;
-                return self.end_with(Code::DeadlineExceeded, why);
+        if let Some(t) = &mut self.timer {
+            while t.sleep.as_mut().poll(cx).is_ready() {
+                match t.kind {
+                    TimerKind::Deadline(why) => return self.end_with(Code::DeadlineExceeded, why),
+                    TimerKind::Idle(idle) => {
+                        if !self.state.take_moved() {
+                            return self.end_with(Code::DeadlineExceeded, &idle_message(idle));
+                        }
+                        t.sleep.as_mut().reset(Instant::now() + idle);
+                    }
+                }
             }
         }
         let Some(inner) = self.inner.as_mut() else {
@@ -293,6 +352,7 @@ impl Proxied {
         if !self.data_done {
             match ready!(inner.poll_data(cx)) {
                 Some(Ok(data)) => {
+                    self.state.mark_moved();
                     // Pulled only when the client can take more, so giving
                     // the window back now keeps the two sides in step.
                     let _ = inner.flow_control().release_capacity(data.len());

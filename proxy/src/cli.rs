@@ -109,7 +109,18 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            rt.block_on(wait_for_signals(&handle));
+            rt.block_on(async {
+                let mut signals = wait_for_signals(&handle).await;
+                handle.mark_not_ready();
+                let delay = handle.drain_delay();
+                if !delay.is_zero() {
+                    tracing::info!(drain_delay = ?delay, "stopping: /ready fails; still accepting for drain_delay (a second signal skips it)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = signals.next() => tracing::info!("second signal: draining now"),
+                    }
+                }
+            });
             tracing::info!("draining: /ready fails, GOAWAY sent, waiting for in-flight calls");
             handle.drain();
             tracing::info!("tollgate stopped");
@@ -118,22 +129,38 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Returns on SIGTERM or SIGINT; SIGHUP asks for a reload.
-async fn wait_for_signals(handle: &runtime::Handle) {
+/// The stop signals (SIGTERM, SIGINT), once installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Returns on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Returns on SIGTERM or SIGINT (with the signals, to wait for another);
+/// SIGHUP asks for a reload.
+async fn wait_for_signals(handle: &runtime::Handle) -> Signals {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(term), Ok(int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
+        return std::future::pending().await;
     };
+    let mut signals = Signals { term, int };
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
+            _ = signals.next() => return signals,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
                 handle.reload();

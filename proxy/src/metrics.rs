@@ -32,6 +32,7 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// Open client streams.
     pub active_streams: IntGauge,
+    connections_refused: IntCounterVec,
     reloads: IntCounterVec,
     /// Unix time of the last successful config load.
     pub config_last_success: IntGauge,
@@ -122,6 +123,11 @@ impl Metrics {
             "Client connections open now.",
         );
         let active_streams = gauge("tollgate_active_streams", "Client streams open now.");
+        let connections_refused = counter(
+            "tollgate_connections_refused_total",
+            "Client connections closed before serving a call, by reason (max_connections, max_handshaking, handshake: TLS or the HTTP/2 preface failed or took longer than header_read_timeout).",
+            &["reason"],
+        );
         let reloads = counter(
             "tollgate_config_reloads_total",
             "Config reloads, by result (success, failure).",
@@ -191,6 +197,7 @@ impl Metrics {
             upstream_errors,
             active_connections,
             active_streams,
+            connections_refused,
             reloads,
             config_last_success,
             non_grpc,
@@ -207,6 +214,11 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
+    }
+
+    /// Counts a client connection closed before it served a call.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts a failure talking to an upstream.

@@ -23,7 +23,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{CallState, Proxied, RequestBody, ResponseBody, Tally};
+use crate::body::{CallState, CallTimer, Proxied, RequestBody, ResponseBody, Tally, TimerKind};
 use crate::config::Config;
 use crate::grpc::status::{trailers_only, Code};
 use crate::grpc::{path, timeout};
@@ -75,8 +75,14 @@ pub struct Shared {
     pub active: ArcSwap<Active>,
     /// Where the config came from (reloads read it again).
     pub config_path: PathBuf,
-    /// Set on SIGTERM: `/ready` fails and listeners stop accepting.
+    /// Set on SIGTERM: `/ready` fails (listeners stop accepting when the
+    /// workers are told to drain, `drain_delay` later).
     pub draining: AtomicBool,
+    /// Client connections open now (`listener.max_connections`).
+    pub connections: std::sync::atomic::AtomicUsize,
+    /// Client connections in their TLS handshake or preface now
+    /// (`listener.max_handshaking`).
+    pub handshaking: std::sync::atomic::AtomicUsize,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
     /// Reloads attempted (valid or not) since start.
@@ -131,6 +137,8 @@ pub struct Conn {
     forwarded_for: Option<HeaderValue>,
     /// The identity of the client's verified TLS certificate, if any.
     pub tls_identity: Option<String>,
+    /// Its open calls (the idle timeout reads them).
+    pub activity: Arc<crate::server::Activity>,
 }
 
 impl Conn {
@@ -141,6 +149,7 @@ impl Conn {
             peer,
             forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             tls_identity,
+            activity: Arc::new(crate::server::Activity::default()),
         }
     }
 }
@@ -220,6 +229,17 @@ pub async fn handle(
     let route = route.clone();
     let stats = route.stats.method(call.method);
 
+    // The client's deadline, read before any limit is charged: a malformed
+    // or repeated grpc-timeout is refused, never forwarded.
+    let client_timeout = match client_timeout(req.headers()) {
+        Ok(t) => t,
+        Err(why) => {
+            let mut tally = Tally::start(stats, start);
+            tally.finish(Some(Code::InvalidArgument as u8));
+            return trailers_only(Code::InvalidArgument, why);
+        }
+    };
+
     // Limit.
     let mut extra_headers = None;
     if let Some(limits) = &route.limits {
@@ -245,10 +265,6 @@ pub async fn handle(
     }
 
     // Deadline: the client's grpc-timeout, capped by the route's timeout.
-    let client_timeout = req
-        .headers()
-        .get("grpc-timeout")
-        .and_then(|v| timeout::parse(v.as_bytes()));
     let (budget, why) = match (client_timeout, route.timeout) {
         (Some(c), Some(r)) if r < c => (Some(r), "deadline exceeded: the route's timeout"),
         (Some(c), _) => (Some(c), "deadline exceeded: the call's grpc-timeout"),
@@ -263,11 +279,17 @@ pub async fn handle(
         .headers
         .get("grpc-encoding")
         .is_some_and(|v| v.as_bytes() != b"identity");
-    if let Some(b) = budget {
-        if client_timeout != Some(b) {
-            if let Ok(v) = HeaderValue::from_str(&timeout::encode(b)) {
-                parts.headers.insert("grpc-timeout", v);
-            }
+    if let Some(d) = deadline {
+        // The upstream gets what is left of the deadline, not the whole of
+        // it: the limit check (and, below, the connect) took some.
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let mut tally = Tally::start(stats, start);
+            tally.finish(Some(Code::DeadlineExceeded as u8));
+            return trailers_only(Code::DeadlineExceeded, why);
+        }
+        if let Ok(v) = HeaderValue::from_str(&timeout::encode(left)) {
+            parts.headers.insert("grpc-timeout", v);
         }
     }
     add_forwarded_for(&mut parts.headers, &conn);
@@ -286,6 +308,7 @@ pub async fn handle(
     };
     let state = Arc::new(CallState::default());
     let max = active.max_message_bytes;
+    let idle = active.config.listener.stream_idle_timeout.0;
     drop(active);
     let upstream_req = Request::from_parts(
         parts,
@@ -295,17 +318,43 @@ pub async fn handle(
     let tally = Tally::start(stats.clone(), start);
     // Boxed: the send future is large, and a call's whole future is copied
     // into its task when hyper spawns it; one allocation is cheaper.
-    let sent = Box::pin(pool.send(upstream_req));
-    let response = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                let mut tally = tally;
-                tally.finish(Some(Code::DeadlineExceeded as u8));
-                return trailers_only(Code::DeadlineExceeded, why);
+    let mut sent = Box::pin(pool.send(upstream_req));
+    // One timer for the whole call: the deadline, or (for a call without
+    // one) the stream idle timeout, which data passing either way puts off.
+    let mut timer = match deadline {
+        Some(d) => Some(CallTimer {
+            sleep: Box::pin(tokio::time::sleep_until(d)),
+            kind: TimerKind::Deadline(why),
+        }),
+        None if !idle.is_zero() => Some(CallTimer {
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            kind: TimerKind::Idle(idle),
+        }),
+        None => None,
+    };
+    let response = match &mut timer {
+        None => sent.await,
+        Some(t) => loop {
+            tokio::select! {
+                biased;
+                r = &mut sent => break r,
+                _ = t.sleep.as_mut() => {
+                    let message = match t.kind {
+                        TimerKind::Deadline(why) => why.to_owned(),
+                        TimerKind::Idle(idle) => {
+                            if state.take_moved() {
+                                t.sleep.as_mut().reset(Instant::now() + idle);
+                                continue;
+                            }
+                            crate::body::idle_message(idle)
+                        }
+                    };
+                    let mut tally = tally;
+                    tally.finish(Some(Code::DeadlineExceeded as u8));
+                    return trailers_only(Code::DeadlineExceeded, &message);
+                }
             }
         },
-        None => sent.await,
     };
     let response = match response {
         Ok(r) => r,
@@ -341,16 +390,23 @@ pub async fn handle(
         tally.finish(status);
         return Response::from_parts(parts, ResponseBody::Empty);
     }
-    let proxied = Proxied::new(
-        body,
-        max,
-        resp_compressed_ok,
-        state,
-        route,
-        deadline.map(|d| (d, why)),
-        tally,
-    );
+    let proxied = Proxied::new(body, max, resp_compressed_ok, state, route, timer, tally);
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
+}
+
+/// The call's `grpc-timeout`, if any; a malformed or repeated one is an
+/// error (the message says what is wrong without echoing the value).
+fn client_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, &'static str> {
+    let mut values = headers.get_all("grpc-timeout").iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("grpc-timeout appears more than once: send one deadline");
+    }
+    timeout::parse(v.as_bytes())
+        .map(Some)
+        .ok_or("malformed grpc-timeout: 1 to 8 digits and a unit (H, M, S, m, u or n), e.g. 500m")
 }
 
 fn add_forwarded_for(headers: &mut http::HeaderMap, conn: &Conn) {

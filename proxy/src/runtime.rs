@@ -175,6 +175,8 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         active: ArcSwap::from_pointee(active),
         config_path: path.to_owned(),
         draining: AtomicBool::new(false),
+        connections: Default::default(),
+        handshaking: Default::default(),
         listening: AtomicBool::new(false),
         reload_attempts: Default::default(),
         limit_store,
@@ -402,6 +404,18 @@ impl Handle {
     /// Whether `/ready` answers 200.
     pub fn is_ready(&self) -> bool {
         server::is_ready(&self.shared)
+    }
+
+    /// Fails `/ready` and keeps serving: the first step of a drain, held
+    /// for [`Handle::drain_delay`] so that load balancers stop sending new
+    /// connections before the listeners close.
+    pub fn mark_not_ready(&self) {
+        proxy::start_draining(&self.shared);
+    }
+
+    /// `listener.drain_delay` of the config in force.
+    pub fn drain_delay(&self) -> Duration {
+        self.shared.active.load().config.listener.drain_delay.0
     }
 
     /// Starts draining: `/ready` fails, listeners close, GOAWAY goes out.

@@ -1,24 +1,42 @@
-//! Listeners and workers.
+//! Listeners and workers, and the life of a client connection.
 //!
 //! Each worker is a thread with its own single-threaded tokio runtime, its
 //! own listening socket on the shared address (`SO_REUSEPORT`: the kernel
 //! spreads connections), and its own upstream connections. Nothing on the
-//! data path crosses threads. On drain every worker stops accepting, sends
-//! GOAWAY on its connections and waits for their streams, up to the drain
-//! timeout.
+//! data path crosses threads.
+//!
+//! A connection, from accept to close:
+//!
+//! ```text
+//! accept ─▶ admit ─▶ handshake ─────────▶ serve HTTP/2 ──────────────▶ close
+//!             │        │ TLS (optional),     │ keepalive PINGs
+//!             │        │ then the preface,   │ no call open for idle_timeout: GOAWAY
+//!             │        │ by header_read_     │ older than max_connection_age: GOAWAY
+//!             │        │ timeout             │ drain: GOAWAY; calls get drain_timeout
+//!             │        └─ not HTTP/2: 505 and close
+//!             └─ over max_connections or max_handshaking: closed at once
+//! ```
+//!
+//! On drain every worker stops accepting, sends GOAWAY on its connections
+//! and waits for their calls, up to the drain timeout.
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::config;
 use crate::metrics;
 use crate::proxy::{self, Shared, Worker};
 
@@ -35,6 +53,34 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+type H2Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+/// The HTTP/2 server settings of a listener config.
+fn h2_builder(l: &config::Listener) -> H2Builder {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(l.max_concurrent_streams)
+        .initial_stream_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .max_pending_accept_reset_streams(Some(1000))
+        // gRPC has no use for `date`; it is an unindexable literal per response.
+        .auto_date_header(false);
+    if !l.keepalive.interval.is_zero() {
+        builder
+            .keep_alive_interval(l.keepalive.interval.0)
+            .keep_alive_timeout(l.keepalive.timeout.0);
+    }
+    builder
+}
+
+/// What every connection of a worker needs, rebuilt when a reload changes
+/// the listener settings (new connections take them; open ones keep theirs).
+struct Serving {
+    listener: config::Listener,
+    builder: H2Builder,
 }
 
 /// Runs one worker until `drain` turns true and its connections are done
@@ -54,16 +100,10 @@ pub async fn run_worker(
         }
     };
     let worker = Arc::new(Worker::new(index, shared.clone()));
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .max_concurrent_streams(shared.active.load().config.listener.max_concurrent_streams)
-        .initial_stream_window_size(2 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .max_pending_accept_reset_streams(Some(1000))
-        // gRPC has no use for `date`; it is an unindexable literal per response.
-        .auto_date_header(false);
-    let builder = Arc::new(builder);
+    // Every connection task holds a receiver; when all are dropped, the
+    // worker's connections are done.
+    let (open_tx, open_rx) = watch::channel(());
+    let mut serving: Option<Arc<Serving>> = None;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -77,6 +117,24 @@ pub async fn run_worker(
                 }
             },
         };
+        let Some(admitted) = Admitted::new(&shared) else {
+            drop(stream);
+            continue;
+        };
+        let current = {
+            let active = shared.active.load();
+            match &serving {
+                Some(s) if s.listener == active.config.listener => s.clone(),
+                _ => {
+                    let s = Arc::new(Serving {
+                        builder: h2_builder(&active.config.listener),
+                        listener: active.config.listener.clone(),
+                    });
+                    serving = Some(s.clone());
+                    s
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
             &socket2::TcpKeepalive::new()
@@ -85,99 +143,290 @@ pub async fn run_worker(
                 .with_retries(3),
         );
         let acceptor = tls.load_full();
-        let worker = worker.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (worker, drain, open) = (worker.clone(), drain.clone(), open_rx.clone());
         tokio::spawn(async move {
-            serve_connection(stream, peer, acceptor, worker, builder, watcher).await;
+            serve_connection(stream, peer, acceptor, worker, current, drain, admitted).await;
+            drop(open);
         });
     }
     drop(listener);
+    drop(open_rx);
     let timeout = proxy::drain_timeout(&shared);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!("worker drained"),
+        _ = open_tx.closed() => tracing::debug!("worker drained"),
         _ = tokio::time::sleep(timeout) => tracing::warn!(timeout = ?timeout, "drain timeout reached with calls still in flight"),
     }
 }
 
-/// The HTTP/2 client preface: what a gRPC client sends first.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// A connection counted against `listener.max_connections` while it lives.
+struct Admitted {
+    shared: Arc<Shared>,
+}
 
-/// Whether the first bytes on a connection are (so far) the HTTP/2 preface.
-/// Peeking once per connection keeps every later read free of a detection
-/// layer.
-async fn speaks_h2(stream: &TcpStream) -> bool {
-    let mut buf = [0u8; PREFACE.len()];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return false,
-        };
-        if n == 0 || buf[..n] != PREFACE[..n] {
-            return false;
+impl Admitted {
+    /// Counts a new connection, or `None` (counted as refused) when the
+    /// listener is full.
+    fn new(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.active.load().config.listener.max_connections;
+        if shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            metrics::get().connection_refused("max_connections");
+            return None;
         }
-        if n == PREFACE.len() {
-            return true;
+        metrics::get().active_connections.inc();
+        Some(Admitted {
+            shared: shared.clone(),
+        })
+    }
+
+    /// A place among the connections still handshaking, or `None` (counted
+    /// as refused) when `listener.max_handshaking` are.
+    fn handshake(&self, max: usize) -> Option<Handshaking<'_>> {
+        let n = &self.shared.handshaking;
+        if n.fetch_add(1, Ordering::AcqRel) >= max {
+            n.fetch_sub(1, Ordering::AcqRel);
+            metrics::get().connection_refused("max_handshaking");
+            return None;
         }
-        // Only part of the preface has arrived: wait for the rest.
-        let _ = tokio::time::timeout_at(deadline, stream.readable()).await;
-        tokio::task::yield_now().await;
+        Some(Handshaking(n))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::get().active_connections.dec();
+    }
+}
+
+/// A connection counted against `listener.max_handshaking` until its
+/// handshake ends.
+struct Handshaking<'a>(&'a AtomicUsize);
+
+impl Drop for Handshaking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The HTTP/2 client preface: what a gRPC client sends first.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection said.
+enum Opening {
+    /// The whole HTTP/2 preface.
+    H2,
+    /// Something else (HTTP/1, most likely), after `usize` bytes.
+    Other(usize),
+    /// The client closed, failed, or was too slow.
+    Gone,
+}
+
+/// Reads the first bytes of a connection into `buf`, until they are the
+/// whole HTTP/2 preface, stop matching it, or `deadline` passes. The bytes
+/// are consumed (a read clears the socket's readiness, so a client that
+/// sends half the preface and waits costs nothing), and [`Prefixed`] gives
+/// them back to the HTTP parser.
+async fn read_opening<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut [u8; 24],
+    deadline: Instant,
+) -> Opening {
+    let mut have = 0;
+    let read = async {
+        loop {
+            match io.read(&mut buf[have..]).await {
+                Ok(0) | Err(_) => return Opening::Gone,
+                Ok(n) => {
+                    let was = have;
+                    have += n;
+                    if buf[was..have] != PREFACE[was..have] {
+                        return Opening::Other(have);
+                    }
+                    if have == PREFACE.len() {
+                        return Opening::H2;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or(Opening::Gone)
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first, then the stream itself. Writes pass straight through (vectored
+/// writes included, so HTTP/2 still batches its frames).
+pub struct Prefixed<IO> {
+    prefix: [u8; 24],
+    len: u8,
+    pos: u8,
+    inner: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    fn new(inner: IO, prefix: [u8; 24], len: usize) -> Self {
+        Prefixed {
+            prefix,
+            len: len.min(24) as u8,
+            pos: 0,
+            inner,
+        }
+    }
+
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.len {
+            let rest = &this.prefix[usize::from(this.pos)..usize::from(this.len)];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n as u8;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How many calls of one connection are open, and since when none is:
+/// the idle timeout reads it.
+#[derive(Debug)]
+pub struct Activity {
+    open: AtomicUsize,
+    /// µs since `epoch` when the last open call ended.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+/// A call counted as open on its connection until dropped.
+#[derive(Debug)]
+pub struct OpenCall(Arc<Activity>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            open: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts a call as open until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> OpenCall {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenCall(self.clone())
+    }
+
+    /// When the connection became idle, or `None` while a call is open.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.epoch + Duration::from_micros(self.idle_since.load(Ordering::Acquire)))
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.idle_since
+                .store(a.epoch.elapsed().as_micros() as u64, Ordering::Release);
+        }
     }
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     acceptor: Option<Arc<tokio_rustls::TlsAcceptor>>,
     worker: Arc<Worker>,
-    builder: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    serving: Arc<Serving>,
+    drain: watch::Receiver<bool>,
+    admitted: Admitted,
 ) {
-    struct Open;
-    impl Drop for Open {
-        fn drop(&mut self) {
-            metrics::get().active_connections.dec();
-        }
-    }
-    metrics::get().active_connections.inc();
-    let _open = Open;
-    let service = |conn: proxy::Conn| {
-        let conn = Arc::new(conn);
-        hyper::service::service_fn(move |req| {
-            // Boxed where it is made: hyper moves the call's future into
-            // the stream's task, and a pointer moves cheaper than the
-            // future's kilobyte and more.
-            let call = Box::pin(proxy::handle(worker.clone(), req, conn.clone()));
-            async move { Ok::<_, std::convert::Infallible>(call.await) }
-        })
+    let l = &serving.listener;
+    let Some(handshaking) = admitted.handshake(l.max_handshaking) else {
+        return;
     };
+    let deadline = Instant::now() + l.header_read_timeout.0;
+    let mut first = [0u8; 24];
     let result = match acceptor {
-        None => {
-            if !speaks_h2(&stream).await {
-                http1_refusal(stream).await;
+        None => match read_opening(&mut stream, &mut first, deadline).await {
+            Opening::H2 => {
+                drop(handshaking);
+                let io = Prefixed::new(stream, first, PREFACE.len());
+                serve_h2(io, proxy::Conn::new(peer, None), worker, &serving, drain).await
+            }
+            Opening::Other(n) => {
+                drop(handshaking);
+                http1_refusal(Prefixed::new(stream, first, n)).await;
                 return;
             }
-            let service = service(proxy::Conn::new(peer, None));
-            watcher
-                .watch(builder.serve_connection(TokioIo::new(stream), service))
-                .await
-        }
+            Opening::Gone => {
+                metrics::get().connection_refused("handshake");
+                return;
+            }
+        },
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                .await
-            {
+            let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    metrics::get().connection_refused("handshake");
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
+                    metrics::get().connection_refused("handshake");
                     return;
                 }
             };
             if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                drop(handshaking);
                 http1_refusal(tls).await;
                 return;
             }
@@ -187,14 +436,90 @@ async fn serve_connection(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|c| crate::tls::client_identity(c));
-            let service = service(proxy::Conn::new(peer, identity));
-            watcher
-                .watch(builder.serve_connection(TokioIo::new(tls), service))
-                .await
+            match read_opening(&mut tls, &mut first, deadline).await {
+                Opening::H2 => {
+                    drop(handshaking);
+                    let io = Prefixed::new(tls, first, PREFACE.len());
+                    let conn = proxy::Conn::new(peer, identity);
+                    serve_h2(io, conn, worker, &serving, drain).await
+                }
+                Opening::Other(_) | Opening::Gone => {
+                    metrics::get().connection_refused("handshake");
+                    return;
+                }
+            }
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves HTTP/2 on a connection whose preface has arrived, until it ends:
+/// GOAWAY when it has been idle for `idle_timeout` (to twice that), when it is older than
+/// `max_connection_age`, or on drain; then its calls get `drain_timeout`.
+async fn serve_h2<IO>(
+    io: IO,
+    conn: proxy::Conn,
+    worker: Arc<Worker>,
+    serving: &Serving,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let l = &serving.listener;
+    let activity = conn.activity.clone();
+    // ±10% (from the peer's port), so connections made together do not all
+    // come back at once.
+    let spread = f64::from(conn.peer.port() % 201) / 1000.0 - 0.1;
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn(move |req| {
+        let open = conn.activity.open();
+        // Boxed where it is made: hyper moves the call's future into the
+        // stream's task, and a pointer moves cheaper than the future's
+        // kilobyte and more.
+        let call = Box::pin(proxy::handle(worker.clone(), req, conn.clone()));
+        async move {
+            let mut response = call.await;
+            response.body_mut().hold(open);
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let connection = serving.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let born = Instant::now();
+    let age = (!l.max_connection_age.is_zero())
+        .then(|| born + l.max_connection_age.0.mul_f64(1.0 + spread));
+    let idle = (!l.idle_timeout.is_zero()).then_some(l.idle_timeout.0);
+    let far = born + Duration::from_secs(86_400 * 365);
+    loop {
+        // While a call is open, look again one idle timeout later (a call
+        // ending wakes nothing here): an idle connection is closed between
+        // one and two idle timeouts after its last call.
+        let idle_at = idle.map(|t| activity.idle_since().unwrap_or_else(Instant::now) + t);
+        let wake = [idle_at, age].into_iter().flatten().min().unwrap_or(far);
+        tokio::select! {
+            r = connection.as_mut() => return r,
+            _ = drain.wait_for(|d| *d) => break,
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if age.is_some_and(|a| a <= now) {
+                    tracing::debug!("connection reached max_connection_age: GOAWAY");
+                    break;
+                }
+                let idle_now = idle.zip(activity.idle_since()).is_some_and(|(t, since)| since + t <= now);
+                if idle_now {
+                    tracing::debug!("connection idle for idle_timeout: GOAWAY");
+                    break;
+                }
+            }
+        }
+    }
+    connection.as_mut().graceful_shutdown();
+    match tokio::time::timeout(l.drain_timeout.0, connection).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
     }
 }
 

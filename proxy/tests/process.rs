@@ -212,3 +212,69 @@ fn check_reports_every_problem_and_exits_2() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_drain_delay_fails_ready_but_keeps_accepting_for_the_delay() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listener: {{ address: 127.0.0.1:{port}, drain_delay: 2s }}\nadmin: {{ address: 127.0.0.1:{admin} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "tollgate to be ready",
+        || async move {
+            tokio::net::TcpStream::connect(admin_addr).await.ok()?;
+            (http_get(admin_addr, "/ready").await.0 == 200).then_some(())
+        },
+    )
+    .await;
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let signalled = std::time::Instant::now();
+    eventually(Duration::from_secs(1), "/ready to fail", || async move {
+        (http_get(admin_addr, "/ready").await.0 == 503).then_some(())
+    })
+    .await;
+    // Not ready, yet a new connection is still accepted and served: load
+    // balancers that have not seen /ready fail yet lose nothing.
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("still accepting during drain_delay");
+    EchoClient::new(channel)
+        .unary(req(b"late"))
+        .await
+        .expect("served during drain_delay");
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+    // After the delay the process drains and exits.
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "exited before drain_delay"
+    );
+}

@@ -127,6 +127,48 @@ async fn malformed_client_frames_get_internal() {
     assert_eq!(r.grpc_status(), Some("12"), "{r:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_repeated_grpc_timeout_is_refused_not_forwarded() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(up.addr));
+    let path = "/tollgate.test.v1.Echo/Unary";
+    for bad in [
+        &[("grpc-timeout", "10x")][..],
+        &[("grpc-timeout", "123456789S")][..],
+        &[("grpc-timeout", "-5S")][..],
+        &[("grpc-timeout", "")][..],
+    ] {
+        let r = raw_call(proxy.addr(), path, bad, &frame(0, b""))
+            .await
+            .unwrap();
+        assert_eq!(r.grpc_status(), Some("3"), "{bad:?}: {r:?}");
+        assert!(
+            r.grpc_message().starts_with("malformed grpc-timeout"),
+            "{r:?}"
+        );
+    }
+    let twice = [("grpc-timeout", "1S"), ("grpc-timeout", "100S")];
+    let r = raw_call(proxy.addr(), path, &twice, &frame(0, b""))
+        .await
+        .unwrap();
+    assert_eq!(r.grpc_status(), Some("3"), "{r:?}");
+    assert!(r.grpc_message().contains("appears more than once"), "{r:?}");
+    assert_eq!(
+        up.seen.calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "none reached the upstream"
+    );
+    let ok = raw_call(
+        proxy.addr(),
+        path,
+        &[("grpc-timeout", "5S")],
+        &frame(0, b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.grpc_status(), Some("0"), "{ok:?}");
+}
+
 /// A raw h2 upstream that misbehaves on purpose, by method name.
 async fn raw_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -297,7 +297,23 @@ async fn deadlines_are_honoured_and_capped_by_the_route() {
     let mut call = tonic::Request::new(req(b"fast"));
     call.set_timeout(Duration::from_secs(30));
     let r = c.unary(call).await.unwrap().into_inner();
-    assert_eq!(r.grpc_timeout, "200000u");
+    let told = grpc_timeout_micros(&r.grpc_timeout);
+    assert!(
+        (100_000..200_000).contains(&told),
+        "the upstream is told what is left of the 200 ms cap: {}",
+        r.grpc_timeout
+    );
+    // Without a cap (the catch-all route), the client's own deadline, less
+    // the time already spent.
+    let mut call = tonic::Request::new(tokio_stream::iter(vec![req(b"fast")]));
+    call.set_timeout(Duration::from_secs(5));
+    let r = c.client_stream(call).await.unwrap().into_inner();
+    let told = grpc_timeout_micros(&r.grpc_timeout);
+    assert!(
+        (4_000_000..5_000_000).contains(&told),
+        "the upstream is told what is left of the client's 5 s: {}",
+        r.grpc_timeout
+    );
     // A slow call ends at the deadline: tollgate's, or the upstream's own
     // (tollgate told it the capped deadline), whichever fires first; tests
     // against a deadline-ignoring upstream (protocol.rs) pin tollgate's.
@@ -316,6 +332,80 @@ async fn deadlines_are_honoured_and_capped_by_the_route() {
         started.elapsed() < Duration::from_millis(1_900),
         "ended by the 200 ms cap, not the 2 s call"
     );
+}
+
+/// A `grpc-timeout` value in microseconds.
+fn grpc_timeout_micros(v: &str) -> u64 {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "n" => n / 1_000,
+        "u" => n,
+        "m" => n * 1_000,
+        "S" => n * 1_000_000,
+        other => panic!("unit {other} in {v}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_deadline_ends_when_nothing_moves_for_the_stream_idle_timeout() {
+    let up = Upstream::start().await;
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1, stream_idle_timeout: 400ms }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&yaml);
+    let mut c = proxy.client().await;
+    // Messages 150 ms apart keep a 1.5 s stream alive.
+    let mut s = c
+        .server_stream(EchoRequest {
+            count: 10,
+            delay_ms: 150,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = s.next().await {
+        m.expect("a stream that keeps moving is not idle");
+        n += 1;
+    }
+    assert_eq!(n, 10);
+    // A unary call the upstream sits on for 3 s, with no deadline.
+    let started = std::time::Instant::now();
+    let err = c
+        .unary(EchoRequest {
+            delay_ms: 3_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("listener.stream_idle_timeout"),
+        "{}",
+        err.message()
+    );
+    assert!(started.elapsed() < Duration::from_millis(2_500));
+    // A stream that goes quiet after its first message.
+    let mut s = c
+        .server_stream(EchoRequest {
+            count: 3,
+            delay_ms: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        match s.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("the quiet stream was not ended"),
+        }
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,7 @@ pub struct Config {
 }
 
 /// The gRPC listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// `host:port`; env `TOLLGATE_LISTEN` overrides.
@@ -67,10 +67,54 @@ pub struct Listener {
     /// HTTP/2 streams one client connection may have open at once.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// After SIGTERM, how long tollgate keeps accepting (with `/ready`
+    /// failing) before it sends GOAWAY: Kubernetes goes on routing new
+    /// connections to a pod for a few seconds after it is marked not ready.
+    #[serde(default)]
+    pub drain_delay: Dur,
+    /// Longest a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 preface; then it is closed.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// A connection with no call open for this long is closed with GOAWAY
+    /// (`0s`: never).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// HTTP/2 PINGs to clients, so a vanished client is noticed.
+    #[serde(default = "default_listener_keepalive")]
+    pub keepalive: Keepalive,
+    /// A connection older than this (±10%) is asked to go away with GOAWAY;
+    /// calls in flight get `drain_timeout` to finish (`0s`: never). Clients
+    /// reconnect, so long-lived connections spread over new replicas.
+    #[serde(default = "default_max_connection_age")]
+    pub max_connection_age: Dur,
+    /// A call without a deadline that passes no message either way for this
+    /// long ends with DEADLINE_EXCEEDED (`0s`: never).
+    #[serde(default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: Dur,
+    /// Most client connections open at once; more are closed on accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most connections still in their TLS handshake or HTTP/2 preface;
+    /// more are closed on accept (a flood of half-open connections cannot
+    /// hold every file descriptor).
+    #[serde(default = "default_max_handshaking")]
+    pub max_handshaking: usize,
+}
+
+/// HTTP/2 keepalive: a PING every `interval` while the connection is open
+/// (`0s`: none); no answer within `timeout` closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keepalive {
+    /// Time between PINGs.
+    pub interval: Dur,
+    /// Longest wait for the PING's answer.
+    pub timeout: Dur,
 }
 
 /// TLS on the listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// PEM certificate chain; reloaded when the file changes.
@@ -518,6 +562,30 @@ fn default_connections() -> usize {
 fn default_max_concurrent_streams() -> u32 {
     1024
 }
+fn default_header_read_timeout() -> Dur {
+    Dur::from_secs(5)
+}
+fn default_idle_timeout() -> Dur {
+    Dur::from_secs(600)
+}
+fn default_listener_keepalive() -> Keepalive {
+    Keepalive {
+        interval: Dur::from_secs(60),
+        timeout: Dur::from_secs(20),
+    }
+}
+fn default_max_connection_age() -> Dur {
+    Dur::from_secs(3600)
+}
+fn default_stream_idle_timeout() -> Dur {
+    Dur::from_secs(300)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_handshaking() -> usize {
+    1_000
+}
 
 impl Default for Listener {
     fn default() -> Self {
@@ -528,6 +596,14 @@ impl Default for Listener {
             drain_timeout: default_drain_timeout(),
             workers: None,
             max_concurrent_streams: default_max_concurrent_streams(),
+            drain_delay: Dur::default(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            keepalive: default_listener_keepalive(),
+            max_connection_age: default_max_connection_age(),
+            stream_idle_timeout: default_stream_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_handshaking: default_max_handshaking(),
         }
     }
 }
@@ -681,6 +757,16 @@ impl Config {
         }
         if self.listener.max_concurrent_streams == 0 {
             p.add("listener.max_concurrent_streams", "must be at least 1");
+        }
+        if self.listener.header_read_timeout.is_zero() {
+            p.add("listener.header_read_timeout", "must be more than 0");
+        }
+        check_keepalive(&mut p, "listener.keepalive", &self.listener.keepalive);
+        if self.listener.max_connections == 0 {
+            p.add("listener.max_connections", "must be at least 1");
+        }
+        if self.listener.max_handshaking == 0 {
+            p.add("listener.max_handshaking", "must be at least 1");
         }
         if let Some(tls) = &self.listener.tls {
             check_file(&mut p, "listener.tls.cert", &tls.cert, base);
@@ -1061,6 +1147,15 @@ fn check_redis_url(p: &mut Problems, at: &str, u: &str) {
         );
     } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
         p.add(at, format!("{shown:?} is not a Redis URL: {e}"));
+    }
+}
+
+fn check_keepalive(p: &mut Problems, at: &str, k: &Keepalive) {
+    if !k.interval.is_zero() && k.timeout.is_zero() {
+        p.add(
+            format!("{at}.timeout"),
+            "must be more than 0 (or set interval: 0s for no keepalive)",
+        );
     }
 }
 

@@ -1,0 +1,345 @@
+//! Hostile and careless clients at the listener: half-sent prefaces, silent
+//! connections, clients that vanish, floods of connections. Each holds on
+//! a real tollgate and real sockets; none may cost the others their calls.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{eventually, req, Proxy, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A config with one Echo route; `listener` is spliced into the listener
+/// block (`header_read_timeout: 1s, ...`).
+fn config(up: SocketAddr, listener: &str) -> String {
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 2, {listener} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo, name: hostile-{} }}\n",
+        up.port()
+    )
+}
+
+/// CPU time (user + system) the tollgate worker threads of this process
+/// have used so far.
+fn worker_cpu() -> Duration {
+    let ticks_per_sec = 100; // USER_HZ on Linux
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("tollgate-worke") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command name (which ends with ')'): utime is the
+        // 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.len() > 12 {
+            ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        }
+    }
+    Duration::from_millis(ticks * 1000 / ticks_per_sec)
+}
+
+/// Whether the server closed `s`: reading reaches EOF (or a reset) within
+/// `within`, whatever it sent before.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_preface_costs_no_cpu_and_is_closed_by_the_header_read_timeout() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(up.addr, "header_read_timeout: 2s"));
+    let mut half_open = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        half_open.push(s);
+    }
+    let before = worker_cpu();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let used = worker_cpu() - before;
+    let over = started.elapsed();
+    eprintln!("workers used {used:?} of CPU in {over:?} beside 300 half prefaces");
+    // Spinning on the half preface took both workers' cores (~2 s of CPU a
+    // second); waiting for the rest of it takes nothing.
+    assert!(
+        used < over / 4,
+        "workers used {used:?} of CPU in {over:?} with 300 half-open connections"
+    );
+    // A real client is served meanwhile.
+    let mut c = proxy.client().await;
+    c.unary(req(b"hi")).await.expect("served beside them");
+    // The header-read timeout closes every one of them.
+    for s in &mut half_open {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "a half preface is closed after header_read_timeout"
+        );
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_connections_refused_total{reason=\"handshake\"}"
+        ) >= 300.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_and_connections_are_bounded() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "header_read_timeout: 1s, max_handshaking: 4, max_connections: 6",
+    ));
+    // Four connections that never finish their preface fill the handshakes:
+    // a fifth is closed at once.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"PRI").await.unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fifth = TcpStream::connect(proxy.addr()).await.unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_millis(500)).await,
+        "over max_handshaking: closed on accept"
+    );
+    drop(slow);
+    // Six served connections fill the listener: a seventh is closed at once.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut c = eventually(Duration::from_secs(5), "a connection", || {
+            let addr = proxy.addr();
+            async move {
+                let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut c = tollgate_proto::test::v1::echo_client::EchoClient::new(ch);
+                c.unary(req(b"x")).await.ok()?;
+                Some(c)
+            }
+        })
+        .await;
+        c.unary(req(b"y")).await.unwrap();
+        clients.push(c);
+    }
+    let mut seventh = TcpStream::connect(proxy.addr()).await.unwrap();
+    assert!(
+        closed_within(&mut seventh, Duration::from_millis(500)).await,
+        "over max_connections: closed on accept"
+    );
+    for c in &mut clients {
+        c.unary(req(b"z")).await.expect("the admitted keep working");
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tollgate_connections_refused_total{reason=\"max_handshaking\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "tollgate_connections_refused_total{reason=\"max_connections\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    drop(clients);
+    eventually(Duration::from_secs(5), "room again", || {
+        let addr = proxy.addr();
+        async move {
+            let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .ok()?;
+            tollgate_proto::test::v1::echo_client::EchoClient::new(ch)
+                .unary(req(b"x"))
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
+
+/// An HTTP/2 connection from the raw h2 crate, driven in the background;
+/// the returned handle ends when tollgate closes the connection.
+async fn h2_connection(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let done = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, done)
+}
+
+fn echo_request(addr: SocketAddr, method: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}/tollgate.test.v1.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// An EchoRequest as one gRPC frame: `count` replies, `delay_ms` apart.
+fn stream_request(count: u8, delay_ms: u8) -> bytes::Bytes {
+    // Fields 2 (count) and 3 (delay_ms), one-byte varints: below 128.
+    assert!(count < 128 && delay_ms < 128);
+    let msg = [0x10, count, 0x18, delay_ms];
+    let mut f = vec![0, 0, 0, 0, msg.len() as u8];
+    f.extend_from_slice(&msg);
+    bytes::Bytes::from(f)
+}
+
+/// Reads a response to its end; returns its grpc-status and body bytes.
+async fn finish(response: h2::client::ResponseFuture) -> (String, usize) {
+    let (parts, mut body) = response.await.unwrap().into_parts();
+    let mut bytes = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        bytes += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.unwrap();
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let message = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-message"))
+        .or_else(|| parts.headers.get("grpc-message"))
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert!(
+        status == "0" || !message.is_empty(),
+        "{status} without a message"
+    );
+    (status, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(up.addr, "idle_timeout: 500ms"));
+    // Preface and SETTINGS, then nothing.
+    let (_silent, silent_done) = h2_connection(proxy.addr()).await;
+    // A stream of 12 replies 100 ms apart: open for 1.2 s, longer than the
+    // idle timeout, with no new call on its connection meanwhile.
+    let (busy, busy_done) = h2_connection(proxy.addr()).await;
+    let mut busy = busy.ready().await.unwrap();
+    let (response, mut send) = busy
+        .send_request(echo_request(proxy.addr(), "ServerStream"), false)
+        .unwrap();
+    send.send_data(stream_request(12, 100), true).unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), silent_done)
+        .await
+        .expect("the silent connection is closed")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(1100));
+    let (status, bytes) = finish(response).await;
+    assert_eq!(status, "0");
+    assert!(bytes > 0);
+    assert!(!busy_done.is_finished(), "open while its call was");
+    // Once its call is done, the busy connection goes idle too.
+    tokio::time::timeout(Duration::from_secs(5), busy_done)
+        .await
+        .expect("closed once idle")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_connection_gets_goaway_and_its_calls_finish() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "max_connection_age: 400ms, drain_timeout: 10s, idle_timeout: 0s",
+    ));
+    let (client, done) = h2_connection(proxy.addr()).await;
+    let mut client = client.ready().await.unwrap();
+    // 10 replies 100 ms apart: still running when the connection gets old.
+    let (response, mut send) = client
+        .send_request(echo_request(proxy.addr(), "ServerStream"), false)
+        .unwrap();
+    send.send_data(stream_request(10, 100), true).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // GOAWAY arrived: no new stream is taken on this connection.
+    let refused = match client.clone().ready().await {
+        Err(_) => true,
+        Ok(mut c) => match c.send_request(echo_request(proxy.addr(), "Unary"), true) {
+            Err(_) => true,
+            Ok((r, _)) => r.await.is_err(),
+        },
+    };
+    assert!(
+        refused,
+        "no new calls on a connection past max_connection_age"
+    );
+    let (status, _) = finish(response).await;
+    assert_eq!(status, "0", "the call in flight finished");
+    tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .expect("then the connection closes")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_answering_pings_is_dropped() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "idle_timeout: 0s, keepalive: { interval: 300ms, timeout: 300ms }",
+    ));
+    // The preface and an empty SETTINGS frame by hand, then silence: no
+    // SETTINGS ack, no PING ack, as from a host that vanished.
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "an unanswered PING closes the connection"
+    );
+    // A client that answers keeps its connection.
+    let mut c = proxy.client().await;
+    c.unary(req(b"a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.unary(req(b"b")).await.unwrap();
+}
