@@ -4,7 +4,8 @@
 //! counts in process at the limit divided by the replicas), and limits are
 //! decided in Redis again within a second of its return, without a restart.
 //!
-//! In a test binary of its own: it reads process-wide latency metrics.
+//! In a test binary of its own: it reads process-wide latency metrics and
+//! the breaker gauge, so its tests run one at a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,8 +46,12 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
 }
 
+/// The tests read process-wide metrics: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_then_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let redis = testkit::Redis::start();
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(up.addr, redis.url()));
@@ -147,4 +152,47 @@ fn outcome_limit(outcome: &str) -> &'static str {
         "failed_closed" => "closed",
         _ => "local",
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impatient_clients_during_a_stall_never_keep_the_breaker_open() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = testkit::Redis::start();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(up.addr, redis.url()));
+    let c = proxy.client().await;
+    call(&c, "x-closed", "before").await.expect("Redis decides");
+    redis.freeze();
+    // Patient callers see the failures; the breaker opens.
+    common::eventually(Duration::from_secs(5), "the breaker to open", || {
+        let (c, proxy) = (c.clone(), &proxy);
+        async move {
+            let _ = call(&c, "x-closed", "stalled").await;
+            let m = proxy.metrics().await;
+            (metric(&m, "tollgate_limit_store_breaker_open{backend=\"redis\"}") == 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    // Then for a second every caller gives up after 5 ms, the probes the
+    // breaker lets out among them.
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        let mut r = tonic::Request::new(req(b"o"));
+        r.set_timeout(Duration::from_millis(5));
+        r.metadata_mut()
+            .insert("x-closed", MetadataValue::from_static("impatient"));
+        let _ = c.clone().unary(r).await;
+    }
+    redis.thaw();
+    common::eventually(Duration::from_secs(2), "limits in Redis again", || {
+        let c = c.clone();
+        async move { call(&c, "x-closed", "after").await.ok() }
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "tollgate_limit_store_breaker_open{backend=\"redis\"}"),
+        0.0
+    );
 }

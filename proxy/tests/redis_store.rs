@@ -195,17 +195,6 @@ async fn a_dead_redis_fails_fast_and_the_breaker_recovers() {
     assert!(back[0].allowed);
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`) to the redis-server: freezes or thaws it.
-fn signal(redis: &testkit::Redis, sig: &str) {
-    let pid = std::fs::read_to_string(redis.dir().join("redis.pid")).unwrap();
-    let ok = std::process::Command::new("kill")
-        .args([sig, pid.trim()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 /// Calls to a Redis that does not answer end at the timeout, never at the
 /// (much longer) connect timeout; `what` says what was waited for.
 async fn every_call_ends_by_its_timeout(store: &RedisStore, what: &str) {
@@ -242,10 +231,9 @@ async fn a_silent_or_frozen_redis_answers_every_call_by_its_timeout() {
     let store = single(redis.url(), Duration::from_millis(100));
     let c = [check("k", 1, fixed(100), 1, false)];
     store.decide(0, c.to_vec(), None, true).await.unwrap();
-    let signal = |sig: &str| signal(&redis, sig);
-    signal("-STOP");
+    redis.freeze();
     every_call_ends_by_its_timeout(&store, "a frozen Redis").await;
-    signal("-CONT");
+    redis.thaw();
     let back = testkit::eventually(Duration::from_secs(5), "decisions in Redis again", || {
         let (store, c) = (&store, &c);
         async move { store.decide(0, c.to_vec(), None, true).await.ok() }
@@ -264,8 +252,7 @@ async fn a_call_that_waited_long_does_not_cut_short_the_calls_batched_with_it() 
     let store = std::sync::Arc::new(single(redis.url(), Duration::from_secs(1)));
     let c = [check("k", 1, fixed(100), 1, false)];
     store.decide(0, c.to_vec(), None, true).await.unwrap();
-    let signal = |sig: &str| signal(&redis, sig);
-    signal("-STOP");
+    redis.freeze();
     let call = |store: std::sync::Arc<RedisStore>| {
         let c = c.to_vec();
         tokio::spawn(async move { store.decide(0, c, None, true).await })
@@ -280,7 +267,7 @@ async fn a_call_that_waited_long_does_not_cut_short_the_calls_batched_with_it() 
     let f = call(store.clone());
     // The first batch times out at ~1 s, E's deadline is ~1.05 s, F's ~1.5 s.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    signal("-CONT");
+    redis.thaw();
     assert_eq!(e.await.unwrap().unwrap_err(), StoreError::Timeout);
     let f = f.await.unwrap();
     assert!(
@@ -333,4 +320,65 @@ async fn concurrent_calls_share_script_runs_and_stay_exact() {
         (1..200).contains(&evalsha),
         "{evalsha} script runs for 200 calls: concurrent calls were not batched"
     );
+}
+
+#[tokio::test]
+async fn one_slow_batch_is_one_failure_for_the_breaker() {
+    // Three failures in a row open the breaker; fifty calls that time out
+    // in one batch are one failure, not fifty.
+    let redis = testkit::Redis::start();
+    let store = single(redis.url(), Duration::from_millis(50));
+    let c = [check("k", 1, fixed(1000), 1, false)];
+    store.decide(0, c.to_vec(), None, true).await.unwrap();
+    redis.freeze();
+    let calls = (0..50).map(|_| store.decide(0, c.to_vec(), None, true));
+    let answers = futures::future::join_all(calls).await;
+    assert!(answers
+        .iter()
+        .all(|a| matches!(a, Err(StoreError::Timeout))));
+    redis.thaw();
+    let d = store
+        .decide(0, c.to_vec(), None, true)
+        .await
+        .expect("the breaker stayed closed: the next call goes to Redis");
+    assert!(d[0].allowed);
+}
+
+#[tokio::test]
+async fn a_probe_whose_caller_gave_up_never_keeps_the_breaker_open() {
+    let redis = testkit::Redis::start();
+    let store = single(redis.url(), Duration::from_millis(20));
+    let c = [check("k", 1, fixed(1000), 1, false)];
+    store.decide(0, c.to_vec(), None, true).await.unwrap();
+    redis.freeze();
+    // Batches that time out, one after another, open the breaker.
+    testkit::eventually(Duration::from_secs(5), "the breaker to open", || {
+        let (store, c) = (&store, &c);
+        async move {
+            matches!(
+                store.decide(0, c.to_vec(), None, true).await,
+                Err(StoreError::BreakerOpen)
+            )
+            .then_some(())
+        }
+    })
+    .await;
+    // For a second, every caller gives up after 5 ms: each probe the
+    // breaker lets out is a call dropped while Redis is silent.
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(5),
+            store.decide(0, c.to_vec(), None, true),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    redis.thaw();
+    let back = testkit::eventually(Duration::from_secs(2), "decisions in Redis again", || {
+        let (store, c) = (&store, &c);
+        async move { store.decide(0, c.to_vec(), None, true).await.ok() }
+    })
+    .await;
+    assert!(back[0].allowed);
 }

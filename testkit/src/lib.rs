@@ -397,6 +397,26 @@ impl Redis {
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
+
+    /// Freezes the server (SIGSTOP): connected, silent, as a stalled host.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = std::fs::read_to_string(self.dir().join("redis.pid"))
+            .unwrap_or_else(|e| panic!("redis.pid in {}: {e}", self.dir().display()));
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {}", pid.trim());
+    }
 }
 
 /// A Redis Cluster of three masters (no replicas) in its own temporary

@@ -284,7 +284,8 @@ pub struct RedisStore {
     /// (default: the system's roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
-    /// Failures in a row that open the circuit breaker.
+    /// Failed round trips to Redis in a row (a batch of calls counts once)
+    /// that open the circuit breaker.
     #[serde(default = "default_breaker_failures")]
     pub breaker_failures: u32,
     /// While the breaker is open, how often one call probes Redis.

@@ -4,26 +4,42 @@
 //! `probe_interval` one call is let through as a probe; its success closes
 //! the breaker, so limits work again by themselves once the store is back.
 //!
+//! What counts is a store round trip (one batch of calls), not a call: one
+//! slow batch of a hundred calls is one failure. A probe is a [`Probe`]
+//! value that travels with the probing call into the store's batch; it is
+//! always resolved: by the batch's outcome, or, if it is dropped unreported
+//! (the call was cancelled before its batch ran), as a failed probe, so the
+//! next one goes one interval later. A probe can never stay out forever.
+//!
 //! Shared by every worker, lock-free: a call costs one atomic load while
 //! the breaker is closed.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 /// What the breaker says about a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Gate {
     /// Closed: go to the store.
     Pass,
-    /// Open, and this call is the probe: go to the store and report back.
-    Probe,
+    /// Open, and this call is the probe: go to the store with it.
+    Probe(Probe),
     /// Open: do not go to the store.
     Refuse,
 }
 
-/// The breaker's state, as the `tollgate_limit_store_breaker_state` gauge
+/// The one probe out while the breaker is open; resolved when reported, or
+/// when dropped.
+#[derive(Debug)]
+pub struct Probe {
+    breaker: Arc<Breaker>,
+    reported: bool,
+}
+
+/// The breaker's state, as the `tollgate_limit_store_breaker_open` gauge
 /// shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -62,8 +78,8 @@ pub enum Transition {
 impl Breaker {
     /// Opens after `threshold` failures in a row; probes every
     /// `probe_interval` while open.
-    pub fn new(threshold: u32, probe_interval: Duration) -> Self {
-        Breaker {
+    pub fn new(threshold: u32, probe_interval: Duration) -> Arc<Self> {
+        Arc::new(Breaker {
             threshold: threshold.max(1),
             probe_interval,
             failures: AtomicU32::new(0),
@@ -71,7 +87,7 @@ impl Breaker {
             next_probe: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             epoch: Instant::now(),
-        }
+        })
     }
 
     fn now(&self) -> u64 {
@@ -88,7 +104,7 @@ impl Breaker {
     }
 
     /// Whether a call may go to the store.
-    pub fn gate(&self) -> Gate {
+    pub fn gate(self: &Arc<Self>) -> Gate {
         if !self.open.load(Ordering::Acquire) {
             return Gate::Pass;
         }
@@ -101,20 +117,25 @@ impl Breaker {
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            Gate::Probe
+            Gate::Probe(Probe {
+                breaker: self.clone(),
+                reported: false,
+            })
         } else {
             Gate::Refuse
         }
     }
 
-    /// Reports a store call that answered.
-    pub fn success(&self, gate: Gate) -> Transition {
+    /// Reports a store round trip that answered; `probe`: the probes it
+    /// carried.
+    pub fn success(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
         // Read first: on the common path (closed, no failures) nothing is
         // written, so workers do not contend for the line.
         if self.failures.load(Ordering::Acquire) != 0 {
             self.failures.store(0, Ordering::Release);
         }
-        if gate == Gate::Probe {
+        for p in probes {
+            p.resolved();
             self.probing.store(false, Ordering::Release);
         }
         if self.open.load(Ordering::Acquire) && self.open.swap(false, Ordering::AcqRel) {
@@ -124,25 +145,57 @@ impl Breaker {
         }
     }
 
-    /// Reports a store call that failed (error or timeout).
-    pub fn failure(&self, gate: Gate) -> Transition {
+    /// Reports a store round trip that failed (error or timeout); `probes`:
+    /// the probes it carried.
+    pub fn failure(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
+        let mut probed = false;
+        for p in probes {
+            p.resolved();
+            probed = true;
+        }
+        if probed {
+            self.probe_failed();
+            return Transition::None;
+        }
         let failures = self
             .failures
             .fetch_add(1, Ordering::AcqRel)
             .saturating_add(1);
-        let next = self.now() + self.probe_interval.as_micros() as u64;
-        if gate == Gate::Probe {
-            self.next_probe.store(next, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
-            return Transition::None;
-        }
         if failures >= self.threshold && !self.open.load(Ordering::Acquire) {
-            self.next_probe.store(next, Ordering::Release);
+            self.next_probe.store(
+                self.now() + self.probe_interval.as_micros() as u64,
+                Ordering::Release,
+            );
             if !self.open.swap(true, Ordering::AcqRel) {
                 return Transition::Opened;
             }
         }
         Transition::None
+    }
+
+    /// The probe out failed (or was dropped): the next goes one interval
+    /// from now.
+    fn probe_failed(&self) {
+        self.next_probe.store(
+            self.now() + self.probe_interval.as_micros() as u64,
+            Ordering::Release,
+        );
+        self.probing.store(false, Ordering::Release);
+    }
+}
+
+impl Probe {
+    /// Marks the probe as reported: its drop changes nothing more.
+    fn resolved(mut self) {
+        self.reported = true;
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.breaker.probe_failed();
+        }
     }
 }
 
@@ -150,40 +203,58 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    fn probe(b: &Arc<Breaker>) -> Probe {
+        match b.gate() {
+            Gate::Probe(p) => p,
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
+
+    fn refused(b: &Arc<Breaker>) -> bool {
+        matches!(b.gate(), Gate::Refuse)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_failures_probes_then_closes() {
         let b = Breaker::new(3, Duration::from_millis(200));
-        assert_eq!(b.failure(b.gate()), Transition::None);
-        assert_eq!(b.failure(b.gate()), Transition::None);
+        assert_eq!(b.failure(None), Transition::None);
+        assert_eq!(b.failure(None), Transition::None);
         assert_eq!(b.state(), State::Closed);
-        assert_eq!(b.failure(b.gate()), Transition::Opened);
-        assert_eq!(b.gate(), Gate::Refuse, "no calls while open");
+        assert_eq!(b.failure(None), Transition::Opened);
+        assert!(refused(&b), "no calls while open");
 
         tokio::time::advance(Duration::from_millis(201)).await;
-        let probe = b.gate();
-        assert_eq!(probe, Gate::Probe);
-        assert_eq!(b.gate(), Gate::Refuse, "one probe at a time");
-        assert_eq!(b.failure(probe), Transition::None);
-        assert_eq!(
-            b.gate(),
-            Gate::Refuse,
-            "a failed probe waits another interval"
-        );
+        let p = probe(&b);
+        assert!(refused(&b), "one probe at a time");
+        assert_eq!(b.failure(Some(p)), Transition::None);
+        assert!(refused(&b), "a failed probe waits another interval");
 
         tokio::time::advance(Duration::from_millis(201)).await;
-        let probe = b.gate();
-        assert_eq!(probe, Gate::Probe);
-        assert_eq!(b.success(probe), Transition::Closed);
-        assert_eq!(b.gate(), Gate::Pass);
+        let p = probe(&b);
+        assert_eq!(b.success(Some(p)), Transition::Closed);
+        assert!(matches!(b.gate(), Gate::Pass));
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unreported_lets_the_next_go_an_interval_later() {
+        let b = Breaker::new(1, Duration::from_millis(200));
+        b.failure(None);
+        tokio::time::advance(Duration::from_millis(201)).await;
+        // The probing call was cancelled: its probe is dropped, unreported.
+        drop(probe(&b));
+        assert!(refused(&b), "not at once: one probe per interval");
+        tokio::time::advance(Duration::from_millis(201)).await;
+        let p = probe(&b);
+        assert_eq!(b.success(Some(p)), Transition::Closed);
     }
 
     #[test]
     fn a_success_resets_the_count() {
         let b = Breaker::new(2, Duration::from_millis(200));
-        b.failure(Gate::Pass);
-        b.success(Gate::Pass);
-        assert_eq!(b.failure(Gate::Pass), Transition::None);
+        b.failure(None);
+        b.success(None);
+        assert_eq!(b.failure(None), Transition::None);
         assert_eq!(b.state(), State::Closed);
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 use super::algorithm::{Algorithm, Decision, Params};
-use super::breaker::{Breaker, Gate, Transition};
+use super::breaker::{Breaker, Gate, Probe, Transition};
 use super::memory::Check;
 use super::shards::Shards;
 use crate::config::{self, Backend};
@@ -85,6 +85,9 @@ struct Request {
     deadline: Instant,
     /// `None` once answered.
     reply: Option<oneshot::Sender<Result<Vec<Decision>, StoreError>>>,
+    /// The breaker's probe, when this call is it: the batch that carries
+    /// it reports its outcome, even if the call has gone away meanwhile.
+    probe: Option<Probe>,
 }
 
 impl Request {
@@ -99,6 +102,12 @@ impl Request {
     /// gave up).
     fn settled(&self) -> bool {
         self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+
+    /// Whether Redis's answer still matters: someone waits for it, or it
+    /// carries the breaker's probe.
+    fn wanted(&self) -> bool {
+        !self.settled() || self.probe.is_some()
     }
 }
 
@@ -130,6 +139,40 @@ struct Inner {
     shown: String,
     /// Every Redis key starts with it (`limiter.redis.key_prefix`).
     prefix: String,
+    /// Fed by the batchers: one outcome per round trip to Redis.
+    breaker: Arc<Breaker>,
+    meters: Meters,
+}
+
+impl Inner {
+    /// Reports one round trip to Redis (a batch, or a failed connect) to
+    /// the breaker, with the probes it carried.
+    fn report(&self, outcome: Result<(), &StoreError>, probes: impl IntoIterator<Item = Probe>) {
+        match outcome {
+            Ok(()) => {
+                if self.breaker.success(probes) == Transition::Closed {
+                    self.meters.breaker.set(0);
+                    tracing::info!(redis = %self.shown, "Redis answers again; limits are decided in Redis");
+                }
+            }
+            Err(e) => {
+                if self.breaker.failure(probes) == Transition::Opened {
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    self.meters.breaker.set(1);
+                    tracing::warn!(
+                        redis = %self.shown,
+                        error = %e,
+                        "Redis keeps failing: circuit breaker open, limits take their failure mode; probing for its return"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Takes the probes of `batch` (to report them).
+fn probes(batch: &mut [Request]) -> impl Iterator<Item = Probe> + '_ {
+    batch.iter_mut().filter_map(|r| r.probe.take())
 }
 
 /// Bounds the distinct keys one replica writes to Redis
@@ -173,9 +216,7 @@ pub struct RedisStore {
     inner: Arc<Inner>,
     /// Per worker: the queue of its batcher (started on first use).
     batchers: Vec<Mutex<Option<mpsc::UnboundedSender<Request>>>>,
-    breaker: Breaker,
     backend: &'static str,
-    meters: Meters,
     /// What it was built from: a reload with the same settings keeps it.
     pub settings: (Backend, config::RedisStore),
 }
@@ -256,18 +297,18 @@ impl RedisStore {
                 generation: AtomicU64::new(0),
                 shown,
                 prefix: r.key_prefix.clone(),
+                breaker: Breaker::new(r.breaker_failures, r.probe_interval.0),
+                meters: Meters {
+                    timeout: m.limit_store_error(backend, "timeout"),
+                    connection: m.limit_store_error(backend, "connection"),
+                    response: m.limit_store_error(backend, "response"),
+                    breaker_open: m.limit_store_error(backend, "breaker_open"),
+                    breaker: m.limit_store_breaker(backend),
+                    duration: m.limit_decision_duration(backend),
+                },
             }),
             batchers: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
-            breaker: Breaker::new(r.breaker_failures, r.probe_interval.0),
             backend,
-            meters: Meters {
-                timeout: m.limit_store_error(backend, "timeout"),
-                connection: m.limit_store_error(backend, "connection"),
-                response: m.limit_store_error(backend, "response"),
-                breaker_open: m.limit_store_error(backend, "breaker_open"),
-                breaker: m.limit_store_breaker(backend),
-                duration: m.limit_decision_duration(backend),
-            },
             settings: (limiter.backend, r),
         })
     }
@@ -290,7 +331,7 @@ impl RedisStore {
 
     /// The decision-latency histogram of this backend.
     pub fn duration(&self) -> &Histogram {
-        &self.meters.duration
+        &self.inner.meters.duration
     }
 
     /// Decides every check of one call, in a batch with the other calls of
@@ -304,34 +345,24 @@ impl RedisStore {
         now: Option<u64>,
         details: bool,
     ) -> Result<Vec<Decision>, StoreError> {
-        let gate = self.breaker.gate();
-        if gate == Gate::Refuse {
-            self.meters.breaker_open.inc();
-            return Err(StoreError::BreakerOpen);
-        }
-        let result = self.ask(worker, checks, now, details).await;
-        match &result {
-            Ok(_) => {
-                if self.breaker.success(gate) == Transition::Closed {
-                    self.meters.breaker.set(0);
-                    tracing::info!(redis = %self.inner.shown, "Redis answers again; limits are decided in Redis");
-                }
+        let probe = match self.inner.breaker.gate() {
+            Gate::Pass => None,
+            Gate::Probe(p) => Some(p),
+            Gate::Refuse => {
+                self.inner.meters.breaker_open.inc();
+                return Err(StoreError::BreakerOpen);
             }
-            Err(e) => {
-                match e {
-                    StoreError::Timeout => self.meters.timeout.inc(),
-                    StoreError::Connection(_) => self.meters.connection.inc(),
-                    _ => self.meters.response.inc(),
-                }
-                if self.breaker.failure(gate) == Transition::Opened {
-                    self.inner.generation.fetch_add(1, Ordering::AcqRel);
-                    self.meters.breaker.set(1);
-                    tracing::warn!(
-                        redis = %self.inner.shown,
-                        error = %e,
-                        "Redis keeps failing: circuit breaker open, limits take their failure mode; probing for its return"
-                    );
-                }
+        };
+        // The breaker hears from the batch (one outcome per round trip);
+        // the error counters count calls.
+        let result = self.ask(worker, checks, now, details, probe).await;
+        if let Err(e) = &result {
+            let m = &self.inner.meters;
+            match e {
+                StoreError::Timeout => m.timeout.inc(),
+                StoreError::Connection(_) => m.connection.inc(),
+                StoreError::Response(_) => m.response.inc(),
+                StoreError::BreakerOpen => m.breaker_open.inc(),
             }
         }
         result
@@ -343,6 +374,7 @@ impl RedisStore {
         checks: Vec<Check>,
         now: Option<u64>,
         details: bool,
+        probe: Option<Probe>,
     ) -> Result<Vec<Decision>, StoreError> {
         let limits = checks.len();
         let slot = match self.inner.target {
@@ -357,6 +389,7 @@ impl RedisStore {
             slot,
             deadline: Instant::now() + self.inner.timeout,
             reply: Some(tx),
+            probe,
         };
         let batcher = &self.batchers[worker % self.batchers.len()];
         {
@@ -456,7 +489,7 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
             match until(&mut pending, &mut rx, connecting).await {
                 Ok(Ok(c)) => conn = Some((generation, c)),
                 Ok(Err(e)) => {
-                    fail(&mut pending, &StoreError::Connection(e.to_string()));
+                    fail(&inner, &mut pending, &StoreError::Connection(e.to_string()));
                     continue;
                 }
                 Err(_) => {
@@ -464,7 +497,7 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
                         "no connection within {}",
                         humantime::format_duration(inner.connect_timeout)
                     );
-                    fail(&mut pending, &StoreError::Connection(why));
+                    fail(&inner, &mut pending, &StoreError::Connection(why));
                     continue;
                 }
             }
@@ -476,7 +509,7 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
         // calls that gave up or whose time is up need no Redis.
         let mut groups: Vec<Vec<Request>> = Vec::new();
         for mut r in pending.drain(..take) {
-            if r.settled() {
+            if !r.wanted() {
                 continue;
             }
             if r.deadline <= now {
@@ -527,7 +560,7 @@ async fn until<F: std::future::Future>(
             out = &mut work => return out,
             _ = tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now)), if oldest.is_some() => {
                 let now = Instant::now();
-                pending.retain(|r| !r.settled());
+                pending.retain(Request::wanted);
                 for mut r in pending.extract_if(.., |r| r.deadline <= now) {
                     r.answer(Err(StoreError::Timeout));
                 }
@@ -537,7 +570,9 @@ async fn until<F: std::future::Future>(
     }
 }
 
-fn fail(batch: &mut Vec<Request>, e: &StoreError) {
+/// Answers every call of `batch` with `e`, and tells the breaker (once).
+fn fail(inner: &Inner, batch: &mut Vec<Request>, e: &StoreError) {
+    inner.report(Err(e), probes(batch));
     for mut r in batch.drain(..) {
         r.answer(Err(e.clone()));
     }
@@ -598,14 +633,21 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
         }
     };
     tokio::pin!(ask);
+    // Whether Redis let a call (or the probe) run out of time.
+    let mut timed_out = false;
     let reply: Result<Vec<i64>, RedisError> = loop {
+        let now = Instant::now();
         let Some(next) = group
             .iter()
-            .filter(|r| !r.settled())
+            .filter(|r| r.wanted() && r.deadline > now)
             .map(|r| r.deadline)
             .min()
         else {
-            // Every call is answered or gone: nothing waits for Redis.
+            // Every call is answered or gone: nothing waits for Redis. If
+            // some ran out of time, Redis was too slow.
+            if timed_out {
+                inner.report(Err(&StoreError::Timeout), probes(&mut group));
+            }
             return false;
         };
         tokio::select! {
@@ -614,6 +656,7 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
             _ = tokio::time::sleep_until(next) => {
                 let now = Instant::now();
                 for r in group.iter_mut().filter(|r| r.deadline <= now) {
+                    timed_out |= r.wanted();
                     r.answer(Err(StoreError::Timeout));
                 }
             }
@@ -629,6 +672,7 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
         }
         Ok(numbers) => match split(&numbers, &group) {
             Ok(decisions) => {
+                inner.report(Ok(()), probes(&mut group));
                 for (r, d) in group.iter_mut().zip(decisions) {
                     r.answer(Ok(d));
                 }
@@ -637,7 +681,7 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
             Err(e) => (StoreError::Response(e), false),
         },
     };
-    fail(&mut group, &error);
+    fail(inner, &mut group, &error);
     broken
 }
 
