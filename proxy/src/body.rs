@@ -392,7 +392,19 @@ impl Proxied {
         if let Some(fe) = self.state.request_error() {
             return self.end_with(frame_error_code(&fe), &fe.to_string());
         }
-        // The upstream reset the stream: reset the client's too.
+        if !e.is_reset() && self.observer.finish().is_ok() {
+            // The connection went away between messages: the call ends
+            // with a status, as a client talking to the upstream directly
+            // would see it.
+            tracing::debug!(route = %self.route.name, error = %e, "upstream connection lost mid-call");
+            let message = format!(
+                "upstream {} closed its connection mid-call",
+                self.route.upstream.name
+            );
+            return self.end_with(Code::Unavailable, &message);
+        }
+        // The upstream reset the stream (or the connection broke inside a
+        // message): reset the client's with the same code.
         self.done = true;
         self.tally.finish(None);
         Poll::Ready(Some(Err(e)))

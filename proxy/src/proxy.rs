@@ -366,8 +366,9 @@ pub async fn handle(
                 return trailers_only(code, &fe.to_string());
             }
             tracing::debug!(route = %route.name, error = %e, "forwarding failed");
-            tally.finish(Some(Code::Unavailable as u8));
-            return trailers_only(Code::Unavailable, &e.to_string());
+            let (code, message) = e.status();
+            tally.finish(Some(code as u8));
+            return trailers_only(code, &message);
         }
     };
     stats

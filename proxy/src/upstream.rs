@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
 use crate::config;
+use crate::grpc::status::Code;
 use crate::metrics;
 
 /// TLS settings for an upstream.
@@ -54,10 +55,23 @@ pub struct UpstreamError {
     pub upstream: Arc<str>,
     /// The endpoint.
     pub endpoint: String,
-    /// Short label for metrics.
+    /// Short label for metrics (`connect_refused`, `reset`, …).
     pub kind: &'static str,
-    /// What happened.
+    /// What happened, with internal details: for logs, never for clients.
     pub detail: String,
+    /// How the stream ended, when the upstream (or its connection) ended it.
+    pub ended: Option<Ended>,
+}
+
+/// How an upstream ended a stream before its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// RST_STREAM with this code.
+    Reset(h2::Reason),
+    /// The connection went away (GOAWAY, or closed).
+    ConnectionLost,
+    /// The upstream broke the HTTP/2 protocol.
+    Protocol,
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -67,6 +81,47 @@ impl std::fmt::Display for UpstreamError {
             "upstream {} ({}) unavailable: {}",
             self.upstream, self.endpoint, self.detail
         )
+    }
+}
+
+// === impl UpstreamError ===
+
+impl UpstreamError {
+    /// The status a client gets: the gRPC spec's mapping of how the stream
+    /// ended, and a message naming the upstream and what happened, without
+    /// addresses or TLS text (those are logged).
+    pub fn status(&self) -> (Code, String) {
+        let up = &self.upstream;
+        match self.ended {
+            Some(Ended::Reset(reason)) => (
+                crate::grpc::status::reset_code(reason),
+                format!("upstream {up} reset the call ({reason:?})"),
+            ),
+            Some(Ended::ConnectionLost) => (
+                Code::Unavailable,
+                format!("upstream {up} closed its connection before answering"),
+            ),
+            Some(Ended::Protocol) => (
+                Code::Internal,
+                format!("upstream {up} broke the HTTP/2 protocol"),
+            ),
+            None => (
+                Code::Unavailable,
+                format!("upstream {up} unavailable: {}", kind_text(self.kind)),
+            ),
+        }
+    }
+}
+
+/// A metric kind label, as words for a client.
+fn kind_text(kind: &str) -> &'static str {
+    match kind {
+        "connect_refused" => "connection refused",
+        "connect_timeout" => "connect timed out",
+        "resolve" => "its address does not resolve",
+        "tls" => "TLS handshake failed",
+        "handshake" => "HTTP/2 handshake failed",
+        _ => "cannot connect",
     }
 }
 
@@ -133,6 +188,7 @@ impl UpstreamSpec {
             endpoint: format!("{h}:{p}"),
             kind,
             detail: detail.into(),
+            ended: None,
         }
     }
 }
@@ -207,16 +263,16 @@ impl Pool {
     }
 
     fn h2_error(&self, endpoint: usize, e: &h2::Error) -> UpstreamError {
-        let kind = if e.is_reset() {
-            "reset"
-        } else if e.is_go_away() {
-            "goaway"
-        } else if e.is_io() {
-            "io"
-        } else {
-            "protocol"
+        let (kind, ended) = match e.reason() {
+            Some(reason) if e.is_reset() => ("reset", Ended::Reset(reason)),
+            _ if e.is_go_away() && e.is_remote() => ("goaway", Ended::ConnectionLost),
+            _ if e.is_io() => ("io", Ended::ConnectionLost),
+            // A GOAWAY of our own: the upstream broke the protocol.
+            _ => ("protocol", Ended::Protocol),
         };
-        self.spec.error(endpoint, kind, e.to_string())
+        let mut error = self.spec.error(endpoint, kind, e.to_string());
+        error.ended = Some(ended);
+        error
     }
 
     /// A connection ready for one more stream; a closed one is replaced once.

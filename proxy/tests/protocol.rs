@@ -184,7 +184,17 @@ async fn raw_upstream() -> SocketAddr {
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+                    // `x-reset: N`: reset the stream with HTTP/2 error code N
+                    // before any response.
+                    let reset = req
+                        .headers()
+                        .get("x-reset")
+                        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
                     tokio::spawn(async move {
+                        if let Some(code) = reset {
+                            respond.send_reset(h2::Reason::from(code));
+                            return;
+                        }
                         if method == "ResetEarly" {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
                             return;
@@ -268,7 +278,8 @@ async fn upstream_trailers_resets_and_malformed_frames() {
         .await
         .unwrap_err();
     assert!(err.is_reset(), "the client sees the stream reset: {err:?}");
-    // Reset before any response: UNAVAILABLE naming the upstream.
+    // Refused before any response: not processed, UNAVAILABLE naming the
+    // upstream.
     let r = raw_call(proxy.addr(), "/raw.Test/ResetEarly", &[], &frame(0, b""))
         .await
         .unwrap();
@@ -322,4 +333,54 @@ async fn deadlines_end_streams_under_way() {
     assert_eq!(r.grpc_status(), Some("4"), "{r:?}");
     assert!(r.grpc_message().contains("route's timeout"), "{r:?}");
     assert!(!r.data.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_reaches_the_client_as_it_would_directly() {
+    // A real gRPC client, direct to the upstream and through tollgate: an
+    // upstream that resets a call before answering must give the same
+    // status both ways. UNAVAILABLE (which clients may retry) only when the
+    // upstream says it did not process the call.
+    use tollgate_proto::test::v1::echo_client::EchoClient;
+    let up = raw_upstream().await;
+    let proxy = Proxy::start(&basic_config(up));
+    let client = |addr: SocketAddr| async move {
+        EchoClient::new(
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+    };
+    let (mut direct, mut through) = (client(up).await, client(proxy.addr()).await);
+    for (reason, code) in [
+        (h2::Reason::CANCEL, tonic::Code::Cancelled),
+        (
+            h2::Reason::ENHANCE_YOUR_CALM,
+            tonic::Code::ResourceExhausted,
+        ),
+        (h2::Reason::INTERNAL_ERROR, tonic::Code::Internal),
+        (h2::Reason::REFUSED_STREAM, tonic::Code::Unavailable),
+        (
+            h2::Reason::INADEQUATE_SECURITY,
+            tonic::Code::PermissionDenied,
+        ),
+    ] {
+        let call = || {
+            let mut r = tonic::Request::new(common::req(b"r"));
+            r.metadata_mut()
+                .insert("x-reset", u32::from(reason).to_string().parse().unwrap());
+            r
+        };
+        let d = direct.unary(call()).await.unwrap_err();
+        let t = through.unary(call()).await.unwrap_err();
+        assert_eq!(d.code(), code, "direct, {reason:?}: {d:?}");
+        assert_eq!(t.code(), code, "through tollgate, {reason:?}: {t:?}");
+        assert!(
+            t.message().contains("upstream echo reset the call"),
+            "{t:?}"
+        );
+        assert!(!t.message().contains("127.0.0.1"), "{t:?}");
+    }
 }

@@ -85,6 +85,11 @@ async fn redis_down_then_back() {
     let e = call(&c, "x-closed", "down").await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("fails closed"), "{}", e.message());
+    assert!(
+        !e.message().contains("127.0.0.1") && !e.message().contains("os error"),
+        "Redis's address and error text stay out of the client's message: {}",
+        e.message()
+    );
     // local: 10/h over 2 replicas is 5 here.
     let mut admitted = 0;
     for _ in 0..10 {

@@ -271,6 +271,11 @@ async fn unknown_routes_are_unimplemented_and_dead_upstreams_unavailable() {
         "{}",
         err.message()
     );
+    assert!(
+        !err.message().contains(&dead.to_string()) && !err.message().contains("127.0.0.1"),
+        "the upstream's address stays out of the client's message: {}",
+        err.message()
+    );
     assert_eq!(
         up.seen.calls.load(Ordering::SeqCst),
         1,

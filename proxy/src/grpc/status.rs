@@ -78,6 +78,21 @@ impl Code {
     }
 }
 
+/// The gRPC status of a stream the peer reset, as the gRPC spec maps
+/// HTTP/2 error codes (PROTOCOL-HTTP2.md, "Errors"): REFUSED_STREAM means
+/// the call was not processed (UNAVAILABLE, safe to retry); CANCEL is
+/// CANCELLED; ENHANCE_YOUR_CALM is RESOURCE_EXHAUSTED; INADEQUATE_SECURITY
+/// is PERMISSION_DENIED; every other code is INTERNAL.
+pub fn reset_code(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
 /// Parses a `grpc-status` value into its number (0–16), or `None`.
 pub fn parse_status(v: &HeaderValue) -> Option<u8> {
     match v.as_bytes() {
@@ -144,6 +159,28 @@ mod tests {
         assert_eq!(encode_message("plain text"), "plain text");
         assert_eq!(encode_message("100% sure"), "100%25 sure");
         assert_eq!(encode_message("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn resets_map_as_the_grpc_spec_says() {
+        use h2::Reason;
+        for (reason, code) in [
+            (Reason::NO_ERROR, Code::Internal),
+            (Reason::PROTOCOL_ERROR, Code::Internal),
+            (Reason::INTERNAL_ERROR, Code::Internal),
+            (Reason::FLOW_CONTROL_ERROR, Code::Internal),
+            (Reason::SETTINGS_TIMEOUT, Code::Internal),
+            (Reason::FRAME_SIZE_ERROR, Code::Internal),
+            (Reason::REFUSED_STREAM, Code::Unavailable),
+            (Reason::CANCEL, Code::Cancelled),
+            (Reason::COMPRESSION_ERROR, Code::Internal),
+            (Reason::CONNECT_ERROR, Code::Internal),
+            (Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+            (Reason::HTTP_1_1_REQUIRED, Code::Internal),
+        ] {
+            assert_eq!(reset_code(reason), code, "{reason:?}");
+        }
     }
 
     #[test]

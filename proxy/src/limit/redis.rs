@@ -61,6 +61,21 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+// === impl StoreError ===
+
+impl StoreError {
+    /// What a client may be told: no addresses, no Redis error text (the
+    /// logs have those).
+    pub fn public(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "Redis did not answer in time",
+            StoreError::Connection(_) => "Redis is unreachable",
+            StoreError::Response(_) => "Redis refused the decision",
+            StoreError::BreakerOpen => "Redis is failing; the circuit breaker is open",
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Target {
     Single(Arc<redis::Client>),
@@ -572,6 +587,7 @@ async fn until<F: std::future::Future>(
 
 /// Answers every call of `batch` with `e`, and tells the breaker (once).
 fn fail(inner: &Inner, batch: &mut Vec<Request>, e: &StoreError) {
+    tracing::debug!(redis = %inner.shown, error = %e, calls = batch.len(), "Redis gave no decision");
     inner.report(Err(e), probes(batch));
     for mut r in batch.drain(..) {
         r.answer(Err(e.clone()));

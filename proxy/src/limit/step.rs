@@ -643,7 +643,7 @@ fn ratelimit_headers(d: &Decision) -> HeaderMap {
 }
 
 fn unavailable(l: &Compiled, error: Option<&StoreError>) -> Rejection {
-    let why = error.map_or_else(|| "Redis did not answer".to_owned(), |e| e.to_string());
+    let why = error.map_or("Redis did not answer", StoreError::public);
     Rejection {
         code: Code::Unavailable,
         message: format!(
