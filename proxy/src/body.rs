@@ -230,6 +230,8 @@ pub struct Proxied {
     done: bool,
     /// Counts the call as open on its connection until the response ends.
     open: Option<crate::server::OpenCall>,
+    /// Counts it as open on its upstream connection too.
+    _upstream_open: crate::upstream::OpenStream,
 }
 
 /// What tollgate sends back to the client.
@@ -250,23 +252,24 @@ impl Proxied {
     /// Observes the upstream's `inner` body.
     pub fn new(
         inner: h2::RecvStream,
-        max: u32,
-        compressed_ok: bool,
+        observer: FrameObserver,
         state: Arc<CallState>,
         route: Arc<Route>,
         timer: Option<CallTimer>,
         tally: Tally,
+        upstream_open: crate::upstream::OpenStream,
     ) -> Self {
         Proxied {
             inner: Some(inner),
             data_done: false,
-            observer: FrameObserver::new(max, compressed_ok),
+            observer,
             state,
             route,
             timer,
             tally,
             done: false,
             open: None,
+            _upstream_open: upstream_open,
         }
     }
 

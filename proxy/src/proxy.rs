@@ -376,6 +376,7 @@ pub async fn handle(
         .observe(start.elapsed().as_secs_f64());
 
     // Observe the response on its way back.
+    let (response, upstream_open) = response;
     let (mut parts, body) = response.into_parts();
     if let Some(h) = extra_headers {
         parts.headers.extend(h);
@@ -391,7 +392,15 @@ pub async fn handle(
         tally.finish(status);
         return Response::from_parts(parts, ResponseBody::Empty);
     }
-    let proxied = Proxied::new(body, max, resp_compressed_ok, state, route, timer, tally);
+    let proxied = Proxied::new(
+        body,
+        crate::grpc::frame::FrameObserver::new(max, resp_compressed_ok),
+        state,
+        route,
+        timer,
+        tally,
+        upstream_open,
+    );
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
 }
 

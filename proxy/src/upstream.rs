@@ -193,17 +193,56 @@ impl UpstreamSpec {
     }
 }
 
+/// One HTTP/2 connection to an endpoint, as calls see it.
+#[derive(Clone)]
+struct Conn {
+    sender: SendRequest<Bytes>,
+    /// Calls open on it now.
+    open: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    /// Whether it may carry one more call: below `max` of our own and
+    /// below the upstream's SETTINGS_MAX_CONCURRENT_STREAMS.
+    fn has_room(&self, max: usize) -> bool {
+        let n = self.open.load(Ordering::Relaxed);
+        n < max && n < self.sender.current_max_send_streams()
+    }
+}
+
+/// A call counted as open on its upstream connection until dropped (when
+/// its response ends).
+pub struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Slot {
     endpoint: usize,
-    sender: Mutex<Option<SendRequest<Bytes>>>,
+    conn: Mutex<Option<Conn>>,
     /// Held while (re)connecting, so concurrent calls wait for one connect
     /// instead of opening one connection each.
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// One worker's connections to one upstream.
+/// One worker's connections to one upstream: per endpoint, `connections`
+/// that calls take turns on, and up to `max_connections` when those are
+/// full (`max_streams_per_connection`), so that calls whose clients read
+/// slowly never hold every call's connection.
 pub struct Pool {
     spec: Arc<UpstreamSpec>,
+    /// Per endpoint, `max_connections` slots; the first `connections` take
+    /// turns.
     slots: Vec<Slot>,
     next: AtomicUsize,
 }
@@ -213,11 +252,15 @@ pub struct Pool {
 impl Pool {
     /// An empty pool; connections open on first use.
     pub fn new(spec: Arc<UpstreamSpec>) -> Self {
-        let per = spec.config.connections.max(1);
-        let slots = (0..spec.endpoints.len() * per)
+        let max = spec
+            .config
+            .max_connections
+            .max(spec.config.connections)
+            .max(1);
+        let slots = (0..spec.endpoints.len() * max)
             .map(|i| Slot {
-                endpoint: i / per,
-                sender: Mutex::new(None),
+                endpoint: i / max,
+                conn: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             })
             .collect();
@@ -233,16 +276,73 @@ impl Pool {
         &self.spec
     }
 
+    /// The slot for the next call, and its connection if it has one: the
+    /// next in turn, or when that one is full, another with room, or one
+    /// not connected yet (a new connection).
+    fn pick(&self) -> (&Slot, Option<Conn>) {
+        let c = &self.spec.config;
+        let (per, max) = (
+            c.connections.max(1),
+            c.max_connections.max(c.connections).max(1),
+        );
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % (self.spec.endpoints.len() * per);
+        let base = turn / per * max;
+        let first = &self.slots[base + turn % per];
+        let conn = Self::live(first);
+        match &conn {
+            Some(live) if !live.has_room(c.max_streams_per_connection) => {}
+            _ => return (first, conn),
+        }
+        let mut fresh = None;
+        for slot in &self.slots[base..base + max] {
+            match Self::live(slot) {
+                Some(live) if live.has_room(c.max_streams_per_connection) => {
+                    return (slot, Some(live))
+                }
+                Some(_) => {}
+                None => {
+                    fresh.get_or_insert(slot);
+                }
+            }
+        }
+        match fresh {
+            Some(slot) => (slot, None),
+            // All full: the call waits its turn on the upstream's streams.
+            None => (first, conn),
+        }
+    }
+
     /// Sends a call on a pooled connection and returns the upstream's
-    /// response. A connection found closing before the call was sent is
-    /// replaced and the call sent on the new one.
+    /// response, with the call counted on its connection until the
+    /// response ends. A connection found closing before the call was sent
+    /// is replaced and the call sent on the new one.
     pub async fn send(
         &self,
         req: http::Request<RequestBody>,
-    ) -> Result<http::Response<RecvStream>, UpstreamError> {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+    ) -> Result<(http::Response<RecvStream>, OpenStream), UpstreamError> {
+        let c = &self.spec.config;
+        let mut tries = 0;
+        let (slot, conn) = loop {
+            let (slot, conn) = self.pick();
+            let conn = match conn {
+                Some(conn) => conn,
+                None => self.connection(slot).await?,
+            };
+            // Calls that waited for a connect together look again: those
+            // beyond its room go to another connection.
+            if tries >= c.max_connections || conn.has_room(c.max_streams_per_connection) {
+                break (slot, conn);
+            }
+            tries += 1;
+        };
+        // Counted before any wait, so that calls picking meanwhile see it.
+        let mut open = OpenStream::new(&conn.open);
         let (parts, mut body) = req.into_parts();
-        let mut sender = self.ready(slot).await?;
+        let conn = self.ready(slot, conn).await?;
+        if !Arc::ptr_eq(&open.0, &conn.open) {
+            open = OpenStream::new(&conn.open);
+        }
+        let mut sender = conn.sender;
         let eos = body.is_end_stream();
         let (response, mut stream) = sender
             .send_request(http::Request::from_parts(parts, ()), eos)
@@ -259,7 +359,10 @@ impl Pool {
                 });
             }
         }
-        response.await.map_err(|e| self.h2_error(slot.endpoint, &e))
+        match response.await {
+            Ok(r) => Ok((r, open)),
+            Err(e) => Err(self.h2_error(slot.endpoint, &e)),
+        }
     }
 
     fn h2_error(&self, endpoint: usize, e: &h2::Error) -> UpstreamError {
@@ -275,51 +378,51 @@ impl Pool {
         error
     }
 
-    /// A connection ready for one more stream; a closed one is replaced once.
-    async fn ready(&self, slot: &Slot) -> Result<SendRequest<Bytes>, UpstreamError> {
-        let sender = self.sender(slot).await?;
+    /// `conn` ready for one more stream; a closed one is replaced once.
+    async fn ready(&self, slot: &Slot, conn: Conn) -> Result<Conn, UpstreamError> {
+        let Conn { sender, open } = conn;
         match sender.ready().await {
-            Ok(s) => Ok(s),
+            Ok(sender) => Ok(Conn { sender, open }),
             Err(_) => {
                 self.forget(slot);
-                let sender = self.sender(slot).await?;
-                sender
-                    .ready()
-                    .await
-                    .map_err(|e| self.h2_error(slot.endpoint, &e))
+                let Conn { sender, open } = self.connection(slot).await?;
+                match sender.ready().await {
+                    Ok(sender) => Ok(Conn { sender, open }),
+                    Err(e) => Err(self.h2_error(slot.endpoint, &e)),
+                }
             }
         }
     }
 
     fn forget(&self, slot: &Slot) {
-        if let Ok(mut s) = slot.sender.lock() {
+        if let Ok(mut s) = slot.conn.lock() {
             *s = None;
         }
     }
 
-    fn live(slot: &Slot) -> Option<SendRequest<Bytes>> {
-        let guard = slot.sender.lock().ok()?;
+    fn live(slot: &Slot) -> Option<Conn> {
+        let guard = slot.conn.lock().ok()?;
         guard.clone()
     }
 
-    async fn sender(&self, slot: &Slot) -> Result<SendRequest<Bytes>, UpstreamError> {
-        if let Some(s) = Self::live(slot) {
-            return Ok(s);
+    async fn connection(&self, slot: &Slot) -> Result<Conn, UpstreamError> {
+        if let Some(c) = Self::live(slot) {
+            return Ok(c);
         }
         let _connecting = slot.connecting.lock().await;
-        if let Some(s) = Self::live(slot) {
-            return Ok(s);
+        if let Some(c) = Self::live(slot) {
+            return Ok(c);
         }
         // Boxed: the connect path (TCP, TLS, HTTP/2 handshake) is rare, and
         // inlined it would make every call's future several KiB larger.
-        let s = Box::pin(self.connect(slot.endpoint)).await?;
-        if let Ok(mut g) = slot.sender.lock() {
-            *g = Some(s.clone());
+        let c = Box::pin(self.connect(slot.endpoint)).await?;
+        if let Ok(mut g) = slot.conn.lock() {
+            *g = Some(c.clone());
         }
-        Ok(s)
+        Ok(c)
     }
 
-    async fn connect(&self, endpoint: usize) -> Result<SendRequest<Bytes>, UpstreamError> {
+    async fn connect(&self, endpoint: usize) -> Result<Conn, UpstreamError> {
         let spec = &self.spec;
         let timeout = spec.config.connect_timeout.0;
         let (host, port) = &spec.endpoints[endpoint];
@@ -390,17 +493,18 @@ impl Pool {
         }
     }
 
-    async fn handshake<IO>(
-        &self,
-        endpoint: usize,
-        io: IO,
-    ) -> Result<SendRequest<Bytes>, UpstreamError>
+    async fn handshake<IO>(&self, endpoint: usize, io: IO) -> Result<Conn, UpstreamError>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(8 * 1024 * 1024)
+        let c = &self.spec.config;
+        // Each call may hold a whole stream window unread (its client reads
+        // slowly): the connection window covers every call the connection
+        // may carry, so those never stall the others.
+        let window = STREAM_WINDOW as usize * c.max_streams_per_connection;
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(window.min(MAX_WINDOW) as u32)
             .max_concurrent_reset_streams(10_000)
             .handshake::<_, Bytes>(io)
             .await
@@ -411,13 +515,50 @@ impl Pool {
                     format!("HTTP/2 handshake failed: {e}"),
                 )
             })?;
+        let open = Arc::new(AtomicUsize::new(0));
         let name = self.spec.name.clone();
+        let pings = conn.ping_pong();
+        let (keepalive, calls) = (c.keepalive, open.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %name, error = %e, "upstream connection ended");
+            tokio::select! {
+                r = &mut conn => if let Err(e) = r {
+                    tracing::debug!(upstream = %name, error = %e, "upstream connection ended");
+                },
+                () = keep_alive(pings, keepalive, calls) => {
+                    metrics::get().upstream_error(&name, "keepalive");
+                    tracing::warn!(upstream = %name, timeout = %keepalive.timeout, "upstream did not answer a PING: connection dropped, calls on it fail, the next call reconnects");
+                }
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, open })
+    }
+}
+
+/// The stream window each upstream call gets: what one call may hold
+/// unread while its client is slow to read.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// HTTP/2's largest window.
+const MAX_WINDOW: usize = (1 << 31) - 1;
+
+/// PINGs the upstream every `interval` while calls are open on the
+/// connection (an idle connection is left alone: some servers count pings
+/// without calls as abuse); returns when one is not answered in time.
+async fn keep_alive(pings: Option<h2::PingPong>, k: config::Keepalive, calls: Arc<AtomicUsize>) {
+    let Some(mut pings) = pings.filter(|_| !k.interval.is_zero()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(k.interval.0).await;
+        if calls.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(k.timeout.0, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection is closing: its own task ends it.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 

@@ -22,11 +22,11 @@ fn config(up: SocketAddr, listener: &str) -> String {
     )
 }
 
-/// CPU time (user + system) the tollgate worker threads of this process
-/// have used so far.
-fn worker_cpu() -> Duration {
+/// CPU time (user + system) used so far by each tollgate worker thread of
+/// this process, by thread id.
+fn worker_cpu() -> std::collections::HashMap<String, Duration> {
     let ticks_per_sec = 100; // USER_HZ on Linux
-    let mut ticks = 0u64;
+    let mut out = std::collections::HashMap::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if !comm.starts_with("tollgate-worke") {
@@ -38,10 +38,25 @@ fn worker_cpu() -> Duration {
         let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
         let f: Vec<&str> = rest.split(' ').collect();
         if f.len() > 12 {
-            ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+            let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+            out.insert(
+                task.file_name().to_string_lossy().into_owned(),
+                Duration::from_millis(ticks * 1000 / ticks_per_sec),
+            );
         }
     }
-    Duration::from_millis(ticks * 1000 / ticks_per_sec)
+    out
+}
+
+/// CPU the worker threads alive at both readings used between them.
+fn cpu_between(
+    before: &std::collections::HashMap<String, Duration>,
+    after: &std::collections::HashMap<String, Duration>,
+) -> Duration {
+    after
+        .iter()
+        .filter_map(|(tid, a)| before.get(tid).map(|b| a.saturating_sub(*b)))
+        .sum()
 }
 
 /// Whether the server closed `s`: reading reaches EOF (or a reset) within
@@ -79,7 +94,7 @@ async fn half_a_preface_costs_no_cpu_and_is_closed_by_the_header_read_timeout() 
     let before = worker_cpu();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let used = worker_cpu() - before;
+    let used = cpu_between(&before, &worker_cpu());
     let over = started.elapsed();
     eprintln!("workers used {used:?} of CPU in {over:?} beside 300 half prefaces");
     // Spinning on the half preface took both workers' cores (~2 s of CPU a
@@ -342,4 +357,202 @@ async fn a_client_that_stops_answering_pings_is_dropped() {
     c.unary(req(b"a")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.unary(req(b"b")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_never_stall_the_calls_of_others() {
+    let up = Upstream::start().await;
+    // One worker: every call shares its upstream connections.
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    ));
+    // Six clients ask for 40 x 1 MiB and never read a byte of it (no
+    // WINDOW_UPDATE ever): what tollgate receives for them stays unread.
+    // EchoRequest { count: 40, reply_bytes: 1 MiB }.
+    let ask = bytes::Bytes::from_static(&[0, 0, 0, 0, 6, 0x10, 40, 0x30, 0x80, 0x80, 0x40]);
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let (client, done) = h2_connection(proxy.addr()).await;
+        let mut client = client.ready().await.unwrap();
+        let (response, mut send) = client
+            .send_request(echo_request(proxy.addr(), "ServerStream"), false)
+            .unwrap();
+        send.send_data(ask.clone(), true).unwrap();
+        stalled.push((client, response, send, done));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile, ordinary calls go through, each within its deadline.
+    let mut c = proxy.client().await;
+    let mut ok = 0;
+    for i in 0..20u8 {
+        let mut r = tonic::Request::new(req(&[i]));
+        r.set_timeout(Duration::from_secs(2));
+        match c.unary(r).await {
+            Ok(_) => ok += 1,
+            Err(e) => eprintln!("unary {i}: {e:?}"),
+        }
+    }
+    assert_eq!(ok, 20, "slow readers took capacity from other calls");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_spread_over_upstream_connections_when_one_is_full() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"], max_streams_per_connection: 2, max_connections: 3 }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    ));
+    let c = proxy.client().await;
+    // Eight streams open at once: two per connection, and at most three
+    // connections (the last two calls share them, over the bound).
+    let streams = (0..8).map(|_| {
+        let mut c = c.clone();
+        async move {
+            let mut s = c
+                .server_stream(tollgate_proto::test::v1::EchoRequest {
+                    count: 5,
+                    delay_ms: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut n = 0;
+            while let Some(m) = tokio_stream::StreamExt::next(&mut s).await {
+                m.unwrap();
+                n += 1;
+            }
+            n
+        }
+    });
+    let done = futures::future::join_all(streams).await;
+    assert!(done.iter().all(|n| *n == 5), "{done:?}");
+    let opened = up
+        .seen
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened, 3, "upstream connections opened");
+    // Calls one at a time stay on the connections there are.
+    let mut c = c;
+    for _ in 0..5 {
+        c.unary(req(b"one")).await.unwrap();
+    }
+    assert_eq!(
+        up.seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}
+
+/// A TCP forwarder to `to` whose connections open so far can be frozen:
+/// they stop carrying bytes either way, as a link to a host that died.
+struct Freezer {
+    addr: SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Freezer {
+    async fn start(to: SocketAddr) -> Freezer {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (f, a) = (frozen.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                // Connections up to number `frozen` stop when it is raised.
+                let n = a.fetch_add(1, SeqCst) + 1;
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let server = TcpStream::connect(to).await.unwrap();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pump = |mut r: tokio::net::tcp::OwnedReadHalf,
+                                mut w: tokio::net::tcp::OwnedWriteHalf,
+                                f: std::sync::Arc<std::sync::atomic::AtomicUsize>| async move {
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let Ok(k) = r.read(&mut buf).await else { return };
+                            if k == 0 {
+                                return;
+                            }
+                            while f.load(SeqCst) >= n {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            if w.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(pump(cr, sw, f.clone()), pump(sr, cw, f));
+                });
+            }
+        });
+        Freezer {
+            addr,
+            frozen,
+            accepted,
+        }
+    }
+
+    /// Freezes every connection accepted so far.
+    fn freeze(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.frozen.store(self.accepted.load(SeqCst), SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_answering_pings_is_dropped_and_reconnected() {
+    let up = Upstream::start().await;
+    let link = Freezer::start(up.addr).await;
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"], keepalive: {{ interval: 200ms, timeout: 200ms }} }}\nroutes:\n  - {{ match: {{}}, upstream: echo, name: frozen-link }}\n",
+        link.addr
+    ));
+    let mut c = proxy.client().await;
+    c.unary(req(b"before")).await.unwrap();
+    // A call without a deadline is under way when the link dies silently.
+    let mut s = c
+        .server_stream(tollgate_proto::test::v1::EchoRequest {
+            count: 100,
+            delay_ms: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio_stream::StreamExt::next(&mut s)
+        .await
+        .unwrap()
+        .unwrap();
+    link.freeze();
+    let started = Instant::now();
+    let err = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_stream::StreamExt::next(&mut s),
+        )
+        .await
+        .expect("the call ends: the silent upstream is noticed")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended as if complete"),
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The next call gets a new connection.
+    c.unary(req(b"after")).await.expect("reconnected");
+    let m = proxy.metrics().await;
+    assert!(
+        m.contains("tollgate_upstream_errors_total{kind=\"keepalive\",upstream=\"echo\"} 1"),
+        "{m}"
+    );
 }

@@ -147,9 +147,22 @@ pub struct Upstream {
     /// TLS to the upstream.
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
-    /// HTTP/2 connections per endpoint per worker (calls multiplex on them).
+    /// HTTP/2 connections per endpoint per worker that calls take turns on
+    /// (calls multiplex on them).
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// Most HTTP/2 connections per endpoint per worker: when every one in
+    /// use carries `max_streams_per_connection` calls, another is opened.
+    #[serde(default = "default_upstream_max_connections")]
+    pub max_connections: usize,
+    /// Calls one connection carries before calls go to another (the
+    /// upstream's own SETTINGS_MAX_CONCURRENT_STREAMS, if lower, wins).
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: usize,
+    /// HTTP/2 PINGs while calls are open on a connection: an upstream that
+    /// does not answer within `timeout` is dropped and reconnected.
+    #[serde(default = "default_upstream_keepalive")]
+    pub keepalive: Keepalive,
 }
 
 /// TLS to an upstream.
@@ -560,6 +573,18 @@ fn default_connect_timeout() -> Dur {
 fn default_connections() -> usize {
     1
 }
+fn default_upstream_max_connections() -> usize {
+    8
+}
+fn default_max_streams_per_connection() -> usize {
+    100
+}
+fn default_upstream_keepalive() -> Keepalive {
+    Keepalive {
+        interval: Dur::from_secs(30),
+        timeout: Dur::from_secs(10),
+    }
+}
 fn default_max_concurrent_streams() -> u32 {
     1024
 }
@@ -799,6 +824,19 @@ impl Config {
             if u.connections == 0 || u.connections > 64 {
                 p.add(format!("{at}.connections"), "must be between 1 and 64");
             }
+            if u.max_connections < u.connections || u.max_connections > 64 {
+                p.add(
+                    format!("{at}.max_connections"),
+                    format!("must be between connections ({}) and 64", u.connections),
+                );
+            }
+            if u.max_streams_per_connection == 0 {
+                p.add(
+                    format!("{at}.max_streams_per_connection"),
+                    "must be at least 1",
+                );
+            }
+            check_keepalive(&mut p, &format!("{at}.keepalive"), &u.keepalive);
             if let Some(tls) = &u.tls {
                 check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
             }

@@ -21,6 +21,8 @@ pub struct Seen {
     pub cancelled: AtomicUsize,
     /// Calls that reached the upstream.
     pub calls: AtomicUsize,
+    /// TCP connections the upstream accepted.
+    pub connections: AtomicUsize,
 }
 
 #[derive(Clone)]

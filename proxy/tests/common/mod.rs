@@ -43,15 +43,22 @@ impl Upstream {
         let svc = EchoServer::new(EchoService { seen: seen.clone() })
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
+        let counted = seen.clone();
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |c| {
+                counted
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                c
+            },
+        );
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                }),
         );
         Upstream {
             addr,
