@@ -423,3 +423,53 @@ async fn a_repeated_key_header_can_be_read_first_or_all() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_key_store_refuses_new_keys_when_the_limit_says_closed() {
+    let up = Upstream::start().await;
+    let yaml = config(
+        up.addr,
+        "      - { name: bounded, key: [ { header: x-merchant-id } ], rate: 3/min, algorithm: fixed_window, over_capacity: closed }",
+    )
+    .replace(
+        "limiter: { response_headers: true }",
+        "limiter: { response_headers: true, max_keys: 16 }",
+    );
+    let proxy = Proxy::start(&yaml);
+    let mut c = proxy.client().await;
+    let call = |id: String| {
+        let mut r = tonic::Request::new(req(b"k"));
+        r.metadata_mut()
+            .insert("x-merchant-id", MetadataValue::try_from(id).unwrap());
+        let mut c = c.clone();
+        async move { c.unary(r).await.map(|_| ()) }
+    };
+    let (mut counted, mut refused) = (Vec::new(), 0);
+    for i in 0..100 {
+        match call(format!("k-{i}")).await {
+            Ok(()) => counted.push(i),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(e.message().contains("limiter.max_keys"), "{}", e.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0 && counted.len() <= 16,
+        "{} counted",
+        counted.len()
+    );
+    // The keys that found a place are limited as before.
+    let first = counted[0];
+    call(format!("k-{first}")).await.unwrap();
+    call(format!("k-{first}")).await.unwrap();
+    assert_eq!(
+        call(format!("k-{first}")).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    let m = proxy.metrics().await;
+    let route = format!("lim-{}", up.addr.port());
+    assert!(m.contains(&format!("tollgate_limit_decisions_total{{limit=\"bounded\",outcome=\"over_capacity\",route=\"{route}\"}} {refused}")), "{m}");
+    c.unary(req(b"no key")).await.unwrap();
+}

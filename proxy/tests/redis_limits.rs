@@ -242,3 +242,55 @@ async fn a_flood_of_new_keys_cannot_fill_redis() {
         "over_capacity is counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_beyond_the_bound_can_be_counted_in_process() {
+    // over_capacity: local: a key Redis has no room for here is still
+    // limited, at this replica's share of the limit.
+    let redis = testkit::Redis::start();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n  backend: redis\n  max_keys: 16\n  over_capacity: local\n  replicas: 1\n  redis: {{ url: \"{}\", timeout: 2s }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    limits: [ {{ name: per-merchant, key: [ {{ header: x-merchant-id }} ], rate: 2/min, algorithm: fixed_window }} ]\n",
+        redis.url(),
+        up.addr
+    ));
+    let mut c = proxy.client().await;
+    let call = |id: String| {
+        let mut r = tonic::Request::new(req(b"k"));
+        r.metadata_mut()
+            .insert("x-merchant-id", MetadataValue::try_from(id).unwrap());
+        let mut c = c.clone();
+        async move { c.unary(r).await.map(|_| ()) }
+    };
+    // The bound is one key per shard (16 shards): one key for each shard
+    // fills it. The shard is the key's hash, as tollgate writes the key.
+    let shard = |id: &str| {
+        let key = format!("tollgate.test.v1.Echo/*\u{1f}per-merchant\u{1f}FixedWindow\u{1f}{id}");
+        tollgate::limit::memory::fnv1a(key.as_bytes()) % 16
+    };
+    let mut filled = std::collections::HashSet::new();
+    for i in 0.. {
+        let id = format!("m-{i}");
+        if filled.insert(shard(&id)) {
+            call(id).await.unwrap();
+        }
+        if filled.len() == 16 {
+            break;
+        }
+    }
+    // A new key now finds no place in Redis, and is counted here: two
+    // calls a minute, not three.
+    for n in 0..3 {
+        let r = call("newcomer".to_owned()).await;
+        if n < 2 {
+            r.unwrap_or_else(|e| panic!("call {n}: {e:?}"));
+        } else {
+            assert_eq!(r.unwrap_err().code(), Code::ResourceExhausted);
+        }
+    }
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut con).await.unwrap();
+    assert!((1..=16).contains(&keys), "{keys} keys in Redis");
+    c.unary(req(b"no key")).await.unwrap();
+}

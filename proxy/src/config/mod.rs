@@ -226,6 +226,21 @@ pub enum FailureMode {
     Local,
 }
 
+/// What a limit does with a call whose key finds no place: the store
+/// already holds `limiter.max_keys` other keys (a flood of new key values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverCapacity {
+    /// Let the call through uncounted.
+    #[default]
+    Open,
+    /// Refuse the call with UNAVAILABLE.
+    Closed,
+    /// Redis backends: count it in process at the limit divided by
+    /// `limiter.replicas`, as the `local` failure mode does.
+    Local,
+}
+
 /// The `limiter` block.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -242,10 +257,14 @@ pub struct Limiter {
     #[serde(default)]
     pub response_headers: bool,
     /// Most distinct keys kept in memory, or written to Redis by this
-    /// replica; beyond it, calls with new keys pass uncounted (and are
-    /// counted as `over_capacity`).
+    /// replica; beyond it, calls with new keys take `over_capacity` (and
+    /// are counted as `over_capacity`).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// What limits do with a new key when `max_keys` are held; a limit may
+    /// override it.
+    #[serde(default)]
+    pub over_capacity: OverCapacity,
     /// The Redis connection (backends `redis` and `redis-cluster`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisStore>,
@@ -265,6 +284,7 @@ impl Default for Limiter {
             shadow: false,
             response_headers: false,
             max_keys: default_max_keys(),
+            over_capacity: OverCapacity::default(),
             redis: None,
             failure_mode: FailureMode::default(),
             replicas: default_replicas(),
@@ -373,6 +393,9 @@ pub struct Limit {
     /// When Redis cannot answer (default: `limiter.failure_mode`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<FailureMode>,
+    /// When its key finds no place (default: `limiter.over_capacity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_capacity: Option<OverCapacity>,
 }
 
 /// A part of a limit's key: exactly one of its fields is set, e.g.
@@ -912,7 +935,13 @@ impl Config {
                     p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
                 }
             }
-            check_limits(&mut p, &at, &r.limits, client_certs);
+            check_limits(
+                &mut p,
+                &at,
+                &r.limits,
+                client_certs,
+                self.limiter.backend != Backend::Memory,
+            );
         }
         if self.limiter.max_keys == 0 {
             p.add("limiter.max_keys", "must be at least 1");
@@ -963,7 +992,13 @@ fn header_never_present(h: &str) -> Option<&'static str> {
     }
 }
 
-fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: bool) {
+fn check_limits(
+    p: &mut Problems,
+    route: &str,
+    limits: &[Limit],
+    client_certs: bool,
+    redis_backend: bool,
+) {
     let mut names = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let at = format!("{route}.limits[{i}]");
@@ -1066,6 +1101,12 @@ fn check_limits(p: &mut Problems, route: &str, limits: &[Limit], client_certs: b
                 }
             }
         }
+        if l.over_capacity == Some(OverCapacity::Local) && !redis_backend {
+            p.add(
+                format!("{at}.over_capacity"),
+                "local counts in process when Redis has no room: the memory backend is that process; use open or closed",
+            );
+        }
         if !l.overrides.is_empty() && l.key.is_empty() {
             p.add(
                 format!("{at}.overrides"),
@@ -1106,6 +1147,12 @@ fn check_counter_range(
 fn check_limiter(p: &mut Problems, l: &Limiter, base: Option<&Path>) {
     if l.replicas == 0 {
         p.add("limiter.replicas", "must be at least 1");
+    }
+    if l.backend == Backend::Memory && l.over_capacity == OverCapacity::Local {
+        p.add(
+            "limiter.over_capacity",
+            "local counts in process when Redis has no room: the memory backend is that process; use open or closed",
+        );
     }
     let Some(r) = &l.redis else {
         if l.backend != Backend::Memory {

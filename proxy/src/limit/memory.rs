@@ -2,12 +2,14 @@
 //! kept per key in sharded maps; a call's limits are decided under their
 //! shards' locks and committed only if none rejects.
 
-use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard};
 
 use tokio::time::Instant;
 
 use super::algorithm::{Decision, Params, State};
-use super::shards::{Expiring, Shards};
+use super::shards::{Expiring, Shard, Shards};
+
+type Map = Shard<Arc<str>, Entry>;
 
 struct Entry {
     state: State,
@@ -64,7 +66,7 @@ pub enum Answer {
 
 /// In-process limit state.
 pub struct MemoryStore {
-    shards: Shards<String, Entry>,
+    shards: Shards<Arc<str>, Entry>,
     epoch: Instant,
 }
 
@@ -77,6 +79,11 @@ impl MemoryStore {
             shards: Shards::new(max_keys),
             epoch: Instant::now(),
         }
+    }
+
+    /// Changes the bound on keys (a reload).
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.shards.set_max_keys(max_keys);
     }
 
     /// Now, in microseconds on this store's clock (tokio's, so tests can
@@ -100,12 +107,12 @@ impl MemoryStore {
         }
         let mut shard_ids: Vec<usize> = checks
             .iter()
-            .map(|c| Shards::<String, Entry>::index(c.hash))
+            .map(|c| Shards::<Arc<str>, Entry>::index(c.hash))
             .collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
         // Locks in index order: two calls cannot deadlock.
-        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, HashMap<String, Entry>>)> = shard_ids
+        let mut guards: Vec<(usize, MutexGuard<'_, Map>)> = shard_ids
             .iter()
             .filter_map(|&i| self.shards.lock(i).map(|g| (i, g)))
             .collect();
@@ -113,7 +120,7 @@ impl MemoryStore {
         let mut next_states = Vec::with_capacity(checks.len());
         let mut commit = true;
         for c in checks {
-            let i = Shards::<String, Entry>::index(c.hash);
+            let i = Shards::<Arc<str>, Entry>::index(c.hash);
             let decided = guards
                 .iter_mut()
                 .find(|(j, _)| *j == i)
@@ -132,7 +139,7 @@ impl MemoryStore {
         if commit {
             for (c, state) in checks.iter().zip(next_states) {
                 let Some(state) = state else { continue };
-                let i = Shards::<String, Entry>::index(c.hash);
+                let i = Shards::<Arc<str>, Entry>::index(c.hash);
                 if let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) {
                     store(map, c, state, now);
                 }
@@ -143,7 +150,7 @@ impl MemoryStore {
 
     /// One limit: one lock, no bookkeeping for the others.
     fn decide_one(&self, c: &Check, now: u64) -> Answer {
-        let Some(mut map) = self.shards.lock(Shards::<String, Entry>::index(c.hash)) else {
+        let Some(mut map) = self.shards.lock(Shards::<Arc<str>, Entry>::index(c.hash)) else {
             return Answer::OverCapacity;
         };
         match self.decide_in(&mut map, c, now) {
@@ -159,17 +166,12 @@ impl MemoryStore {
 
     /// The decision for `c` in its (locked) shard, and the state to keep if
     /// the call goes on; `None` when the shard has no room for a new key.
-    fn decide_in(
-        &self,
-        map: &mut HashMap<String, Entry>,
-        c: &Check,
-        now: u64,
-    ) -> Option<(Decision, State)> {
-        if !self.shards.room_for(map, &c.key, now) {
+    fn decide_in(&self, map: &mut Map, c: &Check, now: u64) -> Option<(Decision, State)> {
+        if !self.shards.room_for(map, c.key.as_str(), now) {
             return None;
         }
         let current = map
-            .get(&c.key)
+            .get(c.key.as_str())
             .filter(|e| e.expires > now)
             .map(|e| &e.state);
         Some(c.params.decide(current, now, c.cost))
@@ -177,14 +179,14 @@ impl MemoryStore {
 }
 
 /// Keeps a key's new state, in place when the key is known.
-fn store(map: &mut HashMap<String, Entry>, c: &Check, state: State, now: u64) {
+fn store(map: &mut Map, c: &Check, state: State, now: u64) {
     let expires = now + c.params.ttl_micros();
-    match map.get_mut(&c.key) {
-        Some(e) => *e = Entry { state, expires },
-        None => {
-            map.insert(c.key.clone(), Entry { state, expires });
-        }
-    }
+    map.put(
+        c.key.as_str(),
+        || Arc::from(c.key.as_str()),
+        Entry { state, expires },
+        now,
+    );
 }
 
 /// FNV-1a: a stable hash for shard choice and for shortening long keys.

@@ -214,13 +214,13 @@ impl KeyGate {
     }
 
     fn admit(&self, hash: u64, ttl_micros: u64, now: u64) -> bool {
-        let Some(mut map) = self.seen.lock(Shards::<u64, u64>::index(hash)) else {
+        let Some(mut shard) = self.seen.lock(Shards::<u64, u64>::index(hash)) else {
             return false;
         };
-        if !self.seen.room_for(&mut map, &hash, now) {
+        if !self.seen.room_for(&mut shard, &hash, now) {
             return false;
         }
-        map.insert(hash, now + ttl_micros);
+        shard.put(&hash, || hash, now + ttl_micros, now);
         true
     }
 }

@@ -19,7 +19,9 @@ use super::memory::{fnv1a, Answer, Check, MemoryStore};
 use super::rate::Rate;
 use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Rejection};
-use crate::config::{self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing, Repeated};
+use crate::config::{
+    self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing, OverCapacity, Repeated,
+};
 use crate::grpc::status::Code;
 use crate::metrics;
 
@@ -83,6 +85,7 @@ struct Compiled {
     shadow: bool,
     on_missing: OnMissing,
     failure_mode: FailureMode,
+    over_capacity: OverCapacity,
     outcomes: Outcomes,
 }
 
@@ -97,8 +100,12 @@ enum Outcome {
     FailedOpen,
     /// Redis could not; the limit refuses calls.
     FailedClosed,
-    /// The in-process store is full of other keys.
+    /// The store is full of other keys: the limit's over-capacity policy
+    /// applies.
     OverCapacity,
+    /// Redis has no room for the key here; decided in process at the limit
+    /// / replicas (`over_capacity: local`).
+    OverCapacityLocal(Decision),
 }
 
 /// The limits of one route.
@@ -170,6 +177,7 @@ impl RouteLimits {
                     local_fallback: m.limit_decision(route, &l.name, "local_fallback"),
                 },
                 failure_mode: l.failure_mode.unwrap_or(limiter.failure_mode),
+                over_capacity: l.over_capacity.unwrap_or(limiter.over_capacity),
                 name: l.name.clone(),
                 key_prefix: format!("{route}\u{1f}{}\u{1f}{:?}\u{1f}", l.name, params.algorithm),
                 rate,
@@ -398,32 +406,43 @@ impl RouteLimits {
                 FailureMode::Open => Outcome::FailedOpen,
                 FailureMode::Closed => Outcome::FailedClosed,
                 FailureMode::Local => {
-                    let c = &checks[j];
-                    let mut params = c.params;
-                    params.rate.limit = (params.rate.limit / self.replicas).max(1);
-                    if let Some(b) = params.burst {
-                        params.burst = Some((b / self.replicas).max(1));
-                    }
-                    local.push(Check::new(
-                        format!("local\u{1f}{}", c.key),
-                        params,
-                        c.cost,
-                        c.shadow,
-                    ));
+                    local.push(self.local_check(&checks[j]));
                     local_at.push(j);
                     Outcome::OverCapacity
                 }
             })
             .collect();
-        if !local.is_empty() {
-            for (j, a) in local_at.into_iter().zip(self.stores.memory.decide(&local)) {
-                out[j] = match a {
-                    Answer::Decided(d) => Outcome::Local(d),
-                    Answer::OverCapacity => Outcome::OverCapacity,
-                };
-            }
+        for (j, d) in local_at.into_iter().zip(self.decide_local(&local)) {
+            out[j] = d.map_or(Outcome::OverCapacity, Outcome::Local);
         }
         out
+    }
+
+    /// `c` as this replica counts it alone: its share of the limit, under a
+    /// key of its own.
+    fn local_check(&self, c: &Check) -> Check {
+        let mut params = c.params;
+        params.rate.limit = (params.rate.limit / self.replicas).max(1);
+        if let Some(b) = params.burst {
+            params.burst = Some((b / self.replicas).max(1));
+        }
+        Check::new(format!("local\u{1f}{}", c.key), params, c.cost, c.shadow)
+    }
+
+    /// Decides `checks` in process; `None` for one that found no place.
+    fn decide_local(&self, checks: &[Check]) -> Vec<Option<Decision>> {
+        if checks.is_empty() {
+            return Vec::new();
+        }
+        self.stores
+            .memory
+            .decide(checks)
+            .into_iter()
+            .map(|a| match a {
+                Answer::Decided(d) => Some(d),
+                Answer::OverCapacity => None,
+            })
+            .collect()
     }
 
     /// The call's fate from its limits' outcomes (in the order of `which`).
@@ -435,13 +454,21 @@ impl RouteLimits {
     ) -> Result<Option<HeaderMap>, Box<Rejection>> {
         let mut refusal: Option<(&Compiled, Decision)> = None;
         let mut closed: Option<&Compiled> = None;
+        let mut full: Option<&Compiled> = None;
         let mut tightest: Option<Decision> = None;
         for (outcome, &i) in outcomes.into_iter().zip(which) {
             let l = &self.limits[i];
             let d = match outcome {
                 Outcome::OverCapacity => {
                     l.outcomes.over_capacity.inc();
+                    if l.over_capacity == OverCapacity::Closed && !l.shadow {
+                        full.get_or_insert(l);
+                    }
                     continue;
+                }
+                Outcome::OverCapacityLocal(d) => {
+                    l.outcomes.over_capacity.inc();
+                    d
                 }
                 Outcome::FailedOpen => {
                     l.outcomes.failed_open.inc();
@@ -481,6 +508,9 @@ impl RouteLimits {
         if let Some(l) = closed {
             return Err(Box::new(unavailable(l, error)));
         }
+        if let Some(l) = full {
+            return Err(Box::new(no_room(l)));
+        }
         match refusal {
             Some((l, d)) => Err(Box::new(rejection(l, d))),
             None => Ok(tightest
@@ -508,43 +538,68 @@ impl LimitStep for RouteLimits {
             return Box::pin(std::future::ready(r));
         };
         let (mut checks, mut which) = (checks, which);
-        // Keys this replica may not write to Redis go uncounted.
+        // Keys this replica may not write to Redis take their limit's
+        // over-capacity policy: decided in process now (`local`), or
+        // concluded with the others (`open`, `closed`).
         let now = redis.key_clock();
         let mut kept = 0;
+        let (mut beyond, mut beyond_at) = (Vec::new(), Vec::new());
+        let mut local = Vec::new();
         for j in 0..checks.len() {
             if redis.admit(&checks[j], now) {
                 checks.swap(kept, j);
                 which.swap(kept, j);
                 kept += 1;
-            } else {
-                self.limits[which[j]].outcomes.over_capacity.inc();
+                continue;
+            }
+            beyond_at.push(which[j]);
+            match self.limits[which[j]].over_capacity {
+                OverCapacity::Local => {
+                    local.push(self.local_check(&checks[j]));
+                    beyond.push(Outcome::OverCapacity);
+                }
+                OverCapacity::Open | OverCapacity::Closed => beyond.push(Outcome::OverCapacity),
             }
         }
         checks.truncate(kept);
         which.truncate(kept);
-        if checks.is_empty() {
-            return Box::pin(std::future::ready(Ok(None)));
+        if !local.is_empty() {
+            let mut decided = self.decide_local(&local).into_iter();
+            for (o, &i) in beyond.iter_mut().zip(&beyond_at) {
+                if self.limits[i].over_capacity == OverCapacity::Local {
+                    if let Some(Some(d)) = decided.next() {
+                        *o = Outcome::OverCapacityLocal(d);
+                    }
+                }
+            }
         }
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(self.conclude(&beyond_at, beyond, None)));
+        }
+        which.extend_from_slice(&beyond_at);
         Box::pin(async move {
             let r = match redis
                 .decide(call.worker, checks, None, self.response_headers)
                 .await
             {
-                Ok(decisions) => {
-                    self.conclude(&which, decisions.into_iter().map(Outcome::Decided), None)
-                }
+                Ok(decisions) => self.conclude(
+                    &which,
+                    decisions.into_iter().map(Outcome::Decided).chain(beyond),
+                    None,
+                ),
                 Err(e) => {
                     // The checks went to Redis: built again for the failure
                     // modes, for the limits that were asked.
+                    let asked = &which[..which.len() - beyond_at.len()];
                     let (checks, all) = self.checks(&call, false).unwrap_or_default();
                     let checks: Vec<Check> = checks
                         .into_iter()
                         .zip(all)
-                        .filter(|(_, i)| which.contains(i))
+                        .filter(|(_, i)| asked.contains(i))
                         .map(|(c, _)| c)
                         .collect();
-                    let outcomes = self.fail_over(&checks, &which);
-                    self.conclude(&which, outcomes, Some(&e))
+                    let outcomes = self.fail_over(&checks, asked);
+                    self.conclude(&which, outcomes.into_iter().chain(beyond), Some(&e))
                 }
             };
             redis.duration().observe(start.elapsed().as_secs_f64());
@@ -705,6 +760,18 @@ fn details_header(
         headers.insert("grpc-status-details-bin", v);
     }
     headers
+}
+
+/// A call whose key found no place while the limit says `closed`.
+fn no_room(l: &Compiled) -> Rejection {
+    Rejection {
+        code: Code::Unavailable,
+        message: format!(
+            "rate limit {:?} cannot count this key: tollgate holds as many keys as limiter.max_keys allows; retry shortly",
+            l.name
+        ),
+        headers: HeaderMap::new(),
+    }
 }
 
 fn rejection(l: &Compiled, d: Decision) -> Rejection {
