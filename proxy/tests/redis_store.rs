@@ -382,3 +382,60 @@ async fn a_probe_whose_caller_gave_up_never_keeps_the_breaker_open() {
     .await;
     assert!(back[0].allowed);
 }
+
+#[tokio::test]
+async fn a_large_cost_in_the_sliding_log_is_one_entry_not_one_per_unit() {
+    let redis = testkit::Redis::shared();
+    let prefix = unique("zlog");
+    let limiter = Limiter {
+        backend: Backend::Redis,
+        redis: Some(RedisSettings {
+            url: Some(redis.url().into()),
+            timeout: Dur(Duration::from_secs(2)),
+            key_prefix: prefix.clone(),
+            ..RedisSettings::default()
+        }),
+        ..Limiter::default()
+    };
+    let store = RedisStore::new(&limiter, 1, None).unwrap();
+    let log = Params {
+        rate: Rate {
+            limit: 1_000_000,
+            period: Duration::from_secs(60),
+        },
+        burst: None,
+        algorithm: Algorithm::SlidingWindowLog,
+    };
+    let d = store
+        .decide(0, vec![check("big", 1, log, 900_000, false)], None, true)
+        .await
+        .unwrap();
+    assert!(d[0].allowed);
+    assert_eq!(d[0].remaining, 100_000);
+    for _ in 0..50 {
+        let d = store
+            .decide(0, vec![check("big", 1, log, 1, false)], None, true)
+            .await
+            .unwrap();
+        assert!(d[0].allowed);
+    }
+    let d = store
+        .decide(0, vec![check("big", 1, log, 100_000, false)], None, true)
+        .await
+        .unwrap();
+    assert!(!d[0].allowed, "900,050 used: 100,000 more do not fit");
+    assert_eq!(d[0].remaining, 99_950);
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    let members: u64 = redis::cmd("ZCARD")
+        .arg(format!("{prefix}:{{0000000000000001}}:big"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    // 51 admissions within one grain (60 s / 1024) of each other or not:
+    // at most one entry each, never one per unit.
+    assert!(
+        (1..=51).contains(&members),
+        "{members} entries for 900,050 units"
+    );
+}

@@ -57,6 +57,17 @@ pub struct Decision {
     pub retry_after_micros: u64,
 }
 
+/// A decision and the state a call keeps.
+trait MapNext {
+    fn map_next(self) -> (Decision, Next);
+}
+
+impl MapNext for (Decision, State) {
+    fn map_next(self) -> (Decision, Next) {
+        (self.0, Next::State(self.1))
+    }
+}
+
 /// A limit's state for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
@@ -77,12 +88,41 @@ pub enum State {
         /// Units in the previous window.
         previous: u64,
     },
-    /// Sliding log: (time, units) of every admission still in the window.
-    Log(VecDeque<(u64, u64)>),
+    /// Sliding log: (time, units) of the admissions still in the window,
+    /// admissions within [`LOG_GRAIN`] of a period of each other merged
+    /// into one (at the later time), and their sum.
+    Log {
+        /// (time, units), oldest first.
+        entries: VecDeque<(u64, u64)>,
+        /// Units in `entries`.
+        used: u64,
+    },
     /// GCRA: the theoretical arrival time of the next unit.
     Gcra {
         /// Theoretical arrival time.
         tat: u64,
+    },
+}
+
+/// The sliding log keeps at most about this many entries per key: an
+/// admission within 1/LOG_GRAIN of a period of the newest one joins it, at
+/// the later time. Units then leave the window up to that much late (never
+/// early: the log admits no more than the limit in any window), and one
+/// large-cost call is one entry, not one per unit.
+pub const LOG_GRAIN: u64 = 1024;
+
+/// What a decision keeps if its call goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// This state replaces the key's.
+    State(State),
+    /// The sliding log takes `cost` more units at `at` (in place: no copy
+    /// of the log per decision).
+    Log {
+        /// The time of the admission.
+        at: u64,
+        /// Its units.
+        cost: u64,
     },
 }
 
@@ -98,14 +138,42 @@ impl Params {
     }
 
     /// Decides a call of `cost` units at `now` against `state` (`None`: a key
-    /// never seen). Returns the decision and the state to keep if the call
-    /// goes on; a rejected call leaves the state as it was.
-    pub fn decide(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+    /// never seen). Returns the decision and what to keep if the call goes
+    /// on ([`Params::keep`]); a rejected call changes nothing that matters
+    /// (the log drops the admissions that have left its window, in place).
+    pub fn decide(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
         match self.algorithm {
-            Algorithm::FixedWindow => self.fixed(state, now, cost),
-            Algorithm::SlidingWindowCounter => self.counter(state, now, cost),
-            Algorithm::SlidingWindowLog => self.log(state, now, cost),
-            Algorithm::Gcra => self.gcra(state, now, cost),
+            Algorithm::FixedWindow => self.fixed(state.as_deref(), now, cost),
+            Algorithm::SlidingWindowCounter => self.counter(state.as_deref(), now, cost),
+            Algorithm::SlidingWindowLog => return self.log(state, now, cost),
+            Algorithm::Gcra => self.gcra(state.as_deref(), now, cost),
+        }
+        .map_next()
+    }
+
+    /// Applies what an allowed call keeps to its key's state.
+    pub fn keep(&self, state: &mut Option<State>, next: Next) {
+        match next {
+            Next::State(s) => *state = Some(s),
+            Next::Log { at, cost } => match state {
+                Some(State::Log { entries, used }) => {
+                    *used = used.saturating_add(cost);
+                    let grain = self.rate.period_micros() / LOG_GRAIN;
+                    match entries.back_mut() {
+                        Some(newest) if at.saturating_sub(newest.0) < grain => {
+                            newest.0 = newest.0.max(at);
+                            newest.1 += cost;
+                        }
+                        _ => entries.push_back((at, cost)),
+                    }
+                }
+                _ => {
+                    *state = Some(State::Log {
+                        entries: VecDeque::from([(at, cost)]),
+                        used: cost,
+                    })
+                }
+            },
         }
     }
 
@@ -202,17 +270,23 @@ impl Params {
         )
     }
 
-    fn log(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+    fn log(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
         let period = self.rate.period_micros();
         let limit = self.rate.limit;
-        let mut entries = match state {
-            Some(State::Log(e)) => e.clone(),
-            _ => VecDeque::new(),
+        let mut none = VecDeque::new();
+        let mut zero = 0;
+        let (entries, used) = match state {
+            Some(State::Log { entries, used }) => (entries, used),
+            _ => (&mut none, &mut zero),
         };
-        while entries.front().is_some_and(|(t, _)| t + period <= now) {
+        while let Some(&(t, c)) = entries.front() {
+            if t + period > now {
+                break;
+            }
             entries.pop_front();
+            *used = used.saturating_sub(c);
         }
-        let used: u64 = entries.iter().map(|(_, c)| c).sum();
+        let used = *used;
         let allowed = used.saturating_add(cost) <= limit;
         let retry = if allowed {
             0
@@ -222,7 +296,7 @@ impl Params {
             // The earliest time enough old admissions have left the window.
             let mut freed = 0;
             let mut at = now + period;
-            for (t, c) in &entries {
+            for (t, c) in entries.iter() {
                 freed += c;
                 if used - freed + cost <= limit {
                     at = t + period;
@@ -231,11 +305,13 @@ impl Params {
             }
             at - now
         };
-        if allowed {
-            entries.push_back((now, cost));
-        }
+        let oldest = entries.front().map(|(t, _)| *t);
         let used = if allowed { used + cost } else { used };
-        let reset = entries.front().map_or(0, |(t, _)| t + period - now);
+        let reset = match (oldest, allowed) {
+            (Some(t), _) => t + period - now,
+            (None, true) => period,
+            (None, false) => 0,
+        };
         (
             Decision {
                 allowed,
@@ -244,7 +320,7 @@ impl Params {
                 reset_micros: reset,
                 retry_after_micros: retry,
             },
-            State::Log(entries),
+            Next::Log { at: now, cost },
         )
     }
 

@@ -241,7 +241,7 @@ mod tests {
         for case in cases() {
             let mut state: Option<State> = None;
             for (i, step) in case.steps.iter().enumerate() {
-                let (d, next) = case.params.decide(state.as_ref(), step.at, step.cost);
+                let (d, next) = case.params.decide(state.as_mut(), step.at, step.cost);
                 assert_eq!(
                     d.allowed, step.allowed,
                     "{} ({:?}) step {i}: {d:?}",
@@ -258,7 +258,7 @@ mod tests {
                 }
                 if d.allowed {
                     assert_eq!(d.retry_after_micros, 0);
-                    state = Some(next);
+                    case.params.keep(&mut state, next);
                 } else {
                     assert!(
                         d.retry_after_micros > 0,
@@ -278,14 +278,14 @@ mod tests {
             let mut state = None;
             let mut now = 5 * S + 123_456;
             for _ in 0..3 {
-                let (d, s) = p.decide(state.as_ref(), now, 1);
+                let (d, next) = p.decide(state.as_mut(), now, 1);
                 assert!(d.allowed);
-                state = Some(s);
+                p.keep(&mut state, next);
                 now += 1_000;
             }
-            let (d, _) = p.decide(state.as_ref(), now, 1);
+            let (d, _) = p.decide(state.as_mut(), now, 1);
             assert!(!d.allowed, "{a:?}");
-            let (d, _) = p.decide(state.as_ref(), now + d.retry_after_micros, 1);
+            let (d, _) = p.decide(state.as_mut(), now + d.retry_after_micros, 1);
             assert!(d.allowed, "{a:?}: still refused after the retry delay");
         }
     }
@@ -293,9 +293,43 @@ mod tests {
     #[test]
     fn remaining_counts_down_and_reset_is_within_a_period() {
         let p = params(Algorithm::FixedWindow, 3, 1, None);
-        let (d1, s) = p.decide(None, 10 * S + 250_000, 1);
+        let (d1, next) = p.decide(None, 10 * S + 250_000, 1);
         assert_eq!((d1.limit, d1.remaining, d1.reset_micros), (3, 2, 750_000));
-        let (d2, _) = p.decide(Some(&s), 10 * S + 250_001, 1);
+        let mut state = None;
+        p.keep(&mut state, next);
+        let (d2, _) = p.decide(state.as_mut(), 10 * S + 250_001, 1);
         assert_eq!(d2.remaining, 1);
+    }
+
+    #[test]
+    fn the_sliding_log_holds_about_one_entry_per_grain_and_one_per_large_call() {
+        use crate::limit::algorithm::{State, LOG_GRAIN};
+        // 1,000,000 per minute, a call every 100 µs for a whole minute: an
+        // entry per call would be 600,000; merged within a grain, about
+        // LOG_GRAIN.
+        let p = params(Algorithm::SlidingWindowLog, 1_000_000, 60, None);
+        let mut state = None;
+        let mut now = 10 * S;
+        for _ in 0..6_000_000 / 10 {
+            let (d, next) = p.decide(state.as_mut(), now, 1);
+            assert!(d.allowed);
+            p.keep(&mut state, next);
+            now += 100;
+        }
+        let Some(State::Log { entries, used }) = &state else {
+            panic!("{state:?}")
+        };
+        assert_eq!(*used, 600_000);
+        assert!(
+            entries.len() as u64 <= LOG_GRAIN + 1,
+            "{} entries",
+            entries.len()
+        );
+        // One call of 400,000 units is one entry.
+        let (d, next) = p.decide(state.as_mut(), now + 1_000_000, 400_000);
+        assert!(d.allowed);
+        p.keep(&mut state, next);
+        let (d, _) = p.decide(state.as_mut(), now + 1_000_001, 1);
+        assert!(!d.allowed, "the limit is full");
     }
 }

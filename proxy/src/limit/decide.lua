@@ -37,7 +37,11 @@
 --
 -- State per key: fixed window a string "window start:count"; sliding
 -- counter "window start:current:previous"; sliding log a sorted set with
--- one member per unit, scored by its time; gcra a string holding the
+-- one member per admission, "cum:units:time", scored by cum, the units
+-- admitted so far with it (units only grow with time, so the lowest
+-- scores are the oldest; the units in the window are the newest cum less
+-- the oldest's, plus its units; admissions within period / 1024 of the
+-- newest are merged into it, as in algorithm.rs); gcra a string holding the
 -- theoretical arrival time. The string states of a batch are read with one
 -- MGET, parsed once into numbers, and each written once at the end with one
 -- SET (a Redis call from Lua costs more than the decisions). Redis (5 and
@@ -126,6 +130,8 @@ local pk, pa, pb, pc, pt = {}, {}, {}, {}, {}
 -- Figures of the call's limits, answered unless all allow unasked.
 local fa, fl, fr, fs, fy = {}, {}, {}, {}, {}
 local dirty = {}
+-- The period of each sliding log key decided (its commits merge by it).
+local logs = {}
 local out = {}
 local n = 0
 
@@ -199,33 +205,59 @@ for _ = 1, calls do
 
     elseif algorithm == 3 then
       local key = KEYS[ki]
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
-      local used = redis.call('ZCARD', key)
+      logs[ki] = period
+      -- Drop the entries that have left the window, oldest first, a few
+      -- at a time (each entry goes once: amortised O(1) per call).
+      local ftime, fcum, fcost
+      while true do
+        local head = redis.call('ZRANGE', key, 0, 31, 'WITHSCORES')
+        local gone = 0
+        for i = 1, #head, 2 do
+          local c, t = string.match(head[i], '^%d+:(%d+):(%d+)$')
+          t = tonumber(t)
+          if t + period > now then
+            ftime, fcum, fcost = t, tonumber(head[i + 1]), tonumber(c)
+            break
+          end
+          gone = gone + 1
+        end
+        if gone > 0 then
+          redis.call('ZREMRANGEBYRANK', key, 0, gone - 1)
+        end
+        if ftime or gone < 32 then
+          break
+        end
+      end
+      local used, ncum = 0, 0
+      if ftime then
+        ncum = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+        used = ncum - fcum + fcost
+      end
       allowed = used + cost <= limit
       if allowed then
         retry = 0
       elseif cost > limit then
         retry = period
       else
-        -- The member whose leaving makes room: enough of the oldest units
-        -- must slide out of the window.
-        local e = redis.call('ZRANGE', key, used + cost - limit - 1, used + cost - limit - 1, 'WITHSCORES')
-        retry = tonumber(e[2]) + period - now
-      end
-      local oldest
-      if used > 0 then
-        oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
-      elseif allowed then
-        oldest = now
+        -- The entry whose leaving makes room: the units after it, and
+        -- this call's, fit in the limit.
+        local m = redis.call('ZRANGEBYSCORE', key, int(ncum + cost - limit), '+inf', 'LIMIT', 0, 1)
+        retry = tonumber(string.match(m[1], ':(%d+)$')) + period - now
       end
       if allowed then
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, used, cost, 0, ttl
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, cost, 0, 0, ttl
         used = used + cost
       end
       shown = limit
       remaining = math.max(0, limit - used)
-      reset = oldest and (oldest + period - now) or 0
+      if ftime then
+        reset = ftime + period - now
+      elseif allowed then
+        reset = period
+      else
+        reset = 0
+      end
 
     else
       local tau = emission * capacity
@@ -276,20 +308,22 @@ for _ = 1, calls do
     for i = 1, np do
       local ki = pk[i]
       if alg[ki] == 3 then
-        -- Members are unique: at one instant the count only grows.
-        local key, used, cost = KEYS[ki], pa[i], pb[i]
-        local args = {}
-        for j = 1, cost do
-          args[#args + 1] = now
-          args[#args + 1] = int(now) .. ':' .. int(used + j)
-          if #args >= 2000 then
-            redis.call('ZADD', key, unpack(args))
-            args = {}
+        -- One entry per call, or merged into the newest when that one is
+        -- less than a grain (period / 1024) older, at the later time.
+        local key, cost = KEYS[ki], pa[i]
+        local grain = math.floor(logs[ki] / 1024)
+        local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+        local cum, units, at = cost, cost, now
+        if #last > 0 then
+          local lc, lt = string.match(last[1], '^%d+:(%d+):(%d+)$')
+          lc, lt = tonumber(lc), tonumber(lt)
+          cum = tonumber(last[2]) + cost
+          if now - lt < grain then
+            redis.call('ZREM', key, last[1])
+            units, at = lc + cost, math.max(lt, now)
           end
         end
-        if #args > 0 then
-          redis.call('ZADD', key, unpack(args))
-        end
+        redis.call('ZADD', key, cum, int(cum) .. ':' .. int(units) .. ':' .. int(at))
         redis.call('PEXPIRE', key, ttl_ms(pt[i]))
       else
         sa[ki], sb[ki], sc[ki] = pa[i], pb[i], pc[i]

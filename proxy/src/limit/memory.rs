@@ -6,7 +6,7 @@ use std::sync::{Arc, MutexGuard};
 
 use tokio::time::Instant;
 
-use super::algorithm::{Decision, Params, State};
+use super::algorithm::{Decision, Next, Params, State};
 use super::shards::{Expiring, Shard, Shards};
 
 type Map = Shard<Arc<str>, Entry>;
@@ -125,7 +125,7 @@ impl MemoryStore {
                 .iter_mut()
                 .find(|(j, _)| *j == i)
                 .and_then(|(_, map)| self.decide_in(map, c, now));
-            let Some((d, state)) = decided else {
+            let Some((d, next)) = decided else {
                 answers.push(Answer::OverCapacity);
                 next_states.push(None);
                 continue;
@@ -134,14 +134,14 @@ impl MemoryStore {
                 commit = false;
             }
             answers.push(Answer::Decided(d));
-            next_states.push(d.allowed.then_some(state));
+            next_states.push(d.allowed.then_some(next));
         }
         if commit {
-            for (c, state) in checks.iter().zip(next_states) {
-                let Some(state) = state else { continue };
+            for (c, next) in checks.iter().zip(next_states) {
+                let Some(next) = next else { continue };
                 let i = Shards::<Arc<str>, Entry>::index(c.hash);
                 if let Some((_, map)) = guards.iter_mut().find(|(j, _)| *j == i) {
-                    store(map, c, state, now);
+                    store(map, c, next, now);
                 }
             }
         }
@@ -154,9 +154,9 @@ impl MemoryStore {
             return Answer::OverCapacity;
         };
         match self.decide_in(&mut map, c, now) {
-            Some((d, state)) => {
+            Some((d, next)) => {
                 if d.allowed {
-                    store(&mut map, c, state, now);
+                    store(&mut map, c, next, now);
                 }
                 Answer::Decided(d)
             }
@@ -164,22 +164,29 @@ impl MemoryStore {
         }
     }
 
-    /// The decision for `c` in its (locked) shard, and the state to keep if
+    /// The decision for `c` in its (locked) shard, and what to keep if
     /// the call goes on; `None` when the shard has no room for a new key.
-    fn decide_in(&self, map: &mut Map, c: &Check, now: u64) -> Option<(Decision, State)> {
+    fn decide_in(&self, map: &mut Map, c: &Check, now: u64) -> Option<(Decision, Next)> {
         if !self.shards.room_for(map, c.key.as_str(), now) {
             return None;
         }
         let current = map
-            .get(c.key.as_str())
+            .get_mut(c.key.as_str())
             .filter(|e| e.expires > now)
-            .map(|e| &e.state);
+            .map(|e| &mut e.state);
         Some(c.params.decide(current, now, c.cost))
     }
 }
 
-/// Keeps a key's new state, in place when the key is known.
-fn store(map: &mut Map, c: &Check, state: State, now: u64) {
+/// Keeps what an allowed call leaves: the key's state, changed in place
+/// (a sliding log is moved, never copied).
+fn store(map: &mut Map, c: &Check, next: Next, now: u64) {
+    let mut state = map
+        .get_mut(c.key.as_str())
+        .filter(|e| e.expires > now)
+        .map(|e| std::mem::replace(&mut e.state, State::Gcra { tat: 0 }));
+    c.params.keep(&mut state, next);
+    let Some(state) = state else { return };
     let expires = now + c.params.ttl_micros();
     map.put(
         c.key.as_str(),

@@ -111,13 +111,24 @@ fn per_shard(max_keys: usize) -> usize {
 }
 
 impl<K: Eq + Hash + Ord + Clone, V: Expiring> Shard<K, V> {
-    /// The value of `key`, if held.
+    /// The value of `key`, if held (tests).
+    #[cfg(test)]
     pub(crate) fn get<Q>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
         Q: Eq + Hash + ?Sized,
     {
         self.map.get(key).map(|s| &s.value)
+    }
+
+    /// The value of `key`, if held, to change in place (its expiry must
+    /// not change: [`Shard::put`] a new value for that).
+    pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
+        self.map.get_mut(key).map(|s| &mut s.value)
     }
 
     /// Sets `key`'s value at `now` (`make_key` makes the owned key when it

@@ -120,6 +120,18 @@ pub struct RouteLimits {
     memory_duration: Histogram,
 }
 
+/// The algorithm's name in its keys. The sliding log's state changed
+/// shape (one entry per admission, not per unit): its keys carry a version,
+/// so a replica of an older build never reads a log of the new shape.
+fn key_label(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::FixedWindow => "FixedWindow",
+        Algorithm::SlidingWindowCounter => "SlidingWindowCounter",
+        Algorithm::SlidingWindowLog => "SlidingWindowLog.2",
+        Algorithm::Gcra => "Gcra",
+    }
+}
+
 fn algorithm(a: AlgorithmName) -> Algorithm {
     match a {
         AlgorithmName::SlidingWindowLog => Algorithm::SlidingWindowLog,
@@ -179,7 +191,11 @@ impl RouteLimits {
                 failure_mode: l.failure_mode.unwrap_or(limiter.failure_mode),
                 over_capacity: l.over_capacity.unwrap_or(limiter.over_capacity),
                 name: l.name.clone(),
-                key_prefix: format!("{route}\u{1f}{}\u{1f}{:?}\u{1f}", l.name, params.algorithm),
+                key_prefix: format!(
+                    "{route}\u{1f}{}\u{1f}{}\u{1f}",
+                    l.name,
+                    key_label(params.algorithm)
+                ),
                 rate,
                 key: l
                     .key
