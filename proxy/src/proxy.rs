@@ -119,7 +119,9 @@ impl Worker {
             return Arc::new(Pool::new(spec.clone()));
         };
         if let Some(p) = pools.get(&spec.name) {
-            if Arc::ptr_eq(p.spec(), spec) || p.spec().config == spec.config {
+            if Arc::ptr_eq(p.spec(), spec)
+                || (p.spec().config == spec.config && p.spec().files == spec.files)
+            {
                 return p.clone();
             }
         }

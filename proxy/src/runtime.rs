@@ -16,6 +16,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, Env, ProcessEnv};
+use crate::limit::redis::RedisStore;
 use crate::metrics;
 use crate::proxy::{self, Active, Shared};
 use crate::server::{self, TlsState};
@@ -85,19 +86,23 @@ pub fn load(
     };
     let redis = match (&config.limiter.redis, config.limiter.backend) {
         (_, crate::config::Backend::Memory) | (None, _) => None,
-        (Some(r), backend) => {
+        (Some(_), _) => {
+            let settings = RedisStore::settings_of(&config.limiter, base);
             let same = previous
                 .and_then(|p| p.stores.redis.as_ref())
-                .filter(|old| old.settings == (backend, r.clone()));
+                .filter(|old| Some(&old.settings) == settings.as_ref());
             match same {
-                Some(old) => Some(old.clone()),
+                Some(old) => {
+                    old.set_max_keys(config.limiter.max_keys);
+                    Some(old.clone())
+                }
                 None => Some(Arc::new(
-                    crate::limit::redis::RedisStore::new(&config.limiter, workers(&config), base)
-                        .map_err(setup)?,
+                    RedisStore::new(&config.limiter, workers(&config), base).map_err(setup)?,
                 )),
             }
         }
     };
+    memory.set_max_keys(config.limiter.max_keys);
     let stores = crate::limit::step::Stores {
         memory: memory.clone(),
         redis,
@@ -276,7 +281,7 @@ async fn control(
         }
         Err(e) => tracing::error!(error = %e, "cannot serve the admin endpoints"),
     }
-    let _watcher = watch_files(&shared, reload_tx);
+    let mut watcher = watch_files(&shared, reload_tx.clone());
     let mut drain = drain;
     loop {
         tokio::select! {
@@ -287,7 +292,11 @@ async fn control(
                 // wait for them to settle, then reload once.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
-                reload(&shared, &tls);
+                if reload(&shared, &tls) {
+                    // The new config may name other files: watch those.
+                    drop(watcher);
+                    watcher = watch_files(&shared, reload_tx.clone());
+                }
             }
         }
     }
@@ -306,12 +315,12 @@ pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
     ) {
         Ok((active, tls_config)) => {
             let old = shared.active.load();
-            let (o, n) = (&old.config.listener, &active.config.listener);
-            if o.address != n.address
-                || o.workers != n.workers
-                || o.tls.is_some() != n.tls.is_some()
-            {
-                tracing::warn!("listener address, workers or TLS on/off changed: these apply at the next restart");
+            let stays = restart_only(&old.config, &active.config);
+            if !stays.is_empty() {
+                tracing::warn!(
+                    settings = %stays.join(", "),
+                    "changed settings that apply at the next restart; every other change applies now (listener settings to new connections)"
+                );
             }
             if let Some(c) = tls_config {
                 tls.store(Some(Arc::new(tokio_rustls::TlsAcceptor::from(c))));
@@ -330,8 +339,27 @@ pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
     }
 }
 
-/// Watches the config file and TLS files (through their folders, since
-/// editors and Kubernetes replace files rather than write them in place).
+/// The settings that differ between `old` and `new` and take a restart:
+/// the sockets, threads and listener mode set up at start.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.listener, &new.listener);
+    [
+        ("listener.address", o.address != n.address),
+        ("listener.workers", o.workers != n.workers),
+        (
+            "listener.tls (on or off)",
+            o.tls.is_some() != n.tls.is_some(),
+        ),
+        ("admin.address", old.admin.address != new.admin.address),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
+/// Watches the config file and the files it names (TLS certificates, keys
+/// and CA bundles) through their folders, since editors and Kubernetes
+/// replace files rather than write them in place.
 /// Only events on those files — or on `..data`, the symlink Kubernetes swaps
 /// when a ConfigMap or Secret changes — ask for a reload; other files in the
 /// same folders are ignored.
@@ -349,6 +377,14 @@ fn watch_files(
         if let Some(ca) = &t.client_ca {
             files.push(crate::config::resolve(ca, base));
         }
+    }
+    for u in config.upstreams.values() {
+        if let Some(t) = &u.tls {
+            files.push(crate::config::resolve(&t.ca, base));
+        }
+    }
+    if let Some(ca) = config.limiter.redis.as_ref().and_then(|r| r.ca.as_ref()) {
+        files.push(crate::config::resolve(ca, base));
     }
     let names: Vec<std::ffi::OsString> = files
         .iter()

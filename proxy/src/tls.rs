@@ -27,6 +27,12 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// A hash of a file's content (0 if it cannot be read): tells a reload
+/// whether a file changed under the same path.
+pub fn fingerprint(path: &Path) -> u64 {
+    std::fs::read(path).map_or(0, |bytes| crate::limit::memory::fnv1a(&bytes))
+}
+
 /// A root store holding every certificate of a PEM bundle.
 pub fn root_store(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();

@@ -46,6 +46,9 @@ pub struct UpstreamSpec {
     pub config: config::Upstream,
     endpoints: Vec<(String, u16)>,
     tls: Option<UpstreamTls>,
+    /// A hash of the files it read (the CA bundle): a reload that finds
+    /// them changed under the same paths builds new connections.
+    pub files: u64,
 }
 
 /// Why a call could not be forwarded.
@@ -135,10 +138,13 @@ impl UpstreamSpec {
             .iter()
             .map(|a| config::parse_host_port(a))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut files = 0;
         let tls = match &u.tls {
             None => None,
             Some(t) => {
-                let roots = crate::tls::root_store(&config::resolve(&t.ca, base))?;
+                let ca = config::resolve(&t.ca, base);
+                files = crate::tls::fingerprint(&ca);
+                let roots = crate::tls::root_store(&ca)?;
                 let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
                     .with_safe_default_protocol_versions()
                     .map_err(|e| e.to_string())?
@@ -163,6 +169,7 @@ impl UpstreamSpec {
             config: u.clone(),
             endpoints,
             tls,
+            files,
         })
     }
 

@@ -136,3 +136,57 @@ async fn other_files_in_the_config_folder_do_not_reload() {
     )
     .await;
 }
+
+/// The SETTINGS_MAX_CONCURRENT_STREAMS a new connection to `addr` is given.
+async fn stream_limit(addr: std::net::SocketAddr) -> usize {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let client = client.ready().await.unwrap();
+    // Until the server's SETTINGS are read, h2 assumes no limit.
+    eventually(Duration::from_secs(5), "the server's SETTINGS", || {
+        let n = client.current_max_send_streams();
+        async move { (n != usize::MAX).then_some(n) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_settings_and_the_key_bound_apply_on_reload() {
+    let up = Upstream::start().await;
+    let yaml = |streams: u32, keys: usize| {
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1, max_concurrent_streams: {streams} }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter: {{ max_keys: {keys} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{}}\n    upstream: echo\n    name: reload-keys\n    limits: [ {{ name: k, key: [ {{ header: x-k }} ], rate: 5/min, over_capacity: closed }} ]\n",
+            up.addr
+        )
+    };
+    let proxy = Proxy::start(&yaml(1000, 16));
+    assert_eq!(stream_limit(proxy.addr()).await, 1000);
+    let c = proxy.client().await;
+    let flood = |from: usize| {
+        let c = c.clone();
+        async move {
+            let mut refused = 0;
+            for i in from..from + 100 {
+                let mut r = tonic::Request::new(req(b"k"));
+                r.metadata_mut()
+                    .insert("x-k", i.to_string().parse().unwrap());
+                if let Err(e) = c.clone().unary(r).await {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                    refused += 1;
+                }
+            }
+            refused
+        }
+    };
+    assert!(flood(0).await > 0, "16 keys: new ones are refused");
+
+    std::fs::write(&proxy.config_path, yaml(3, 100_000)).unwrap();
+    eventually(Duration::from_secs(10), "the reload", || async {
+        (stream_limit(proxy.addr()).await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(flood(1000).await, 0, "100,000 keys: room for all");
+}

@@ -241,3 +241,108 @@ fn a_tls_identity_key_needs_client_certificates() {
         "{p:?}"
     );
 }
+
+/// A TLS Echo upstream on `addr` with a certificate signed by `ca`; stops
+/// when the sender is dropped.
+async fn tls_upstream_on(
+    ca: &Ca,
+    addr: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (cert, key) = leaf(ca, &["upstream.internal"]);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(common::Seen::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .unwrap()
+            .add_service(EchoServer::new(common::EchoService { seen }))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_ca_rotated_in_place_and_new_listener_files_are_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // The upstream's CA, rotated later under the same path.
+    let old_ca = ca("upstream CA 1");
+    let (upstream, stop) = tls_upstream_on(&old_ca, "127.0.0.1:0".parse().unwrap()).await;
+    write(dir.path(), "upstream-ca.pem", &old_ca.pem);
+    let listener_ca = ca("listener CA 1");
+    let (cert, key) = leaf(&listener_ca, &["tollgate.local"]);
+    write(dir.path(), "a.crt", &cert);
+    write(dir.path(), "a.key", &key);
+    let yaml = |cert: &str| {
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1, tls: {{ cert: {d}/{cert}.crt, key: {d}/{cert}.key }} }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  secure: {{ addresses: [\"{upstream}\"], tls: {{ ca: {d}/upstream-ca.pem, server_name: upstream.internal }} }}\nroutes:\n  - {{ match: {{}}, upstream: secure }}\n",
+            d = dir.path().display()
+        )
+    };
+    let proxy = Proxy::start(&yaml("a"));
+    let mut c = tls_client(proxy.addr(), &listener_ca.pem, None)
+        .await
+        .unwrap();
+    c.unary(req(b"before")).await.unwrap();
+
+    // The upstream comes back with a certificate from a new CA, and the new
+    // CA is written over the old one's file: no config change at all.
+    drop(stop);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let new_ca = ca("upstream CA 2");
+    let (_, _keep) = tls_upstream_on(&new_ca, upstream).await;
+    write(dir.path(), "upstream-ca.pem", &new_ca.pem);
+    eventually(
+        Duration::from_secs(10),
+        "calls to the rotated upstream",
+        || {
+            let mut c = c.clone();
+            async move { c.unary(req(b"after")).await.ok() }
+        },
+    )
+    .await;
+
+    // The config moves the listener to other files; a later change of
+    // those files is picked up too.
+    let second = ca("listener CA 2");
+    let (cert, key) = leaf(&second, &["tollgate.local"]);
+    write(dir.path(), "b.crt", &cert);
+    write(dir.path(), "b.key", &key);
+    std::fs::write(&proxy.config_path, yaml("b")).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the certificate of b.crt",
+        || async {
+            tls_client(proxy.addr(), &second.pem, None)
+                .await
+                .ok()?
+                .unary(req(b"b"))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let third = ca("listener CA 3");
+    let (cert, key) = leaf(&third, &["tollgate.local"]);
+    write(dir.path(), "b.key", &key);
+    write(dir.path(), "b.crt", &cert);
+    eventually(
+        Duration::from_secs(10),
+        "the new content of b.crt",
+        || async {
+            tls_client(proxy.addr(), &third.pem, None)
+                .await
+                .ok()?
+                .unary(req(b"b2"))
+                .await
+                .ok()
+        },
+    )
+    .await;
+}

@@ -232,8 +232,9 @@ pub struct RedisStore {
     /// Per worker: the queue of its batcher (started on first use).
     batchers: Vec<Mutex<Option<mpsc::UnboundedSender<Request>>>>,
     backend: &'static str,
-    /// What it was built from: a reload with the same settings keeps it.
-    pub settings: (Backend, config::RedisStore),
+    /// What it was built from: a reload with the same settings (and the
+    /// same CA file content) keeps it.
+    pub settings: (Backend, config::RedisStore, u64),
 }
 
 const SCRIPT: &str = include_str!("decide.lua");
@@ -265,6 +266,7 @@ impl RedisStore {
             .clone()
             .ok_or("limiter.redis: missing for a Redis backend")?;
         let ca = r.ca.as_ref().map(|p| config::resolve(p, base));
+        let ca_files = ca.as_deref().map_or(0, crate::tls::fingerprint);
         let certs = tls_certs(ca.as_deref())?;
         let (target, shown, backend) = match limiter.backend {
             Backend::Redis => {
@@ -324,8 +326,26 @@ impl RedisStore {
             }),
             batchers: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
             backend,
-            settings: (limiter.backend, r),
+            settings: (limiter.backend, r, ca_files),
         })
+    }
+
+    /// The settings a store for `limiter` would be built from (compared
+    /// with [`RedisStore::settings`] on reload).
+    pub fn settings_of(
+        limiter: &config::Limiter,
+        base: Option<&std::path::Path>,
+    ) -> Option<(Backend, config::RedisStore, u64)> {
+        let r = limiter.redis.clone()?;
+        let ca =
+            r.ca.as_ref()
+                .map_or(0, |p| crate::tls::fingerprint(&config::resolve(p, base)));
+        Some((limiter.backend, r, ca))
+    }
+
+    /// Changes the bound on the keys this replica writes (a reload).
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.keys.seen.set_max_keys(max_keys);
     }
 
     /// The key bound's clock (µs): one reading serves a call's checks.
