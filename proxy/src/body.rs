@@ -197,6 +197,11 @@ impl Tally {
         }
     }
 
+    /// Counts the call under other labels (its method turned out known).
+    pub fn relabel(&mut self, stats: Arc<MethodStats>) {
+        self.stats = stats;
+    }
+
     /// Records the call's final status (None: the upstream gave none).
     pub fn finish(&mut self, status: Option<u8>) {
         if !self.recorded {

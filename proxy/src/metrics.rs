@@ -1,10 +1,13 @@
 //! Prometheus metrics of the proxy, served on the admin port.
 //!
-//! Labels come from the matched route, never from the raw path: the method
-//! label of a wildcard route takes at most [`MAX_METHODS_PER_ROUTE`] distinct
-//! names, then `_other`, so a client cannot blow up cardinality. Handles are
-//! resolved once per (route, method) and cached, so recording a call costs
-//! atomic increments, not label lookups.
+//! Labels come from the matched route, never from the raw path. A method
+//! label names a known method: the route's own (an exact match), or one
+//! the upstream has answered with anything but UNIMPLEMENTED; every other
+//! name is counted as `_unknown`, so junk paths cannot take labels from
+//! real methods nor blow up cardinality. Past [`MAX_METHODS_PER_ROUTE`]
+//! known methods (an upstream that answers everything), more fold into
+//! `_other`. Handles are resolved once per (route, method) and cached, so
+//! recording a call costs atomic increments, not label lookups.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock};
@@ -17,7 +20,7 @@ use prometheus::{
 use crate::grpc::status::CODE_NAMES;
 
 /// Distinct method labels one route keeps before folding into `_other`.
-pub const MAX_METHODS_PER_ROUTE: usize = 64;
+pub const MAX_METHODS_PER_ROUTE: usize = 256;
 
 /// The proxy's metric families.
 pub struct Metrics {
@@ -312,7 +315,11 @@ impl MethodStats {
 /// The per-route metric handles.
 pub struct RouteStats {
     name: Arc<str>,
+    /// Known methods.
     methods: RwLock<HashMap<Box<str>, Arc<MethodStats>>>,
+    /// Calls of methods not known (yet).
+    unknown: Arc<MethodStats>,
+    /// Known methods past the bound.
     other: Arc<MethodStats>,
     /// Request messages.
     pub messages_in: IntCounter,
@@ -327,13 +334,18 @@ pub struct RouteStats {
 // === impl RouteStats ===
 
 impl RouteStats {
-    /// Handles for the route named `name`.
-    pub fn new(name: &str) -> Self {
+    /// Handles for the route named `name`; `known`: its own methods.
+    pub fn new(name: &str, known: &[&str]) -> Self {
         let name: Arc<str> = name.into();
         let m = get();
+        let methods = known
+            .iter()
+            .map(|k| (Box::from(*k), Arc::new(MethodStats::new(name.clone(), k))))
+            .collect();
         RouteStats {
             other: Arc::new(MethodStats::new(name.clone(), "_other")),
-            methods: RwLock::new(HashMap::new()),
+            unknown: Arc::new(MethodStats::new(name.clone(), "_unknown")),
+            methods: RwLock::new(methods),
             messages_in: m.messages.with_label_values(&[&name, "request"]),
             messages_out: m.messages.with_label_values(&[&name, "response"]),
             bytes_in: m.message_bytes.with_label_values(&[&name, "request"]),
@@ -347,13 +359,25 @@ impl RouteStats {
         &self.name
     }
 
-    /// Handles for `method` on this route (bounded: see the module docs).
+    /// Handles for `method` on this route: its own if known, else those
+    /// of `_unknown`.
     pub fn method(&self, method: &str) -> Arc<MethodStats> {
         if let Ok(map) = self.methods.read() {
             if let Some(s) = map.get(method) {
                 return s.clone();
             }
         }
+        self.unknown.clone()
+    }
+
+    /// Whether `stats` are those of `_unknown`.
+    pub fn is_unknown(&self, stats: &Arc<MethodStats>) -> bool {
+        Arc::ptr_eq(stats, &self.unknown)
+    }
+
+    /// Makes `method` known (the upstream answered it) and returns its
+    /// handles (`_other` past the bound).
+    pub fn learn(&self, method: &str) -> Arc<MethodStats> {
         let Ok(mut map) = self.methods.write() else {
             return self.other.clone();
         };

@@ -229,7 +229,9 @@ pub async fn handle(
         );
     };
     let route = route.clone();
-    let stats = route.stats.method(call.method);
+    let mut stats = route.stats.method(call.method);
+    // Not known yet: kept, to learn it if the upstream answers it.
+    let unknown: Option<Box<str>> = route.stats.is_unknown(&stats).then(|| call.method.into());
 
     // The client's deadline, read before any limit is charged: a malformed
     // or repeated grpc-timeout is refused, never forwarded.
@@ -317,7 +319,7 @@ pub async fn handle(
         RequestBody::new(body, max, compressed_ok, state.clone(), route.clone()),
     );
     let pool = worker.pool(spec);
-    let tally = Tally::start(stats.clone(), start);
+    let mut tally = Tally::start(stats.clone(), start);
     // Boxed: the send future is large, and a call's whole future is copied
     // into its task when hyper spawns it; one allocation is cheaper.
     let mut sent = Box::pin(pool.send(upstream_req));
@@ -373,6 +375,12 @@ pub async fn handle(
             return trailers_only(code, &message);
         }
     };
+    // A method the upstream answers (anything but UNIMPLEMENTED) is a real
+    // one: from now on it has its own label, this call included.
+    if let Some(method) = unknown.filter(|_| !unimplemented(response.0.headers())) {
+        stats = route.stats.learn(&method);
+        tally.relabel(stats.clone());
+    }
     stats
         .upstream_duration
         .observe(start.elapsed().as_secs_f64());
@@ -404,6 +412,15 @@ pub async fn handle(
         upstream_open,
     );
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
+}
+
+/// Whether response headers are a trailers-only UNIMPLEMENTED: the
+/// upstream has no such method.
+fn unimplemented(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .and_then(crate::grpc::status::parse_status)
+        == Some(Code::Unimplemented as u8)
 }
 
 /// The call's `grpc-timeout`, if any; a malformed or repeated one is an

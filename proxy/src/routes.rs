@@ -99,8 +99,15 @@ impl RouteTable {
             let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores)?
                 .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
             let i = t.routes.len();
+            let own: Vec<&str> = r
+                .matcher
+                .method
+                .as_deref()
+                .filter(|m| !m.ends_with('*'))
+                .into_iter()
+                .collect();
             t.routes.push(Arc::new(Route {
-                stats: RouteStats::new(&name),
+                stats: RouteStats::new(&name, &own),
                 name: name.into(),
                 upstream: upstream.clone(),
                 timeout: r.timeout.map(|d| d.0),

@@ -384,3 +384,56 @@ async fn an_upstream_reset_reaches_the_client_as_it_would_directly() {
         assert!(!t.message().contains("127.0.0.1"), "{t:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_method_names_never_take_the_labels_of_real_methods() {
+    let up = Upstream::start().await;
+    let route = format!("labels-{}", up.addr.port());
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{ service: tollgate.test.v1.Echo }}, upstream: echo, name: {route} }}\n",
+        up.addr
+    ));
+    let ok = raw_call(
+        proxy.addr(),
+        "/tollgate.test.v1.Echo/Unary",
+        &[],
+        &frame(0, b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.grpc_status(), Some("0"));
+    // 300 names the upstream does not have: more than the route keeps.
+    for i in 0..300 {
+        let r = raw_call(
+            proxy.addr(),
+            &format!("/tollgate.test.v1.Echo/Junk{i}"),
+            &[],
+            &frame(0, b""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.grpc_status(), Some("12"), "{r:?}");
+    }
+    // A real method first called after the junk still gets its label.
+    let ok = raw_call(
+        proxy.addr(),
+        "/tollgate.test.v1.Echo/ClientStream",
+        &[],
+        &frame(0, b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.grpc_status(), Some("0"));
+    let m = common::http_get(proxy.admin(), "/metrics").await.1;
+    for (method, status, n) in [
+        ("Unary", "OK", 1),
+        ("ClientStream", "OK", 1),
+        ("_unknown", "UNIMPLEMENTED", 300),
+    ] {
+        let line = format!(
+            "tollgate_requests_total{{grpc_status=\"{status}\",method=\"{method}\",route=\"{route}\"}} {n}"
+        );
+        assert!(m.contains(&line), "missing {line} in\n{m}");
+    }
+    assert!(!m.contains("Junk"), "junk names became labels");
+}
