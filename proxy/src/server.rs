@@ -65,7 +65,7 @@ fn h2_builder(l: &config::Listener) -> H2Builder {
         .max_concurrent_streams(l.max_concurrent_streams)
         .initial_stream_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(8 * 1024 * 1024)
-        .max_pending_accept_reset_streams(Some(1000))
+        .max_pending_accept_reset_streams(Some(l.max_pending_resets))
         // gRPC has no use for `date`; it is an unindexable literal per response.
         .auto_date_header(false);
     if !l.keepalive.interval.is_zero() {

@@ -556,3 +556,56 @@ async fn an_upstream_that_stops_answering_pings_is_dropped_and_reconnected() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_flood_gets_goaway_and_cancelled_calls_do_not() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(up.addr, "idle_timeout: 0s"));
+    // Streams opened and reset at once, 500 in one burst.
+    let (client, done) = h2_connection(proxy.addr()).await;
+    let mut client = client.ready().await.unwrap();
+    for _ in 0..500 {
+        match client.send_request(echo_request(proxy.addr(), "Unary"), true) {
+            Ok(handles) => drop(handles),
+            Err(_) => break,
+        }
+        client = match client.ready().await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .expect("the flooding connection is closed");
+    drop(ended);
+    // A client that cancels 200 calls under way at once keeps its
+    // connection: those calls were taken up before they were reset.
+    let (client, done) = h2_connection(proxy.addr()).await;
+    let mut client = client.ready().await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..200 {
+        client = client.ready().await.unwrap();
+        let (response, mut send) = client
+            .send_request(echo_request(proxy.addr(), "ServerStream"), false)
+            .unwrap();
+        send.send_data(stream_request(100, 100), true).unwrap();
+        open.push((response, send));
+    }
+    // Wait until every call has its response headers: all taken up.
+    let mut streams = Vec::new();
+    for (response, send) in open {
+        streams.push((response.await.unwrap(), send));
+    }
+    drop(streams);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !done.is_finished(),
+        "cancelling calls under way is no flood"
+    );
+    let mut client = client.ready().await.unwrap();
+    let (response, mut send) = client
+        .send_request(echo_request(proxy.addr(), "ServerStream"), false)
+        .unwrap();
+    send.send_data(stream_request(2, 1), true).unwrap();
+    assert_eq!(finish(response).await.0, "0", "the connection still serves");
+}

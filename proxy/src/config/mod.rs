@@ -95,6 +95,12 @@ pub struct Listener {
     /// Most client connections open at once; more are closed on accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Streams a client may open and reset before tollgate takes them up;
+    /// more is a rapid-reset flood (CVE-2023-44487), answered with GOAWAY
+    /// ENHANCE_YOUR_CALM. Calls a client cancels once under way do not
+    /// count.
+    #[serde(default = "default_max_pending_resets")]
+    pub max_pending_resets: usize,
     /// Most connections still in their TLS handshake or HTTP/2 preface;
     /// more are closed on accept (a flood of half-open connections cannot
     /// hold every file descriptor).
@@ -632,6 +638,9 @@ fn default_stream_idle_timeout() -> Dur {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_pending_resets() -> usize {
+    20
+}
 fn default_max_handshaking() -> usize {
     1_000
 }
@@ -653,6 +662,7 @@ impl Default for Listener {
             stream_idle_timeout: default_stream_idle_timeout(),
             max_connections: default_max_connections(),
             max_handshaking: default_max_handshaking(),
+            max_pending_resets: default_max_pending_resets(),
         }
     }
 }
