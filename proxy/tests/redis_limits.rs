@@ -294,3 +294,76 @@ async fn keys_beyond_the_bound_can_be_counted_in_process() {
     assert!((1..=16).contains(&keys), "{keys} keys in Redis");
     c.unary(req(b"no key")).await.unwrap();
 }
+
+/// The Redis key tollgate keeps for a limit keyed on a constant: the key
+/// is its own hash tag (16 hex digits of its FNV-1a).
+fn constant_key(route: &str, limit: &str, algorithm: &str, value: &str) -> String {
+    let key = format!("{route}\u{1f}{limit}\u{1f}{algorithm}\u{1f}{value}");
+    let tag = tollgate::limit::memory::fnv1a(key.as_bytes());
+    format!("tollgate:{{{tag:016x}}}:{key}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_routes_keys_spread_over_slots_and_a_refused_call_consumes_none() {
+    let nodes = testkit::RedisCluster::shared();
+    let up = Upstream::start().await;
+    let route = format!("spread-{}", unique());
+    let yaml = |limits: &str| {
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n{}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    name: {route}\n    limits:\n{limits}",
+            cluster(nodes.urls()),
+            up.addr
+        )
+    };
+    let wide =
+        "      - { name: wide, key: [ { constant: all } ], rate: 3/h, algorithm: fixed_window }\n";
+    let narrow = "      - { name: narrow, key: [ { constant: all } ], rate: 1/h, algorithm: fixed_window }\n";
+    away_from_the_hour_edge().await;
+    // One limit; adding a second later must not move its key.
+    let proxy = Proxy::start(&yaml(wide));
+    let mut c = proxy.client().await;
+    c.unary(req(b"1")).await.unwrap();
+    std::fs::write(&proxy.config_path, yaml(&format!("{wide}{narrow}"))).unwrap();
+    proxy.handle.as_ref().unwrap().reload();
+    common::eventually(Duration::from_secs(5), "the reload", || async {
+        common::http_get(proxy.admin(), "/config")
+            .await
+            .1
+            .contains("narrow")
+            .then_some(())
+    })
+    .await;
+    // Call 2 passes both (wide 2 of 3, narrow 1 of 1); calls 3 and 4 are
+    // refused by narrow, and must leave wide at 2.
+    c.unary(req(b"2")).await.unwrap();
+    for _ in 0..2 {
+        let e = c.unary(req(b"x")).await.unwrap_err();
+        assert!(e.message().contains("\"narrow\""), "{e:?}");
+    }
+    let node = redis::Client::open(nodes.urls()[0].as_str()).unwrap();
+    let mut con = node.get_multiplexed_async_connection().await.unwrap();
+    let (wide_key, narrow_key) = (
+        constant_key(&route, "wide", "FixedWindow", "all"),
+        constant_key(&route, "narrow", "FixedWindow", "all"),
+    );
+    let slot = |k: &str| redis::cmd("CLUSTER").arg("KEYSLOT").arg(k).clone();
+    let (a, b): (u16, u16) = (
+        slot(&wide_key).query_async(&mut con).await.unwrap(),
+        slot(&narrow_key).query_async(&mut con).await.unwrap(),
+    );
+    assert_ne!(
+        a, b,
+        "the two limits' keys share a slot: the route is one hot slot"
+    );
+    let client = redis::cluster::ClusterClient::new(nodes.urls().to_vec()).unwrap();
+    let mut cc = client.get_async_connection().await.unwrap();
+    let state: String = redis::cmd("GET")
+        .arg(&wide_key)
+        .query_async(&mut cc)
+        .await
+        .expect("wide's key kept its name across the reload");
+    assert!(
+        state.ends_with(":2"),
+        "wide counted the two calls that passed, not the refused ones: {state}"
+    );
+}

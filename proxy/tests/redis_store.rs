@@ -439,3 +439,54 @@ async fn a_large_cost_in_the_sliding_log_is_one_entry_not_one_per_unit() {
         "{members} entries for 900,050 units"
     );
 }
+
+#[tokio::test]
+async fn across_cluster_slots_a_refused_call_is_refunded_for_every_algorithm() {
+    // The limits of one call on different slots (each key its own tag):
+    // each slot decides its part; the part that committed is refunded when
+    // another refuses.
+    let store = cluster(testkit::RedisCluster::shared().urls());
+    for algorithm in [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindowCounter,
+        Algorithm::SlidingWindowLog,
+        Algorithm::Gcra,
+    ] {
+        let params = Params {
+            rate: Rate {
+                limit: 10,
+                period: Duration::from_secs(3600),
+            },
+            burst: None,
+            algorithm,
+        };
+        // Tags 1 and 2 hash to different slots.
+        let key = unique(&format!("{algorithm:?}"));
+        let wide = check(&format!("wide-{key}"), 1, params, 2, false);
+        let narrow = check(&format!("narrow-{key}"), 2, fixed(1), 1, false);
+        let both = vec![wide.clone(), narrow.clone()];
+        let d = store.decide(0, both.clone(), None, true).await.unwrap();
+        assert!(d.iter().all(|d| d.allowed), "{algorithm:?}: {d:?}");
+        for _ in 0..3 {
+            let d = store.decide(0, both.clone(), None, true).await.unwrap();
+            assert!(d[0].allowed && !d[1].allowed, "{algorithm:?}: {d:?}");
+        }
+        // wide took 2 of 10 for the first call; the refused ones were
+        // given back: 4 more calls of 2 fit, the fifth does not.
+        for n in 0..4 {
+            let d = store
+                .decide(0, vec![wide.clone()], None, true)
+                .await
+                .unwrap();
+            assert!(
+                d[0].allowed,
+                "{algorithm:?}: call {n} after the refunds: {d:?}"
+            );
+        }
+        let d = store
+            .decide(0, vec![wide.clone()], None, true)
+            .await
+            .unwrap();
+        assert!(!d[0].allowed, "{algorithm:?}: refunded too much: {d:?}");
+    }
+}

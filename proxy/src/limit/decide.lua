@@ -7,9 +7,10 @@
 -- proxy/src/limit/behaviour.rs runs against both.
 --
 -- KEYS     the state keys the batch touches, each once. In Redis Cluster
---          all keys of one script share a slot (tollgate batches per slot
---          and gives the limits of one route one hash tag). A key belongs
---          to one algorithm (tollgate puts the algorithm in the key).
+--          all keys of one script share a slot (tollgate batches per slot;
+--          each key is its own hash tag, so the limits of one call may live
+--          on several slots: each slot decides its part). A key belongs to
+--          one algorithm (tollgate puts the algorithm in the key).
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (one clock for every
 --          replica; tests pass a time to step through a case).
 -- ARGV[2]  every number below, as one MessagePack array of unsigned
@@ -30,10 +31,11 @@
 --          limits, whether it wants the figures of limits that allow it
 --          (1/0), and for each limit three numbers: its key (1..#KEYS), its
 --          definition (1..D) and the units this call takes.
--- Returns, per call in order: -1 when every limit allows it and its
--- figures are not wanted; else, per limit in order, five integers:
--- allowed (1/0), limit, remaining, reset (µs until the quota is whole
--- again), retry after (µs, 0 if allowed).
+-- Returns the time it decided at (µs: refund.lua takes it back for a call
+-- that another slot refused), then, per call in order: -1 when every limit
+-- allows it and its figures are not wanted; else, per limit in order, five
+-- integers: allowed (1/0), limit, remaining, reset (µs until the quota is
+-- whole again), retry after (µs, 0 if allowed).
 --
 -- State per key: fixed window a string "window start:count"; sliding
 -- counter "window start:current:previous"; sliding log a sorted set with
@@ -132,8 +134,8 @@ local fa, fl, fr, fs, fy = {}, {}, {}, {}, {}
 local dirty = {}
 -- The period of each sliding log key decided (its commits merge by it).
 local logs = {}
-local out = {}
-local n = 0
+local out = { now }
+local n = 1
 
 for _ = 1, calls do
   local limits = v[a]

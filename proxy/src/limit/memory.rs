@@ -29,7 +29,7 @@ pub struct Check {
     pub key: String,
     /// The key's hash (shard choice), computed once.
     pub hash: u64,
-    /// Redis Cluster hash tag: equal for every check of one call.
+    /// Redis Cluster hash tag: the key's own hash (tests may set others).
     pub tag: u64,
     /// The limit's parameters for this key.
     pub params: Params,

@@ -3,6 +3,12 @@
 //! by one script ([`decide.lua`](./decide.lua)), which also commits them
 //! only if none rejects, with Redis `TIME` as the clock.
 //!
+//! In a Cluster each key is its own hash tag: a call whose limits live on
+//! several slots is decided per slot, all at once, and when one slot
+//! refuses, what the others committed is refunded ([`refund.lua`](./refund.lua)) before
+//! the call is answered, so a refused call still consumes none of its
+//! limits.
+//!
 //! Each worker thread has its own connection and a batcher on that worker's
 //! runtime: the calls that arrive while a batch is in Redis go together in
 //! the next one, as one `EVALSHA` (per Cluster slot). One call costs at most
@@ -88,8 +94,22 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// What a request asks of the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Decide the checks (decide.lua).
+    Decide,
+    /// Give their costs back (refund.lua): another slot refused the call.
+    Refund,
+}
+
+/// What the batcher answers a request: the decisions, and the time Redis
+/// decided at (µs, the node's clock: a refund names it).
+type Reply = Result<(Vec<Decision>, u64), StoreError>;
+
 /// One call's part of a batch.
 struct Request {
+    kind: Kind,
     checks: Vec<Check>,
     /// Whether the figures of allowing limits are wanted (for headers).
     details: bool,
@@ -99,7 +119,7 @@ struct Request {
     /// The batcher answers by then, whatever Redis does.
     deadline: Instant,
     /// `None` once answered.
-    reply: Option<oneshot::Sender<Result<Vec<Decision>, StoreError>>>,
+    reply: Option<oneshot::Sender<Reply>>,
     /// The breaker's probe, when this call is it: the batch that carries
     /// it reports its outcome, even if the call has gone away meanwhile.
     probe: Option<Probe>,
@@ -107,7 +127,7 @@ struct Request {
 
 impl Request {
     /// Answers the call (once; later answers are dropped).
-    fn answer(&mut self, result: Result<Vec<Decision>, StoreError>) {
+    fn answer(&mut self, result: Reply) {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
         }
@@ -147,6 +167,7 @@ struct Meters {
 struct Inner {
     target: Target,
     script: redis::Script,
+    refund: redis::Script,
     timeout: Duration,
     connect_timeout: Duration,
     /// Bumped whenever the breaker opens: older connections are dropped.
@@ -238,6 +259,7 @@ pub struct RedisStore {
 }
 
 const SCRIPT: &str = include_str!("decide.lua");
+const REFUND: &str = include_str!("refund.lua");
 
 /// Reads a CA bundle for `rediss://`.
 fn tls_certs(ca: Option<&std::path::Path>) -> Result<Option<redis::TlsCertificates>, String> {
@@ -309,6 +331,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 target,
                 script: redis::Script::new(SCRIPT),
+                refund: redis::Script::new(REFUND),
                 timeout: r.timeout.0,
                 connect_timeout: r.connect_timeout.0,
                 generation: AtomicU64::new(0),
@@ -412,12 +435,133 @@ impl RedisStore {
         probe: Option<Probe>,
     ) -> Result<Vec<Decision>, StoreError> {
         let limits = checks.len();
-        let slot = match self.inner.target {
-            Target::Cluster(_) => checks.first().map(|c| Slot::for_key(hash_tag(c.tag))),
-            Target::Single(_) => None,
+        let slots: Vec<Slot> = match self.inner.target {
+            Target::Cluster(_) => checks
+                .iter()
+                .map(|c| Slot::for_key(hash_tag(c.tag)))
+                .collect(),
+            Target::Single(_) => Vec::new(),
         };
+        if slots.iter().all(|s| Some(s) == slots.first()) {
+            // One node decides the whole call, atomically.
+            let slot = slots.first().copied();
+            let (d, _) = self
+                .send(worker, Kind::Decide, checks, now, slot, details, probe)
+                .await?;
+            return if d.len() == limits {
+                Ok(d)
+            } else {
+                Err(StoreError::Response(format!(
+                    "the decision script returned {} decisions for {limits} limits",
+                    d.len(),
+                )))
+            };
+        }
+        self.ask_slots(worker, checks, slots, now, probe).await
+    }
+
+    /// A call whose limits live on several Cluster slots: each slot decides
+    /// its part atomically, all at once; when a part refuses, the parts
+    /// that committed are refunded before the call is answered, so a
+    /// refused call consumes none of its limits.
+    async fn ask_slots(
+        &self,
+        worker: usize,
+        checks: Vec<Check>,
+        slots: Vec<Slot>,
+        now: Option<u64>,
+        probe: Option<Probe>,
+    ) -> Result<Vec<Decision>, StoreError> {
+        let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            match parts.iter_mut().find(|(s, _)| s == slot) {
+                Some((_, at)) => at.push(i),
+                None => parts.push((*slot, vec![i])),
+            }
+        }
+        let mut probe = probe;
+        let asked = parts.iter().map(|(slot, at)| {
+            let part = at.iter().map(|&i| checks[i].clone()).collect();
+            // Every part needs the figures: whether it committed decides
+            // the refunds.
+            self.send(
+                worker,
+                Kind::Decide,
+                part,
+                now,
+                Some(*slot),
+                true,
+                probe.take(),
+            )
+        });
+        let answers = futures::future::join_all(asked).await;
+        let mut decisions = vec![None; checks.len()];
+        let mut times = Vec::with_capacity(parts.len());
+        for ((_, at), answer) in parts.iter().zip(answers) {
+            let (d, t) = answer?;
+            if d.len() != at.len() {
+                return Err(StoreError::Response(format!(
+                    "the decision script returned {} decisions for {} limits",
+                    d.len(),
+                    at.len()
+                )));
+            }
+            for (&i, d) in at.iter().zip(d) {
+                decisions[i] = Some(d);
+            }
+            times.push(t);
+        }
+        let decisions: Vec<Decision> = decisions.into_iter().flatten().collect();
+        let refused = |i: &usize| !decisions[*i].allowed && !checks[*i].shadow;
+        if parts.iter().any(|(_, at)| at.iter().any(refused)) {
+            // Parts with no refusal of their own committed: give back what
+            // their allowed limits took.
+            let refunds = parts.iter().zip(&times).filter_map(|((slot, at), &t)| {
+                if at.iter().any(refused) {
+                    return None;
+                }
+                let back: Vec<Check> = at
+                    .iter()
+                    .filter(|&&i| decisions[i].allowed)
+                    .map(|&i| checks[i].clone())
+                    .collect();
+                (!back.is_empty()).then(|| {
+                    self.send(
+                        worker,
+                        Kind::Refund,
+                        back,
+                        Some(t),
+                        Some(*slot),
+                        false,
+                        None,
+                    )
+                })
+            });
+            for r in futures::future::join_all(refunds).await {
+                if let Err(e) = r {
+                    tracing::warn!(redis = %self.inner.shown, error = %e, "a refund for a call refused on another slot failed: its other limits keep the units");
+                }
+            }
+        }
+        Ok(decisions)
+    }
+
+    /// Hands one request to worker `worker`'s batcher and waits for its
+    /// answer (the batcher answers every request by its deadline).
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        worker: usize,
+        kind: Kind,
+        checks: Vec<Check>,
+        now: Option<u64>,
+        slot: Option<Slot>,
+        details: bool,
+        probe: Option<Probe>,
+    ) -> Reply {
         let (tx, rx) = oneshot::channel();
         let request = Request {
+            kind,
             checks,
             details,
             now,
@@ -443,20 +587,9 @@ impl RedisStore {
                 *queue = Some(q);
             }
         }
-        // The batcher answers every call by its deadline.
         match rx.await {
             Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
-            Ok(r) => {
-                let d = r?;
-                if d.len() == limits {
-                    Ok(d)
-                } else {
-                    Err(StoreError::Response(format!(
-                        "the decision script returned {} decisions for {limits} limits",
-                        d.len(),
-                    )))
-                }
-            }
+            Ok(r) => r,
         }
     }
 }
@@ -472,8 +605,9 @@ fn hash_tag(tag: u64) -> [u8; 18] {
     t
 }
 
-/// Writes the Redis key of `check` to `out`: `prefix:{tag}:key`. All keys of
-/// one call share the hash tag, so the script runs on one Cluster node.
+/// Writes the Redis key of `check` to `out`: `prefix:{tag}:key`, the tag
+/// being the key's own (its slot stays the same whatever else its route
+/// limits).
 fn write_key(out: &mut Vec<u8>, prefix: &str, check: &Check) {
     out.extend_from_slice(prefix.as_bytes());
     out.push(b':');
@@ -553,7 +687,7 @@ async fn batcher_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Request
             }
             match groups
                 .iter_mut()
-                .find(|g| g[0].now == r.now && g[0].slot == r.slot)
+                .find(|g| g[0].kind == r.kind && g[0].now == r.now && g[0].slot == r.slot)
             {
                 Some(g) => g.push(r),
                 None => groups.push(vec![r]),
@@ -654,14 +788,17 @@ impl Eq for KeyRef<'_> {}
 /// it is answered with a timeout then; the others wait for Redis until the
 /// last of them runs out.
 async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
-    let cmd = command(inner, &group);
+    let (cmd, script) = match group[0].kind {
+        Kind::Decide => (command(inner, &group), SCRIPT),
+        Kind::Refund => (refund_command(inner, &group), REFUND),
+    };
     let ask = async {
         let mut conn = conn;
         let first = query(&mut conn, &cmd).await;
         match first {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // Redis restarted or flushed its scripts: load it again.
-                let load = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).clone();
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).clone();
                 query::<String>(&mut conn, &load).await?;
                 query(&mut conn, &cmd).await
             }
@@ -707,10 +844,10 @@ async fn run(inner: &Inner, conn: Conn, mut group: Vec<Request>) -> bool {
             }
         }
         Ok(numbers) => match split(&numbers, &group) {
-            Ok(decisions) => {
+            Ok((decided_at, decisions)) => {
                 inner.report(Ok(()), probes(&mut group));
                 for (r, d) in group.iter_mut().zip(decisions) {
-                    r.answer(Ok(d));
+                    r.answer(Ok((d, decided_at)));
                 }
                 return false;
             }
@@ -865,9 +1002,48 @@ mod msgpack {
     }
 }
 
-/// The script's numbers, as each call's decisions: -1 for a call every
-/// limit allows (figures not wanted), else five numbers per limit.
-fn split(numbers: &[i64], group: &[Request]) -> Result<Vec<Vec<Decision>>, String> {
+/// The `EVALSHA` of a group of refunds (contract at the top of
+/// refund.lua): every request of the group names the same decision time.
+fn refund_command(inner: &Inner, group: &[Request]) -> redis::Cmd {
+    let checks: Vec<&Check> = group.iter().flat_map(|r| &r.checks).collect();
+    let mut numbers = Vec::with_capacity(5 + 9 * 4 * checks.len());
+    msgpack::array(&mut numbers, 4 * checks.len());
+    for c in &checks {
+        let p = &c.params;
+        for n in [
+            script_algorithm(p.algorithm),
+            p.rate.period_micros(),
+            p.rate.emission_interval_micros(),
+            c.cost.min(p.capacity()),
+        ] {
+            msgpack::uint(&mut numbers, n);
+        }
+    }
+    let mut cmd = redis::Cmd::new();
+    cmd.arg("EVALSHA")
+        .arg(inner.refund.get_hash())
+        .arg(checks.len());
+    let mut key = Vec::with_capacity(128);
+    for c in &checks {
+        key.clear();
+        write_key(&mut key, &inner.prefix, c);
+        cmd.arg(&key[..]);
+    }
+    cmd.arg(group[0].now.unwrap_or(0)).arg(numbers);
+    cmd
+}
+
+/// The decision script's numbers: the time it decided at, then each
+/// call's decisions: -1 for a call every limit allows (figures not
+/// wanted), else five numbers per limit. A refund answers one number.
+fn split(numbers: &[i64], group: &[Request]) -> Result<(u64, Vec<Vec<Decision>>), String> {
+    let Some((&decided_at, numbers)) = numbers.split_first() else {
+        return Err("the script returned nothing".into());
+    };
+    let decided_at = u64::try_from(decided_at).unwrap_or(0);
+    if group[0].kind == Kind::Refund {
+        return Ok((decided_at, group.iter().map(|_| Vec::new()).collect()));
+    }
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
     let too_few = || {
         format!(
@@ -917,7 +1093,7 @@ fn split(numbers: &[i64], group: &[Request]) -> Result<Vec<Vec<Decision>>, Strin
             numbers.len() - at
         ));
     }
-    Ok(out)
+    Ok((decided_at, out))
 }
 
 async fn connect(target: &Target, connect_timeout: Duration) -> Result<Conn, RedisError> {

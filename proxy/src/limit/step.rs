@@ -112,9 +112,6 @@ enum Outcome {
 pub struct RouteLimits {
     limits: Vec<Compiled>,
     stores: Stores,
-    /// One Redis Cluster hash tag for the whole route (it has several
-    /// limits, whose keys must share a node); else each key is its own tag.
-    tag_by_route: Option<u64>,
     replicas: u64,
     response_headers: bool,
     memory_duration: Histogram,
@@ -220,7 +217,6 @@ impl RouteLimits {
             });
         }
         Ok(Some(RouteLimits {
-            tag_by_route: (compiled.len() > 1).then(|| fnv1a(route.as_bytes())),
             limits: compiled,
             stores: stores.clone(),
             replicas: limiter.replicas.max(1),
@@ -392,11 +388,10 @@ impl RouteLimits {
             if key.len() > MAX_KEY_BYTES {
                 key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
             }
-            let mut check = Check::new(key, params, cost, l.shadow);
-            if let Some(tag) = self.tag_by_route {
-                check.tag = tag;
-            }
-            checks.push(check);
+            // Each key is its own Cluster hash tag: the same whatever other
+            // limits its route has, so adding one resets no counts; a call's
+            // keys on several slots are decided per slot (redis.rs).
+            checks.push(Check::new(key, params, cost, l.shadow));
             which.push(i);
         }
         Ok((checks, which))

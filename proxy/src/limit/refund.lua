@@ -1,0 +1,90 @@
+-- refund.lua: gives back what decide.lua committed for a call that a limit
+-- on another Redis Cluster slot refused. Each slot decides its part of a
+-- call atomically; when one part refuses, the parts that committed are
+-- refunded here, so a refused call consumes none of its limits (a call
+-- decided in between may have seen the units as used). A script, for the
+-- same reasons as decide.lua: each key is read and rewritten atomically.
+--
+-- KEYS     the keys to refund (one slot).
+-- ARGV[1]  the time decide.lua decided at on this node (µs), as it
+--          returned it: the window or log entry the units went to.
+-- ARGV[2]  a MessagePack array, four numbers per key in KEYS order: the
+--          algorithm (as in decide.lua), the period (µs), the emission
+--          interval (µs, gcra) and the units to give back.
+-- Returns { the number of keys changed }.
+--
+-- Fixed window and sliding counter give the units back to the window they
+-- went to (a sliding counter's window may have become the previous one);
+-- gcra moves its arrival time back; the sliding log takes the units out of
+-- the entry that holds them (the first at or after that time: later
+-- admissions merged into it) and lowers the running totals of the entries
+-- after it. SET ... KEEPTTL keeps each key's expiry (Redis 6 and later).
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+local now = tonumber(ARGV[1])
+local v = cmsgpack.unpack(ARGV[2])
+local changed = 0
+
+for ki = 1, #KEYS do
+  local key = KEYS[ki]
+  local algorithm, period, emission, cost = v[4 * ki - 3], v[4 * ki - 2], v[4 * ki - 1], v[4 * ki]
+  local window = now - now % period
+  if algorithm == 1 then
+    local st = redis.call('GET', key)
+    local w, c = string.match(st or '', '^(%d+):(%d+)$')
+    if tonumber(w) == window then
+      redis.call('SET', key, w .. ':' .. int(math.max(0, tonumber(c) - cost)), 'KEEPTTL')
+      changed = changed + 1
+    end
+  elseif algorithm == 2 then
+    local st = redis.call('GET', key)
+    local w, c, p = string.match(st or '', '^(%d+):(%d+):(%d+)$')
+    w, c, p = tonumber(w), tonumber(c), tonumber(p)
+    if w == window then
+      c = math.max(0, c - cost)
+    elseif w == window + period then
+      p = math.max(0, p - cost)
+    end
+    if w == window or w == window + period then
+      redis.call('SET', key, int(w) .. ':' .. int(c) .. ':' .. int(p), 'KEEPTTL')
+      changed = changed + 1
+    end
+  elseif algorithm == 3 then
+    -- Newest first: the entries at or after `now`; the oldest of them
+    -- holds the units.
+    local tail = redis.call('ZRANGE', key, -64, -1, 'WITHSCORES')
+    local from = nil
+    for i = #tail - 1, 1, -2 do
+      local t = tonumber(string.match(tail[i], ':(%d+)$'))
+      if t < now then
+        break
+      end
+      from = i
+    end
+    if from then
+      for i = from, #tail - 1, 2 do
+        local member, cum = tail[i], tonumber(tail[i + 1])
+        local units, t = string.match(member, '^%d+:(%d+):(%d+)$')
+        units = tonumber(units)
+        if i == from then
+          units = units - cost
+        end
+        redis.call('ZREM', key, member)
+        if units > 0 then
+          redis.call('ZADD', key, cum - cost, int(cum - cost) .. ':' .. int(units) .. ':' .. t)
+        end
+      end
+      changed = changed + 1
+    end
+  else
+    local tat = tonumber(redis.call('GET', key))
+    if tat then
+      redis.call('SET', key, int(math.max(0, tat - emission * cost)), 'KEEPTTL')
+      changed = changed + 1
+    end
+  end
+end
+return { changed }
