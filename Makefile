@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments
+.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ fmt: ## Format the code
 bench-proxy: ## tollgate vs direct, nginx grpc_pass and HAProxy with h2load (see BENCHMARKS.md)
 	bash load-tests/bench-proxy.sh
 
-bench-ab: ## two tollgate builds side by side, runs interleaved: make bench-ab A=old/tollgate B=new/tollgate
+bench-ab: ## two tollgate builds side by side, runs interleaved: make bench-ab A=old/tollgate B=new/tollgate [SCENARIO="Redis, 3 limits"]
 	bash load-tests/bench-ab.sh "$(A)" "$(B)"
 
 bench-limits: ## the limiter: no limits vs in-process vs Redis (1 and 3 limits) vs mostly rejected (see BENCHMARKS.md)
@@ -38,6 +38,9 @@ bench-limits: ## the limiter: no limits vs in-process vs Redis (1 and 3 limits) 
 
 bench-script: ## Redis CPU per call of the decision script, batches of 31 calls x 3 limits (see BENCHMARKS.md)
 	bash load-tests/bench-script.sh
+
+bench-rapid-reset: ## a rapid-reset flood against tollgate for several max_pending_resets bounds (see BENCHMARKS.md)
+	bash load-tests/bench-rapid-reset.sh
 
 bench-payments: ## CreatePayment on PostgreSQL vs pgbench (see BENCHMARKS.md)
 	bash load-tests/bench-create-payment.sh

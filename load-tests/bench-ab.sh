@@ -7,6 +7,8 @@
 # Method: BENCH-METHOD.md (proxies and upstream on CPU 0, h2load on CPU 1).
 #
 # Usage: load-tests/bench-ab.sh A_BINARY B_BINARY   (PAIRS=4 DURATION=5 WARMUP=1 SHAPES="1x1 4x25")
+# SCENARIO="Redis, 3 limits" (any scenario of bench_limits.py) routes both
+# builds through those limits instead of the pass-through route.
 # e.g. build the base commit in a worktree with its own CARGO_TARGET_DIR and
 # compare its target/release/tollgate with this tree's.
 set -euo pipefail

@@ -17,6 +17,9 @@ PAIRS = int(os.environ.get("PAIRS", "4"))
 DURATION = int(os.environ.get("DURATION", "5"))
 WARMUP = int(os.environ.get("WARMUP", "1"))
 SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in os.environ.get("SHAPES", "1x1 4x25").split())
+# A scenario of bench_limits.py (e.g. "Redis, 3 limits") instead of the
+# pass-through route; with Redis, one redis-server serves both builds.
+SCENARIO = os.environ.get("SCENARIO", "")
 
 
 def on_cpu_us(pids):
@@ -36,7 +39,9 @@ def on_cpu_us(pids):
 
 def measure(port, pid, shape, payload, log):
     """One h2load run: (rps, p50 µs or None, on-CPU µs per call)."""
-    rps, p50, calls, cpu = h2load(port, shape[0], shape[1], payload, log, [pid],
+    # The limit scenarios key on x-client-id (as bench_limits.py sends it).
+    extra = ("-H", "x-client-id: bench-client") if SCENARIO else ()
+    rps, p50, calls, cpu = h2load(port, shape[0], shape[1], payload, log, [pid], extra=extra,
                                   cpu_us=on_cpu_us, duration=DURATION, warmup=WARMUP)
     if not calls:
         raise SystemExit(f"h2load: no call succeeded on port {port}: is the binary a working tollgate?")
@@ -68,12 +73,22 @@ def main():
         up = free_port()
         spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
         wait_port(up)
+        redis_port = None
+        if SCENARIO:
+            import bench_limits
+            if SCENARIO not in bench_limits.SCENARIOS:
+                raise SystemExit(f"SCENARIO={SCENARIO!r}: one of {', '.join(bench_limits.SCENARIOS)}")
+            if bench_limits.SCENARIOS[SCENARIO][0] == "redis":
+                redis_port = bench_limits.start_redis(work)
         targets = {}
         for name, path in binaries.items():
             port, admin = free_port(), free_port()
             cfg = f"{work}/{name}.yaml"
             with open(cfg, "w") as f:
-                f.write(pass_through_config(port, admin, up))
+                if SCENARIO:
+                    f.write(bench_limits.scenario_config(port, admin, up, SCENARIO, redis_port))
+                else:
+                    f.write(pass_through_config(port, admin, up))
             proc = spawn([path, "run", "--config", cfg])
             wait_port(port)
             targets[name] = (port, proc.pid)
@@ -96,7 +111,7 @@ def main():
                           + (f" p50 {p50} µs" if p50 is not None else "") + f" on-CPU {cpu:.1f} µs/call",
                           file=sys.stderr)
 
-        print(f"\nA = {binaries['A']}\nB = {binaries['B']}\n")
+        print(f"\nA = {binaries['A']}\nB = {binaries['B']}\nroute: {SCENARIO or 'pass-through'}\n")
         print(f"Each cell: median of {PAIRS} interleaved runs (min–max); {DURATION} s measured after "
               f"{WARMUP} s warm-up. On-CPU: the proxy's threads' time on a CPU per call (schedstat).\n")
         print("| shape | build | RPS | p50 | on-CPU per call | B over A, pair by pair (on-CPU) |")

@@ -78,10 +78,34 @@ def decisions(admin):
     return total
 
 
+def start_redis(work):
+    """Starts a redis-server for a run, pinned to REDIS_CPU; its port."""
+    redis_dir = f"{work}/redis"
+    out = subprocess.run([f"{ROOT}/scripts/redis.sh", "start", redis_dir, "--owner", str(os.getpid())],
+                         check=True, capture_output=True, text=True).stdout
+    env = dict(line.split("=", 1) for line in out.split())
+    with open(f"{redis_dir}/redis.pid") as f:
+        redis_pid = int(f.read().strip())
+    subprocess.run(["taskset", "-a", "-p", "-c", REDIS_CPU, str(redis_pid)], check=True, capture_output=True)
+    return int(env["PORT"])
+
+
+def scenario_config(port, admin, upstream, scenario, redis_port=None):
+    """A tollgate config for one of SCENARIOS, in front of `upstream`."""
+    backend, limits = SCENARIOS[scenario]
+    limiter = "limiter: { backend: memory }\n"
+    if backend == "redis":
+        limiter = f"limiter: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{redis_port}\" }} }}\n"
+    route = "  - match: { service: tollgate.test.v1.Echo }\n    upstream: echo\n"
+    if limits:
+        route += "    limits:\n" + "".join(f"      - {lim}\n" for lim in limits)
+    return (f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
+            f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{upstream}\"] }}\n{limiter}routes:\n{route}")
+
+
 def main():
     work = tempfile.mkdtemp()
     procs = []
-    redis_dir = f"{work}/redis"
 
     def spawn(cmd):
         p = subprocess.Popen(SERVER_CPU + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,30 +113,16 @@ def main():
         return p
 
     try:
-        out = subprocess.run([f"{ROOT}/scripts/redis.sh", "start", redis_dir, "--owner", str(os.getpid())],
-                             check=True, capture_output=True, text=True).stdout
-        env = dict(line.split("=", 1) for line in out.split())
-        redis_port = int(env["PORT"])
-        with open(f"{redis_dir}/redis.pid") as f:
-            redis_pid = int(f.read().strip())
-        subprocess.run(["taskset", "-a", "-p", "-c", REDIS_CPU, str(redis_pid)], check=True, capture_output=True)
-
+        redis_port = start_redis(work)
         up = free_port()
         spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
         wait_port(up)
         targets = {}
-        for name, (backend, limits) in SCENARIOS.items():
+        for name, (backend, _) in SCENARIOS.items():
             port, admin = free_port(), free_port()
             cfg = f"{work}/{port}.yaml"
-            limiter = "limiter: { backend: memory }\n"
-            if backend == "redis":
-                limiter = f"limiter: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{redis_port}\" }} }}\n"
-            route = "  - match: { service: tollgate.test.v1.Echo }\n    upstream: echo\n"
-            if limits:
-                route += "    limits:\n" + "".join(f"      - {lim}\n" for lim in limits)
             with open(cfg, "w") as f:
-                f.write(f"listener: {{ address: 127.0.0.1:{port} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\n"
-                        f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{up}\"] }}\n{limiter}routes:\n{route}")
+                f.write(scenario_config(port, admin, up, name, redis_port))
             p = spawn([f"{ROOT}/target/release/tollgate", "run", "--config", cfg])
             targets[name] = (port, p.pid, backend, admin)
         for port, _, _, _ in targets.values():

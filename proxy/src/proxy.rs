@@ -331,7 +331,7 @@ pub async fn handle(
             kind: TimerKind::Deadline(why),
         }),
         None if !idle.is_zero() => Some(CallTimer {
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: Box::pin(tokio::time::sleep_until(start + idle)),
             kind: TimerKind::Idle(idle),
         }),
         None => None,

@@ -20,6 +20,7 @@
 //! On drain every worker stops accepting, sends GOAWAY on its connections
 //! and waits for their calls, up to the drain timeout.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -456,23 +457,31 @@ async fn serve_connection(
 }
 
 /// Serves HTTP/2 on a connection whose preface has arrived, until it ends:
-/// GOAWAY when it has been idle for `idle_timeout` (to twice that), when it is older than
-/// `max_connection_age`, or on drain; then its calls get `drain_timeout`.
+/// GOAWAY when it has been idle for `idle_timeout` (to twice that), when it
+/// is older than `max_connection_age`, or on drain; then its calls get
+/// `drain_timeout`. Those timers live in a task of their own
+/// ([`lifecycle`]): the connection's task only looks at one flag per poll.
 async fn serve_h2<IO>(
     io: IO,
     conn: proxy::Conn,
     worker: Arc<Worker>,
     serving: &Serving,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let l = &serving.listener;
-    let activity = conn.activity.clone();
-    // ±10% (from the peer's port), so connections made together do not all
-    // come back at once.
-    let spread = f64::from(conn.peer.port() % 201) / 1000.0 - 0.1;
+    let goaway = Arc::new(GoAway::default());
+    let (ended, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(lifecycle(
+        l.clone(),
+        conn.activity.clone(),
+        conn.peer.port(),
+        goaway.clone(),
+        drain,
+        ended_rx,
+    ));
     let conn = Arc::new(conn);
     let service = hyper::service::service_fn(move |req| {
         let open = conn.activity.open();
@@ -487,8 +496,80 @@ where
         }
     });
     let connection = serving.builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
+    let served = Served {
+        connection: Box::pin(connection),
+        goaway,
+        shutting: false,
+    };
+    let r = served.await;
+    drop(ended);
+    r
+}
+
+/// What the lifecycle task asks of its connection.
+#[derive(Default)]
+struct GoAway {
+    /// 0: nothing; 1: send GOAWAY and let calls finish; 2: close now.
+    asked: std::sync::atomic::AtomicU8,
+    waker: futures::task::AtomicWaker,
+}
+
+impl GoAway {
+    fn ask(&self, level: u8) {
+        self.asked.fetch_max(level, Ordering::AcqRel);
+        self.waker.wake();
+    }
+}
+
+/// A hyper connection that obeys its [`GoAway`].
+struct Served<C> {
+    connection: Pin<Box<C>>,
+    goaway: Arc<GoAway>,
+    shutting: bool,
+}
+
+impl<IO, S> Future for Served<hyper::server::conn::http2::Connection<TokioIo<IO>, S, TokioExecutor>>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ResponseBody>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<(), hyper::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        match this.goaway.asked.load(Ordering::Acquire) {
+            0 => this.goaway.waker.register(cx.waker()),
+            1 => {
+                if !this.shutting {
+                    this.shutting = true;
+                    this.goaway.waker.register(cx.waker());
+                    this.connection.as_mut().graceful_shutdown();
+                }
+            }
+            // The calls had their drain timeout.
+            _ => return Poll::Ready(Ok(())),
+        }
+        this.connection.as_mut().poll(cx)
+    }
+}
+
+/// The timers of one connection: asks it to go away when it has been idle
+/// for `idle_timeout`, when it is older than `max_connection_age`, or on
+/// drain; then closes it after `drain_timeout`. Ends with the connection.
+async fn lifecycle(
+    l: config::Listener,
+    activity: Arc<Activity>,
+    port: u16,
+    goaway: Arc<GoAway>,
+    mut drain: watch::Receiver<bool>,
+    mut ended: tokio::sync::oneshot::Receiver<()>,
+) {
     let born = Instant::now();
+    // ±10% (from the peer's port), so connections made together do not all
+    // come back at once.
+    let spread = f64::from(port % 201) / 1000.0 - 0.1;
     let age = (!l.max_connection_age.is_zero())
         .then(|| born + l.max_connection_age.0.mul_f64(1.0 + spread));
     let idle = (!l.idle_timeout.is_zero()).then_some(l.idle_timeout.0);
@@ -500,7 +581,8 @@ where
         let idle_at = idle.map(|t| activity.idle_since().unwrap_or_else(Instant::now) + t);
         let wake = [idle_at, age].into_iter().flatten().min().unwrap_or(far);
         tokio::select! {
-            r = connection.as_mut() => return r,
+            biased;
+            _ = &mut ended => return,
             _ = drain.wait_for(|d| *d) => break,
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
@@ -516,10 +598,10 @@ where
             }
         }
     }
-    connection.as_mut().graceful_shutdown();
-    match tokio::time::timeout(l.drain_timeout.0, connection).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
+    goaway.ask(1);
+    tokio::select! {
+        _ = &mut ended => {}
+        _ = tokio::time::sleep(l.drain_timeout.0) => goaway.ask(2),
     }
 }
 

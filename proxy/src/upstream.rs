@@ -222,9 +222,9 @@ impl Conn {
 pub struct OpenStream(Arc<AtomicUsize>);
 
 impl OpenStream {
-    fn new(open: &Arc<AtomicUsize>) -> Self {
+    fn new(open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(open.clone())
+        OpenStream(open)
     }
 }
 
@@ -343,13 +343,13 @@ impl Pool {
             tries += 1;
         };
         // Counted before any wait, so that calls picking meanwhile see it.
-        let mut open = OpenStream::new(&conn.open);
+        let Conn { sender, open } = conn;
+        let mut open = OpenStream::new(open);
         let (parts, mut body) = req.into_parts();
-        let conn = self.ready(slot, conn).await?;
-        if !Arc::ptr_eq(&open.0, &conn.open) {
-            open = OpenStream::new(&conn.open);
+        let (mut sender, replaced) = self.ready(slot, sender).await?;
+        if let Some(other) = replaced {
+            open = OpenStream::new(other);
         }
-        let mut sender = conn.sender;
         let eos = body.is_end_stream();
         let (response, mut stream) = sender
             .send_request(http::Request::from_parts(parts, ()), eos)
@@ -385,16 +385,20 @@ impl Pool {
         error
     }
 
-    /// `conn` ready for one more stream; a closed one is replaced once.
-    async fn ready(&self, slot: &Slot, conn: Conn) -> Result<Conn, UpstreamError> {
-        let Conn { sender, open } = conn;
+    /// `sender` ready for one more stream; a closed connection is replaced
+    /// once (then its call counter comes too).
+    async fn ready(
+        &self,
+        slot: &Slot,
+        sender: SendRequest<Bytes>,
+    ) -> Result<(SendRequest<Bytes>, Option<Arc<AtomicUsize>>), UpstreamError> {
         match sender.ready().await {
-            Ok(sender) => Ok(Conn { sender, open }),
+            Ok(sender) => Ok((sender, None)),
             Err(_) => {
                 self.forget(slot);
                 let Conn { sender, open } = self.connection(slot).await?;
                 match sender.ready().await {
-                    Ok(sender) => Ok(Conn { sender, open }),
+                    Ok(sender) => Ok((sender, Some(open))),
                     Err(e) => Err(self.h2_error(slot.endpoint, &e)),
                 }
             }
@@ -525,18 +529,24 @@ impl Pool {
         let open = Arc::new(AtomicUsize::new(0));
         let name = self.spec.name.clone();
         let pings = conn.ping_pong();
-        let (keepalive, calls) = (c.keepalive, open.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                r = &mut conn => if let Err(e) = r {
-                    tracing::debug!(upstream = %name, error = %e, "upstream connection ended");
-                },
-                () = keep_alive(pings, keepalive, calls) => {
+        let ended = name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %ended, error = %e, "upstream connection ended");
+            }
+        });
+        // PINGs in a task of their own: the connection's task polls nothing
+        // else. An unanswered PING aborts the connection.
+        if let Some(pings) = pings.filter(|_| !c.keepalive.interval.is_zero()) {
+            let (keepalive, calls) = (c.keepalive, open.clone());
+            tokio::spawn(async move {
+                if keep_alive(pings, keepalive, calls, &task).await {
+                    task.abort();
                     metrics::get().upstream_error(&name, "keepalive");
                     tracing::warn!(upstream = %name, timeout = %keepalive.timeout, "upstream did not answer a PING: connection dropped, calls on it fail, the next call reconnects");
                 }
-            }
-        });
+            });
+        }
         Ok(Conn { sender, open })
     }
 }
@@ -550,21 +560,26 @@ const MAX_WINDOW: usize = (1 << 31) - 1;
 
 /// PINGs the upstream every `interval` while calls are open on the
 /// connection (an idle connection is left alone: some servers count pings
-/// without calls as abuse); returns when one is not answered in time.
-async fn keep_alive(pings: Option<h2::PingPong>, k: config::Keepalive, calls: Arc<AtomicUsize>) {
-    let Some(mut pings) = pings.filter(|_| !k.interval.is_zero()) else {
-        return std::future::pending().await;
-    };
+/// without calls as abuse). `true`: one was not answered in time; `false`:
+/// the connection (its task, `conn`) ended.
+async fn keep_alive(
+    mut pings: h2::PingPong,
+    k: config::Keepalive,
+    calls: Arc<AtomicUsize>,
+    conn: &tokio::task::JoinHandle<()>,
+) -> bool {
     loop {
         tokio::time::sleep(k.interval.0).await;
+        if conn.is_finished() {
+            return false;
+        }
         if calls.load(Ordering::Relaxed) == 0 {
             continue;
         }
         match tokio::time::timeout(k.timeout.0, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
-            // The connection is closing: its own task ends it.
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
+            Ok(Err(_)) => return false,
+            Err(_) => return true,
         }
     }
 }
