@@ -12,8 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -22,51 +21,20 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::call::{CallState, OpenCall, Watch};
 use crate::grpc::frame::{FrameError, FrameObserver};
 use crate::grpc::status::{parse_status, status_headers, Code};
 use crate::metrics::{self, MethodStats};
 use crate::routes::Route;
 
-/// What the two directions of one call share.
-#[derive(Debug, Default)]
-pub struct CallState {
-    request_error: OnceLock<FrameError>,
-    /// Set whenever data passes either way; the stream idle timer clears
-    /// it when it looks.
-    moved: AtomicBool,
-}
-
-impl CallState {
-    /// The request side's framing problem, if any.
-    pub fn request_error(&self) -> Option<FrameError> {
-        self.request_error.get().copied()
-    }
-
-    /// Whether data passed either way since the last look.
-    pub fn take_moved(&self) -> bool {
-        self.moved.swap(false, Ordering::Relaxed)
-    }
-
-    fn mark_moved(&self) {
-        self.moved.store(true, Ordering::Relaxed);
-    }
-}
-
 /// What ends a call that takes too long.
-pub enum TimerKind {
+pub enum CallTimer {
     /// Its deadline (the client's `grpc-timeout` or the route's timeout),
     /// with the reason the client is given.
-    Deadline(&'static str),
-    /// No deadline: it ends when no data passed either way for this long.
-    Idle(std::time::Duration),
-}
-
-/// A call's timer: its deadline, or the stream idle timeout.
-pub struct CallTimer {
-    /// Fires at the deadline, or one idle period after it was last set.
-    pub sleep: Pin<Box<Sleep>>,
-    /// What firing means.
-    pub kind: TimerKind,
+    Deadline(Pin<Box<Sleep>>, &'static str),
+    /// No deadline: its connection watches it, and ends it when no data
+    /// passed either way for this long.
+    Idle(Watch, std::time::Duration),
 }
 
 /// The message of a call ended by the stream idle timeout.
@@ -126,7 +94,7 @@ impl RequestBody {
     }
 
     fn fail(&mut self, e: FrameError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let _ = self.state.request_error.set(e);
+        self.state.set_request_error(e);
         Poll::Ready(Some(Err(BodyError::Frame(e))))
     }
 }
@@ -234,7 +202,7 @@ pub struct Proxied {
     tally: Tally,
     done: bool,
     /// Counts the call as open on its connection until the response ends.
-    open: Option<crate::server::OpenCall>,
+    open: Option<OpenCall>,
     /// Counts it as open on its upstream connection too.
     _upstream_open: crate::upstream::OpenStream,
 }
@@ -295,7 +263,7 @@ impl Proxied {
 impl ResponseBody {
     /// Keeps the call counted as open on its connection while this body
     /// streams; a body that is sent at once lets it go now.
-    pub fn hold(&mut self, open: crate::server::OpenCall) {
+    pub fn hold(&mut self, open: OpenCall) {
         if let ResponseBody::Proxied(p) = self {
             p.open = Some(open);
         }
@@ -340,18 +308,21 @@ impl Proxied {
         if self.done {
             return Poll::Ready(None);
         }
-        if let Some(t) = &mut self.timer {
-            while t.sleep.as_mut().poll(cx).is_ready() {
-                match t.kind {
-                    TimerKind::Deadline(why) => return self.end_with(Code::DeadlineExceeded, why),
-                    TimerKind::Idle(idle) => {
-                        if !self.state.take_moved() {
-                            return self.end_with(Code::DeadlineExceeded, &idle_message(idle));
-                        }
-                        t.sleep.as_mut().reset(Instant::now() + idle);
-                    }
-                }
-            }
+        let expired = match &mut self.timer {
+            Some(CallTimer::Deadline(sleep, why)) => sleep
+                .as_mut()
+                .poll(cx)
+                .is_ready()
+                .then(|| (*why).to_owned()),
+            Some(CallTimer::Idle(_, idle)) => self
+                .state
+                .poll_expired(cx)
+                .is_ready()
+                .then(|| idle_message(*idle)),
+            None => None,
+        };
+        if let Some(why) = expired {
+            return self.end_with(Code::DeadlineExceeded, &why);
         }
         let Some(inner) = self.inner.as_mut() else {
             self.done = true;

@@ -1,7 +1,8 @@
 //! tollgate: a gRPC-aware HTTP/2 sidecar proxy that enforces global rate
 //! limits.
 //!
-//! The data path is [`proxy::handle`]; [`runtime`] starts workers
+//! The data path is [`proxy::handle`]; [`call`] is what a call shares with
+//! its connection; [`runtime`] starts workers
 //! ([`server`]), the admin endpoints ([`admin`]) and reloads; [`config`] is
 //! the YAML file; [`grpc`] knows the protocol; [`upstream`] holds the
 //! connections to the services behind; [`limit`] is the step where rate
@@ -9,6 +10,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod grpc;

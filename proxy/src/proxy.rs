@@ -23,7 +23,8 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{CallState, CallTimer, Proxied, RequestBody, ResponseBody, Tally, TimerKind};
+use crate::body::{CallTimer, Proxied, RequestBody, ResponseBody, Tally};
+use crate::call::CallState;
 use crate::config::Config;
 use crate::grpc::status::{trailers_only, Code};
 use crate::grpc::{path, timeout};
@@ -139,8 +140,8 @@ pub struct Conn {
     forwarded_for: Option<HeaderValue>,
     /// The identity of the client's verified TLS certificate, if any.
     pub tls_identity: Option<String>,
-    /// Its open calls (the idle timeout reads them).
-    pub activity: Arc<crate::server::Activity>,
+    /// What its calls are doing (its lifecycle task reads it).
+    pub activity: Arc<crate::call::Activity>,
 }
 
 impl Conn {
@@ -151,7 +152,7 @@ impl Conn {
             peer,
             forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             tls_identity,
-            activity: Arc::new(crate::server::Activity::default()),
+            activity: Arc::new(crate::call::Activity::default()),
         }
     }
 }
@@ -323,42 +324,39 @@ pub async fn handle(
     // Boxed: the send future is large, and a call's whole future is copied
     // into its task when hyper spawns it; one allocation is cheaper.
     let mut sent = Box::pin(pool.send(upstream_req));
-    // One timer for the whole call: the deadline, or (for a call without
-    // one) the stream idle timeout, which data passing either way puts off.
+    // What ends the call if it takes too long: its deadline, or (for a call
+    // without one) its connection watching it for the stream idle timeout.
     let mut timer = match deadline {
-        Some(d) => Some(CallTimer {
-            sleep: Box::pin(tokio::time::sleep_until(d)),
-            kind: TimerKind::Deadline(why),
-        }),
-        None if !idle.is_zero() => Some(CallTimer {
-            sleep: Box::pin(tokio::time::sleep_until(start + idle)),
-            kind: TimerKind::Idle(idle),
-        }),
+        Some(d) => Some(CallTimer::Deadline(
+            Box::pin(tokio::time::sleep_until(d)),
+            why,
+        )),
+        None if !idle.is_zero() => conn
+            .activity
+            .watch(&state)
+            .map(|w| CallTimer::Idle(w, idle)),
         None => None,
     };
-    let response = match &mut timer {
-        None => sent.await,
-        Some(t) => loop {
-            tokio::select! {
-                biased;
-                r = &mut sent => break r,
-                _ = t.sleep.as_mut() => {
-                    let message = match t.kind {
-                        TimerKind::Deadline(why) => why.to_owned(),
-                        TimerKind::Idle(idle) => {
-                            if state.take_moved() {
-                                t.sleep.as_mut().reset(Instant::now() + idle);
-                                continue;
-                            }
-                            crate::body::idle_message(idle)
-                        }
-                    };
-                    let mut tally = tally;
-                    tally.finish(Some(Code::DeadlineExceeded as u8));
-                    return trailers_only(Code::DeadlineExceeded, &message);
-                }
-            }
+    let waited = match &mut timer {
+        None => Ok(sent.await),
+        Some(CallTimer::Deadline(sleep, why)) => tokio::select! {
+            biased;
+            r = &mut sent => Ok(r),
+            _ = sleep.as_mut() => Err((*why).to_owned()),
         },
+        Some(CallTimer::Idle(_, idle)) => tokio::select! {
+            biased;
+            r = &mut sent => Ok(r),
+            _ = std::future::poll_fn(|cx| state.poll_expired(cx)) => Err(crate::body::idle_message(*idle)),
+        },
+    };
+    let response = match waited {
+        Ok(r) => r,
+        Err(message) => {
+            let mut tally = tally;
+            tally.finish(Some(Code::DeadlineExceeded as u8));
+            return trailers_only(Code::DeadlineExceeded, &message);
+        }
     };
     let response = match response {
         Ok(r) => r,

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,6 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::call::Activity;
 use crate::config;
 use crate::metrics;
 use crate::proxy::{self, Shared, Worker};
@@ -330,56 +331,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
     }
 }
 
-/// How many calls of one connection are open, and since when none is:
-/// the idle timeout reads it.
-#[derive(Debug)]
-pub struct Activity {
-    open: AtomicUsize,
-    /// µs since `epoch` when the last open call ended.
-    idle_since: AtomicU64,
-    epoch: Instant,
-}
-
-/// A call counted as open on its connection until dropped.
-#[derive(Debug)]
-pub struct OpenCall(Arc<Activity>);
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            open: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-}
-
-impl Activity {
-    /// Counts a call as open until the returned guard is dropped.
-    pub fn open(self: &Arc<Self>) -> OpenCall {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        OpenCall(self.clone())
-    }
-
-    /// When the connection became idle, or `None` while a call is open.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.open.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        Some(self.epoch + Duration::from_micros(self.idle_since.load(Ordering::Acquire)))
-    }
-}
-
-impl Drop for OpenCall {
-    fn drop(&mut self) {
-        let a = &self.0;
-        if a.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            a.idle_since
-                .store(a.epoch.elapsed().as_micros() as u64, Ordering::Release);
-        }
-    }
-}
-
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -457,8 +408,8 @@ async fn serve_connection(
 }
 
 /// Serves HTTP/2 on a connection whose preface has arrived, until it ends:
-/// GOAWAY when it has been idle for `idle_timeout` (to twice that), when it
-/// is older than `max_connection_age`, or on drain; then its calls get
+/// GOAWAY when it has been idle for `idle_timeout`, when it is older than
+/// `max_connection_age`, or on drain; then its calls get
 /// `drain_timeout`. Those timers live in a task of their own
 /// ([`lifecycle`]): the connection's task only looks at one flag per poll.
 async fn serve_h2<IO>(
@@ -499,6 +450,7 @@ where
     let served = Served {
         connection: Box::pin(connection),
         goaway,
+        registered: false,
         shutting: false,
     };
     let r = served.await;
@@ -525,6 +477,9 @@ impl GoAway {
 struct Served<C> {
     connection: Pin<Box<C>>,
     goaway: Arc<GoAway>,
+    /// The task's waker is with the [`GoAway`] (a task's waker does not
+    /// change: registered once, and again after each wake).
+    registered: bool,
     shutting: bool,
 }
 
@@ -539,8 +494,12 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        if !this.registered {
+            this.registered = true;
+            this.goaway.waker.register(cx.waker());
+        }
         match this.goaway.asked.load(Ordering::Acquire) {
-            0 => this.goaway.waker.register(cx.waker()),
+            0 => {}
             1 => {
                 if !this.shutting {
                     this.shutting = true;
@@ -556,8 +515,11 @@ where
 }
 
 /// The timers of one connection: asks it to go away when it has been idle
-/// for `idle_timeout`, when it is older than `max_connection_age`, or on
-/// drain; then closes it after `drain_timeout`. Ends with the connection.
+/// for `idle_timeout` (looking every half of it: it goes between one and
+/// one and a half idle timeouts after its last call), when it is older
+/// than `max_connection_age`, or on drain, then closes it after
+/// `drain_timeout`; and every quarter of `stream_idle_timeout` looks at
+/// its calls without a deadline. Ends with the connection.
 async fn lifecycle(
     l: config::Listener,
     activity: Arc<Activity>,
@@ -572,14 +534,18 @@ async fn lifecycle(
     let spread = f64::from(port % 201) / 1000.0 - 0.1;
     let age = (!l.max_connection_age.is_zero())
         .then(|| born + l.max_connection_age.0.mul_f64(1.0 + spread));
-    let idle = (!l.idle_timeout.is_zero()).then_some(l.idle_timeout.0);
+    let idle_every = (!l.idle_timeout.is_zero()).then(|| l.idle_timeout.0 / 2);
+    let look_every = (!l.stream_idle_timeout.is_zero()).then(|| l.stream_idle_timeout.0 / 4);
+    let mut next_idle = idle_every.map(|h| born + h);
+    let mut next_look = look_every.map(|h| born + h);
+    let (mut seen, mut quiet) = (activity.idle(), 0);
     let far = born + Duration::from_secs(86_400 * 365);
     loop {
-        // While a call is open, look again one idle timeout later (a call
-        // ending wakes nothing here): an idle connection is closed between
-        // one and two idle timeouts after its last call.
-        let idle_at = idle.map(|t| activity.idle_since().unwrap_or_else(Instant::now) + t);
-        let wake = [idle_at, age].into_iter().flatten().min().unwrap_or(far);
+        let wake = [age, next_idle, next_look]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(far);
         tokio::select! {
             biased;
             _ = &mut ended => return,
@@ -590,10 +556,25 @@ async fn lifecycle(
                     tracing::debug!("connection reached max_connection_age: GOAWAY");
                     break;
                 }
-                let idle_now = idle.zip(activity.idle_since()).is_some_and(|(t, since)| since + t <= now);
-                if idle_now {
-                    tracing::debug!("connection idle for idle_timeout: GOAWAY");
-                    break;
+                if let (Some(at), Some(h)) = (next_look, look_every) {
+                    if at <= now {
+                        activity.look();
+                        next_look = Some(now + h);
+                    }
+                }
+                if let (Some(at), Some(h)) = (next_idle, idle_every) {
+                    if at <= now {
+                        // No call open, and none ended since the last look:
+                        // idle all that half idle timeout.
+                        let current = activity.idle();
+                        quiet = if current.0 && current == seen { quiet + 1 } else { 0 };
+                        seen = current;
+                        if quiet >= 2 {
+                            tracing::debug!("connection idle for idle_timeout: GOAWAY");
+                            break;
+                        }
+                        next_idle = Some(now + h);
+                    }
                 }
             }
         }

@@ -80,7 +80,8 @@ pub struct Listener {
     /// (`0s`: never).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
-    /// HTTP/2 PINGs to clients, so a vanished client is noticed.
+    /// HTTP/2 PINGs to clients, so a vanished client is noticed (default
+    /// off: TCP keepalive notices it too).
     #[serde(default = "default_listener_keepalive")]
     pub keepalive: Keepalive,
     /// A connection older than this (±10%) is asked to go away with GOAWAY;
@@ -623,9 +624,14 @@ fn default_header_read_timeout() -> Dur {
 fn default_idle_timeout() -> Dur {
     Dur::from_secs(600)
 }
+/// Off: TCP keepalive (60 s, then 3 probes 10 s apart) already finds a
+/// client that vanished, and hyper's HTTP/2 keepalive costs every frame a
+/// lock and a clock reading (about 1,050 instructions a call, callgrind,
+/// BENCHMARKS.md). Turn it on for clients behind middleboxes that keep
+/// dead sessions open.
 fn default_listener_keepalive() -> Keepalive {
     Keepalive {
-        interval: Dur::from_secs(60),
+        interval: Dur::default(),
         timeout: Dur::from_secs(20),
     }
 }
