@@ -52,7 +52,7 @@ async fn flood(addr: std::net::SocketAddr, deadline: Instant, tally: Arc<Tally>)
             .body(())
             .unwrap()
     };
-    while Instant::now() < deadline {
+    'outer: while Instant::now() < deadline {
         let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
@@ -78,14 +78,19 @@ async fn flood(addr: std::net::SocketAddr, deadline: Instant, tally: Arc<Tally>)
                     }
                     Err(_) => break 'conn,
                 }
-                let Ok(ready) = client.ready().await else {
-                    break 'conn;
+                let Ok(Ok(ready)) =
+                    tokio::time::timeout(Duration::from_secs(1), client.ready()).await
+                else {
+                    continue 'outer;
                 };
                 client = ready;
             }
             tokio::task::yield_now().await;
         }
-        if let Ok(Err(e)) = ended.await {
+        drop(client);
+        // The server closes a flooding connection; one that is not closed
+        // by the end of the run is let go.
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), ended).await {
             if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
                 tally.goaways.fetch_add(1, Ordering::Relaxed);
             }
