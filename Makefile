@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset
+.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench-script: ## Redis CPU per call of the decision script, batches of 31 calls 
 
 bench-rapid-reset: ## a rapid-reset flood against tollgate for several max_pending_resets bounds (see BENCHMARKS.md)
 	bash load-tests/bench-rapid-reset.sh
+
+bench-instructions: ## instructions per call of tollgate builds (callgrind): make bench-instructions BINS="old/tollgate new/tollgate"
+	bash load-tests/bench-instructions.sh $(BINS)
 
 bench-payments: ## CreatePayment on PostgreSQL vs pgbench (see BENCHMARKS.md)
 	bash load-tests/bench-create-payment.sh

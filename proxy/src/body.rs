@@ -27,14 +27,40 @@ use crate::grpc::status::{parse_status, status_headers, Code};
 use crate::metrics::{self, MethodStats};
 use crate::routes::Route;
 
-/// What ends a call that takes too long.
-pub enum CallTimer {
-    /// Its deadline (the client's `grpc-timeout` or the route's timeout),
-    /// with the reason the client is given.
-    Deadline(Pin<Box<Sleep>>, &'static str),
-    /// No deadline: its connection watches it, and ends it when no data
-    /// passed either way for this long.
-    Idle(Watch, std::time::Duration),
+/// What ends a call that takes too long: its deadline, and (unless the
+/// deadline comes first) its connection watching it for the stream idle
+/// timeout; a client cannot opt out of the watch with a far deadline.
+#[derive(Default)]
+pub struct CallTimer {
+    /// The client's `grpc-timeout` or the route's timeout, with the reason
+    /// the client is given.
+    pub deadline: Option<(Pin<Box<Sleep>>, &'static str)>,
+    /// The watch, and the stream idle timeout it ends the call after.
+    pub idle: Option<(Watch, std::time::Duration)>,
+}
+
+// === impl CallTimer ===
+
+impl CallTimer {
+    /// Whether it has neither.
+    pub fn is_none(&self) -> bool {
+        self.deadline.is_none() && self.idle.is_none()
+    }
+
+    /// Ready with the client's message once either has run out.
+    pub fn poll_expired(&mut self, state: &CallState, cx: &mut Context<'_>) -> Poll<String> {
+        if let Some((sleep, why)) = &mut self.deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready((*why).to_owned());
+            }
+        }
+        if let Some((_, idle)) = &self.idle {
+            if state.poll_expired(cx).is_ready() {
+                return Poll::Ready(idle_message(*idle));
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// The message of a call ended by the stream idle timeout.
@@ -198,7 +224,7 @@ pub struct Proxied {
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<Route>,
-    timer: Option<CallTimer>,
+    timer: CallTimer,
     tally: Tally,
     done: bool,
     /// Counts the call as open on its connection until the response ends.
@@ -228,7 +254,7 @@ impl Proxied {
         observer: FrameObserver,
         state: Arc<CallState>,
         route: Arc<Route>,
-        timer: Option<CallTimer>,
+        timer: CallTimer,
         tally: Tally,
         upstream_open: crate::upstream::OpenStream,
     ) -> Self {
@@ -308,21 +334,10 @@ impl Proxied {
         if self.done {
             return Poll::Ready(None);
         }
-        let expired = match &mut self.timer {
-            Some(CallTimer::Deadline(sleep, why)) => sleep
-                .as_mut()
-                .poll(cx)
-                .is_ready()
-                .then(|| (*why).to_owned()),
-            Some(CallTimer::Idle(_, idle)) => self
-                .state
-                .poll_expired(cx)
-                .is_ready()
-                .then(|| idle_message(*idle)),
-            None => None,
-        };
-        if let Some(why) = expired {
-            return self.end_with(Code::DeadlineExceeded, &why);
+        if !self.timer.is_none() {
+            if let Poll::Ready(why) = self.timer.poll_expired(&self.state, cx) {
+                return self.end_with(Code::DeadlineExceeded, &why);
+            }
         }
         let Some(inner) = self.inner.as_mut() else {
             self.done = true;

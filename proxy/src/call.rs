@@ -68,6 +68,10 @@ impl CallState {
     /// One look of the watcher: whether the call has now been quiet for
     /// [`QUIET_LOOKS`] looks in a row (then it is woken to end).
     fn look(&self) -> bool {
+        if self.expired.load(Ordering::Acquire) {
+            // Ended already; its watch goes when the call's response does.
+            return false;
+        }
         if self.moved.swap(false, Ordering::Relaxed) {
             self.quiet.store(0, Ordering::Relaxed);
             return false;

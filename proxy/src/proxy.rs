@@ -326,29 +326,22 @@ pub async fn handle(
     let mut sent = Box::pin(pool.send(upstream_req));
     // What ends the call if it takes too long: its deadline, or (for a call
     // without one) its connection watching it for the stream idle timeout.
-    let mut timer = match deadline {
-        Some(d) => Some(CallTimer::Deadline(
-            Box::pin(tokio::time::sleep_until(d)),
-            why,
-        )),
-        None if !idle.is_zero() => conn
-            .activity
-            .watch(&state)
-            .map(|w| CallTimer::Idle(w, idle)),
-        None => None,
+    let mut timer = CallTimer {
+        deadline: deadline.map(|d| (Box::pin(tokio::time::sleep_until(d)), why)),
+        idle: None,
     };
-    let waited = match &mut timer {
-        None => Ok(sent.await),
-        Some(CallTimer::Deadline(sleep, why)) => tokio::select! {
+    if !idle.is_zero() && budget.is_none_or(|b| b > idle) {
+        timer.idle = conn.activity.watch(&state).map(|w| (w, idle));
+    }
+    let waited = if timer.is_none() {
+        Ok(sent.await)
+    } else {
+        let expired = std::future::poll_fn(|cx| timer.poll_expired(&state, cx));
+        tokio::select! {
             biased;
             r = &mut sent => Ok(r),
-            _ = sleep.as_mut() => Err((*why).to_owned()),
-        },
-        Some(CallTimer::Idle(_, idle)) => tokio::select! {
-            biased;
-            r = &mut sent => Ok(r),
-            _ = std::future::poll_fn(|cx| state.poll_expired(cx)) => Err(crate::body::idle_message(*idle)),
-        },
+            why = expired => Err(why),
+        }
     };
     let response = match waited {
         Ok(r) => r,
@@ -375,7 +368,7 @@ pub async fn handle(
     };
     // A method the upstream answers (anything but UNIMPLEMENTED) is a real
     // one: from now on it has its own label, this call included.
-    if let Some(method) = unknown.filter(|_| !unimplemented(response.0.headers())) {
+    if let Some(method) = unknown.filter(|_| answers_method(&response.0)) {
         stats = route.stats.learn(&method);
         tally.relabel(stats.clone());
     }
@@ -412,13 +405,17 @@ pub async fn handle(
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
 }
 
-/// Whether response headers are a trailers-only UNIMPLEMENTED: the
-/// upstream has no such method.
-fn unimplemented(headers: &http::HeaderMap) -> bool {
-    headers
-        .get("grpc-status")
-        .and_then(crate::grpc::status::parse_status)
-        == Some(Code::Unimplemented as u8)
+/// Whether a response says the upstream has the call's method: a gRPC
+/// answer (HTTP 200, `application/grpc`) that is not a trailers-only
+/// UNIMPLEMENTED.
+fn answers_method<B>(response: &http::Response<B>) -> bool {
+    let h = response.headers();
+    response.status() == StatusCode::OK
+        && h.get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && h.get("grpc-status")
+            .and_then(crate::grpc::status::parse_status)
+            != Some(Code::Unimplemented as u8)
 }
 
 /// The call's `grpc-timeout`, if any; a malformed or repeated one is an

@@ -92,22 +92,24 @@ pub fn load(
                 .and_then(|p| p.stores.redis.as_ref())
                 .filter(|old| Some(&old.settings) == settings.as_ref());
             match same {
-                Some(old) => {
-                    old.set_max_keys(config.limiter.max_keys);
-                    Some(old.clone())
-                }
+                Some(old) => Some(old.clone()),
                 None => Some(Arc::new(
                     RedisStore::new(&config.limiter, workers(&config), base).map_err(setup)?,
                 )),
             }
         }
     };
-    memory.set_max_keys(config.limiter.max_keys);
     let stores = crate::limit::step::Stores {
         memory: memory.clone(),
         redis,
     };
+    let max_keys = config.limiter.max_keys;
     let active = Active::build(config, base, stores).map_err(setup)?;
+    // Only a config that will serve changes the live stores' bound.
+    memory.set_max_keys(max_keys);
+    if let Some(r) = &active.stores.redis {
+        r.set_max_keys(max_keys);
+    }
     Ok((active, tls))
 }
 

@@ -470,12 +470,17 @@ impl Pool {
             )
         })??;
         let _ = tcp.set_nodelay(true);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+        let sock = socket2::SockRef::from(&tcp);
+        // A host that vanished: probes find it when nothing is in flight
+        // (within a minute), and data unacknowledged for 30 s drops the
+        // connection instead of retransmitting for ~15 minutes.
+        let _ = sock.set_tcp_keepalive(
             &socket2::TcpKeepalive::new()
                 .with_time(Duration::from_secs(30))
                 .with_interval(Duration::from_secs(10))
                 .with_retries(3),
         );
+        let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         match &spec.tls {
             None => self.handshake(endpoint, tcp).await,
             Some(tls) => {
@@ -512,7 +517,7 @@ impl Pool {
         // Each call may hold a whole stream window unread (its client reads
         // slowly): the connection window covers every call the connection
         // may carry, so those never stall the others.
-        let window = STREAM_WINDOW as usize * c.max_streams_per_connection;
+        let window = (STREAM_WINDOW as usize).saturating_mul(c.max_streams_per_connection);
         let (sender, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(window.min(MAX_WINDOW) as u32)

@@ -240,6 +240,28 @@ fn stream_request(count: u8, delay_ms: u8) -> bytes::Bytes {
     bytes::Bytes::from(f)
 }
 
+/// A new raw HTTP/2 connection with a ServerStream call of `count` replies
+/// `delay_ms` apart under way: the client (for more calls), the call's
+/// response, and the connection's end.
+async fn stream_on_new_connection(
+    addr: SocketAddr,
+    count: u8,
+    delay_ms: u8,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::ResponseFuture,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, done) = h2_connection(addr).await;
+    let mut client = client.ready().await.unwrap();
+    let (response, mut send) = client
+        .send_request(echo_request(addr, "ServerStream"), false)
+        .unwrap();
+    send.send_data(stream_request(count, delay_ms), true)
+        .unwrap();
+    (client, response, done)
+}
+
 /// Reads a response to its end; returns its grpc-status and body bytes.
 async fn finish(response: h2::client::ResponseFuture) -> (String, usize) {
     let (parts, mut body) = response.await.unwrap().into_parts();
@@ -277,12 +299,7 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let (_silent, silent_done) = h2_connection(proxy.addr()).await;
     // A stream of 12 replies 100 ms apart: open for 1.2 s, longer than the
     // idle timeout, with no new call on its connection meanwhile.
-    let (busy, busy_done) = h2_connection(proxy.addr()).await;
-    let mut busy = busy.ready().await.unwrap();
-    let (response, mut send) = busy
-        .send_request(echo_request(proxy.addr(), "ServerStream"), false)
-        .unwrap();
-    send.send_data(stream_request(12, 100), true).unwrap();
+    let (_busy, response, busy_done) = stream_on_new_connection(proxy.addr(), 12, 100).await;
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(5), silent_done)
         .await
@@ -307,13 +324,8 @@ async fn an_old_connection_gets_goaway_and_its_calls_finish() {
         up.addr,
         "max_connection_age: 400ms, drain_timeout: 10s, idle_timeout: 0s",
     ));
-    let (client, done) = h2_connection(proxy.addr()).await;
-    let mut client = client.ready().await.unwrap();
     // 10 replies 100 ms apart: still running when the connection gets old.
-    let (response, mut send) = client
-        .send_request(echo_request(proxy.addr(), "ServerStream"), false)
-        .unwrap();
-    send.send_data(stream_request(10, 100), true).unwrap();
+    let (client, response, done) = stream_on_new_connection(proxy.addr(), 10, 100).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     // GOAWAY arrived: no new stream is taken on this connection.
     let refused = match client.clone().ready().await {

@@ -24,38 +24,63 @@ impl Drop for Child {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_streams_in_flight_then_exits_zero() {
-    let up = Upstream::start().await;
+/// The tollgate binary, running.
+struct Running {
+    child: Child,
+    port: u16,
+    admin: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+/// Starts the binary in front of `up` (`listener` is spliced into the
+/// listener block) and waits until `/ready` answers 200.
+async fn run_binary(up: &Upstream, listener: &str, stderr: Stdio) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin) = (testkit::free_port(), testkit::free_port());
     let path = dir.path().join("tollgate.yaml");
     std::fs::write(
         &path,
         format!(
-            "listener: {{ address: 127.0.0.1:{port}, drain_timeout: 20s }}\nadmin: {{ address: 127.0.0.1:{admin} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+            "listener: {{ address: 127.0.0.1:{port}, {listener} }}\nadmin: {{ address: 127.0.0.1:{admin} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
             up.addr
         ),
     )
     .unwrap();
-    let mut child = Child(
+    let child = Child(
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["run", "--config"])
             .arg(&path)
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     );
-    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     eventually(
         Duration::from_secs(20),
         "tollgate to be ready",
         || async move {
-            tokio::net::TcpStream::connect(admin_addr).await.ok()?;
-            (http_get(admin_addr, "/ready").await.0 == 200).then_some(())
+            tokio::net::TcpStream::connect(admin).await.ok()?;
+            (http_get(admin, "/ready").await.0 == 200).then_some(())
         },
     )
     .await;
+    Running {
+        child,
+        port,
+        admin,
+        dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_in_flight_then_exits_zero() {
+    let up = Upstream::start().await;
+    let Running {
+        mut child,
+        port,
+        admin: admin_addr,
+        dir: _dir,
+    } = run_binary(&up, "drain_timeout: 20s", Stdio::piped()).await;
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
@@ -216,35 +241,12 @@ fn check_reports_every_problem_and_exits_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_drain_delay_fails_ready_but_keeps_accepting_for_the_delay() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (testkit::free_port(), testkit::free_port());
-    let path = dir.path().join("tollgate.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listener: {{ address: 127.0.0.1:{port}, drain_delay: 2s }}\nadmin: {{ address: 127.0.0.1:{admin} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
-    eventually(
-        Duration::from_secs(20),
-        "tollgate to be ready",
-        || async move {
-            tokio::net::TcpStream::connect(admin_addr).await.ok()?;
-            (http_get(admin_addr, "/ready").await.0 == 200).then_some(())
-        },
-    )
-    .await;
+    let Running {
+        mut child,
+        port,
+        admin: admin_addr,
+        dir: _dir,
+    } = run_binary(&up, "drain_delay: 2s", Stdio::null()).await;
     let pid = child.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

@@ -490,3 +490,75 @@ async fn across_cluster_slots_a_refused_call_is_refunded_for_every_algorithm() {
         assert!(!d[0].allowed, "{algorithm:?}: refunded too much: {d:?}");
     }
 }
+
+#[tokio::test]
+async fn a_sliding_log_refund_finds_its_entry_behind_many_newer_ones() {
+    // A call's units committed at T, then 100 later admissions, then the
+    // refund for T (refund.lua, as tollgate sends it): only T's units go.
+    let redis = testkit::Redis::shared();
+    let prefix = unique("refund");
+    let limiter = Limiter {
+        backend: Backend::Redis,
+        redis: Some(RedisSettings {
+            url: Some(redis.url().into()),
+            timeout: Dur(Duration::from_secs(2)),
+            key_prefix: prefix.clone(),
+            ..RedisSettings::default()
+        }),
+        ..Limiter::default()
+    };
+    let store = RedisStore::new(&limiter, 1, None).unwrap();
+    let log = Params {
+        rate: Rate {
+            limit: 1000,
+            period: Duration::from_secs(60),
+        },
+        burst: None,
+        algorithm: Algorithm::SlidingWindowLog,
+    };
+    let t = ALIGNED_START;
+    let at = |ms: u64, cost: u64| {
+        let store = &store;
+        async move {
+            store
+                .decide(
+                    0,
+                    vec![check("log", 1, log, cost, false)],
+                    Some(t + ms * 1000),
+                    true,
+                )
+                .await
+                .unwrap()[0]
+        }
+    };
+    assert!(at(0, 5).await.allowed);
+    // 100 ms apart: more than a grain (60 s / 1024), one entry each.
+    for k in 1..=100 {
+        assert!(at(100 * k, 1).await.allowed);
+    }
+    let key = format!("{prefix}:{{0000000000000001}}:log");
+    let mut args = vec![0x94, 3, 0xce];
+    args.extend_from_slice(&60_000_000u32.to_be_bytes());
+    args.extend_from_slice(&[0xce]);
+    args.extend_from_slice(&60_000u32.to_be_bytes());
+    args.push(5);
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    let changed: Vec<i64> = redis::cmd("EVAL")
+        .arg(include_str!("../src/limit/refund.lua"))
+        .arg(1)
+        .arg(&key)
+        .arg(t)
+        .arg(args)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(changed, vec![1]);
+    // 100 units used: 900 more fit, 901 do not; and still so once T's
+    // time has left the window (the refund took T's units, no other's).
+    let d = at(10_200, 901).await;
+    assert!(!d.allowed && d.remaining == 900, "{d:?}");
+    let d = at(60_050, 901).await;
+    assert!(!d.allowed && d.remaining == 900, "{d:?}");
+    assert!(at(60_050, 900).await.allowed);
+}

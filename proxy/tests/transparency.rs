@@ -393,6 +393,19 @@ async fn a_call_without_a_deadline_ends_when_nothing_moves_for_the_stream_idle_t
         err.message()
     );
     assert!(started.elapsed() < Duration::from_millis(2_500));
+    // A far deadline does not opt a call out of the watch.
+    let mut far = tonic::Request::new(EchoRequest {
+        delay_ms: 3_000,
+        ..Default::default()
+    });
+    far.set_timeout(Duration::from_secs(3600));
+    let err = c.unary(far).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("listener.stream_idle_timeout"),
+        "{}",
+        err.message()
+    );
     // A stream that goes quiet after its first message.
     let mut s = c
         .server_stream(EchoRequest {

@@ -609,10 +609,15 @@ fn default_upstream_max_connections() -> usize {
 fn default_max_streams_per_connection() -> usize {
     100
 }
+/// Every 5 minutes: gRPC servers in Go and Java by default count PINGs
+/// more frequent than that as abuse (GOAWAY ENHANCE_YOUR_CALM) while they
+/// send nothing. A dead host is noticed sooner by TCP: keepalive probes
+/// when nothing is in flight, and a 30 s user timeout when data goes
+/// unacknowledged.
 fn default_upstream_keepalive() -> Keepalive {
     Keepalive {
-        interval: Dur::from_secs(30),
-        timeout: Dur::from_secs(10),
+        interval: Dur::from_secs(300),
+        timeout: Dur::from_secs(20),
     }
 }
 fn default_max_concurrent_streams() -> u32 {
@@ -869,10 +874,10 @@ impl Config {
                     format!("must be between connections ({}) and 64", u.connections),
                 );
             }
-            if u.max_streams_per_connection == 0 {
+            if u.max_streams_per_connection == 0 || u.max_streams_per_connection > 100_000 {
                 p.add(
                     format!("{at}.max_streams_per_connection"),
-                    "must be at least 1",
+                    "must be between 1 and 100000",
                 );
             }
             check_keepalive(&mut p, &format!("{at}.keepalive"), &u.keepalive);
@@ -1044,6 +1049,17 @@ fn check_limits(
         }
         if l.burst.is_some_and(|b| b >= 1 << 53) {
             p.add(format!("{at}.burst"), "must be below 2^53");
+        }
+        if let (AlgorithmName::Gcra, Ok(rate)) =
+            (l.algorithm, crate::limit::rate::Rate::parse(&l.rate))
+        {
+            let burst = u128::from(l.burst.unwrap_or(rate.limit));
+            if u128::from(rate.emission_interval_micros()) * burst >= 1 << 53 {
+                p.add(
+                    format!("{at}.burst"),
+                    format!("{burst} at {rate} takes more than 2^53 µs (285 years) to earn; use a smaller burst"),
+                );
+            }
         }
         if l.burst.is_some() && l.algorithm != AlgorithmName::Gcra {
             p.add(format!("{at}.burst"), "only the gcra algorithm has a burst");

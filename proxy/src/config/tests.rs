@@ -132,6 +132,7 @@ routes:
       - { name: c1, rate: 5/s, cost: 6, key: [ { peer_ip: {}, repeated: all } ] }
       - { name: c2, rate: 9007199254740992/s, cost: { header: x-cost, max: 0 } }
       - { name: c3, rate: 5/s, algorithm: gcra, burst: 2, cost: 3 }
+      - { name: c4, rate: 1/day, algorithm: gcra, burst: 1000000000 }
 "#,
     );
     for e in [
@@ -147,6 +148,7 @@ routes:
         "routes[0].limits[5].rate: 9007199254740992 per period is more than tollgate counts exactly",
         "routes[0].limits[5].cost.max: must be at least 1",
         "routes[0].limits[6].cost: 3 is more than the limit can ever admit (2)",
+        "routes[0].limits[7].burst: 1000000000 at 1/day takes more than 2^53 µs",
     ] {
         assert!(
             p.iter().any(|x| x.starts_with(e)),

@@ -182,7 +182,10 @@ impl Params {
     pub fn ttl_micros(&self) -> u64 {
         match self.algorithm {
             Algorithm::SlidingWindowCounter => 2 * self.rate.period_micros(),
-            Algorithm::Gcra => self.rate.emission_interval_micros() * self.capacity(),
+            Algorithm::Gcra => self
+                .rate
+                .emission_interval_micros()
+                .saturating_mul(self.capacity()),
             _ => self.rate.period_micros(),
         }
     }
@@ -327,7 +330,7 @@ impl Params {
     fn gcra(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
         let t = self.rate.emission_interval_micros();
         let capacity = self.capacity();
-        let tau = t * capacity;
+        let tau = t.saturating_mul(capacity);
         let tat = match state {
             Some(State::Gcra { tat }) => (*tat).max(now),
             _ => now,

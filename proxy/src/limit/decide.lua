@@ -60,6 +60,9 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- A sliding log's running total above this is rebased (see the commits).
+local REBASE = 2 ^ 50
+
 local function ttl_ms(micros)
   return math.max(1, math.ceil(micros / 1000))
 end
@@ -324,6 +327,22 @@ for _ = 1, calls do
             redis.call('ZREM', key, last[1])
             units, at = lc + cost, math.max(lt, now)
           end
+        end
+        if cum >= REBASE then
+          -- Keep the running totals far below 2^53 (doubles stay exact):
+          -- take the oldest entry's start off every total.
+          local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+          local base = cum - units
+          if #all > 0 then
+            base = tonumber(all[2]) - tonumber(string.match(all[1], '^%d+:(%d+):'))
+          end
+          for i = 1, #all, 2 do
+            local u, t = string.match(all[i], '^%d+:(%d+):(%d+)$')
+            local c = tonumber(all[i + 1]) - base
+            redis.call('ZREM', key, all[i])
+            redis.call('ZADD', key, c, int(c) .. ':' .. u .. ':' .. t)
+          end
+          cum = cum - base
         end
         redis.call('ZADD', key, cum, int(cum) .. ':' .. int(units) .. ':' .. int(at))
         redis.call('PEXPIRE', key, ttl_ms(pt[i]))

@@ -461,9 +461,11 @@ impl RedisStore {
     }
 
     /// A call whose limits live on several Cluster slots: each slot decides
-    /// its part atomically, all at once; when a part refuses, the parts
-    /// that committed are refunded before the call is answered, so a
-    /// refused call consumes none of its limits.
+    /// its part atomically, all at once; when a part refuses (or fails),
+    /// the parts that committed are refunded before the call is answered,
+    /// so a refused call consumes none of its limits. The parts and their
+    /// refunds run in a task of their own: a caller that goes away
+    /// meanwhile cannot leave a committed part unrefunded.
     async fn ask_slots(
         &self,
         worker: usize,
@@ -472,78 +474,20 @@ impl RedisStore {
         now: Option<u64>,
         probe: Option<Probe>,
     ) -> Result<Vec<Decision>, StoreError> {
-        let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            match parts.iter_mut().find(|(s, _)| s == slot) {
-                Some((_, at)) => at.push(i),
-                None => parts.push((*slot, vec![i])),
-            }
-        }
-        let mut probe = probe;
-        let asked = parts.iter().map(|(slot, at)| {
-            let part = at.iter().map(|&i| checks[i].clone()).collect();
-            // Every part needs the figures: whether it committed decides
-            // the refunds.
-            self.send(
-                worker,
-                Kind::Decide,
-                part,
-                now,
-                Some(*slot),
-                true,
-                probe.take(),
-            )
+        let queue = self.queue(worker)?;
+        let (timeout, shown) = (self.inner.timeout, self.inner.shown.clone());
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let decided = decide_parts(&queue, timeout, &checks, &slots, now, probe).await;
+            let _ = tx.send(decided);
         });
-        let answers = futures::future::join_all(asked).await;
-        let mut decisions = vec![None; checks.len()];
-        let mut times = Vec::with_capacity(parts.len());
-        for ((_, at), answer) in parts.iter().zip(answers) {
-            let (d, t) = answer?;
-            if d.len() != at.len() {
-                return Err(StoreError::Response(format!(
-                    "the decision script returned {} decisions for {} limits",
-                    d.len(),
-                    at.len()
-                )));
-            }
-            for (&i, d) in at.iter().zip(d) {
-                decisions[i] = Some(d);
-            }
-            times.push(t);
+        match rx.await {
+            Ok(r) => r.map_err(|e| {
+                tracing::debug!(redis = %shown, error = %e, "a call's parts on several slots gave no decision");
+                e
+            }),
+            Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
         }
-        let decisions: Vec<Decision> = decisions.into_iter().flatten().collect();
-        let refused = |i: &usize| !decisions[*i].allowed && !checks[*i].shadow;
-        if parts.iter().any(|(_, at)| at.iter().any(refused)) {
-            // Parts with no refusal of their own committed: give back what
-            // their allowed limits took.
-            let refunds = parts.iter().zip(&times).filter_map(|((slot, at), &t)| {
-                if at.iter().any(refused) {
-                    return None;
-                }
-                let back: Vec<Check> = at
-                    .iter()
-                    .filter(|&&i| decisions[i].allowed)
-                    .map(|&i| checks[i].clone())
-                    .collect();
-                (!back.is_empty()).then(|| {
-                    self.send(
-                        worker,
-                        Kind::Refund,
-                        back,
-                        Some(t),
-                        Some(*slot),
-                        false,
-                        None,
-                    )
-                })
-            });
-            for r in futures::future::join_all(refunds).await {
-                if let Err(e) = r {
-                    tracing::warn!(redis = %self.inner.shown, error = %e, "a refund for a call refused on another slot failed: its other limits keep the units");
-                }
-            }
-        }
-        Ok(decisions)
     }
 
     /// Hands one request to worker `worker`'s batcher and waits for its
@@ -591,6 +535,158 @@ impl RedisStore {
             Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
             Ok(r) => r,
         }
+    }
+
+    /// The queue of worker `worker`'s batcher, which is started on first
+    /// use (and again if its runtime is gone: tests).
+    fn queue(&self, worker: usize) -> Result<mpsc::UnboundedSender<Request>, StoreError> {
+        let batcher = &self.batchers[worker % self.batchers.len()];
+        let mut queue = batcher
+            .lock()
+            .map_err(|_| StoreError::Connection("batcher lock poisoned".into()))?;
+        match queue.as_ref() {
+            Some(q) if !q.is_closed() => Ok(q.clone()),
+            _ => {
+                let (q, rx) = mpsc::unbounded_channel();
+                tokio::spawn(batcher_loop(self.inner.clone(), rx));
+                *queue = Some(q.clone());
+                Ok(q)
+            }
+        }
+    }
+}
+
+/// What one request asks, but for its deadline and reply.
+struct Part {
+    kind: Kind,
+    checks: Vec<Check>,
+    now: Option<u64>,
+    slot: Option<Slot>,
+    details: bool,
+}
+
+/// Queues one request and waits for its answer (the batcher answers every
+/// request by its deadline, `timeout` from now).
+async fn submit(
+    queue: &mpsc::UnboundedSender<Request>,
+    timeout: Duration,
+    part: Part,
+    probe: Option<Probe>,
+) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    let request = Request {
+        kind: part.kind,
+        checks: part.checks,
+        details: part.details,
+        now: part.now,
+        slot: part.slot,
+        deadline: Instant::now() + timeout,
+        reply: Some(tx),
+        probe,
+    };
+    if queue.send(request).is_err() {
+        return Err(StoreError::Connection("the batcher stopped".into()));
+    }
+    match rx.await {
+        Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
+        Ok(r) => r,
+    }
+}
+
+/// Decides a call's parts, one per slot, at once; refunds the committed
+/// parts when another refused or failed. See [`RedisStore::ask_slots`].
+async fn decide_parts(
+    queue: &mpsc::UnboundedSender<Request>,
+    timeout: Duration,
+    checks: &[Check],
+    slots: &[Slot],
+    now: Option<u64>,
+    probe: Option<Probe>,
+) -> Result<Vec<Decision>, StoreError> {
+    let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        match parts.iter_mut().find(|(s, _)| s == slot) {
+            Some((_, at)) => at.push(i),
+            None => parts.push((*slot, vec![i])),
+        }
+    }
+    let mut probe = probe;
+    let asked = parts.iter().map(|(slot, at)| {
+        let part = Part {
+            kind: Kind::Decide,
+            checks: at.iter().map(|&i| checks[i].clone()).collect(),
+            now,
+            slot: Some(*slot),
+            // Every part needs the figures: whether it committed decides
+            // the refunds.
+            details: true,
+        };
+        submit(queue, timeout, part, probe.take())
+    });
+    let answers = futures::future::join_all(asked).await;
+    let mut decisions: Vec<Option<Decision>> = vec![None; checks.len()];
+    let mut committed = Vec::new();
+    let mut refused = false;
+    let mut failed = None;
+    for ((slot, at), answer) in parts.iter().zip(answers) {
+        let d = match answer {
+            Ok((d, t)) if d.len() == at.len() => (d, t),
+            Ok((d, _)) => {
+                failed = Some(StoreError::Response(format!(
+                    "the decision script returned {} decisions for {} limits",
+                    d.len(),
+                    at.len()
+                )));
+                continue;
+            }
+            Err(e) => {
+                failed = Some(e);
+                continue;
+            }
+        };
+        let (d, t) = d;
+        let refuses = at
+            .iter()
+            .zip(&d)
+            .any(|(&i, d)| !d.allowed && !checks[i].shadow);
+        if refuses {
+            refused = true;
+        } else {
+            // This part committed what its allowed limits took.
+            let back: Vec<Check> = at
+                .iter()
+                .zip(&d)
+                .filter(|(_, d)| d.allowed)
+                .map(|(&i, _)| checks[i].clone())
+                .collect();
+            if !back.is_empty() {
+                committed.push((*slot, back, t));
+            }
+        }
+        for (&i, d) in at.iter().zip(d) {
+            decisions[i] = Some(d);
+        }
+    }
+    if refused || failed.is_some() {
+        let refunds = committed.into_iter().map(|(slot, back, t)| {
+            let part = Part {
+                kind: Kind::Refund,
+                checks: back,
+                now: Some(t),
+                slot: Some(slot),
+                details: false,
+            };
+            submit(queue, timeout, part, None)
+        });
+        for r in futures::future::join_all(refunds).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "a refund for a call refused on another slot failed: its other limits keep the units");
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(decisions.into_iter().flatten().collect()),
     }
 }
 

@@ -53,28 +53,36 @@ for ki = 1, #KEYS do
       changed = changed + 1
     end
   elseif algorithm == 3 then
-    -- Newest first: the entries at or after `now`; the oldest of them
-    -- holds the units.
-    local tail = redis.call('ZRANGE', key, -64, -1, 'WITHSCORES')
-    local from = nil
-    for i = #tail - 1, 1, -2 do
-      local t = tonumber(string.match(tail[i], ':(%d+)$'))
-      if t < now then
-        break
-      end
-      from = i
-    end
-    if from then
-      for i = from, #tail - 1, 2 do
-        local member, cum = tail[i], tonumber(tail[i + 1])
-        local units, t = string.match(member, '^%d+:(%d+):(%d+)$')
-        units = tonumber(units)
-        if i == from then
-          units = units - cost
+    -- The entries at or after `now`, oldest first, read back from the
+    -- newest 64 at a time: the oldest of them holds the units.
+    local total = redis.call('ZCARD', key)
+    local tail, off, found = {}, 0, false
+    while not found and off < total do
+      local chunk = redis.call('ZRANGE', key, -64 - off, -1 - off, 'WITHSCORES')
+      for i = #chunk - 1, 1, -2 do
+        if tonumber(string.match(chunk[i], ':(%d+)$')) < now then
+          found = true
+          break
         end
-        redis.call('ZREM', key, member)
+        tail[#tail + 1] = { chunk[i], tonumber(chunk[i + 1]) }
+      end
+      off = off + 64
+    end
+    if #tail > 0 then
+      -- tail is newest first: the last holds the units.
+      local member = tail[#tail][1]
+      local held = tonumber(string.match(member, '^%d+:(%d+):'))
+      local back = math.min(held, cost)
+      for i = #tail, 1, -1 do
+        local m, cum = tail[i][1], tail[i][2]
+        local units, t = string.match(m, '^%d+:(%d+):(%d+)$')
+        units = tonumber(units)
+        if i == #tail then
+          units = units - back
+        end
+        redis.call('ZREM', key, m)
         if units > 0 then
-          redis.call('ZADD', key, cum - cost, int(cum - cost) .. ':' .. int(units) .. ':' .. t)
+          redis.call('ZADD', key, cum - back, int(cum - back) .. ':' .. int(units) .. ':' .. t)
         end
       end
       changed = changed + 1
