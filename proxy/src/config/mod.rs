@@ -631,7 +631,7 @@ fn default_idle_timeout() -> Dur {
 }
 /// Off: TCP keepalive (60 s, then 3 probes 10 s apart) already finds a
 /// client that vanished, and hyper's HTTP/2 keepalive costs every frame a
-/// lock and a clock reading (about 1,050 instructions a call, callgrind,
+/// lock and a clock reading (about 1,260 instructions a call, callgrind,
 /// BENCHMARKS.md). Turn it on for clients behind middleboxes that keep
 /// dead sessions open.
 fn default_listener_keepalive() -> Keepalive {
