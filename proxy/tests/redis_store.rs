@@ -23,17 +23,34 @@ fn unique(what: &str) -> String {
 }
 
 fn single(url: &str, timeout: Duration) -> RedisStore {
+    prefixed(url, timeout, &unique("t"))
+}
+
+/// A store on one Redis whose keys start with `prefix` (to read them).
+fn prefixed(url: &str, timeout: Duration, prefix: &str) -> RedisStore {
     let limiter = Limiter {
         backend: Backend::Redis,
         redis: Some(RedisSettings {
             url: Some(url.into()),
             timeout: Dur(timeout),
-            key_prefix: unique("t"),
+            key_prefix: prefix.into(),
             ..RedisSettings::default()
         }),
         ..Limiter::default()
     };
     RedisStore::new(&limiter, 1, None).unwrap()
+}
+
+/// A sliding log of `limit` per `period_secs`.
+fn log_limit(limit: u64, period_secs: u64) -> Params {
+    Params {
+        rate: Rate {
+            limit,
+            period: Duration::from_secs(period_secs),
+        },
+        burst: None,
+        algorithm: Algorithm::SlidingWindowLog,
+    }
 }
 
 fn cluster(urls: &[String]) -> RedisStore {
@@ -387,25 +404,8 @@ async fn a_probe_whose_caller_gave_up_never_keeps_the_breaker_open() {
 async fn a_large_cost_in_the_sliding_log_is_one_entry_not_one_per_unit() {
     let redis = testkit::Redis::shared();
     let prefix = unique("zlog");
-    let limiter = Limiter {
-        backend: Backend::Redis,
-        redis: Some(RedisSettings {
-            url: Some(redis.url().into()),
-            timeout: Dur(Duration::from_secs(2)),
-            key_prefix: prefix.clone(),
-            ..RedisSettings::default()
-        }),
-        ..Limiter::default()
-    };
-    let store = RedisStore::new(&limiter, 1, None).unwrap();
-    let log = Params {
-        rate: Rate {
-            limit: 1_000_000,
-            period: Duration::from_secs(60),
-        },
-        burst: None,
-        algorithm: Algorithm::SlidingWindowLog,
-    };
+    let store = prefixed(redis.url(), Duration::from_secs(2), &prefix);
+    let log = log_limit(1_000_000, 60);
     let d = store
         .decide(0, vec![check("big", 1, log, 900_000, false)], None, true)
         .await
@@ -497,25 +497,8 @@ async fn a_sliding_log_refund_finds_its_entry_behind_many_newer_ones() {
     // refund for T (refund.lua, as tollgate sends it): only T's units go.
     let redis = testkit::Redis::shared();
     let prefix = unique("refund");
-    let limiter = Limiter {
-        backend: Backend::Redis,
-        redis: Some(RedisSettings {
-            url: Some(redis.url().into()),
-            timeout: Dur(Duration::from_secs(2)),
-            key_prefix: prefix.clone(),
-            ..RedisSettings::default()
-        }),
-        ..Limiter::default()
-    };
-    let store = RedisStore::new(&limiter, 1, None).unwrap();
-    let log = Params {
-        rate: Rate {
-            limit: 1000,
-            period: Duration::from_secs(60),
-        },
-        burst: None,
-        algorithm: Algorithm::SlidingWindowLog,
-    };
+    let store = prefixed(redis.url(), Duration::from_secs(2), &prefix);
+    let log = log_limit(1000, 60);
     let t = ALIGNED_START;
     let at = |ms: u64, cost: u64| {
         let store = &store;
