@@ -30,7 +30,14 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// A hash of a file's content (0 if it cannot be read): tells a reload
 /// whether a file changed under the same path.
 pub fn fingerprint(path: &Path) -> u64 {
-    std::fs::read(path).map_or(0, |bytes| crate::limit::memory::fnv1a(&bytes))
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    std::fs::read(path).map_or(0, |bytes| {
+        // DefaultHasher::new() has fixed keys: the same content, the same
+        // number, for the life of the process.
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        h.finish()
+    })
 }
 
 /// A root store holding every certificate of a PEM bundle.

@@ -76,8 +76,8 @@ pub struct Listener {
     /// send the HTTP/2 preface; then it is closed.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// A connection with no call open for this long is closed with GOAWAY
-    /// (`0s`: never).
+    /// A connection with no call open for this long (to half as much
+    /// again) is closed with GOAWAY (`0s`: never).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
     /// HTTP/2 PINGs to clients, so a vanished client is noticed (default
@@ -89,8 +89,9 @@ pub struct Listener {
     /// reconnect, so long-lived connections spread over new replicas.
     #[serde(default = "default_max_connection_age")]
     pub max_connection_age: Dur,
-    /// A call without a deadline that passes no message either way for this
-    /// long ends with DEADLINE_EXCEEDED (`0s`: never).
+    /// A call that passes no message either way for this long (to a
+    /// quarter more), and has no deadline before then, ends with
+    /// DEADLINE_EXCEEDED (`0s`: never).
     #[serde(default = "default_stream_idle_timeout")]
     pub stream_idle_timeout: Dur,
     /// Most client connections open at once; more are closed on accept.

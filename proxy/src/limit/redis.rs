@@ -446,7 +446,17 @@ impl RedisStore {
             // One node decides the whole call, atomically.
             let slot = slots.first().copied();
             let (d, _) = self
-                .send(worker, Kind::Decide, checks, now, slot, details, probe)
+                .send(
+                    worker,
+                    Part {
+                        kind: Kind::Decide,
+                        checks,
+                        now,
+                        slot,
+                        details,
+                    },
+                    probe,
+                )
                 .await?;
             return if d.len() == limits {
                 Ok(d)
@@ -492,67 +502,45 @@ impl RedisStore {
 
     /// Hands one request to worker `worker`'s batcher and waits for its
     /// answer (the batcher answers every request by its deadline).
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &self,
-        worker: usize,
-        kind: Kind,
-        checks: Vec<Check>,
-        now: Option<u64>,
-        slot: Option<Slot>,
-        details: bool,
-        probe: Option<Probe>,
-    ) -> Reply {
-        let (tx, rx) = oneshot::channel();
-        let request = Request {
-            kind,
-            checks,
-            details,
-            now,
-            slot,
-            deadline: Instant::now() + self.inner.timeout,
-            reply: Some(tx),
-            probe,
-        };
-        let batcher = &self.batchers[worker % self.batchers.len()];
+    async fn send(&self, worker: usize, part: Part, probe: Option<Probe>) -> Reply {
+        let (request, reply) = part.request(self.inner.timeout, probe);
         {
-            let mut queue = batcher
-                .lock()
-                .map_err(|_| StoreError::Connection("batcher lock poisoned".into()))?;
-            let unsent = match queue.as_ref() {
-                Some(q) => q.send(request).err().map(|e| e.0),
-                None => Some(request),
-            };
-            // No batcher yet, or its runtime is gone (tests): start one.
-            if let Some(request) = unsent {
-                let (q, rx) = mpsc::unbounded_channel();
-                tokio::spawn(batcher_loop(self.inner.clone(), rx));
-                let _ = q.send(request);
-                *queue = Some(q);
-            }
+            let mut queue = self.lock_queue(worker)?;
+            let sent = self.running(&mut queue).send(request);
+            sent.map_err(|_| StoreError::Connection("the batcher stopped".into()))?;
         }
-        match rx.await {
-            Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
-            Ok(r) => r,
-        }
+        answer(reply).await
     }
 
-    /// The queue of worker `worker`'s batcher, which is started on first
-    /// use (and again if its runtime is gone: tests).
+    /// The queue of worker `worker`'s batcher (for a task of its own).
     fn queue(&self, worker: usize) -> Result<mpsc::UnboundedSender<Request>, StoreError> {
-        let batcher = &self.batchers[worker % self.batchers.len()];
-        let mut queue = batcher
+        let mut queue = self.lock_queue(worker)?;
+        Ok(self.running(&mut queue).clone())
+    }
+
+    fn lock_queue(
+        &self,
+        worker: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<Request>>>, StoreError> {
+        self.batchers[worker % self.batchers.len()]
             .lock()
-            .map_err(|_| StoreError::Connection("batcher lock poisoned".into()))?;
-        match queue.as_ref() {
-            Some(q) if !q.is_closed() => Ok(q.clone()),
-            _ => {
-                let (q, rx) = mpsc::unbounded_channel();
-                tokio::spawn(batcher_loop(self.inner.clone(), rx));
-                *queue = Some(q.clone());
-                Ok(q)
-            }
+            .map_err(|_| StoreError::Connection("batcher lock poisoned".into()))
+    }
+
+    /// The batcher behind `queue`, started on first use (and again if its
+    /// runtime is gone: tests).
+    fn running<'q>(
+        &self,
+        queue: &'q mut Option<mpsc::UnboundedSender<Request>>,
+    ) -> &'q mpsc::UnboundedSender<Request> {
+        if queue.as_ref().is_some_and(|q| q.is_closed()) {
+            *queue = None;
         }
+        queue.get_or_insert_with(|| {
+            let (q, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batcher_loop(self.inner.clone(), rx));
+            q
+        })
     }
 }
 
@@ -565,32 +553,48 @@ struct Part {
     details: bool,
 }
 
-/// Queues one request and waits for its answer (the batcher answers every
-/// request by its deadline, `timeout` from now).
+impl Part {
+    /// The request, answered by `timeout` from now, and where its answer
+    /// comes.
+    fn request(
+        self,
+        timeout: Duration,
+        probe: Option<Probe>,
+    ) -> (Request, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            kind: self.kind,
+            checks: self.checks,
+            details: self.details,
+            now: self.now,
+            slot: self.slot,
+            deadline: Instant::now() + timeout,
+            reply: Some(tx),
+            probe,
+        };
+        (request, rx)
+    }
+}
+
+/// The batcher's answer to a request.
+async fn answer(reply: oneshot::Receiver<Reply>) -> Reply {
+    reply
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Connection("the batcher stopped".into())))
+}
+
+/// Queues one request and waits for its answer.
 async fn submit(
     queue: &mpsc::UnboundedSender<Request>,
     timeout: Duration,
     part: Part,
     probe: Option<Probe>,
 ) -> Reply {
-    let (tx, rx) = oneshot::channel();
-    let request = Request {
-        kind: part.kind,
-        checks: part.checks,
-        details: part.details,
-        now: part.now,
-        slot: part.slot,
-        deadline: Instant::now() + timeout,
-        reply: Some(tx),
-        probe,
-    };
+    let (request, reply) = part.request(timeout, probe);
     if queue.send(request).is_err() {
         return Err(StoreError::Connection("the batcher stopped".into()));
     }
-    match rx.await {
-        Err(_) => Err(StoreError::Connection("the batcher stopped".into())),
-        Ok(r) => r,
-    }
+    answer(reply).await
 }
 
 /// Decides a call's parts, one per slot, at once; refunds the committed
