@@ -72,6 +72,22 @@ async fn run_binary(up: &Upstream, listener: &str, stderr: Stdio) -> Running {
     }
 }
 
+/// Sends SIGTERM and waits for `/ready` to fail; returns when it was sent.
+async fn sigterm(child: &Child, admin: std::net::SocketAddr) -> std::time::Instant {
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let sent = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "/ready to fail", || async move {
+        (http_get(admin, "/ready").await.0 == 503).then_some(())
+    })
+    .await;
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_streams_in_flight_then_exits_zero() {
     let up = Upstream::start().await;
@@ -102,16 +118,7 @@ async fn sigterm_drains_streams_in_flight_then_exits_zero() {
         streams.push(s);
     }
 
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    eventually(Duration::from_secs(5), "/ready to fail", || async move {
-        (http_get(admin_addr, "/ready").await.0 == 503).then_some(())
-    })
-    .await;
+    sigterm(&child, admin_addr).await;
     // New connections are refused while the streams drain.
     let refused = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
@@ -247,17 +254,7 @@ async fn sigterm_with_a_drain_delay_fails_ready_but_keeps_accepting_for_the_dela
         admin: admin_addr,
         dir: _dir,
     } = run_binary(&up, "drain_delay: 2s", Stdio::null()).await;
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let signalled = std::time::Instant::now();
-    eventually(Duration::from_secs(1), "/ready to fail", || async move {
-        (http_get(admin_addr, "/ready").await.0 == 503).then_some(())
-    })
-    .await;
+    let signalled = sigterm(&child, admin_addr).await;
     // Not ready, yet a new connection is still accepted and served: load
     // balancers that have not seen /ready fail yet lose nothing.
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))

@@ -199,6 +199,12 @@ async fn raw_upstream() -> SocketAddr {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
                             return;
                         }
+                        if method.starts_with("Missing") {
+                            // Not gRPC at all: a plain HTTP 404.
+                            let resp = Response::builder().status(404).body(()).unwrap();
+                            let _ = respond.send_response(resp, true);
+                            return;
+                        }
                         let mut body = req.into_body();
                         while let Some(Ok(c)) = body.data().await {
                             let _ = body.flow_control().release_capacity(c.len());
@@ -436,4 +442,33 @@ async fn junk_method_names_never_take_the_labels_of_real_methods() {
         assert!(m.contains(&line), "missing {line} in\n{m}");
     }
     assert!(!m.contains("Junk"), "junk names became labels");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_grpc_teaches_no_method_label() {
+    let up = raw_upstream().await;
+    let route = format!("not-grpc-{}", up.port());
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  raw: {{ addresses: [\"{up}\"] }}\nroutes:\n  - {{ match: {{ service: raw.Test }}, upstream: raw, name: {route} }}\n"
+    ));
+    for i in 0..20 {
+        let r = raw_call(
+            proxy.addr(),
+            &format!("/raw.Test/Missing{i}"),
+            &[],
+            &frame(0, b""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.grpc_status(), None, "{r:?}");
+    }
+    let m = common::http_get(proxy.admin(), "/metrics").await.1;
+    assert!(
+        !m.contains("Missing"),
+        "an HTTP 404 made method labels:\n{m}"
+    );
+    assert!(
+        m.contains(&format!("method=\"_unknown\",route=\"{route}\"")),
+        "{m}"
+    );
 }

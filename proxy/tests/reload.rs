@@ -190,3 +190,51 @@ async fn listener_settings_and_the_key_bound_apply_on_reload() {
     .await;
     assert_eq!(flood(1000).await, 0, "100,000 keys: room for all");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_leaves_the_key_bound_as_it_was() {
+    let up = Upstream::start().await;
+    let yaml = |keys: usize, upstream_tls: &str| {
+        format!(
+            "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter: {{ max_keys: {keys} }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] {upstream_tls} }}\nroutes:\n  - match: {{}}\n    upstream: echo\n    name: refused-keys\n    limits: [ {{ name: k, key: [ {{ header: x-k }} ], rate: 5/min, over_capacity: closed }} ]\n",
+            up.addr
+        )
+    };
+    let proxy = Proxy::start(&yaml(16, ""));
+    let c = proxy.client().await;
+    let refused = |from: usize| {
+        let c = c.clone();
+        async move {
+            let mut refused = 0;
+            for i in from..from + 100 {
+                let mut r = tonic::Request::new(req(b"k"));
+                r.metadata_mut()
+                    .insert("x-k", i.to_string().parse().unwrap());
+                if c.clone().unary(r).await.is_err() {
+                    refused += 1;
+                }
+            }
+            refused
+        }
+    };
+    assert!(refused(0).await > 0);
+    // A file that passes the checks but cannot be used (a CA bundle that
+    // is not PEM): the whole reload is refused, its max_keys too.
+    let ca = proxy.dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let attempts = proxy.handle.as_ref().unwrap().reload_attempts();
+    std::fs::write(
+        &proxy.config_path,
+        yaml(100_000, &format!(", tls: {{ ca: {} }}", ca.display())),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the reload attempt", || async {
+        (proxy.handle.as_ref().unwrap().reload_attempts() > attempts).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        refused(1000).await > 0,
+        "the refused config's max_keys took effect"
+    );
+}
