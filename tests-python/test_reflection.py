@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "target", "debug", "payment-backend")
+BINARY = os.environ.get("PAYMENT_BACKEND_BINARY", os.path.join(ROOT, "target", "debug", "payment-backend"))
 
 
 class Reflected:
@@ -175,10 +175,44 @@ def main():
             else:
                 raise AssertionError("a negative amount was accepted")
 
+        def huge_values_give_readable_errors():
+            # grpcio refuses trailers above 16 KiB (RESOURCE_EXHAUSTED "received
+            # metadata size exceeds hard limit"): an error that echoed a huge
+            # value would hide what was wrong.
+            balance = r.unary(channel, "payments.v1.AccountService", "GetAccountBalance")
+            create_account = r.unary(channel, "payments.v1.AccountService", "CreateAccount")
+            create = r.unary(channel, "payments.v1.PaymentService", "CreatePayment")
+            huge = "x" * 60_000
+            base = {"idempotencyKey": uuid.uuid4().hex, "payerAccountId": "acct_a", "payeeAccountId": "acct_b",
+                    "amount": {"amountMinor": "10", "currency": "EUR"}}
+            cases = [
+                ("GetAccountBalance account_id", lambda: balance({"accountId": huge}), "account_id"),
+                ("CreateAccount currency", lambda: create_account(
+                    {"idempotencyKey": uuid.uuid4().hex, "owner": "o", "currency": huge}), "currency"),
+                ("CreateAccount owner with NUL", lambda: create_account(
+                    {"idempotencyKey": uuid.uuid4().hex, "owner": "a\u0000b", "currency": "EUR"}), "owner"),
+                ("CreatePayment metadata key", lambda: create(dict(base, metadata={huge: "v"})), "metadata["),
+                ("CreatePayment 2000 bad metadata pairs", lambda: create(
+                    dict(base, metadata={f"{i}{'k' * 60}": "\u0000" for i in range(2000)})), "metadata"),
+                ("CreatePayment description", lambda: create(dict(base, description=huge)), "description"),
+            ]
+            for name, call, field in cases:
+                try:
+                    call()
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, e.code(), e.details()[:200])
+                    assert field in e.details(), (name, e.details()[:200])
+                    assert len(e.details()) < 4096, (name, len(e.details()))
+                    bins = dict(e.trailing_metadata() or ())
+                    assert "grpc-status-details-bin" in bins, (name, bins.keys())
+                else:
+                    raise AssertionError(f"{name}: accepted")
+
         check("reflection lists the services", services_are_listed)
         check("grpc.health.v1 reports SERVING", health_is_serving)
         check("payment lifecycle with reflected types", lifecycle)
         check("INVALID_ARGUMENT names the field and carries details", invalid_argument_names_the_field)
+        check("errors about huge values stay readable by grpcio", huge_values_give_readable_errors)
         channel.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::idempotency::Scope;
 use crate::relay::RelayConfig;
 use crate::server::{self, Config};
 use crate::store::StoreOptions;
@@ -58,6 +59,15 @@ struct DatabaseArgs {
     /// How long a call waits for a database connection before UNAVAILABLE.
     #[arg(long, env = "PAYMENT_BACKEND_DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     database_acquire_timeout: Duration,
+    /// Longest a single database statement may run before the call answers
+    /// UNAVAILABLE (PostgreSQL statement_timeout; 0 = no limit).
+    #[arg(long, env = "PAYMENT_BACKEND_DATABASE_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    database_statement_timeout: Duration,
+    /// Longest a statement waits for a row another call has locked before
+    /// the call answers ABORTED (PostgreSQL lock_timeout, 0 = no limit;
+    /// SQLite busy_timeout, 0 = do not wait).
+    #[arg(long, env = "PAYMENT_BACKEND_DATABASE_LOCK_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    database_lock_timeout: Duration,
     /// How long to keep retrying an unreachable database at start.
     #[arg(long, env = "PAYMENT_BACKEND_DATABASE_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     database_startup_timeout: Duration,
@@ -110,6 +120,11 @@ struct ServeArgs {
     /// How long the broker may take to acknowledge an event.
     #[arg(long, env = "PAYMENT_BACKEND_RELAY_DELIVERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     relay_delivery_timeout: Duration,
+    /// How long the relay's lease lasts unless renewed: how long events wait
+    /// when the replica publishing them dies without giving it up. The
+    /// delivery timeout must be at most half of it.
+    #[arg(long, env = "PAYMENT_BACKEND_RELAY_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    relay_lease_ttl: Duration,
     /// Largest event the events topic accepts; larger ones are dead-lettered.
     #[arg(long, env = "PAYMENT_BACKEND_RELAY_MAX_MESSAGE_BYTES", default_value_t = crate::relay::DEFAULT_MAX_MESSAGE_BYTES)]
     relay_max_message_bytes: usize,
@@ -122,9 +137,29 @@ struct ServeArgs {
     /// How long idempotency keys are kept (at least 24h).
     #[arg(long, env = "PAYMENT_BACKEND_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     idempotency_retention: Duration,
+    /// The metadata header that names the caller whose idempotency keys a
+    /// call's key is. When set, every mutating call must carry it; in
+    /// production set it to the header the sidecar (tollgate) fills from the
+    /// caller's authenticated identity. Unset, keys are scoped by an optional
+    /// x-client-id, and callers without it share one scope.
+    #[arg(long, env = "PAYMENT_BACKEND_IDEMPOTENCY_SCOPE_HEADER")]
+    idempotency_scope_header: Option<String>,
+    /// How long published and dead-lettered outbox events are kept before
+    /// the sweeper deletes them.
+    #[arg(long, env = "PAYMENT_BACKEND_OUTBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    outbox_retention: Duration,
     /// How often the health check pings the database.
     #[arg(long, env = "PAYMENT_BACKEND_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     health_interval: Duration,
+    /// At shutdown, how long to keep serving after health turned
+    /// NOT_SERVING, so that load balancers and the sidecar stop sending calls
+    /// first (a few seconds in Kubernetes; 0 on a laptop).
+    #[arg(long, env = "PAYMENT_BACKEND_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    shutdown_delay: Duration,
+    /// At shutdown, how long in-flight calls may take to finish before they
+    /// are cut off.
+    #[arg(long, env = "PAYMENT_BACKEND_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -171,6 +206,8 @@ impl DatabaseArgs {
             max_connections: self.database_max_connections,
             acquire_timeout: self.database_acquire_timeout,
             authorization_ttl,
+            statement_timeout: self.database_statement_timeout,
+            lock_timeout: self.database_lock_timeout,
         }
     }
 }
@@ -213,7 +250,7 @@ async fn run(cli: Cli) -> ExitCode {
                     eprintln!(
                         "payment-backend: migrations {} on {}",
                         if args.down { "reverted" } else { "applied" },
-                        crate::redact::url(&opts.url)
+                        crate::redact::database_url(&opts.url)
                     );
                     ExitCode::SUCCESS
                 }
@@ -253,35 +290,51 @@ async fn serve(args: ServeArgs) -> ExitCode {
             ),
         );
     }
+    let idempotency_scope = match args.idempotency_scope_header.as_deref() {
+        None => Scope::default(),
+        Some(h) => match Scope::required(h) {
+            Ok(s) => s,
+            Err(e) => return fail(EXIT_CONFIG, format!("--idempotency-scope-header: {e}")),
+        },
+    };
+    let relay = args
+        .kafka_brokers
+        .filter(|b| !b.trim().is_empty())
+        .map(|brokers| RelayConfig {
+            brokers,
+            topic: args.events_topic,
+            dead_letter_topic: args.dead_letter_topic,
+            partitions: args.events_partitions,
+            batch_size: 200,
+            max_attempts: args.relay_max_attempts.max(1),
+            poll_interval: args.relay_poll_interval,
+            delivery_timeout: args.relay_delivery_timeout,
+            max_message_bytes: args.relay_max_message_bytes,
+            lease_ttl: args.relay_lease_ttl,
+            holder: format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "payment-backend".into()),
+                std::process::id()
+            ),
+        });
+    if let Some(Err(problems)) = relay.as_ref().map(RelayConfig::validate) {
+        return fail(EXIT_CONFIG, problems);
+    }
     let cfg = Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         store: args.db.store_options(args.authorization_ttl),
-        relay: args
-            .kafka_brokers
-            .filter(|b| !b.trim().is_empty())
-            .map(|brokers| RelayConfig {
-                brokers,
-                topic: args.events_topic,
-                dead_letter_topic: args.dead_letter_topic,
-                partitions: args.events_partitions,
-                batch_size: 200,
-                max_attempts: args.relay_max_attempts.max(1),
-                poll_interval: args.relay_poll_interval,
-                delivery_timeout: args.relay_delivery_timeout,
-                max_message_bytes: args.relay_max_message_bytes,
-                holder: format!(
-                    "{}-{}",
-                    std::env::var("HOSTNAME").unwrap_or_else(|_| "payment-backend".into()),
-                    std::process::id()
-                ),
-            }),
+        relay,
         sweeper: SweeperConfig {
             interval: args.sweep_interval,
             idempotency_retention: args.idempotency_retention,
+            outbox_retention: args.outbox_retention,
         },
         health_interval: args.health_interval,
         startup_timeout: args.db.database_startup_timeout,
+        idempotency_scope,
+        shutdown_delay: args.shutdown_delay,
+        drain_timeout: args.drain_timeout,
     };
     let running = match server::start(cfg).await {
         Ok(r) => r,

@@ -25,19 +25,23 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 /// Pings the database every `interval` and reports the result, until
-/// `shutdown` turns true.
+/// `draining` turns true (from then on the server stays NOT_SERVING).
+///
+/// The pings go over a connection of their own, not through the pool: a
+/// backend whose pool is busy serving calls is healthy, and says so.
 pub async fn watch_database(
     store: Store,
     reporter: HealthReporter,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut draining: watch::Receiver<bool>,
 ) {
+    let mut probe = store.probe();
     let mut last: Option<bool> = None;
-    while !*shutdown.borrow() {
-        let up = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
-            Ok(Ok(()))
-        );
+    while !*draining.borrow() {
+        let up = probe.check(interval.max(Duration::from_millis(500))).await;
+        if *draining.borrow() {
+            break;
+        }
         if last != Some(up) {
             if up {
                 tracing::info!("database reachable; health SERVING");
@@ -55,7 +59,7 @@ pub async fn watch_database(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => {}
+            _ = draining.changed() => {}
         }
     }
 }

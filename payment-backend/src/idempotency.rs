@@ -8,11 +8,14 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
+use tollgate_proto::payments::v1 as pb;
+
 use crate::error::{Error, Violations};
 
 /// Metadata header that may carry the key instead of the request field.
 pub const KEY_HEADER: &str = "idempotency-key";
-/// Metadata header naming the caller; keys are scoped per caller.
+/// Metadata header naming the caller when no other is configured; keys are
+/// scoped per caller.
 pub const CLIENT_HEADER: &str = "x-client-id";
 /// Response metadata set when a stored response is replayed.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -20,10 +23,75 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 const MAX_KEY_LEN: usize = 255;
 const MAX_SCOPE_LEN: usize = 128;
 
+/// Whose keys a call's key is: the metadata header that names the caller.
+///
+/// The default reads `x-client-id` and lets it be absent, which puts every
+/// caller without it in one shared scope: fine on a laptop. In production
+/// the scope must come from the caller's authenticated identity, set by the
+/// sidecar (tollgate), not chosen by the client: configure that header with
+/// [`Scope::required`] and a call without it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    header: String,
+    required: bool,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            header: CLIENT_HEADER.to_owned(),
+            required: false,
+        }
+    }
+}
+
+// === impl Scope ===
+
+impl Scope {
+    /// Scopes keys by `header`, which every mutating call must carry.
+    /// `header` must be a valid, lower-case, ASCII metadata key.
+    pub fn required(header: &str) -> Result<Self, String> {
+        let valid = !header.is_empty()
+            && !header.ends_with("-bin")
+            && header
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        if valid {
+            Ok(Scope {
+                header: header.to_owned(),
+                required: true,
+            })
+        } else {
+            Err(format!(
+                "{} is not a metadata header name: use lower-case letters, digits, '-', '_' or '.', not ending in -bin (e.g. x-client-id)",
+                crate::error::shown(header)
+            ))
+        }
+    }
+
+    /// The header that names the caller.
+    pub fn header(&self) -> &str {
+        &self.header
+    }
+
+    /// The idempotency facts of a mutating call.
+    pub fn idempotency<T: Keyed>(&self, request: &tonic::Request<T>) -> Result<Idempotency, Error> {
+        let r = request.get_ref();
+        Idempotency::from_call(
+            request.metadata(),
+            self,
+            T::METHOD,
+            r,
+            r.key_field(),
+            T::canonicalize,
+        )
+    }
+}
+
 /// The idempotency facts of one mutating call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idempotency {
-    /// The caller (`x-client-id`), empty when absent.
+    /// The caller (the [`Scope`] header), empty when absent.
     pub scope: String,
     /// The key the caller chose.
     pub key: String,
@@ -64,57 +132,56 @@ pub trait Keyed: Message + Clone {
     const METHOD: &'static str;
     /// The key field.
     fn key_field(&self) -> &str;
-    /// Clears the key field (the fingerprint is of the rest).
-    fn clear_key(&mut self);
+    /// Turns the request into the form that is fingerprinted: the key field
+    /// cleared, and every field the API defaults set to its default, so two
+    /// requests that mean the same have the same fingerprint.
+    fn canonicalize(&mut self);
 }
 
 macro_rules! keyed {
-    ($($t:ident => $m:literal),* $(,)?) => {$(
-        impl Keyed for tollgate_proto::payments::v1::$t {
+    ($($t:ident => $m:literal $(, defaults: $defaults:path)?);* $(;)?) => {$(
+        impl Keyed for pb::$t {
             const METHOD: &'static str = $m;
             fn key_field(&self) -> &str {
                 &self.idempotency_key
             }
-            fn clear_key(&mut self) {
+            fn canonicalize(&mut self) {
                 self.idempotency_key.clear();
+                $($defaults(self);)?
             }
         }
     )*};
 }
 
 keyed!(
-    CreateAccountRequest => "CreateAccount",
-    DepositRequest => "Deposit",
-    CreatePaymentRequest => "CreatePayment",
-    CapturePaymentRequest => "CapturePayment",
-    CancelPaymentRequest => "CancelPayment",
-    RefundPaymentRequest => "RefundPayment",
+    CreateAccountRequest => "CreateAccount";
+    DepositRequest => "Deposit";
+    CreatePaymentRequest => "CreatePayment", defaults: capture_method_default;
+    CapturePaymentRequest => "CapturePayment";
+    CancelPaymentRequest => "CancelPayment";
+    RefundPaymentRequest => "RefundPayment";
 );
+
+/// An UNSPECIFIED capture method means AUTOMATIC (the documented default).
+fn capture_method_default(r: &mut pb::CreatePaymentRequest) {
+    if r.capture_method == pb::CaptureMethod::Unspecified as i32 {
+        r.capture_method = pb::CaptureMethod::Automatic as i32;
+    }
+}
 
 // === impl Idempotency ===
 
 impl Idempotency {
-    /// The idempotency facts of a mutating call.
-    pub fn of<T: Keyed>(request: &tonic::Request<T>) -> Result<Self, Error> {
-        let r = request.get_ref();
-        Self::from_call(
-            request.metadata(),
-            T::METHOD,
-            r,
-            r.key_field(),
-            T::clear_key,
-        )
-    }
-
     /// Reads the key (request field or `idempotency-key` header) and the
-    /// caller scope, and fingerprints `request` with its key field cleared by
-    /// `without_key`.
+    /// caller's scope, and fingerprints `request` as `canonical` rewrites it
+    /// (key field cleared, defaults filled in).
     pub fn from_call<T: Message + Clone>(
         metadata: &MetadataMap,
+        scope: &Scope,
         method: &'static str,
         request: &T,
         field_key: &str,
-        without_key: impl FnOnce(&mut T),
+        canonical: impl FnOnce(&mut T),
     ) -> Result<Self, Error> {
         let header_key = match metadata.get(KEY_HEADER) {
             Some(v) => Some(v.to_str().map_err(|_| {
@@ -141,21 +208,35 @@ impl Idempotency {
         };
         let mut v = Violations::default();
         v.check("idempotency_key", check_token(key, MAX_KEY_LEN));
-        let scope = match metadata.get(CLIENT_HEADER).map(|v| v.to_str()) {
+        let header = scope.header.as_str();
+        if metadata.get_all(header).iter().nth(1).is_some() {
+            v.add(
+                header,
+                "sent more than once: the caller is named by exactly one value",
+            );
+        }
+        let scope = match metadata.get(header).map(|v| v.to_str()) {
+            None if scope.required => {
+                v.add(
+                    header,
+                    "required: this metadata header names the caller whose idempotency keys these are; the sidecar in front of this service sets it from the caller's authenticated identity",
+                );
+                ""
+            }
             None => "",
             Some(Ok(s)) => {
-                v.check(CLIENT_HEADER, check_token(s, MAX_SCOPE_LEN));
+                v.check(header, check_token(s, MAX_SCOPE_LEN));
                 s
             }
             Some(Err(_)) => {
-                v.add(CLIENT_HEADER, "metadata value must be printable ASCII");
+                v.add(header, "metadata value must be printable ASCII");
                 ""
             }
         };
         v.finish()?;
 
         let mut stripped = request.clone();
-        without_key(&mut stripped);
+        canonical(&mut stripped);
         let mut h = Sha256::new();
         h.update(method.as_bytes());
         h.update([0]);
@@ -195,9 +276,14 @@ mod tests {
     }
 
     fn idem(md: &MetadataMap, r: &CancelPaymentRequest) -> Result<Idempotency, Error> {
-        Idempotency::from_call(md, "CancelPayment", r, &r.idempotency_key, |r| {
-            r.idempotency_key.clear()
-        })
+        Idempotency::from_call(
+            md,
+            &Scope::default(),
+            "CancelPayment",
+            r,
+            &r.idempotency_key,
+            Keyed::canonicalize,
+        )
     }
 
     #[test]
@@ -227,6 +313,61 @@ mod tests {
             idem(&MetadataMap::new(), &req("has space", "x")),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn an_unspecified_capture_method_fingerprints_as_automatic() {
+        let fingerprint = |method: pb::CaptureMethod| {
+            let r = pb::CreatePaymentRequest {
+                idempotency_key: "k".into(),
+                capture_method: method as i32,
+                ..Default::default()
+            };
+            Idempotency::from_call(
+                &MetadataMap::new(),
+                &Scope::default(),
+                "CreatePayment",
+                &r,
+                "k",
+                Keyed::canonicalize,
+            )
+            .unwrap()
+            .fingerprint
+        };
+        let unspecified = fingerprint(pb::CaptureMethod::Unspecified);
+        assert_eq!(unspecified, fingerprint(pb::CaptureMethod::Automatic));
+        assert_ne!(unspecified, fingerprint(pb::CaptureMethod::Manual));
+    }
+
+    #[test]
+    fn a_required_scope_header_must_be_present() {
+        let scope = Scope::required("x-tollgate-identity").unwrap();
+        let r = req("k1", "x");
+        let call = |md: &MetadataMap| {
+            Idempotency::from_call(
+                md,
+                &scope,
+                "CancelPayment",
+                &r,
+                &r.idempotency_key,
+                Keyed::canonicalize,
+            )
+        };
+        let mut md = MetadataMap::new();
+        // The default header does not count once another is configured.
+        md.insert(CLIENT_HEADER, "shop-1".parse().unwrap());
+        let Err(Error::InvalidArgument(v)) = call(&md) else {
+            panic!("a call without the scope header is refused");
+        };
+        assert_eq!(v[0].field, "x-tollgate-identity");
+        md.insert("x-tollgate-identity", "spiffe-shop-1".parse().unwrap());
+        assert_eq!(call(&md).unwrap().scope, "spiffe-shop-1");
+        // A second value (a client's own ahead of the sidecar's) is refused.
+        md.append("x-tollgate-identity", "spiffe-shop-2".parse().unwrap());
+        assert!(matches!(call(&md), Err(Error::InvalidArgument(_))));
+        for bad in ["", "X-Upper", "x-id-bin", "sp ace"] {
+            assert!(Scope::required(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

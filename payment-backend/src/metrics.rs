@@ -38,6 +38,10 @@ pub struct Metrics {
     pub outbox_failures: IntCounter,
     /// Events moved to the dead-letter topic.
     pub outbox_dead_lettered: IntCounter,
+    /// Times this replica's relay lost the outbox lease it held.
+    pub outbox_lease_lost: IntCounter,
+    /// 1 while the relay is paused, by reason (the relay sets the labels).
+    pub outbox_relay_paused: IntGaugeVec,
     /// Authorizations released by the sweeper.
     pub expired: IntCounter,
     db_connections: IntGaugeVec,
@@ -116,6 +120,19 @@ impl Metrics {
             "Outbox events moved to the dead-letter topic after repeated failures.",
         )
         .expect("valid metric");
+        let outbox_lease_lost = IntCounter::new(
+            "payment_backend_outbox_relay_lease_lost_total",
+            "Times this replica's outbox relay lost the lease it held (it expired, or another replica took it over); a rate above 0 means leases change hands without a shutdown.",
+        )
+        .expect("valid metric");
+        let outbox_relay_paused = IntGaugeVec::new(
+            Opts::new(
+                "payment_backend_outbox_relay_paused",
+                "1 while the outbox relay is paused, by reason (authorization: the broker refuses the relay's credentials or ACLs); events wait in the outbox meanwhile.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let expired = IntCounter::new(
             "payment_backend_authorizations_expired_total",
             "Uncaptured authorizations released by the sweeper.",
@@ -148,6 +165,8 @@ impl Metrics {
             Box::new(outbox_published.clone()),
             Box::new(outbox_failures.clone()),
             Box::new(outbox_dead_lettered.clone()),
+            Box::new(outbox_lease_lost.clone()),
+            Box::new(outbox_relay_paused.clone()),
             Box::new(expired.clone()),
             Box::new(db_connections.clone()),
             Box::new(db_max_connections.clone()),
@@ -165,6 +184,8 @@ impl Metrics {
             outbox_published,
             outbox_failures,
             outbox_dead_lettered,
+            outbox_lease_lost,
+            outbox_relay_paused,
             expired,
             db_connections,
             db_max_connections,

@@ -3,6 +3,8 @@
 //! Validation lives here so every RPC rejects the same bad amounts with the
 //! same words.
 
+use crate::error::shown;
+
 /// Active ISO 4217 alphabetic codes (list 1, 2024), sorted for binary search.
 const ISO_4217: &[&str] = &[
     "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
@@ -25,6 +27,13 @@ const ISO_4217: &[&str] = &[
 /// ledger computes far from `i64` overflow.
 pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000_000;
 
+/// Largest balance an account may hold, available and held together, in
+/// minor units of its currency (10^17: a hundred times the largest single
+/// amount, far below `i64` overflow). A deposit, capture or refund that
+/// would take an account above it is refused; both databases also refuse to
+/// store a balance above it.
+pub const MAX_BALANCE_MINOR: i64 = 100_000_000_000_000_000;
+
 /// Whether `code` is an active ISO 4217 alphabetic code (upper case).
 pub fn is_known_currency(code: &str) -> bool {
     ISO_4217.binary_search(&code).is_ok()
@@ -37,13 +46,14 @@ pub fn check_currency(code: &str) -> Result<(), String> {
     }
     if is_known_currency(code) {
         Ok(())
-    } else if is_known_currency(&code.to_ascii_uppercase()) {
+    } else if code.len() == 3 && is_known_currency(&code.to_ascii_uppercase()) {
         Err(format!(
-            "\"{code}\" must be upper case: \"{}\"",
+            "{} must be upper case: \"{}\"",
+            shown(code),
             code.to_ascii_uppercase()
         ))
     } else {
-        Err(format!("\"{code}\" is not an ISO 4217 currency code"))
+        Err(format!("{} is not an ISO 4217 currency code", shown(code)))
     }
 }
 

@@ -15,6 +15,7 @@
 use tollgate_proto::payments::v1 as pb;
 
 use crate::error::Error;
+use crate::money::MAX_BALANCE_MINOR;
 
 /// The stored status of a payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,12 +199,42 @@ fn subject(payment_id: &str) -> String {
     format!("payments/{payment_id}")
 }
 
-/// Plans a capture of `requested` (or everything capturable).
+/// Checks that an account holding `available + held` may be credited
+/// `amount` more without passing [`MAX_BALANCE_MINOR`].
+pub fn check_credit(account_id: &str, available: i64, held: i64, amount: i64) -> Result<(), Error> {
+    let after = available
+        .checked_add(held)
+        .and_then(|t| t.checked_add(amount));
+    match after {
+        Some(total) if total <= MAX_BALANCE_MINOR => Ok(()),
+        _ => Err(Error::FailedPrecondition {
+            reason: "BALANCE_LIMIT",
+            subject: format!("accounts/{account_id}"),
+            description: format!(
+                "crediting {amount} would take account {account_id} above the largest balance an account may hold, {MAX_BALANCE_MINOR} minor units (available and held together); move money out of it, then retry with a new idempotency key"
+            ),
+        }),
+    }
+}
+
+/// Whether an authorization that ran until `expires_at` has run out at `now`.
+pub fn is_expired(expires_at: Option<i64>, now: i64) -> bool {
+    expires_at.is_some_and(|t| t <= now)
+}
+
+/// Plans a capture of `requested` (or everything capturable) at `now`.
 pub fn plan_capture(
     payment_id: &str,
     p: &Amounts,
+    expires_at: Option<i64>,
+    now: i64,
     requested: Option<i64>,
 ) -> Result<CapturePlan, Error> {
+    if p.status == Status::Expired
+        || (p.status == Status::RequiresCapture && is_expired(expires_at, now))
+    {
+        return Err(authorization_expired(payment_id, expires_at));
+    }
     if p.status != Status::RequiresCapture {
         return Err(Error::FailedPrecondition {
             reason: "PAYMENT_NOT_CAPTURABLE",
@@ -235,6 +266,27 @@ pub fn plan_capture(
         capture,
         release: p.capturable - capture,
     })
+}
+
+/// The error of a capture of an authorization that expired at `expires_at`
+/// (µs since the epoch; unknown for payments expired by older versions).
+pub fn authorization_expired(payment_id: &str, expires_at: Option<i64>) -> Error {
+    let when = expires_at.map_or(String::new(), |t| {
+        let ts = crate::store::timestamp(t);
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(ts.seconds).unwrap_or(0),
+                u32::try_from(ts.nanos).unwrap_or(0),
+            );
+        format!(" at {}", humantime::format_rfc3339_micros(at))
+    });
+    Error::FailedPrecondition {
+        reason: "AUTHORIZATION_EXPIRED",
+        subject: subject(payment_id),
+        description: format!(
+            "the authorization of payment {payment_id} expired{when} and its hold was released; create a new payment"
+        ),
+    }
 }
 
 /// Checks that a payment may be canceled; returns the hold to release.
@@ -354,38 +406,73 @@ mod tests {
     fn capture_full_partial_and_over() {
         let p = amounts(Status::RequiresCapture, 1_000, 0, 0);
         assert_eq!(
-            plan_capture("p", &p, None).unwrap(),
+            plan_capture("p", &p, None, 0, None).unwrap(),
             CapturePlan {
                 capture: 1_000,
                 release: 0
             }
         );
         assert_eq!(
-            plan_capture("p", &p, Some(400)).unwrap(),
+            plan_capture("p", &p, None, 0, Some(400)).unwrap(),
             CapturePlan {
                 capture: 400,
                 release: 600
             }
         );
         assert!(matches!(
-            plan_capture("p", &p, Some(1_001)),
+            plan_capture("p", &p, None, 0, Some(1_001)),
             Err(Error::FailedPrecondition {
                 reason: "AMOUNT_EXCEEDS_CAPTURABLE",
                 ..
             })
         ));
         assert!(matches!(
-            plan_capture("p", &p, Some(0)),
+            plan_capture("p", &p, None, 0, Some(0)),
             Err(Error::InvalidArgument(_))
         ));
         let captured = amounts(Status::Captured, 1_000, 1_000, 0);
         assert!(matches!(
-            plan_capture("p", &captured, None),
+            plan_capture("p", &captured, None, 0, None),
             Err(Error::FailedPrecondition {
                 reason: "PAYMENT_NOT_CAPTURABLE",
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn an_expired_authorization_cannot_be_captured() {
+        let p = amounts(Status::RequiresCapture, 1_000, 0, 0);
+        assert!(plan_capture("p", &p, Some(10), 9, None).is_ok());
+        let swept = amounts(Status::Expired, 1_000, 0, 0);
+        for (p, now) in [(&p, 10), (&p, 11), (&swept, 11)] {
+            assert!(matches!(
+                plan_capture("p", p, Some(10), now, None),
+                Err(Error::FailedPrecondition {
+                    reason: "AUTHORIZATION_EXPIRED",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn credits_stop_at_the_largest_balance() {
+        assert!(check_credit("a", MAX_BALANCE_MINOR - 10, 5, 5).is_ok());
+        for (available, held, amount) in [
+            (MAX_BALANCE_MINOR - 10, 5, 6),
+            (MAX_BALANCE_MINOR, 0, 1),
+            (i64::MAX, 0, 1),
+            (1, i64::MAX, 1),
+        ] {
+            assert!(matches!(
+                check_credit("a", available, held, amount),
+                Err(Error::FailedPrecondition {
+                    reason: "BALANCE_LIMIT",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! ```text
 //! start:    connect + migrate ─▶ bind gRPC and metrics ─▶ spawn health watch,
 //!           sweeper, outbox relay ─▶ serve
-//! shutdown: health NOT_SERVING ─▶ stop accepting, finish in-flight RPCs ─▶
-//!           stop tasks (relay gives its lease up) ─▶ close the pool
+//! shutdown: health NOT_SERVING, still serving for the shutdown delay ─▶
+//!           stop accepting, finish in-flight RPCs within the drain timeout
+//!           ─▶ stop tasks (relay gives its lease up) ─▶ close the pool
 //! ```
 
 use std::net::SocketAddr;
@@ -20,8 +21,9 @@ use tollgate_proto::payments::v1::account_service_server::AccountServiceServer;
 use tollgate_proto::payments::v1::payment_service_server::PaymentServiceServer;
 use tonic_health::ServingStatus;
 
+use crate::idempotency::Scope;
 use crate::relay::{self, RelayConfig};
-use crate::service::{AccountApi, PaymentApi};
+use crate::service::{AccountApi, Cutoff, PaymentApi};
 use crate::store::{Store, StoreOptions};
 use crate::sweeper::{self, SweeperConfig};
 use crate::{health, metrics};
@@ -43,6 +45,15 @@ pub struct Config {
     pub health_interval: Duration,
     /// How long to keep retrying the database at start before giving up.
     pub startup_timeout: Duration,
+    /// Whose idempotency keys a call's key is.
+    pub idempotency_scope: Scope,
+    /// How long the server keeps serving after it reported NOT_SERVING at
+    /// shutdown, so that load balancers and sidecars stop sending it calls
+    /// before it stops accepting them.
+    pub shutdown_delay: Duration,
+    /// How long in-flight calls may take to finish at shutdown; the ones
+    /// still running then are cut off.
+    pub drain_timeout: Duration,
 }
 
 /// A running backend.
@@ -53,8 +64,16 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// The store the services use (tests read the ledger through it).
     pub store: Store,
-    /// Turning this true starts the graceful shutdown.
+    /// Turning this true stops the health watch: health stays NOT_SERVING.
+    draining: watch::Sender<bool>,
+    health_watch: JoinHandle<()>,
+    /// Turning this true stops accepting and the background tasks.
     shutdown: watch::Sender<bool>,
+    /// Turning this true ends the calls still running.
+    cut_off: watch::Sender<bool>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown_delay: Duration,
+    drain_timeout: Duration,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -89,7 +108,7 @@ pub enum StartError {
 /// Connects to the database and applies migrations, retrying until
 /// `timeout` so a database that starts after us is waited for.
 pub async fn open_store(opts: &StoreOptions, timeout: Duration) -> Result<Store, StartError> {
-    let url = crate::redact::url(&opts.url);
+    let url = crate::redact::database_url(&opts.url);
     let store = Store::connect(opts).map_err(|cause| StartError::Database {
         url: url.clone(),
         cause,
@@ -142,17 +161,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let (cut_off, cutoff) = Cutoff::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(&reporter, ServingStatus::Serving).await;
     metrics::get().database_up.set(1);
 
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(health::watch_database(
+    let health_watch = tokio::spawn(health::watch_database(
         store.clone(),
         reporter.clone(),
         cfg.health_interval,
-        shutdown_rx.clone(),
-    )));
+        draining_rx,
+    ));
     tasks.push(tokio::spawn(sweeper::run(
         store.clone(),
         cfg.sweeper,
@@ -209,19 +230,32 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(PaymentServiceServer::new(PaymentApi::new(store.clone())))
-        .add_service(AccountServiceServer::new(AccountApi::new(store.clone())));
-    let reporter_for_shutdown = reporter.clone();
+        .add_service(PaymentServiceServer::new(PaymentApi::new(
+            store.clone(),
+            cfg.idempotency_scope.clone(),
+            cutoff.clone(),
+        )))
+        .add_service(AccountServiceServer::new(AccountApi::new(
+            store.clone(),
+            cfg.idempotency_scope,
+            cutoff,
+        )));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
         let _ = rx.wait_for(|s| *s).await;
-        health::set_all(&reporter_for_shutdown, ServingStatus::NotServing).await;
     }));
-    tracing::info!(%grpc_addr, %metrics_addr, database = %crate::redact::url(&cfg.store.url), "payment-backend serving");
+
+    tracing::info!(%grpc_addr, %metrics_addr, database = %crate::redact::database_url(&cfg.store.url), "payment-backend serving");
     Ok(Running {
         grpc_addr,
         metrics_addr,
         store,
+        draining: draining_tx,
+        health_watch,
         shutdown: shutdown_tx,
+        cut_off,
+        reporter,
+        shutdown_delay: cfg.shutdown_delay,
+        drain_timeout: cfg.drain_timeout,
         server,
         tasks,
     })
@@ -230,19 +264,58 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 // === impl Running ===
 
 impl Running {
-    /// Graceful shutdown: health NOT_SERVING, stop accepting, let in-flight
-    /// RPCs finish, stop the background tasks, close the database pool.
+    /// Graceful shutdown: health NOT_SERVING while still serving for the
+    /// shutdown delay, then stop accepting and let in-flight RPCs finish
+    /// within the drain timeout (the rest are cut off), stop the background
+    /// tasks, close the database pool.
     pub async fn shutdown(self) {
+        // Stop the health watch for good before saying NOT_SERVING, so that
+        // it cannot say SERVING again afterwards.
+        let _ = self.draining.send(true);
+        self.health_watch.abort();
+        let _ = self.health_watch.await;
+        health::set_all(&self.reporter, ServingStatus::NotServing).await;
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "health NOT_SERVING; still serving until the shutdown delay ends");
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         let _ = self.shutdown.send(true);
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "gRPC server task failed"),
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let mut server = self.server;
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => {
+                tracing::warn!(drain_timeout = ?self.drain_timeout, "in-flight calls did not finish within the drain timeout; cutting them off (they answer UNAVAILABLE and roll back)");
+                let _ = self.cut_off.send(true);
+                // Their answers go out and their connections close; a
+                // connection that still lingers (a health Watch stream) ends
+                // with the process.
+                if tokio::time::timeout(Duration::from_secs(1), &mut server)
+                    .await
+                    .is_err()
+                {
+                    server.abort();
+                }
+            }
         }
-        for t in self.tasks {
-            let _ = t.await;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!(
+                    "a background task did not stop within the drain timeout; stopping it"
+                );
+                t.abort();
+            }
         }
-        self.store.close().await;
+        // Calls cut off above give their connections back as they are
+        // dropped; a connection stuck in the database is not waited for.
+        if tokio::time::timeout(Duration::from_secs(5), self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections did not close within 5s; exiting anyway");
+        }
         tracing::info!("payment-backend stopped");
     }
 }
@@ -250,7 +323,7 @@ impl Running {
 /// Opens the store without touching its schema (for `migrate`).
 pub fn open_store_without_migrations(opts: &StoreOptions) -> Result<Store, StartError> {
     Store::connect(opts).map_err(|cause| StartError::Database {
-        url: crate::redact::url(&opts.url),
+        url: crate::redact::database_url(&opts.url),
         cause,
     })
 }

@@ -11,42 +11,20 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{create_req, key, status_of, usd, Backend, Db, Options};
+use payment_backend::store::Fenced;
+use sqlx::Row as _;
 use tollgate_proto::payments::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-/// Runs each case once per store.
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Db::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Db::Postgres).await;
-                }
-            )*
-        }
-        /// The same calls, every one through tollgate.
-        mod via_tollgate {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(super::Db::SqliteViaTollgate).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+// Each case once per store, and once more with every call through tollgate.
+per_database!(
+    [
+        sqlite => super::Db::Sqlite,
+        postgres => super::Db::Postgres,
+        via_tollgate => super::Db::SqliteViaTollgate,
+    ]
+    (
     lifecycle_manual_capture_and_refunds,
     automatic_capture_and_cancel,
     declines_are_stored_payments,
@@ -59,6 +37,11 @@ conformance!(
     list_payments_pages_in_stable_order,
     uncaptured_authorizations_expire,
     one_relay_holds_the_outbox_lease,
+    relay_marks_apply_only_under_the_lease_they_were_made_with,
+    pending_events_are_the_due_ones_in_payment_order,
+    published_outbox_events_go_after_retention,
+    purging_the_outbox_goes_in_bounded_batches,
+    )
 );
 
 fn bad_fields(s: &tonic::Status) -> Vec<String> {
@@ -80,12 +63,7 @@ async fn lifecycle_manual_capture_and_refunds(db: Db) {
     let payer = b.account("USD", 10_000).await;
     let payee = b.account("USD", 0).await;
 
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 6_000, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &payee, 6_000, true).await;
     assert_eq!(status_of(&p), pb::PaymentStatus::RequiresCapture);
     assert_eq!(p.amount_capturable.as_ref().unwrap().amount_minor, 6_000);
     assert!(p.authorization_expires_at.is_some());
@@ -189,22 +167,12 @@ async fn automatic_capture_and_cancel(db: Db) {
     let payer = b.account("USD", 1_000).await;
     let payee = b.account("USD", 0).await;
 
-    let auto = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 300, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let auto = b.pay(&payer, &payee, 300, false).await;
     assert_eq!(status_of(&auto), pb::PaymentStatus::Captured);
     assert_eq!(auto.amount_captured.as_ref().unwrap().amount_minor, 300);
     assert_eq!(b.balance(&payee).await, (300, 0));
 
-    let manual = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 500, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let manual = b.pay(&payer, &payee, 500, true).await;
     assert_eq!(b.balance(&payer).await, (200, 500));
     let canceled = b
         .payments
@@ -234,12 +202,7 @@ async fn automatic_capture_and_cancel(db: Db) {
     assert!(err.message().contains("CANCELED"), "{}", err.message());
 
     // Over-capture is refused and leaves the hold alone.
-    let held = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 100, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = b.pay(&payer, &payee, 100, true).await;
     let err = b
         .payments
         .capture_payment(pb::CapturePaymentRequest {
@@ -260,12 +223,7 @@ async fn declines_are_stored_payments(db: Db) {
     let payee = b.account("USD", 0).await;
     let euro = b.account("EUR", 0).await;
 
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 101, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &payee, 101, false).await;
     assert_eq!(status_of(&p), pb::PaymentStatus::Declined);
     assert_eq!(p.decline_code, pb::DeclineCode::InsufficientFunds as i32);
     let stored = b
@@ -278,21 +236,11 @@ async fn declines_are_stored_payments(db: Db) {
         .into_inner();
     assert_eq!(stored, p);
 
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &euro, 10, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &euro, 10, false).await;
     assert_eq!(p.decline_code, pb::DeclineCode::CurrencyMismatch as i32);
 
     b.store.set_account_status(&payee, "FROZEN").await.unwrap();
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 10, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &payee, 10, false).await;
     assert_eq!(p.decline_code, pb::DeclineCode::AccountInactive as i32);
 
     assert_eq!(b.balance(&payer).await, (100, 0), "declines move no money");
@@ -341,12 +289,7 @@ async fn idempotent_replay_and_reuse(db: Db) {
     assert_eq!(b.balance(&payer).await, (500, 0));
 
     // A key used for a capture cannot be reused for a refund.
-    let manual = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 100, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let manual = b.pay(&payer, &payee, 100, true).await;
     let k = key();
     let capture = pb::CapturePaymentRequest {
         idempotency_key: k.clone(),
@@ -442,12 +385,7 @@ async fn concurrent_refunds_never_exceed_capture(db: Db) {
     let mut b = Backend::start(db).await;
     let payer = b.account("USD", 1_000).await;
     let payee = b.account("USD", 0).await;
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 1_000, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &payee, 1_000, false).await;
     let calls = (0..2).map(|_| {
         let mut client = b.payments.clone();
         let req = pb::RefundPaymentRequest {
@@ -612,12 +550,7 @@ async fn list_payments_pages_in_stable_order(db: Db) {
     let other = b.account("USD", 10_000).await;
     let mut created = Vec::new();
     for i in 0..7 {
-        let p = b
-            .payments
-            .create_payment(create_req(&payer, &payee, 10 + i, i % 2 == 0))
-            .await
-            .unwrap()
-            .into_inner();
+        let p = b.pay(&payer, &payee, 10 + i, i % 2 == 0).await;
         created.push(p.id);
     }
     b.payments
@@ -702,12 +635,7 @@ async fn uncaptured_authorizations_expire(db: Db) {
     .await;
     let payer = b.account("USD", 1_000).await;
     let payee = b.account("USD", 0).await;
-    let p = b
-        .payments
-        .create_payment(create_req(&payer, &payee, 400, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let p = b.pay(&payer, &payee, 400, true).await;
     let mut client = b.payments.clone();
     let id = p.id.clone();
     let expired = common::eventually(
@@ -728,6 +656,10 @@ async fn uncaptured_authorizations_expire(db: Db) {
     )
     .await;
     assert_eq!(expired.amount_capturable.unwrap().amount_minor, 0);
+    assert!(
+        expired.authorization_expires_at.is_some(),
+        "an expired payment keeps when it expired"
+    );
     assert_eq!(b.balance(&payer).await, (1_000, 0), "hold released");
     let err = client
         .capture_payment(pb::CapturePaymentRequest {
@@ -738,6 +670,8 @@ async fn uncaptured_authorizations_expire(db: Db) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "AUTHORIZATION_EXPIRED", "{err:?}");
+    assert!(err.message().contains("expired at 20"), "{err:?}");
     b.assert_ledger_balanced().await;
 }
 
@@ -748,19 +682,22 @@ async fn one_relay_holds_the_outbox_lease(db: Db) {
         .store
         .acquire_lease("relay", "replica-a", ttl)
         .await
-        .unwrap());
+        .unwrap()
+        .is_some());
     assert!(
-        !b.store
+        b.store
             .acquire_lease("relay", "replica-b", ttl)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "a second replica must not publish while the first holds the lease"
     );
     assert!(
         b.store
             .acquire_lease("relay", "replica-a", ttl)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_some(),
         "renewal"
     );
     b.store.release_lease("relay", "replica-a").await.unwrap();
@@ -768,16 +705,312 @@ async fn one_relay_holds_the_outbox_lease(db: Db) {
         .store
         .acquire_lease("relay", "replica-b", ttl)
         .await
-        .unwrap());
+        .unwrap()
+        .is_some());
     // An expired lease is taken over.
     assert!(b
         .store
         .acquire_lease("other", "replica-a", -1)
         .await
-        .unwrap());
+        .unwrap()
+        .is_some());
     assert!(b
         .store
         .acquire_lease("other", "replica-b", ttl)
         .await
-        .unwrap());
+        .unwrap()
+        .is_some());
+}
+
+/// Outbox rows as (row id, payment id), in outbox order.
+async fn outbox_rows(b: &Backend) -> Vec<(i64, String)> {
+    sqlx::query("SELECT id, payment_id FROM outbox ORDER BY id")
+        .fetch_all(b.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("id"), r.get("payment_id")))
+        .collect()
+}
+
+/// Sets an event's retry time, as a failed attempt does.
+async fn retry_at(b: &Backend, id: i64, next_attempt_at: i64) {
+    sqlx::query("UPDATE outbox SET attempts = 1, last_error = 'refused', next_attempt_at = $1 WHERE id = $2")
+        .bind(next_attempt_at)
+        .bind(id)
+        .execute(b.store.pool())
+        .await
+        .unwrap();
+}
+
+async fn pending_ids(b: &Backend, limit: u32) -> Vec<i64> {
+    b.store
+        .pending_events(limit)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+async fn pending_events_are_the_due_ones_in_payment_order(db: Db) {
+    let mut b = Backend::start(db).await;
+    let payer = b.account("USD", 10_000).await;
+    let payee = b.account("USD", 0).await;
+    // Payment `slow`: four events (authorized, captured, two refunds).
+    let slow = b.pay(&payer, &payee, 600, true).await;
+    b.capture(&slow.id, None).await;
+    for amount in [Some(100), None] {
+        b.refund(&slow.id, amount).await;
+    }
+    // Payment `due`: one event, written after them.
+    let due = b.pay(&payer, &payee, 50, false).await;
+    let rows = outbox_rows(&b).await;
+    let slow_ids: Vec<i64> = rows
+        .iter()
+        .filter(|(_, p)| *p == slow.id)
+        .map(|(id, _)| *id)
+        .collect();
+    let due_ids: Vec<i64> = rows
+        .iter()
+        .filter(|(_, p)| *p == due.id)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!((slow_ids.len(), due_ids.len()), (4, 1), "{rows:?}");
+
+    // Every event of `slow` failed and waits an hour: more of them than the
+    // batch holds, ahead of the due event of another payment.
+    let later = b.store.now_micros() + 3_600_000_000;
+    for id in &slow_ids {
+        retry_at(&b, *id, later).await;
+    }
+    assert_eq!(
+        pending_ids(&b, 3).await,
+        due_ids,
+        "a due event is taken even behind a full batch of events that are not due"
+    );
+
+    // Only the first event of `slow` waits: the later ones are due but stay
+    // behind it, so the topic sees the payment in order.
+    for id in &slow_ids[1..] {
+        retry_at(&b, *id, 0).await;
+    }
+    assert_eq!(
+        pending_ids(&b, 10).await,
+        due_ids,
+        "events behind an event of their payment that is not due wait for it"
+    );
+
+    // Once it is due, the payment's events come in outbox order.
+    retry_at(&b, slow_ids[0], 0).await;
+    let mut all = slow_ids.clone();
+    all.extend(&due_ids);
+    assert_eq!(pending_ids(&b, 10).await, all);
+    assert_eq!(pending_ids(&b, 2).await, slow_ids[..2]);
+}
+
+/// Sets an event's publication (and dead-letter) time.
+async fn published_at(b: &Backend, id: i64, at: Option<i64>, dead_lettered: bool) {
+    sqlx::query(
+        "UPDATE outbox SET published_at = $1, dead_lettered_at = $2, created_at = $3 WHERE id = $4",
+    )
+    .bind(at)
+    .bind(at.filter(|_| dead_lettered))
+    .bind(b.store.now_micros() - 3 * 3_600_000_000)
+    .bind(id)
+    .execute(b.store.pool())
+    .await
+    .unwrap();
+}
+
+async fn some_events(b: &mut Backend, n: usize) -> Vec<i64> {
+    let payer = b.account("USD", 10_000).await;
+    let payee = b.account("USD", 0).await;
+    for _ in 0..n {
+        b.payments
+            .create_payment(create_req(&payer, &payee, 10, false))
+            .await
+            .unwrap();
+    }
+    let ids: Vec<i64> = outbox_rows(b).await.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), n);
+    ids
+}
+
+async fn published_outbox_events_go_after_retention(db: Db) {
+    let mut b = Backend::start_with(
+        db,
+        Options {
+            sweep_interval: Duration::from_millis(50),
+            outbox_retention: Duration::from_secs(3600),
+            ..Options::default()
+        },
+    )
+    .await;
+    let ids = some_events(&mut b, 4).await;
+    let now = b.store.now_micros();
+    let two_hours_ago = now - 2 * 3_600_000_000;
+    published_at(&b, ids[0], Some(two_hours_ago), false).await;
+    published_at(&b, ids[1], Some(two_hours_ago), true).await;
+    published_at(&b, ids[2], Some(now - 60_000_000), false).await;
+    // ids[3] is unpublished (and written three hours ago): it must stay.
+    published_at(&b, ids[3], None, false).await;
+
+    let kept = common::eventually(
+        Duration::from_secs(20),
+        "the sweeper to delete events published before the retention",
+        || async {
+            let left: Vec<i64> = outbox_rows(&b).await.iter().map(|(id, _)| *id).collect();
+            (!left.contains(&ids[0]) && !left.contains(&ids[1])).then_some(left)
+        },
+    )
+    .await;
+    assert_eq!(
+        kept,
+        ids[2..],
+        "events published within the retention, and unpublished ones, are kept"
+    );
+    assert_eq!(b.store.outbox_stats().await.unwrap().pending, 1);
+}
+
+async fn purging_the_outbox_goes_in_bounded_batches(db: Db) {
+    let mut b = Backend::start(db).await;
+    let ids = some_events(&mut b, 4).await;
+    let now = b.store.now_micros();
+    for id in &ids[..3] {
+        published_at(&b, *id, Some(now - 10), false).await;
+    }
+    assert_eq!(b.store.purge_outbox(now, 2).await.unwrap(), 2);
+    assert_eq!(b.store.purge_outbox(now, 2).await.unwrap(), 1);
+    assert_eq!(b.store.purge_outbox(now, 2).await.unwrap(), 0);
+    let left: Vec<i64> = outbox_rows(&b).await.iter().map(|(id, _)| *id).collect();
+    assert_eq!(left, ids[3..], "the unpublished event stays");
+}
+
+/// (attempts, published, dead-lettered) of each outbox row, in order.
+async fn outbox_marks(b: &Backend) -> Vec<(i32, bool, bool)> {
+    sqlx::query("SELECT attempts, published_at, dead_lettered_at FROM outbox ORDER BY id")
+        .fetch_all(b.store.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get("attempts"),
+                r.get::<Option<i64>, _>("published_at").is_some(),
+                r.get::<Option<i64>, _>("dead_lettered_at").is_some(),
+            )
+        })
+        .collect()
+}
+
+async fn relay_marks_apply_only_under_the_lease_they_were_made_with(db: Db) {
+    let mut b = Backend::start(db).await;
+    let ids = some_events(&mut b, 3).await;
+    let later = b.store.now_micros() + 60_000_000;
+    let ttl = 60_000_000;
+    let a = b
+        .store
+        .acquire_lease("relay", "replica-a", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease is taken");
+    assert_eq!(
+        b.store
+            .acquire_lease("relay", "replica-a", ttl)
+            .await
+            .unwrap(),
+        Some(a.clone()),
+        "renewing keeps the token"
+    );
+
+    // a's lease runs out (its round outlived it) and b takes over.
+    sqlx::query("UPDATE relay_lease SET expires_at = 0 WHERE name = 'relay'")
+        .execute(b.store.pool())
+        .await
+        .unwrap();
+    let lease_b = b
+        .store
+        .acquire_lease("relay", "replica-b", ttl)
+        .await
+        .unwrap()
+        .expect("an expired lease is taken over");
+    assert!(lease_b.token > a.token, "the token moves with the lease");
+
+    // Whatever a still records with the lease it had changes nothing.
+    let s = &b.store;
+    assert_eq!(
+        s.mark_published(&a, &ids[..1]).await.unwrap(),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        s.mark_failed(&a, ids[1], "refused", later).await.unwrap(),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        s.mark_dead_lettered(&a, ids[2], "refused").await.unwrap(),
+        Fenced::LeaseLost
+    );
+    assert_eq!(outbox_marks(&b).await, [(0, false, false); 3]);
+
+    // b's marks apply.
+    assert_eq!(
+        s.mark_published(&lease_b, &ids[..1]).await.unwrap(),
+        Fenced::Applied
+    );
+    assert_eq!(
+        s.mark_failed(&lease_b, ids[1], "refused", later)
+            .await
+            .unwrap(),
+        Fenced::Applied
+    );
+    assert_eq!(
+        s.mark_dead_lettered(&lease_b, ids[2], "refused")
+            .await
+            .unwrap(),
+        Fenced::Applied
+    );
+    assert_eq!(
+        outbox_marks(&b).await,
+        [(0, true, false), (1, false, false), (0, true, true)]
+    );
+    assert_eq!(
+        s.mark_published(&lease_b, &[]).await.unwrap(),
+        Fenced::Applied
+    );
+
+    // Given up and taken again by a: b is fenced off in turn.
+    s.release_lease("relay", "replica-b").await.unwrap();
+    let a2 = s
+        .acquire_lease("relay", "replica-a", ttl)
+        .await
+        .unwrap()
+        .expect("a released lease is taken at once");
+    assert!(a2.token > lease_b.token);
+    assert_eq!(
+        s.mark_failed(&lease_b, ids[1], "refused", later)
+            .await
+            .unwrap(),
+        Fenced::LeaseLost
+    );
+    // A lease that lapsed fences its own holder too, even with no one else
+    // holding it, and taking it again moves the token.
+    sqlx::query("UPDATE relay_lease SET expires_at = 0 WHERE name = 'relay'")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.mark_failed(&a2, ids[1], "refused", later).await.unwrap(),
+        Fenced::LeaseLost
+    );
+    let a3 = s
+        .acquire_lease("relay", "replica-a", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a3.token > a2.token);
+    assert_eq!(
+        outbox_marks(&b).await,
+        [(0, true, false), (1, false, false), (0, true, true)]
+    );
 }

@@ -84,3 +84,27 @@ fn bad_database_url_is_a_clear_error() {
         "password must not be printed: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_not_bound_by_the_statement_timeout() {
+    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let store = payment_backend::store::Store::connect(&payment_backend::store::StoreOptions {
+        statement_timeout: std::time::Duration::from_millis(1),
+        ..common::store_options(&url, std::time::Duration::from_secs(60))
+    })
+    .unwrap();
+    store.migrate().await.expect("migrations run to the end");
+    // Calls still are bound by it.
+    let err = sqlx::query("SELECT pg_sleep(0.1)")
+        .execute(store.pool())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            payment_backend::store::classify(err),
+            payment_backend::error::Error::Unavailable(_)
+        ),
+        "a pooled connection keeps the statement timeout"
+    );
+    store.close().await;
+}

@@ -8,22 +8,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::health;
 use common::{create_req, Backend, Db, Options};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-
-async fn health(b: &Backend, service: &str) -> Option<ServingStatus> {
-    let mut client = HealthClient::new(b.channel.clone());
-    let r = client
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()?;
-    ServingStatus::try_from(r.into_inner().status).ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_run_is_unavailable_then_recovers() {

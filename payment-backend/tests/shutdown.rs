@@ -24,7 +24,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_backend(url: &str, grpc: u16, metrics: u16) -> Proc {
+fn spawn_backend(url: &str, grpc: u16, metrics: u16, extra: &[&str]) -> Proc {
     Proc(
         Command::new(env!("CARGO_BIN_EXE_payment-backend"))
             .args(["serve", "--listen"])
@@ -33,6 +33,7 @@ fn spawn_backend(url: &str, grpc: u16, metrics: u16) -> Proc {
             .arg(format!("127.0.0.1:{metrics}"))
             .arg("--database-url")
             .arg(url)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -59,7 +60,8 @@ async fn connect(port: u16) -> Channel {
 async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let (url, _dir) = common::fresh_database(Db::Postgres);
     let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
-    let mut proc = spawn_backend(&url, grpc, metrics);
+    // The held lock below must outlast the drain, not the lock timeout.
+    let mut proc = spawn_backend(&url, grpc, metrics, &["--database-lock-timeout", "0"]);
     let channel = connect(grpc).await;
     let accounts = AccountServiceClient::new(channel.clone());
     let mut payments = PaymentServiceClient::new(channel.clone());
@@ -131,20 +133,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         .into_inner();
     assert_eq!(common::status_of(&payment), pb::PaymentStatus::Captured);
 
-    let status = tokio::task::spawn_blocking(move || {
-        let s = proc.0.wait().unwrap();
-        let mut err = String::new();
-        use std::io::Read as _;
-        proc.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (s, err)
-    })
-    .await
-    .unwrap();
+    let status = exit_of(proc).await.expect("the backend exits once drained");
     assert_eq!(status.0.code(), Some(0), "{}", status.1);
     assert!(status.1.contains("shutdown requested"), "{}", status.1);
     // The database password never reaches the log.
@@ -160,6 +149,89 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         status.1
     );
     assert!(status.1.contains("app:***@"), "{}", status.1);
+}
+
+/// Waits for the process to exit (at most 20 s): its status and log.
+async fn exit_of(mut proc: Proc) -> Option<(std::process::ExitStatus, String)> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = proc.0.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read as _;
+                proc.0
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return Some((status, err));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_off_a_call_that_outlives_the_drain_timeout() {
+    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
+    // Nothing on the database side ends a call stuck on a row lock.
+    let proc = spawn_backend(
+        &url,
+        grpc,
+        metrics,
+        &[
+            "--database-lock-timeout",
+            "0",
+            "--database-statement-timeout",
+            "0",
+            "--drain-timeout",
+            "1s",
+        ],
+    );
+    let channel = connect(grpc).await;
+    let mut accounts = AccountServiceClient::new(channel);
+    let account = accounts
+        .create_account(pb::CreateAccountRequest {
+            idempotency_key: key(),
+            owner: "o".into(),
+            currency: "USD".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    sqlx::any::install_default_drivers();
+    let locker = common::hold_lock(Db::Postgres, &url, &account).await;
+    let stuck = tokio::spawn(async move {
+        accounts
+            .deposit(pb::DepositRequest {
+                idempotency_key: key(),
+                account_id: account,
+                amount: Some(common::usd(5)),
+            })
+            .await
+    });
+    common::a_call_waits_for_a_lock(&url).await;
+
+    let pid = proc.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, log) = exit_of(proc)
+        .await
+        .expect("the backend exits at the drain timeout while the lock is still held");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("drain timeout"), "{log}");
+    let cut = stuck.await.unwrap();
+    assert!(cut.is_err(), "the cut-off call fails: {cut:?}");
+    drop(locker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

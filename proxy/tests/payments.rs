@@ -24,18 +24,21 @@ async fn payment_lifecycle_through_tollgate() {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         store: StoreOptions {
-            url: format!("sqlite://{}/p.db?mode=rwc", db.path().display()),
-            max_connections: 4,
             acquire_timeout: Duration::from_secs(2),
             authorization_ttl: Duration::from_secs(3600),
+            ..StoreOptions::new(format!("sqlite://{}/p.db?mode=rwc", db.path().display()))
         },
         relay: None,
         sweeper: SweeperConfig {
             interval: Duration::from_secs(3600),
             idempotency_retention: Duration::from_secs(86_400),
+            outbox_retention: Duration::from_secs(7 * 86_400),
         },
         health_interval: Duration::from_millis(500),
         startup_timeout: Duration::from_secs(5),
+        idempotency_scope: Default::default(),
+        shutdown_delay: Duration::ZERO,
+        drain_timeout: Duration::from_secs(10),
     })
     .await
     .unwrap();

@@ -4,10 +4,9 @@ use tollgate_proto::payments::v1 as pb;
 use tollgate_proto::payments::v1::account_service_server::AccountService;
 use tonic::{Request, Response, Status};
 
-use super::{check_id, check_text, respond, status};
+use super::{check_id, check_text, respond, status, Cutoff, Text};
 use crate::error::Violations;
-use crate::idempotency::Idempotency;
-use crate::metrics::observe;
+use crate::idempotency::Scope;
 use crate::money::{check_amount, check_currency};
 use crate::store::Store;
 
@@ -15,12 +14,18 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct AccountApi {
     store: Store,
+    scope: Scope,
+    cutoff: Cutoff,
 }
 
 impl AccountApi {
-    /// Serves accounts from `store`.
-    pub fn new(store: Store) -> Self {
-        AccountApi { store }
+    /// Serves accounts from `store`, scoping idempotency keys by `scope`; `cutoff` ends calls at shutdown.
+    pub fn new(store: Store, scope: Scope, cutoff: Cutoff) -> Self {
+        AccountApi {
+            store,
+            scope,
+            cutoff,
+        }
     }
 }
 
@@ -30,85 +35,89 @@ impl AccountService for AccountApi {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        observe("CreateAccount", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            if r.owner.trim().is_empty() {
-                v.add("owner", "required: who owns the account");
-            }
-            v.check("owner", check_text(&r.owner, 200));
-            v.check("currency", check_currency(&r.currency));
-            v.finish().map_err(status)?;
-            self.store
-                .create_account(&idem, &r.owner, &r.currency)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("CreateAccount", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                if r.owner.trim().is_empty() {
+                    v.add("owner", "required: who owns the account");
+                }
+                v.check("owner", check_text(&r.owner, 200, Text::Line));
+                v.check("currency", check_currency(&r.currency));
+                v.finish().map_err(status)?;
+                self.store
+                    .create_account(&idem, &r.owner, &r.currency)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn deposit(
         &self,
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
-        observe("Deposit", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            v.check("account_id", check_id(&r.account_id, "acct"));
-            match &r.amount {
-                None => v.add("amount", "required: {amount_minor, currency}"),
-                Some(m) => {
-                    v.check("amount.amount_minor", check_amount(m.amount_minor));
-                    v.check("amount.currency", check_currency(&m.currency));
+        self.cutoff
+            .run("Deposit", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                v.check("account_id", check_id(&r.account_id, "acct"));
+                match &r.amount {
+                    None => v.add("amount", "required: {amount_minor, currency}"),
+                    Some(m) => {
+                        v.check("amount.amount_minor", check_amount(m.amount_minor));
+                        v.check("amount.currency", check_currency(&m.currency));
+                    }
                 }
-            }
-            v.finish().map_err(status)?;
-            let m = r.amount.as_ref().cloned().unwrap_or_default();
-            self.store
-                .deposit(&idem, &r.account_id, m.amount_minor, &m.currency)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+                v.finish().map_err(status)?;
+                let m = r.amount.as_ref().cloned().unwrap_or_default();
+                self.store
+                    .deposit(&idem, &r.account_id, m.amount_minor, &m.currency)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn get_account_balance(
         &self,
         request: Request<pb::GetAccountBalanceRequest>,
     ) -> Result<Response<pb::AccountBalance>, Status> {
-        observe("GetAccountBalance", async {
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            v.check("account_id", check_id(&r.account_id, "acct"));
-            v.finish().map_err(status)?;
-            self.store
-                .balance(&r.account_id)
-                .await
-                .map(Response::new)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("GetAccountBalance", async {
+                let r = request.get_ref();
+                let mut v = Violations::default();
+                v.check("account_id", check_id(&r.account_id, "acct"));
+                v.finish().map_err(status)?;
+                self.store
+                    .balance(&r.account_id)
+                    .await
+                    .map(Response::new)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn get_account(
         &self,
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        observe("GetAccount", async {
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            v.check("account_id", check_id(&r.account_id, "acct"));
-            v.finish().map_err(status)?;
-            self.store
-                .get_account(&r.account_id)
-                .await
-                .map(Response::new)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("GetAccount", async {
+                let r = request.get_ref();
+                let mut v = Violations::default();
+                v.check("account_id", check_id(&r.account_id, "acct"));
+                v.finish().map_err(status)?;
+                self.store
+                    .get_account(&r.account_id)
+                    .await
+                    .map(Response::new)
+                    .map_err(status)
+            })
+            .await
     }
 }

@@ -8,10 +8,45 @@ mod payments;
 pub use self::accounts::AccountApi;
 pub use self::payments::PaymentApi;
 
+use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 
-use crate::error::Error;
+use crate::error::{shown, Error};
 use crate::idempotency::{Outcome, REPLAYED_HEADER};
+use crate::metrics::observe;
+
+/// Ends the calls still running when shutdown's drain timeout is over: they
+/// answer UNAVAILABLE (retry with the same key) and their transaction rolls
+/// back, instead of running on behind a server that said it stopped.
+#[derive(Debug, Clone)]
+pub struct Cutoff(watch::Receiver<bool>);
+
+// === impl Cutoff ===
+
+impl Cutoff {
+    /// A cutoff, and what fires it (send `true`).
+    pub fn new() -> (watch::Sender<bool>, Cutoff) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Cutoff(rx))
+    }
+
+    /// Runs the handler `f` of `method` (through [`observe`]) unless the
+    /// cutoff fires first.
+    async fn run<T>(
+        &self,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let mut fired = self.0.clone();
+        observe(method, async move {
+            tokio::select! {
+                r = f => r,
+                _ = fired.wait_for(|cut| *cut) => Err(status(Error::ShuttingDown)),
+            }
+        })
+        .await
+    }
+}
 
 /// Longest id accepted in a request field.
 const MAX_ID_LEN: usize = 64;
@@ -40,24 +75,54 @@ fn check_id(value: &str, prefix: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         Err(format!(
-            "{value:?} is not a valid id; ids look like {prefix}_0192f3…"
+            "{} is not a valid id; ids look like {prefix}_0192f3…",
+            shown(value)
         ))
     } else {
         Ok(())
     }
 }
 
-/// Checks a free-text field's length.
-fn check_text(value: &str, max: usize) -> Result<(), String> {
-    if value.chars().count() > max {
-        Err(format!("must be at most {max} characters"))
-    } else {
-        Ok(())
+/// What a free-text field may hold besides printable characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Text {
+    /// One line: no control characters at all (names, metadata).
+    Line,
+    /// Prose: tabs and line breaks, but no other control character.
+    Prose,
+}
+
+/// Checks a free-text field: at most `max` characters (Unicode scalar
+/// values, the same unit for every field), and no control characters that
+/// make no sense in it (a NUL byte, escape sequences, …), so both databases
+/// store exactly what the caller sent.
+fn check_text(value: &str, max: usize, kind: Text) -> Result<(), String> {
+    let len = value.chars().count();
+    if len > max {
+        return Err(format!("must be at most {max} characters, got {len}"));
+    }
+    let allowed = |c: char| kind == Text::Prose && matches!(c, '\t' | '\n' | '\r');
+    match value.chars().position(|c| c.is_control() && !allowed(c)) {
+        None => Ok(()),
+        Some(at) => {
+            let c = value.chars().nth(at).unwrap_or_default();
+            Err(format!(
+                "contains the control character U+{:04X} at character {at}; {}",
+                c as u32,
+                match kind {
+                    Text::Line => "send printable text on one line",
+                    Text::Prose => "send printable text (tabs and line breaks are allowed)",
+                }
+            ))
+        }
     }
 }
 
 fn status(e: Error) -> tonic::Status {
-    if matches!(e, Error::Internal(_) | Error::Unavailable(_)) {
+    if matches!(
+        e,
+        Error::Internal(_) | Error::Unavailable(_) | Error::ShuttingDown
+    ) {
         tracing::warn!(error = %e, "request failed");
     }
     e.into_status()

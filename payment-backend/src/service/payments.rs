@@ -4,10 +4,10 @@ use tollgate_proto::payments::v1 as pb;
 use tollgate_proto::payments::v1::payment_service_server::PaymentService;
 use tonic::{Request, Response, Status};
 
-use super::{check_id, check_text, respond, status};
+use super::{check_id, check_text, respond, status, Cutoff, Text};
+use crate::error::shown;
 use crate::error::Violations;
-use crate::idempotency::Idempotency;
-use crate::metrics::observe;
+use crate::idempotency::Scope;
 use crate::money::{check_amount, check_currency};
 use crate::payment;
 use crate::store::{micros, NewPayment, PaymentFilter, Store};
@@ -15,17 +15,25 @@ use crate::store::{micros, NewPayment, PaymentFilter, Store};
 const DEFAULT_PAGE_SIZE: i32 = 50;
 const MAX_PAGE_SIZE: i32 = 500;
 const MAX_METADATA_PAIRS: usize = 50;
+const MAX_METADATA_KEY_CHARS: usize = 40;
+const MAX_METADATA_VALUE_CHARS: usize = 500;
 
 /// The payment API over a [`Store`].
 #[derive(Debug, Clone)]
 pub struct PaymentApi {
     store: Store,
+    scope: Scope,
+    cutoff: Cutoff,
 }
 
 impl PaymentApi {
-    /// Serves payments from `store`.
-    pub fn new(store: Store) -> Self {
-        PaymentApi { store }
+    /// Serves payments from `store`, scoping idempotency keys by `scope`; `cutoff` ends calls at shutdown.
+    pub fn new(store: Store, scope: Scope, cutoff: Cutoff) -> Self {
+        PaymentApi {
+            store,
+            scope,
+            cutoff,
+        }
     }
 }
 
@@ -55,209 +63,219 @@ impl PaymentService for PaymentApi {
         &self,
         request: Request<pb::CreatePaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
-        observe("CreatePayment", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            v.check("payer_account_id", check_id(&r.payer_account_id, "acct"));
-            v.check("payee_account_id", check_id(&r.payee_account_id, "acct"));
-            if !r.payer_account_id.is_empty() && r.payer_account_id == r.payee_account_id {
-                v.add("payee_account_id", "must differ from payer_account_id");
-            }
-            match &r.amount {
-                None => v.add("amount", "required: {amount_minor, currency}"),
-                Some(m) => {
-                    v.check("amount.amount_minor", check_amount(m.amount_minor));
-                    v.check("amount.currency", check_currency(&m.currency));
+        self.cutoff
+            .run("CreatePayment", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                v.check("payer_account_id", check_id(&r.payer_account_id, "acct"));
+                v.check("payee_account_id", check_id(&r.payee_account_id, "acct"));
+                if !r.payer_account_id.is_empty() && r.payer_account_id == r.payee_account_id {
+                    v.add("payee_account_id", "must differ from payer_account_id");
                 }
-            }
-            let automatic = match pb::CaptureMethod::try_from(r.capture_method) {
-                Ok(pb::CaptureMethod::Unspecified | pb::CaptureMethod::Automatic) => true,
-                Ok(pb::CaptureMethod::Manual) => false,
-                Err(_) => {
-                    v.add(
-                        "capture_method",
-                        format!("unknown value {}", r.capture_method),
+                match &r.amount {
+                    None => v.add("amount", "required: {amount_minor, currency}"),
+                    Some(m) => {
+                        v.check("amount.amount_minor", check_amount(m.amount_minor));
+                        v.check("amount.currency", check_currency(&m.currency));
+                    }
+                }
+                let automatic = match pb::CaptureMethod::try_from(r.capture_method) {
+                    Ok(pb::CaptureMethod::Unspecified | pb::CaptureMethod::Automatic) => true,
+                    Ok(pb::CaptureMethod::Manual) => false,
+                    Err(_) => {
+                        v.add(
+                            "capture_method",
+                            format!("unknown value {}", r.capture_method),
+                        );
+                        true
+                    }
+                };
+                v.check("description", check_text(&r.description, 1000, Text::Prose));
+                if r.metadata.len() > MAX_METADATA_PAIRS {
+                    v.add("metadata", format!("at most {MAX_METADATA_PAIRS} pairs"));
+                }
+                for (k, val) in &r.metadata {
+                    let field = format!("metadata[{}]", shown(k));
+                    if k.is_empty() {
+                        v.add(&field, "keys must be 1 to 40 characters");
+                    } else {
+                        v.check(&field, check_text(k, MAX_METADATA_KEY_CHARS, Text::Line));
+                    }
+                    v.check(
+                        &field,
+                        check_text(val, MAX_METADATA_VALUE_CHARS, Text::Line),
                     );
-                    true
                 }
-            };
-            v.check("description", check_text(&r.description, 1000));
-            if r.metadata.len() > MAX_METADATA_PAIRS {
-                v.add("metadata", format!("at most {MAX_METADATA_PAIRS} pairs"));
-            }
-            for (k, val) in &r.metadata {
-                if k.is_empty() || k.len() > 40 {
-                    v.add(
-                        format!("metadata[{k:?}]"),
-                        "keys must be 1 to 40 characters",
-                    );
-                }
-                v.check(&format!("metadata[{k:?}]"), check_text(val, 500));
-            }
-            v.finish().map_err(status)?;
-            let m = r.amount.as_ref().cloned().unwrap_or_default();
-            let new = NewPayment {
-                payer_account_id: r.payer_account_id.clone(),
-                payee_account_id: r.payee_account_id.clone(),
-                amount: m.amount_minor,
-                currency: m.currency,
-                automatic_capture: automatic,
-                description: r.description.clone(),
-                metadata: r.metadata.clone(),
-            };
-            self.store
-                .create_payment(&idem, &new)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+                v.finish().map_err(status)?;
+                let m = r.amount.as_ref().cloned().unwrap_or_default();
+                let new = NewPayment {
+                    payer_account_id: r.payer_account_id.clone(),
+                    payee_account_id: r.payee_account_id.clone(),
+                    amount: m.amount_minor,
+                    currency: m.currency,
+                    automatic_capture: automatic,
+                    description: r.description.clone(),
+                    metadata: r.metadata.clone(),
+                };
+                self.store
+                    .create_payment(&idem, &new)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn capture_payment(
         &self,
         request: Request<pb::CapturePaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
-        observe("CapturePayment", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            v.check("payment_id", check_id(&r.payment_id, "pay"));
-            check_optional_amount(&mut v, r.amount_minor);
-            v.finish().map_err(status)?;
-            self.store
-                .capture_payment(&idem, &r.payment_id, r.amount_minor)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("CapturePayment", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                v.check("payment_id", check_id(&r.payment_id, "pay"));
+                check_optional_amount(&mut v, r.amount_minor);
+                v.finish().map_err(status)?;
+                self.store
+                    .capture_payment(&idem, &r.payment_id, r.amount_minor)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn cancel_payment(
         &self,
         request: Request<pb::CancelPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
-        observe("CancelPayment", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            v.check("payment_id", check_id(&r.payment_id, "pay"));
-            v.check("reason", check_text(&r.reason, 500));
-            v.finish().map_err(status)?;
-            self.store
-                .cancel_payment(&idem, &r.payment_id, &r.reason)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("CancelPayment", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                v.check("payment_id", check_id(&r.payment_id, "pay"));
+                v.check("reason", check_text(&r.reason, 500, Text::Prose));
+                v.finish().map_err(status)?;
+                self.store
+                    .cancel_payment(&idem, &r.payment_id, &r.reason)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn refund_payment(
         &self,
         request: Request<pb::RefundPaymentRequest>,
     ) -> Result<Response<pb::Refund>, Status> {
-        observe("RefundPayment", async {
-            let r = request.get_ref();
-            let idem = Idempotency::of(&request).map_err(status)?;
-            let mut v = Violations::default();
-            v.check("payment_id", check_id(&r.payment_id, "pay"));
-            check_optional_amount(&mut v, r.amount_minor);
-            v.check("reason", check_text(&r.reason, 500));
-            v.finish().map_err(status)?;
-            self.store
-                .refund_payment(&idem, &r.payment_id, r.amount_minor, &r.reason)
-                .await
-                .map(respond)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("RefundPayment", async {
+                let r = request.get_ref();
+                let idem = self.scope.idempotency(&request).map_err(status)?;
+                let mut v = Violations::default();
+                v.check("payment_id", check_id(&r.payment_id, "pay"));
+                check_optional_amount(&mut v, r.amount_minor);
+                v.check("reason", check_text(&r.reason, 500, Text::Prose));
+                v.finish().map_err(status)?;
+                self.store
+                    .refund_payment(&idem, &r.payment_id, r.amount_minor, &r.reason)
+                    .await
+                    .map(respond)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn get_payment(
         &self,
         request: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
-        observe("GetPayment", async {
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            v.check("payment_id", check_id(&r.payment_id, "pay"));
-            v.finish().map_err(status)?;
-            self.store
-                .get_payment(&r.payment_id)
-                .await
-                .map(Response::new)
-                .map_err(status)
-        })
-        .await
+        self.cutoff
+            .run("GetPayment", async {
+                let r = request.get_ref();
+                let mut v = Violations::default();
+                v.check("payment_id", check_id(&r.payment_id, "pay"));
+                v.finish().map_err(status)?;
+                self.store
+                    .get_payment(&r.payment_id)
+                    .await
+                    .map(Response::new)
+                    .map_err(status)
+            })
+            .await
     }
 
     async fn list_payments(
         &self,
         request: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
-        observe("ListPayments", async {
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            if !r.account_id.is_empty() {
-                v.check("account_id", check_id(&r.account_id, "acct"));
-            }
-            let status_filter = match pb::PaymentStatus::try_from(r.status) {
-                Ok(s) => payment::Status::from_proto(s),
-                Err(_) => {
-                    v.add("status", format!("unknown value {}", r.status));
-                    None
+        self.cutoff
+            .run("ListPayments", async {
+                let r = request.get_ref();
+                let mut v = Violations::default();
+                if !r.account_id.is_empty() {
+                    v.check("account_id", check_id(&r.account_id, "acct"));
                 }
-            };
-            let size = page_size(&mut v, "page_size", r.page_size);
-            let after = r.created_after.as_ref().map(micros);
-            let before = r.created_before.as_ref().map(micros);
-            if let (Some(a), Some(b)) = (after, before) {
-                if a >= b {
-                    v.add("created_before", "must be later than created_after");
+                let status_filter = match pb::PaymentStatus::try_from(r.status) {
+                    Ok(s) => payment::Status::from_proto(s),
+                    Err(_) => {
+                        v.add("status", format!("unknown value {}", r.status));
+                        None
+                    }
+                };
+                let size = page_size(&mut v, "page_size", r.page_size);
+                let after = r.created_after.as_ref().map(micros);
+                let before = r.created_before.as_ref().map(micros);
+                if let (Some(a), Some(b)) = (after, before) {
+                    if a >= b {
+                        v.add("created_before", "must be later than created_after");
+                    }
                 }
-            }
-            v.finish().map_err(status)?;
-            let filter = PaymentFilter {
-                account_id: (!r.account_id.is_empty()).then(|| r.account_id.clone()),
-                status: status_filter,
-                created_after: after,
-                created_before: before,
-                page_size: size,
-                page_token: r.page_token.clone(),
-            };
-            let (payments, next_page_token) =
-                self.store.list_payments(&filter).await.map_err(status)?;
-            Ok(Response::new(pb::ListPaymentsResponse {
-                payments,
-                next_page_token,
-            }))
-        })
-        .await
+                v.finish().map_err(status)?;
+                let filter = PaymentFilter {
+                    account_id: (!r.account_id.is_empty()).then(|| r.account_id.clone()),
+                    status: status_filter,
+                    created_after: after,
+                    created_before: before,
+                    page_size: size,
+                    page_token: r.page_token.clone(),
+                };
+                let (payments, next_page_token) =
+                    self.store.list_payments(&filter).await.map_err(status)?;
+                Ok(Response::new(pb::ListPaymentsResponse {
+                    payments,
+                    next_page_token,
+                }))
+            })
+            .await
     }
 
     async fn list_refunds(
         &self,
         request: Request<pb::ListRefundsRequest>,
     ) -> Result<Response<pb::ListRefundsResponse>, Status> {
-        observe("ListRefunds", async {
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            v.check("payment_id", check_id(&r.payment_id, "pay"));
-            let size = page_size(&mut v, "page_size", r.page_size);
-            v.finish().map_err(status)?;
-            let (refunds, next_page_token) = self
-                .store
-                .list_refunds(&r.payment_id, size, &r.page_token)
-                .await
-                .map_err(status)?;
-            Ok(Response::new(pb::ListRefundsResponse {
-                refunds,
-                next_page_token,
-            }))
-        })
-        .await
+        self.cutoff
+            .run("ListRefunds", async {
+                let r = request.get_ref();
+                let mut v = Violations::default();
+                v.check("payment_id", check_id(&r.payment_id, "pay"));
+                let size = page_size(&mut v, "page_size", r.page_size);
+                v.finish().map_err(status)?;
+                let (refunds, next_page_token) = self
+                    .store
+                    .list_refunds(&r.payment_id, size, &r.page_token)
+                    .await
+                    .map_err(status)?;
+                Ok(Response::new(pb::ListRefundsResponse {
+                    refunds,
+                    next_page_token,
+                }))
+            })
+            .await
     }
 }

@@ -6,10 +6,11 @@ use tollgate_proto::payments::v1 as pb;
 
 use super::batch::Batch;
 use super::ledger::{self, Leg, AVAILABLE, EXTERNAL};
-use super::{timestamp, Store};
+use super::{timestamp, KeyGuard, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
 use crate::money::money;
+use crate::payment;
 
 pub(super) const ACCOUNT_COLUMNS: &str = "id, owner, currency, status, available, held, created_at";
 
@@ -75,6 +76,10 @@ impl Store {
         owner: &str,
         currency: &str,
     ) -> Result<Outcome<pb::Account>, Error> {
+        // Nothing to lock: look the key up first, so a retry writes nothing.
+        if let Some(outcome) = self.stored(idem).await? {
+            return outcome.map(Outcome::Replayed);
+        }
         self.idempotent(idem, self.create_account_once(idem, owner, currency))
             .await
     }
@@ -111,10 +116,8 @@ impl Store {
             "new account",
         );
         let response = account.to_proto();
-        if !self.finish(tx, writes, idem, &response).await? {
-            return Ok(None);
-        }
-        Ok(Some(response))
+        let committed = self.commit_response(tx, writes, idem, response).await?;
+        Ok(committed)
     }
 
     /// Adds `amount` (minor units of `currency`) to an account's available
@@ -138,7 +141,9 @@ impl Store {
         currency: &str,
     ) -> Result<Option<pb::DepositResponse>, Error> {
         let mut tx = self.begin().await?;
-        let mut account = self.lock_account(&mut tx, account_id).await?;
+        let mut account = self
+            .lock_account(&mut tx, account_id, Some(KeyGuard::new(idem)))
+            .await?;
         if account.currency != currency {
             return Err(Error::FailedPrecondition {
                 reason: "CURRENCY_MISMATCH",
@@ -156,6 +161,7 @@ impl Store {
                 description: format!("account {account_id} is {}", account.status),
             });
         }
+        payment::check_credit(account_id, account.available, account.held, amount)?;
         let external = format!("external:{currency}");
         let now = self.now_micros();
         let mut writes = Batch::default();
@@ -178,17 +184,15 @@ impl Store {
                 },
             ],
         )?;
-        account.available += amount;
+        account.available = account.available.saturating_add(amount);
         let response = pb::DepositResponse {
             deposit_id: txn,
             account_id: account_id.to_owned(),
             amount: Some(money(amount, currency)),
             balance: Some(account.balance()),
         };
-        if !self.finish(tx, writes, idem, &response).await? {
-            return Ok(None);
-        }
-        Ok(Some(response))
+        let committed = self.commit_response(tx, writes, idem, response).await?;
+        Ok(committed)
     }
 
     /// Reads an account.
@@ -227,20 +231,28 @@ impl Store {
         AccountRow::from_row(&row)
     }
 
+    /// Locks one account until commit. With a `guard`, finds nothing (NOT
+    /// FOUND) when the call's idempotency key is taken, without locking.
     pub(super) async fn lock_account(
         &self,
         conn: &mut sqlx::AnyConnection,
         account_id: &str,
+        guard: Option<KeyGuard<'_>>,
     ) -> Result<AccountRow, Error> {
-        let row = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1{}",
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1{}{}",
+            guard.as_ref().map_or(String::new(), |g| g.sql(2)),
             self.dialect.lock_rows()
-        ))
-        .bind(account_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| not_found(account_id))?;
-        AccountRow::from_row(&row)
+        );
+        let mut q = sqlx::query(&sql).bind(account_id);
+        if let Some(g) = &guard {
+            q = g.bind(q);
+        }
+        match (q.fetch_optional(&mut *conn).await?, guard) {
+            (Some(row), _) => AccountRow::from_row(&row),
+            (None, None) => Err(not_found(account_id)),
+            (None, Some(g)) => Err(g.miss(conn, "accounts", &[account_id], not_found).await),
+        }
     }
 }
 

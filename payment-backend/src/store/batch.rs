@@ -30,6 +30,7 @@ pub(super) enum Value {
     Text(String),
     OptText(Option<String>),
     Bytes(Vec<u8>),
+    OptBytes(Option<Vec<u8>>),
 }
 
 impl From<i64> for Value {
@@ -60,6 +61,11 @@ impl From<&String> for Value {
 impl From<Option<&str>> for Value {
     fn from(v: Option<&str>) -> Self {
         Value::OptText(v.map(str::to_owned))
+    }
+}
+impl From<Option<Vec<u8>>> for Value {
+    fn from(v: Option<Vec<u8>>) -> Self {
+        Value::OptBytes(v)
     }
 }
 impl From<Vec<u8>> for Value {
@@ -173,7 +179,7 @@ impl Batch {
     }
 }
 
-fn bind_all<'q>(
+pub(super) fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     args: &'q [Value],
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
@@ -184,6 +190,7 @@ fn bind_all<'q>(
             Value::Text(v) => q.bind(v.as_str()),
             Value::OptText(v) => q.bind(v.as_deref()),
             Value::Bytes(v) => q.bind(v.as_slice()),
+            Value::OptBytes(v) => q.bind(v.as_deref()),
         };
     }
     q

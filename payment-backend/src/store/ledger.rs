@@ -145,11 +145,12 @@ impl Store {
     /// account's cached balances equal the sum of its entries, and no
     /// balance is negative.
     pub async fn verify_ledger(&self) -> Result<LedgerReport, Error> {
-        let mut conn = self.pool.acquire().await?;
+        // Full scans: not bound by the statement timeout of calls.
+        let mut conn = self.maintenance_connection().await?;
         let unbalanced = sqlx::query(
             "SELECT txn_id FROM ledger_entries GROUP BY txn_id HAVING SUM(amount) <> 0 ORDER BY txn_id",
         )
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut conn)
         .await?
         .iter()
         .map(|r| r.try_get::<String, _>(0))
@@ -160,20 +161,20 @@ impl Store {
                 OR a.held <> COALESCE((SELECT CAST(SUM(e.amount) AS BIGINT) FROM ledger_entries e WHERE e.account_id = a.id AND e.bucket = 'held'), 0) \
              ORDER BY a.id",
         )
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut conn)
         .await?
         .iter()
         .map(|r| r.try_get::<String, _>(0))
         .collect::<Result<Vec<_>, _>>()?;
         let negative =
             sqlx::query("SELECT id FROM accounts WHERE available < 0 OR held < 0 ORDER BY id")
-                .fetch_all(&mut *conn)
+                .fetch_all(&mut conn)
                 .await?
                 .iter()
                 .map(|r| r.try_get::<String, _>(0))
                 .collect::<Result<Vec<_>, _>>()?;
         let entries: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_entries")
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await?
             .try_get(0)?;
         Ok(LedgerReport {

@@ -13,7 +13,7 @@ use tollgate_proto::payments::v1 as pb;
 use super::accounts::{not_found as account_not_found, AccountRow, ACCOUNT_COLUMNS};
 use super::batch::Batch;
 use super::ledger::{self, Leg, AVAILABLE, HELD};
-use super::{timestamp, Store};
+use super::{timestamp, KeyGuard, Record, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
 use crate::money::money;
@@ -22,6 +22,9 @@ use crate::payment::{self, AccountView, Amounts, Decline, Status};
 const PAYMENT_COLUMNS: &str = "id, payer_account_id, payee_account_id, currency, amount, \
      amount_capturable, amount_captured, amount_refunded, status, capture_method, decline_code, \
      description, metadata, cancellation_reason, created_at, updated_at, authorization_expires_at, event_seq";
+
+/// Longest page token this service issues is well below this.
+const MAX_PAGE_TOKEN_LEN: usize = 512;
 
 const REFUND_COLUMNS: &str = "id, payment_id, amount, currency, status, reason, created_at";
 
@@ -181,10 +184,18 @@ impl Store {
     ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
         let (payer, payee) = self
-            .lock_pair(&mut tx, &new.payer_account_id, &new.payee_account_id)
+            .lock_pair(
+                &mut tx,
+                &new.payer_account_id,
+                &new.payee_account_id,
+                Some(KeyGuard::new(idem)),
+            )
             .await?;
         let now = self.now_micros();
         let decision = payment::authorize(&view(&payer), &view(&payee), new.amount, &new.currency);
+        if decision.is_ok() && new.automatic_capture {
+            payment::check_credit(&payee.id, payee.available, payee.held, new.amount)?;
+        }
         let (status, capturable, captured, expires_at) = match decision {
             Err(_) => (Status::Declined, 0, 0, None),
             Ok(()) if new.automatic_capture => (Status::Captured, 0, new.amount, None),
@@ -299,11 +310,11 @@ impl Store {
             }
         };
         let response = emit(&mut writes, &p, event, None, now);
-        if !self.finish(tx, writes, idem, &response).await? {
-            return Ok(None);
+        let committed = self.commit_response(tx, writes, idem, response).await?;
+        if committed.is_some() {
+            crate::metrics::payment_transition(status);
         }
-        crate::metrics::payment_transition(status);
-        Ok(Some(response))
+        Ok(committed)
     }
 
     /// Captures all or part of an authorization; the rest is released.
@@ -324,9 +335,34 @@ impl Store {
         amount: Option<i64>,
     ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
-        let mut p = self.lock_payment(&mut tx, payment_id).await?;
-        let plan = payment::plan_capture(payment_id, &p.amounts, amount)?;
+        let mut p = self
+            .lock_payment(&mut tx, payment_id, Some(KeyGuard::new(idem)))
+            .await?;
         let now = self.now_micros();
+        if p.amounts.status == Status::RequiresCapture && payment::is_expired(p.expires_at, now) {
+            // Expired, and the sweeper has not come by yet: release the hold
+            // now, and answer (and store under the key) that it expired.
+            let error = payment::authorization_expired(payment_id, p.expires_at);
+            let mut writes = Batch::default();
+            expire(&mut writes, &mut p, now)?;
+            let status = error.into_status();
+            if !self
+                .finish(tx, writes, idem, Record::Failed(&status))
+                .await?
+            {
+                return Ok(None);
+            }
+            crate::metrics::payment_transition(Status::Expired);
+            return Err(Error::Recorded {
+                status,
+                replayed: false,
+            });
+        }
+        let plan = payment::plan_capture(payment_id, &p.amounts, p.expires_at, now, amount)?;
+        // Payment first, then both accounts in id order: the one lock order
+        // of every call, so no two calls wait on each other in a cycle.
+        let (_, payee) = self.lock_pair(&mut tx, &p.payer, &p.payee, None).await?;
+        payment::check_credit(&p.payee, payee.available, payee.held, plan.capture)?;
         let mut legs = vec![
             Leg {
                 account: &p.payer,
@@ -365,11 +401,11 @@ impl Store {
         p.amounts.captured = plan.capture;
         p.expires_at = None;
         let response = save_event(&mut writes, &mut p, "payment.captured", None, now);
-        if !self.finish(tx, writes, idem, &response).await? {
-            return Ok(None);
+        let committed = self.commit_response(tx, writes, idem, response).await?;
+        if committed.is_some() {
+            crate::metrics::payment_transition(Status::Captured);
         }
-        crate::metrics::payment_transition(Status::Captured);
-        Ok(Some(response))
+        Ok(committed)
     }
 
     /// Voids an uncaptured authorization and releases its hold.
@@ -390,18 +426,20 @@ impl Store {
         reason: &str,
     ) -> Result<Option<pb::Payment>, Error> {
         let mut tx = self.begin().await?;
-        let mut p = self.lock_payment(&mut tx, payment_id).await?;
+        let mut p = self
+            .lock_payment(&mut tx, payment_id, Some(KeyGuard::new(idem)))
+            .await?;
         let release = payment::plan_cancel(payment_id, &p.amounts)?;
         let now = self.now_micros();
         let mut writes = Batch::default();
         release_hold(&mut writes, &mut p, release, Status::Canceled, now)?;
         p.cancellation_reason = reason.to_owned();
         let response = save_event(&mut writes, &mut p, "payment.canceled", None, now);
-        if !self.finish(tx, writes, idem, &response).await? {
-            return Ok(None);
+        let committed = self.commit_response(tx, writes, idem, response).await?;
+        if committed.is_some() {
+            crate::metrics::payment_transition(Status::Canceled);
         }
-        crate::metrics::payment_transition(Status::Canceled);
-        Ok(Some(response))
+        Ok(committed)
     }
 
     /// Refunds all or part of what was captured and not yet refunded.
@@ -427,19 +465,24 @@ impl Store {
         reason: &str,
     ) -> Result<Option<pb::Refund>, Error> {
         let mut tx = self.begin().await?;
-        let mut p = self.lock_payment(&mut tx, payment_id).await?;
+        let mut p = self
+            .lock_payment(&mut tx, payment_id, Some(KeyGuard::new(idem)))
+            .await?;
         let (refund_amount, status) = payment::plan_refund(payment_id, &p.amounts, amount)?;
-        let payee = self.lock_account(&mut tx, &p.payee).await?;
+        // Payment first, then both accounts in id order (as capture and
+        // create lock them).
+        let (payer, payee) = self.lock_pair(&mut tx, &p.payer, &p.payee, None).await?;
         if payee.available < refund_amount {
             return Err(Error::FailedPrecondition {
                 reason: "PAYEE_INSUFFICIENT_FUNDS",
                 subject: format!("accounts/{}", p.payee),
                 description: format!(
-                    "payee account {} has {} {} available, less than the refund of {refund_amount}; fund it first",
-                    p.payee, payee.available, payee.currency
+                    "payee account {} has less available than the refund of {refund_amount} {}; fund it, then retry with a new idempotency key",
+                    p.payee, p.currency
                 ),
             });
         }
+        payment::check_credit(&p.payer, payer.available, payer.held, refund_amount)?;
         let now = self.now_micros();
         let mut writes = Batch::default();
         ledger::post(
@@ -487,11 +530,11 @@ impl Store {
         p.amounts.refunded += refund_amount;
         p.amounts.status = status;
         save_event(&mut writes, &mut p, "refund.succeeded", Some(&refund), now);
-        if !self.finish(tx, writes, idem, &refund).await? {
-            return Ok(None);
+        let committed = self.commit_response(tx, writes, idem, refund).await?;
+        if committed.is_some() {
+            crate::metrics::payment_transition(status);
         }
-        crate::metrics::payment_transition(status);
-        Ok(Some(refund))
+        Ok(committed)
     }
 
     /// Releases authorizations whose time ran out (EXPIRED), at most `limit`
@@ -512,15 +555,15 @@ impl Store {
         let mut expired = 0;
         for id in due {
             let mut tx = self.begin().await?;
-            let mut p = self.lock_payment(&mut tx, &id).await?;
+            let mut p = self.lock_payment(&mut tx, &id, None).await?;
             // Captured or canceled since the scan: nothing to do.
-            if p.amounts.status != Status::RequiresCapture || p.expires_at.is_none_or(|t| t > now) {
+            if p.amounts.status != Status::RequiresCapture
+                || !payment::is_expired(p.expires_at, now)
+            {
                 continue;
             }
-            let release = p.amounts.capturable;
             let mut writes = Batch::default();
-            release_hold(&mut writes, &mut p, release, Status::Expired, now)?;
-            save_event(&mut writes, &mut p, "payment.expired", None, now);
+            expire(&mut writes, &mut p, now)?;
             writes.execute(&mut tx, self.dialect).await?;
             tx.commit().await?;
             crate::metrics::payment_transition(Status::Expired);
@@ -666,38 +709,59 @@ impl Store {
         Ok((refunds.into_iter().map(|(_, r)| r).collect(), token))
     }
 
+    /// Locks a payment until commit. With a `guard`, finds nothing (NOT
+    /// FOUND) when the call's idempotency key is taken, without locking.
     async fn lock_payment(
         &self,
         conn: &mut AnyConnection,
         payment_id: &str,
+        guard: Option<KeyGuard<'_>>,
     ) -> Result<PaymentRow, Error> {
-        let row = sqlx::query(&format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1{}",
+        let sql = format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1{}{}",
+            guard.as_ref().map_or(String::new(), |g| g.sql(2)),
             self.dialect.lock_rows()
-        ))
-        .bind(payment_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| payment_not_found(payment_id))?;
-        PaymentRow::from_row(&row)
+        );
+        let mut q = sqlx::query(&sql).bind(payment_id);
+        if let Some(g) = &guard {
+            q = g.bind(q);
+        }
+        match (q.fetch_optional(&mut *conn).await?, guard) {
+            (Some(row), _) => PaymentRow::from_row(&row),
+            (None, None) => Err(payment_not_found(payment_id)),
+            (None, Some(g)) => Err(g
+                .miss(conn, "payments", &[payment_id], payment_not_found)
+                .await),
+        }
     }
 
-    /// Locks payer and payee in id order (so two payments between the same
-    /// accounts in opposite directions cannot deadlock).
+    /// Locks payer and payee in id order (so two calls between the same
+    /// accounts, in either direction, cannot deadlock). With a `guard`, as
+    /// [`Store::lock_payment`].
     async fn lock_pair(
         &self,
         conn: &mut AnyConnection,
         payer: &str,
         payee: &str,
+        guard: Option<KeyGuard<'_>>,
     ) -> Result<(AccountRow, AccountRow), Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ($1, $2) ORDER BY id{}",
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id IN ($1, $2){} ORDER BY id{}",
+            guard.as_ref().map_or(String::new(), |g| g.sql(3)),
             self.dialect.lock_rows()
-        ))
-        .bind(payer)
-        .bind(payee)
-        .fetch_all(&mut *conn)
-        .await?;
+        );
+        let mut q = sqlx::query(&sql).bind(payer).bind(payee);
+        if let Some(g) = &guard {
+            q = g.bind(q);
+        }
+        let rows = q.fetch_all(&mut *conn).await?;
+        if rows.is_empty() {
+            if let Some(g) = guard {
+                return Err(g
+                    .miss(conn, "accounts", &[payer, payee], account_not_found)
+                    .await);
+            }
+        }
         let rows = rows
             .iter()
             .map(AccountRow::from_row)
@@ -710,6 +774,14 @@ impl Store {
         };
         Ok((find(payer)?, find(payee)?))
     }
+}
+
+/// Expires an authorization: releases its hold and writes its event.
+fn expire(writes: &mut Batch, p: &mut PaymentRow, now: i64) -> Result<(), Error> {
+    let release = p.amounts.capturable;
+    release_hold(writes, p, release, Status::Expired, now)?;
+    save_event(writes, p, "payment.expired", None, now);
+    Ok(())
 }
 
 /// Releases an authorization's hold back to the payer.
@@ -748,7 +820,10 @@ fn release_hold(
     }
     p.amounts.status = status;
     p.amounts.capturable = 0;
-    p.expires_at = None;
+    if status != Status::Expired {
+        // An expired payment keeps the time it expired at.
+        p.expires_at = None;
+    }
     Ok(())
 }
 
@@ -840,6 +915,9 @@ fn decode_page_token(token: &str, filter_hash: &str) -> Result<Option<(i64, Stri
             "not a token this service issued; pass next_page_token from the previous response unchanged",
         )
     };
+    if token.len() > MAX_PAGE_TOKEN_LEN {
+        return Err(bad());
+    }
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| bad())?;

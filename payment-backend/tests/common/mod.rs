@@ -24,6 +24,25 @@ use tonic::transport::Channel;
 
 pub use testkit::eventually;
 
+/// One module per store, each with a test per case that runs
+/// `super::case(db)`: `per_database!([sqlite => Db::Sqlite, …] (case, …));`
+#[macro_export]
+macro_rules! per_database {
+    ([$($module:ident => $db:expr),* $(,)?] $cases:tt) => {
+        $( $crate::per_database!(@one $module => $db; $cases); )*
+    };
+    (@one $module:ident => $db:expr; ($($case:ident),* $(,)?)) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case($db).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Db {
@@ -38,9 +57,21 @@ pub enum Db {
 pub struct Options {
     pub authorization_ttl: Duration,
     pub sweep_interval: Duration,
+    /// How long the sweeper keeps published outbox events.
+    pub outbox_retention: Duration,
     pub relay: Option<RelayConfig>,
     /// Use this database URL instead of a fresh one.
     pub database_url: Option<String>,
+    /// How long a call waits for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL pool size.
+    pub max_connections: u32,
+    /// Whose idempotency keys a call's key is.
+    pub idempotency_scope: payment_backend::idempotency::Scope,
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub drain_timeout: Duration,
 }
 
 impl Default for Options {
@@ -48,8 +79,16 @@ impl Default for Options {
         Options {
             authorization_ttl: Duration::from_secs(7 * 24 * 3600),
             sweep_interval: Duration::from_secs(3600),
+            outbox_retention: Duration::from_secs(7 * 24 * 3600),
             relay: None,
             database_url: None,
+            acquire_timeout: Duration::from_secs(2),
+            max_connections: 20,
+            idempotency_scope: Default::default(),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(2),
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -96,10 +135,9 @@ fn uuid_suffix() -> String {
 
 pub fn store_options(url: &str, ttl: Duration) -> StoreOptions {
     StoreOptions {
-        url: url.to_owned(),
-        max_connections: 20,
         acquire_timeout: Duration::from_secs(2),
         authorization_ttl: ttl,
+        ..StoreOptions::new(url)
     }
 }
 
@@ -116,14 +154,24 @@ impl Backend {
         let cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
-            store: store_options(&url, opts.authorization_ttl),
+            store: StoreOptions {
+                acquire_timeout: opts.acquire_timeout,
+                max_connections: opts.max_connections,
+                statement_timeout: opts.statement_timeout,
+                lock_timeout: opts.lock_timeout,
+                ..store_options(&url, opts.authorization_ttl)
+            },
             relay: opts.relay,
             sweeper: SweeperConfig {
                 interval: opts.sweep_interval,
                 idempotency_retention: Duration::from_secs(24 * 3600),
+                outbox_retention: opts.outbox_retention,
             },
             health_interval: Duration::from_millis(200),
             startup_timeout: Duration::from_secs(10),
+            idempotency_scope: opts.idempotency_scope.clone(),
+            shutdown_delay: opts.shutdown_delay,
+            drain_timeout: opts.drain_timeout,
         };
         let running = server::start(cfg).await.expect("backend starts");
         let proxy = (db == Db::SqliteViaTollgate).then(|| start_tollgate(running.grpc_addr));
@@ -184,6 +232,49 @@ impl Backend {
                 .expect("deposit");
         }
         acct.id
+    }
+
+    /// Creates a payment of `amount` USD minor units; `manual` only
+    /// authorizes it.
+    pub async fn pay(
+        &mut self,
+        payer: &str,
+        payee: &str,
+        amount: i64,
+        manual: bool,
+    ) -> pb::Payment {
+        self.payments
+            .create_payment(create_req(payer, payee, amount, manual))
+            .await
+            .expect("create payment")
+            .into_inner()
+    }
+
+    /// Captures `amount` (all of it: `None`) of an authorization.
+    pub async fn capture(&mut self, payment_id: &str, amount: Option<i64>) -> pb::Payment {
+        self.payments
+            .capture_payment(pb::CapturePaymentRequest {
+                idempotency_key: key(),
+                payment_id: payment_id.into(),
+                amount_minor: amount,
+            })
+            .await
+            .expect("capture")
+            .into_inner()
+    }
+
+    /// Refunds `amount` (all that is left: `None`) of a payment.
+    pub async fn refund(&mut self, payment_id: &str, amount: Option<i64>) -> pb::Refund {
+        self.payments
+            .refund_payment(pb::RefundPaymentRequest {
+                idempotency_key: key(),
+                payment_id: payment_id.into(),
+                amount_minor: amount,
+                reason: "test".into(),
+            })
+            .await
+            .expect("refund")
+            .into_inner()
     }
 
     pub async fn balance(&mut self, account: &str) -> (i64, i64) {
@@ -284,4 +375,73 @@ pub fn create_req(payer: &str, payee: &str, amount: i64, manual: bool) -> pb::Cr
 
 pub fn status_of(p: &pb::Payment) -> pb::PaymentStatus {
     pb::PaymentStatus::try_from(p.status).unwrap()
+}
+
+/// A connection of the test's own that holds a write lock on `account`
+/// until it is dropped: a row lock on PostgreSQL, the database's write lock
+/// on SQLite.
+pub async fn hold_lock(db: Db, url: &str, account: &str) -> sqlx::AnyConnection {
+    hold_locks(db, url, &[("accounts", account)]).await
+}
+
+/// [`hold_lock`] on several rows: `(table, id)`.
+pub async fn hold_locks(db: Db, url: &str, rows: &[(&str, &str)]) -> sqlx::AnyConnection {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let begin = match db {
+        Db::Postgres => "BEGIN",
+        _ => "BEGIN IMMEDIATE",
+    };
+    sqlx::query(begin).execute(&mut conn).await.unwrap();
+    for (table, id) in rows {
+        sqlx::query(&format!(
+            "UPDATE {table} SET updated_at = updated_at WHERE id = $1"
+        ))
+        .bind(*id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    conn
+}
+
+/// Waits until some PostgreSQL session of `url`'s server waits for a lock.
+pub async fn a_call_waits_for_a_lock(url: &str) {
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    eventually(Duration::from_secs(10), "a call to wait for a lock", || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    pool.close().await;
+}
+
+/// What grpc.health.v1 says of `service` over `channel` (`None`: no answer).
+pub async fn health_of(
+    channel: &Channel,
+    service: &str,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+/// What grpc.health.v1 says of `service` on `b`.
+pub async fn health(
+    b: &Backend,
+    service: &str,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    health_of(&b.channel, service).await
 }
