@@ -295,9 +295,11 @@ async fn control(
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
                 if reload(&shared, &tls) {
-                    // The new config may name other files: watch those.
-                    drop(watcher);
-                    watcher = watch_files(&shared, reload_tx.clone());
+                    // The new config may name other files: watch those. The
+                    // old watcher goes only once the new one watches, so a
+                    // write in between is not missed.
+                    let fresh = watch_files(&shared, reload_tx.clone());
+                    drop(std::mem::replace(&mut watcher, fresh));
                 }
             }
         }
