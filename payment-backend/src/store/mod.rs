@@ -357,13 +357,6 @@ impl Store {
         Ok(conn)
     }
 
-    /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), Error> {
-        let mut conn = self.pool.acquire().await?;
-        conn.ping().await?;
-        Ok(())
-    }
-
     /// A connection of its own for health checks: it tells whether the
     /// database answers, whatever the pool is busy with.
     pub fn probe(&self) -> Probe {
@@ -412,9 +405,10 @@ impl Store {
     ///   concurrent call, so this attempt rolled back): replay the stored
     ///   outcome;
     /// - the attempt found nothing to act on or a state that refuses it
-    ///   (NOT_FOUND, FAILED_PRECONDITION): replay the key's stored outcome if
-    ///   it has one, otherwise store this final error under the key, so a
-    ///   retry gets the same answer even after the state changed.
+    ///   (NOT_FOUND, FAILED_PRECONDITION): store this final error under the
+    ///   key, so a retry gets the same answer even after the state changed
+    ///   (or, if a concurrent call took the key meanwhile, replay its
+    ///   outcome).
     ///
     /// Every attempt's first statement looks the key up before it takes a
     /// row lock (see [`KeyGuard`]): a retry of a finished call takes no lock
@@ -434,10 +428,7 @@ impl Store {
                 // Its stored outcome was purged (retention) meanwhile.
                 None => Err(Error::KeyTaken),
             },
-            Err(e) if e.is_final() => match self.stored(idem).await? {
-                Some(outcome) => outcome.map(Outcome::Replayed),
-                None => self.record_error(idem, e).await,
-            },
+            Err(e) if e.is_final() => self.record_error(idem, e).await,
             Err(e) => Err(e),
         }
     }
@@ -651,8 +642,12 @@ impl<'a> KeyGuard<'a> {
     pub(super) fn bind<'q>(
         &self,
         q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-        q.bind(self.idem.scope.clone()).bind(self.idem.key.clone())
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>
+    where
+        'a: 'q,
+    {
+        let idem: &'a Idempotency = self.idem;
+        q.bind(idem.scope.as_str()).bind(idem.key.as_str())
     }
 }
 
