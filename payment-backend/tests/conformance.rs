@@ -889,18 +889,10 @@ async fn purging_the_outbox_goes_in_bounded_batches(db: Db) {
 
 /// (attempts, published, dead-lettered) of each outbox row, in order.
 async fn outbox_marks(b: &Backend) -> Vec<(i32, bool, bool)> {
-    sqlx::query("SELECT attempts, published_at, dead_lettered_at FROM outbox ORDER BY id")
-        .fetch_all(b.store.pool())
+    common::outbox_marks(b)
         .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r.get("attempts"),
-                r.get::<Option<i64>, _>("published_at").is_some(),
-                r.get::<Option<i64>, _>("dead_lettered_at").is_some(),
-            )
-        })
+        .into_iter()
+        .map(|m| (m.attempts, m.published, m.dead_lettered))
         .collect()
 }
 

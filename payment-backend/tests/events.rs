@@ -526,19 +526,10 @@ async fn a_refused_event_holds_back_the_later_events_of_its_payment() {
 
 /// (attempts, last error, published) of every outbox row, in order.
 async fn outbox_marks(b: &Backend) -> Vec<(i32, Option<String>, bool)> {
-    use sqlx::Row as _;
-    sqlx::query("SELECT attempts, last_error, published_at FROM outbox ORDER BY id")
-        .fetch_all(b.store.pool())
+    common::outbox_marks(b)
         .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r.get("attempts"),
-                r.get("last_error"),
-                r.get::<Option<i64>, _>("published_at").is_some(),
-            )
-        })
+        .into_iter()
+        .map(|m| (m.attempts, m.last_error, m.published))
         .collect()
 }
 

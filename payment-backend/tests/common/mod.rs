@@ -445,3 +445,31 @@ pub async fn health(
 ) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
     health_of(&b.channel, service).await
 }
+
+/// What the relay recorded on an outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMark {
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub published: bool,
+    pub dead_lettered: bool,
+}
+
+/// The marks of every outbox row of `b`, in outbox order.
+pub async fn outbox_marks(b: &Backend) -> Vec<OutboxMark> {
+    use sqlx::Row as _;
+    sqlx::query(
+        "SELECT attempts, last_error, published_at, dead_lettered_at FROM outbox ORDER BY id",
+    )
+    .fetch_all(b.store.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| OutboxMark {
+        attempts: r.get("attempts"),
+        last_error: r.get("last_error"),
+        published: r.get::<Option<i64>, _>("published_at").is_some(),
+        dead_lettered: r.get::<Option<i64>, _>("dead_lettered_at").is_some(),
+    })
+    .collect()
+}
