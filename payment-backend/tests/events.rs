@@ -132,6 +132,21 @@ async fn outbox_drains(b: &Backend, timeout: Duration) {
     .await;
 }
 
+/// A broker with the topics, and a SQLite backend whose relay publishes to
+/// it.
+async fn broker_and_backend() -> (testkit::Kafka, Backend) {
+    let kafka = tokio::task::spawn_blocking(start_kafka).await.unwrap();
+    let b = Backend::start_with(
+        Db::Sqlite,
+        Options {
+            relay: Some(relay(kafka.brokers())),
+            ..Options::default()
+        },
+    )
+    .await;
+    (kafka, b)
+}
+
 fn start_kafka() -> testkit::Kafka {
     let k = testkit::Kafka::start();
     k.create_topic(TOPIC, PARTITIONS as u32);
@@ -141,15 +156,7 @@ fn start_kafka() -> testkit::Kafka {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_events_arrive_in_order_with_payloads() {
-    let kafka = tokio::task::spawn_blocking(start_kafka).await.unwrap();
-    let mut b = Backend::start_with(
-        Db::Sqlite,
-        Options {
-            relay: Some(relay(kafka.brokers())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (kafka, mut b) = broker_and_backend().await;
     let payer = b.account("USD", 1_000).await;
     let payee = b.account("USD", 0).await;
 
@@ -248,15 +255,7 @@ async fn lifecycle_events_arrive_in_order_with_payloads() {
 /// fatal. The relay replaces producers whose sends all go unacknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_lost_its_state_gets_the_later_events() {
-    let kafka = tokio::task::spawn_blocking(start_kafka).await.unwrap();
-    let mut b = Backend::start_with(
-        Db::Sqlite,
-        Options {
-            relay: Some(relay(kafka.brokers())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (kafka, mut b) = broker_and_backend().await;
     let payer = b.account("USD", 10_000).await;
     let payee = b.account("USD", 0).await;
     let first = b.pay(&payer, &payee, 100, false).await;
@@ -279,15 +278,7 @@ async fn a_broker_that_lost_its_state_gets_the_later_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_events_wait_then_all_arrive() {
-    let kafka = tokio::task::spawn_blocking(start_kafka).await.unwrap();
-    let mut b = Backend::start_with(
-        Db::Sqlite,
-        Options {
-            relay: Some(relay(kafka.brokers())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (kafka, mut b) = broker_and_backend().await;
     let payer = b.account("USD", 10_000).await;
     let payee = b.account("USD", 0).await;
     let kafka = tokio::task::spawn_blocking(move || {
