@@ -119,13 +119,26 @@ async fn sigterm_drains_streams_in_flight_then_exits_zero() {
     }
 
     sigterm(&child, admin_addr).await;
-    // New connections are refused while the streams drain.
-    let refused = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .is_err();
+    // New connections are refused while the streams drain. `/ready` fails
+    // first and the workers close their listeners just after, so the
+    // refusal is waited for, but must come while tollgate still drains.
+    let mut refused = false;
+    for _ in 0..100 {
+        refused = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .is_err();
+        if refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(refused, "no new connections while draining");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "refused while still draining, not because tollgate exited"
+    );
     for mut s in streams {
         let mut n = 1;
         while let Some(m) = s.next().await {
