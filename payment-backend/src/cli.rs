@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `verify-ledger`. Every flag has an
+//! The command line: `serve`, `migrate`, `verify-ledger`, `health`. Every flag has an
 //! environment-variable fallback so containers configure it without
 //! arguments.
 
@@ -36,6 +36,23 @@ enum Command {
     Migrate(MigrateArgs),
     /// Check that the ledger balances and agrees with account balances; exit 1 if not.
     VerifyLedger(DatabaseArgs),
+    /// Ask a running backend's grpc.health.v1 whether it serves: exit 0 when
+    /// SERVING, 1 otherwise. For a container HEALTHCHECK or an exec probe.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// The backend's gRPC address (a wildcard bind such as 0.0.0.0:50051 is
+    /// asked on loopback).
+    #[arg(long, env = "PAYMENT_BACKEND_LISTEN", default_value = crate::health::DEFAULT_LISTEN)]
+    address: SocketAddr,
+    /// The service to ask about ("" is the whole server).
+    #[arg(long, default_value = "")]
+    service: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,7 +96,7 @@ struct DatabaseArgs {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// gRPC listen address.
-    #[arg(long, env = "PAYMENT_BACKEND_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = "PAYMENT_BACKEND_LISTEN", default_value = crate::health::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// Prometheus /metrics listen address.
     #[arg(
@@ -233,6 +250,16 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::Health(args) => {
+            let address = crate::health::dial_address(args.address);
+            match crate::health::check(address, &args.service, args.timeout).await {
+                Ok(()) => {
+                    println!("payment-backend at {address}: SERVING");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_FAILURE, e),
+            }
+        }
         Command::Migrate(args) => {
             init_logging(args.db.log_format);
             let opts = args.db.store_options(Duration::from_secs(1));

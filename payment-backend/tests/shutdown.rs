@@ -1,5 +1,6 @@
 //! The real binary: SIGTERM lets an in-flight call finish, refuses new
-//! ones, and exits 0; `/metrics` passes `promtool check metrics`.
+//! ones, and exits 0; `/metrics` passes `promtool check metrics`;
+//! `payment-backend health` follows grpc.health.v1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -265,4 +266,78 @@ async fn metrics_pass_promtool() {
         panic!("{e}");
     }
     b.stop().await;
+}
+
+/// `payment-backend health ARGS...`, with no PAYMENT_BACKEND_LISTEN from the
+/// test's own environment.
+fn backend_health(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_payment-backend"))
+        .arg("health")
+        .args(args)
+        .env_remove("PAYMENT_BACKEND_LISTEN")
+        .output()
+        .unwrap()
+}
+
+/// The image's HEALTHCHECK: exit 0 while the server is SERVING, 1 with what
+/// it answered once it is shutting down (NOT_SERVING for the shutdown
+/// delay), for an unknown service, and when nothing listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_zero_while_serving_and_one_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/p.db", dir.path().display());
+    let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
+    let proc = spawn_backend(&url, grpc, metrics, &["--shutdown-delay", "5s"]);
+    connect(grpc).await;
+    let address = format!("127.0.0.1:{grpc}");
+    let wildcard = format!("0.0.0.0:{grpc}");
+    for args in [
+        vec!["--address", address.as_str()],
+        vec!["--address", wildcard.as_str()],
+        vec![
+            "--address",
+            address.as_str(),
+            "--service",
+            "payments.v1.PaymentService",
+        ],
+    ] {
+        let out = backend_health(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(&format!("{address}: SERVING")), "{said}");
+    }
+    let out = backend_health(&["--address", &address, "--service", "no.such.Service"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+        "{out:?}"
+    );
+
+    let pid = proc.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    common::eventually(
+        Duration::from_secs(5),
+        "health to answer NOT_SERVING",
+        || {
+            let address = address.clone();
+            async move {
+                let out = backend_health(&["--address", &address]);
+                (out.status.code() == Some(1)
+                    && String::from_utf8_lossy(&out.stderr).contains("is NOT_SERVING"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    drop(proc);
+    let out = backend_health(&["--address", &address]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the payment backend"),
+        "{out:?}"
+    );
 }

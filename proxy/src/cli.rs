@@ -1,5 +1,5 @@
-//! The command line: `tollgate run --config FILE` and
-//! `tollgate check --config FILE`.
+//! The command line: `tollgate run --config FILE`,
+//! `tollgate check --config FILE` and `tollgate health`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +40,22 @@ enum Command {
         #[arg(long, short, env = "TOLLGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running tollgate whether it is ready (its admin `/ready`): exit
+    /// 0 when it is, 1 otherwise. For a container HEALTHCHECK or an exec
+    /// probe; needs no curl.
+    Health {
+        /// The admin server's address (a wildcard bind such as 0.0.0.0:9901
+        /// is asked on loopback). Default: the config's admin.address, else
+        /// 127.0.0.1:9901.
+        #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+        admin: Option<String>,
+        /// The config file to read admin.address from.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -70,6 +86,11 @@ fn exit_for(e: &StartError) -> u8 {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Health {
+            admin,
+            config,
+            timeout,
+        } => health(admin, config, timeout),
         Command::Check { config } => match runtime::load(
             &config,
             &ProcessEnv,
@@ -125,6 +146,57 @@ pub fn main() -> ExitCode {
             handle.drain();
             tracing::info!("tollgate stopped");
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `tollgate health`: 0 when `/ready` answers 200, else 1 with the reason.
+fn health(
+    admin: Option<String>,
+    config: Option<PathBuf>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let address = match (admin.filter(|a| !a.is_empty()), config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tollgate: cannot read {}: {e}", path.display());
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match crate::config::Config::parse(&text) {
+                Ok(c) => c.admin.address,
+                Err(e) => {
+                    eprintln!("tollgate: {}: {e}", path.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        (None, None) => crate::health::DEFAULT_ADMIN.to_owned(),
+    };
+    let Ok(listen) = address.parse::<std::net::SocketAddr>() else {
+        eprintln!(
+            "tollgate: the admin address {:?} is not an address like 127.0.0.1:9901",
+            address.chars().take(64).collect::<String>()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let dial = crate::health::dial_address(listen);
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+        .and_then(|rt| rt.block_on(crate::health::check_ready(dial, timeout)));
+    match answer {
+        Ok(line) => {
+            println!("tollgate at {dial}: {line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

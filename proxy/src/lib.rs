@@ -14,6 +14,7 @@ pub mod call;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod health;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -290,3 +290,63 @@ async fn sigterm_with_a_drain_delay_fails_ready_but_keeps_accepting_for_the_dela
         "exited before drain_delay"
     );
 }
+
+/// `tollgate health ARGS...` against whatever runs, with no TOLLGATE_*
+/// variables from the test's own environment.
+fn tollgate_health(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("health")
+        .args(args)
+        .env_remove("TOLLGATE_ADMIN_LISTEN")
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// The HEALTHCHECK of the image: exit 0 while `/ready` answers 200, 1 with
+/// the reason once tollgate stops being ready or is not there at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_zero_while_ready_and_one_once_draining() {
+    let up = Upstream::start().await;
+    let Running {
+        mut child,
+        admin,
+        dir,
+        ..
+    } = run_binary(&up, "drain_delay: 5s", Stdio::null()).await;
+    let config = dir.path().join("tollgate.yaml");
+    let config = config.to_str().unwrap();
+    let wildcard = format!("0.0.0.0:{}", admin.port());
+    for args in [vec!["--config", config], vec!["--admin", wildcard.as_str()]] {
+        let out = tollgate_health(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains(&format!("127.0.0.1:{}: ready", admin.port())),
+            "{said}"
+        );
+    }
+
+    sigterm(&child, admin).await;
+    let out = tollgate_health(&["--config", config]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("tollgate is not ready: /ready answered 503"),
+        "{said}"
+    );
+    tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+
+    let out = tollgate_health(&["--admin", &format!("127.0.0.1:{}", admin.port())]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("cannot reach tollgate's admin server"),
+        "{said}"
+    );
+    let out = tollgate_health(&["--admin", &"x".repeat(10_000)]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.len() < 200, "{out:?}");
+}

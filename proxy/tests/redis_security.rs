@@ -1,6 +1,7 @@
 //! Redis with credentials and TLS: an ACL user with a password (masked in
-//! `/config`), and `rediss://` to a redis-server that only speaks TLS,
-//! verified against a private CA.
+//! `/config`), the credentials from the environment (a Kubernetes Secret)
+//! for a single Redis and a Redis Cluster, and `rediss://` to a
+//! redis-server that only speaks TLS, verified against a private CA.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -70,6 +71,101 @@ async fn an_acl_user_with_a_password_and_no_password_in_config_output() {
     let e = wrong.client().await.unary(req(b"x")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(!e.message().contains("nope"), "{}", e.message());
+}
+
+/// The URL in the config carries no password: TOLLGATE_REDIS_USERNAME and
+/// TOLLGATE_REDIS_PASSWORD supply them (replacing any in the URL), and
+/// `/config` shows neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_from_the_environment_reach_a_single_redis() {
+    let redis = testkit::Redis::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "limits", "on", ">env-pw-41d2", "~*", "+@all"])
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "off"])
+        .exec_async(&mut con)
+        .await
+        .unwrap();
+    let up = Upstream::start().await;
+    let bare = format!("url: \"redis://127.0.0.1:{}\"", redis.port());
+
+    // Without them the server refuses tollgate: the limit fails closed.
+    let without = Proxy::start(&config(up.addr, &bare));
+    let e = without.client().await.unary(req(b"x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    let env = [
+        ("TOLLGATE_REDIS_USERNAME", "limits"),
+        ("TOLLGATE_REDIS_PASSWORD", "env-pw-41d2"),
+    ];
+    let proxy = Proxy::start_with_env(&config(up.addr, &bare), &env);
+    limits_work(&proxy).await;
+    // A wrong password in the URL is replaced by the environment's.
+    let in_url = format!("url: \"redis://limits:stale@127.0.0.1:{}\"", redis.port());
+    let replaced = Proxy::start_with_env(&config(up.addr, &in_url), &env);
+    // Same key, already used up: decided in Redis (not UNAVAILABLE).
+    let e = replaced.client().await.unary(req(b"4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let (_, shown) = common::http_get(proxy.admin(), "/config").await;
+    assert!(!shown.contains("env-pw-41d2"), "{shown}");
+}
+
+/// A cluster whose nodes all require a password: the environment's reaches
+/// the nodes named in the config and those found through the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_from_the_environment_reaches_every_cluster_node() {
+    let cluster = testkit::RedisCluster::start();
+    for url in cluster.urls() {
+        let mut con = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("CONFIG")
+            .arg(&["SET", "requirepass", "cluster-pw-9e"])
+            .exec_async(&mut con)
+            .await
+            .unwrap();
+    }
+    let up = Upstream::start().await;
+    // One node named: the other two are found through it. Keys per x-k
+    // value spread over all three masters; the limit fails closed, so a
+    // node tollgate could not use would answer UNAVAILABLE.
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n  backend: redis-cluster\n  failure_mode: closed\n  redis: {{ urls: [\"{}\"], timeout: 2s }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    limits: [ {{ name: per-k, key: [ {{ header: x-k }} ], rate: 2/min, algorithm: fixed_window }} ]\n",
+        cluster.urls()[0],
+        up.addr
+    );
+    let call = |k: String| {
+        let mut r = tonic::Request::new(req(b"x"));
+        r.metadata_mut().insert("x-k", k.parse().unwrap());
+        r
+    };
+    let without = Proxy::start(&yaml);
+    let e = without
+        .client()
+        .await
+        .unary(call("a".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    let proxy = Proxy::start_with_env(&yaml, &[("TOLLGATE_REDIS_PASSWORD", "cluster-pw-9e")]);
+    let mut c = proxy.client().await;
+    for i in 0..30 {
+        c.unary(call(format!("{}-{i}", std::process::id())))
+            .await
+            .unwrap_or_else(|e| panic!("key {i}: {e:?}"));
+    }
+    let k = format!("{}-0", std::process::id());
+    c.unary(call(k.clone())).await.unwrap();
+    let e = c.unary(call(k)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 }
 
 struct TlsRedis {

@@ -332,6 +332,25 @@ pub struct RedisStore {
     /// While the breaker is open, how often one call probes Redis.
     #[serde(default = "default_probe_interval")]
     pub probe_interval: Dur,
+    /// Env `TOLLGATE_REDIS_USERNAME` only (never the file, never shown):
+    /// the ACL user for every URL, replacing any in them.
+    #[serde(skip)]
+    pub username: Option<Secret>,
+    /// Env `TOLLGATE_REDIS_PASSWORD` only (never the file, never shown):
+    /// the password for every URL, replacing any in them; a Kubernetes
+    /// Secret can carry it while the URLs stay in a ConfigMap.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+/// A credential from the environment: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl Default for RedisStore {
@@ -345,6 +364,8 @@ impl Default for RedisStore {
             ca: None,
             breaker_failures: default_breaker_failures(),
             probe_interval: default_probe_interval(),
+            username: None,
+            password: None,
         }
     }
 }
@@ -786,7 +807,9 @@ impl Config {
         serde_yaml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// `TOLLGATE_LISTEN` and `TOLLGATE_ADMIN_LISTEN` replace the addresses.
+    /// `TOLLGATE_LISTEN` and `TOLLGATE_ADMIN_LISTEN` replace the addresses,
+    /// `TOLLGATE_REDIS_URL` the Redis URL; `TOLLGATE_REDIS_USERNAME` and
+    /// `TOLLGATE_REDIS_PASSWORD` are the credentials for every Redis URL.
     pub fn apply_env(&mut self, env: &dyn Env) {
         if let Some(a) = env.var("TOLLGATE_LISTEN").filter(|a| !a.is_empty()) {
             self.listener.address = a;
@@ -799,6 +822,15 @@ impl Config {
                 .redis
                 .get_or_insert_with(RedisStore::default)
                 .url = Some(u);
+        }
+        let secret = |name| env.var(name).filter(|v| !v.is_empty()).map(Secret);
+        let (username, password) = (
+            secret("TOLLGATE_REDIS_USERNAME"),
+            secret("TOLLGATE_REDIS_PASSWORD"),
+        );
+        if let Some(r) = self.limiter.redis.as_mut() {
+            r.username = username;
+            r.password = password;
         }
     }
 

@@ -272,6 +272,23 @@ fn tls_certs(ca: Option<&std::path::Path>) -> Result<Option<redis::TlsCertificat
     }))
 }
 
+/// A URL's connection settings, with the credentials from the environment
+/// (`TOLLGATE_REDIS_USERNAME`/`_PASSWORD`) in place of any it carries.
+fn connection_info(
+    url: &str,
+    r: &config::RedisStore,
+) -> Result<redis::ConnectionInfo, redis::RedisError> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(u) = &r.username {
+        settings = settings.set_username(&u.0);
+    }
+    if let Some(p) = &r.password {
+        settings = settings.set_password(&p.0);
+    }
+    Ok(info.set_redis_settings(settings))
+}
+
 // === impl RedisStore ===
 
 impl RedisStore {
@@ -294,11 +311,12 @@ impl RedisStore {
             Backend::Redis => {
                 let url = r.url.clone().ok_or("limiter.redis.url: missing")?;
                 let shown = crate::redact::url(&url);
-                let client = match certs {
-                    Some(c) => redis::Client::build_with_tls(url.as_str(), c),
-                    None => redis::Client::open(url.as_str()),
-                }
-                .map_err(|e| format!("limiter.redis.url {shown:?}: {e}"))?;
+                let client = connection_info(&url, &r)
+                    .and_then(|info| match certs {
+                        Some(c) => redis::Client::build_with_tls(info, c),
+                        None => redis::Client::open(info),
+                    })
+                    .map_err(|e| format!("limiter.redis.url {shown:?}: {e}"))?;
                 (Target::Single(Arc::new(client)), shown, "redis")
             }
             Backend::RedisCluster => {
@@ -308,15 +326,27 @@ impl RedisStore {
                     .map(|u| crate::redact::url(u))
                     .collect::<Vec<_>>()
                     .join(",");
-                let mut b =
-                    redis::cluster::ClusterClientBuilder::new(r.urls.iter().map(|u| u.as_str()))
-                        .connection_timeout(r.connect_timeout.0)
-                        .response_timeout(r.connect_timeout.0)
-                        .retries(2)
-                        .min_retry_wait(2)
-                        .max_retry_wait(20);
+                let nodes = r
+                    .urls
+                    .iter()
+                    .map(|u| connection_info(u, &r))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("limiter.redis.urls {shown:?}: {e}"))?;
+                let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(r.connect_timeout.0)
+                    .response_timeout(r.connect_timeout.0)
+                    .retries(2)
+                    .min_retry_wait(2)
+                    .max_retry_wait(20);
                 if let Some(c) = certs {
                     b = b.certs(c);
+                }
+                // Nodes found through the cluster's own answers get these too.
+                if let Some(u) = &r.username {
+                    b = b.username(&u.0);
+                }
+                if let Some(p) = &r.password {
+                    b = b.password(&p.0);
                 }
                 let client = b
                     .build()

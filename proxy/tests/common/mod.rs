@@ -99,10 +99,15 @@ pub fn named_config(upstream: SocketAddr, name: &str) -> String {
 
 impl Proxy {
     pub fn start(yaml: &str) -> Proxy {
+        Proxy::start_with_env(yaml, &[])
+    }
+
+    /// [`Proxy::start`] with these environment variables (and no others).
+    pub fn start_with_env(yaml: &str, vars: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, yaml).unwrap();
-        let env: HashMap<&str, &str> = HashMap::new();
+        let env: HashMap<&str, &str> = vars.iter().copied().collect();
         let handle = runtime::start(&config_path, &env).expect("tollgate starts");
         Proxy {
             handle: Some(handle),
