@@ -1,7 +1,9 @@
 """What the end-to-end checks share: free ports and a tally of checks that
 keeps going after a failure."""
 
+import signal
 import socket
+import subprocess
 
 RESULTS = {"passed": 0, "failed": 0}
 
@@ -27,3 +29,14 @@ def summary():
     """Prints the tally; returns the exit status."""
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
+
+
+def stop(procs, timeout=30):
+    """SIGTERM to each process, last started first; SIGKILL to any still
+    running after `timeout` seconds."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

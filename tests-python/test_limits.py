@@ -9,7 +9,6 @@ retry-after and the ratelimit-* fields; waiting the retry delay is enough.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import time
 import urllib.request
 
 import grpc
-from harness import check, free_port, summary
+from harness import check, free_port, stop, summary
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -144,12 +143,7 @@ routes:
               limited_then_allowed_after_the_retry_delay)
         channel.close()
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         subprocess.run([os.path.join(ROOT, "scripts", "redis.sh"), "stop", os.path.join(tmp, "redis")],
                        capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import uuid
 import grpc
 import yaml
 import payapi
-from harness import check, free_port, summary
+from harness import check, free_port, stop, summary
 
 ROOT = payapi.ROOT
 BACKEND = os.path.join(ROOT, "target", "debug", "payment-backend")
@@ -418,12 +417,7 @@ routes:
               "the Redis, config, database and target alerts are quiet", rejection_alert_is_active)
         channel.close()
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         stop_services(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     return summary()

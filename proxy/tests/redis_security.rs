@@ -31,29 +31,28 @@ async fn limits_work(proxy: &Proxy) {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 }
 
+/// Makes `user` (password `password`, keys matching `keys`) the only ACL
+/// user of the server: nobody else may use it without a password.
+async fn only_user(redis: &testkit::Redis, user: &str, password: &str, keys: &str) {
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
+    let pass = format!(">{password}");
+    for args in [
+        vec!["SETUSER", user, "on", pass.as_str(), keys, "+@all"],
+        vec!["SETUSER", "default", "off"],
+    ] {
+        redis::cmd("ACL")
+            .arg(&args)
+            .exec_async(&mut con)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_user_with_a_password_and_no_password_in_config_output() {
     let redis = testkit::Redis::start();
-    let admin = redis::Client::open(redis.url()).unwrap();
-    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "tollgate",
-            "on",
-            ">pw-7c1e9",
-            "~tollgate:*",
-            "+@all",
-        ])
-        .exec_async(&mut con)
-        .await
-        .unwrap();
-    // Nobody else may use the server without a password.
-    redis::cmd("ACL")
-        .arg(&["SETUSER", "default", "off"])
-        .exec_async(&mut con)
-        .await
-        .unwrap();
+    only_user(&redis, "tollgate", "pw-7c1e9", "~tollgate:*").await;
     let url = format!("redis://tollgate:pw-7c1e9@127.0.0.1:{}", redis.port());
 
     let up = Upstream::start().await;
@@ -79,18 +78,7 @@ async fn an_acl_user_with_a_password_and_no_password_in_config_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_from_the_environment_reach_a_single_redis() {
     let redis = testkit::Redis::start();
-    let admin = redis::Client::open(redis.url()).unwrap();
-    let mut con = admin.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("ACL")
-        .arg(&["SETUSER", "limits", "on", ">env-pw-41d2", "~*", "+@all"])
-        .exec_async(&mut con)
-        .await
-        .unwrap();
-    redis::cmd("ACL")
-        .arg(&["SETUSER", "default", "off"])
-        .exec_async(&mut con)
-        .await
-        .unwrap();
+    only_user(&redis, "limits", "env-pw-41d2", "~*").await;
     let up = Upstream::start().await;
     let bare = format!("url: \"redis://127.0.0.1:{}\"", redis.port());
 
