@@ -32,6 +32,8 @@ FROM ${BINARIES} AS binaries
 
 # --- certs: the CA roots (for rediss:// and TLS upstreams), nothing else ---
 FROM debian:bookworm-slim AS certs
+# Unpinned on purpose: the newest CA roots of the release are the right ones.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates
 

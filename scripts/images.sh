@@ -147,7 +147,9 @@ build() {
     # The build's intermediate images (untagged stages) go; older ones stay.
     local id
     while read -r id; do
-        [[ -n "${id}" ]] && pod image rm "${id}" >/dev/null 2>&1 || true
+        if [[ -n "${id}" ]]; then
+            pod image rm "${id}" >/dev/null 2>&1 || true
+        fi
     done < <(comm -13 <(printf '%s\n' "${before}") \
         <(pod images --all --quiet --no-trunc --filter dangling=true | sort -u))
     for target in tollgate payment-backend; do

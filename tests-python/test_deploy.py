@@ -119,6 +119,12 @@ def limited(call):
 
 # --- images -----------------------------------------------------------------
 
+def hadolint():
+    r = subprocess.run(["hadolint", os.path.join(ROOT, "Dockerfile")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def build_images():
     started = time.time()
     r = subprocess.run([IMAGES, "build", "--tag", TAG, "--prebuilt",
@@ -394,6 +400,7 @@ def main():
     # `kube play` makes the pod's infra image on first use.
     pause_before = podman("images", "-q", "localhost/podman-pause").stdout.strip()
     try:
+        check("the Dockerfile passes hadolint", hadolint)
         check("images build from the Dockerfile (prebuilt binaries)", build_images)
         check("images: --version, UID 10001, OCI labels, HEALTHCHECK, ports, baked config",
               image_checks)
