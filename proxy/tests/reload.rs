@@ -118,6 +118,53 @@ async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
     .await;
 }
 
+/// A ConfigMap volume as kubelet lays it out: `tollgate.yaml` is a symlink
+/// to `..data/tollgate.yaml`, `..data` a symlink to a timestamped folder.
+/// An edit of the ConfigMap writes a new folder, swaps `..data` to it by
+/// renaming a new symlink over it, and removes the old folder; the file
+/// tollgate was started on is never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_volume_swap_reloads() {
+    use std::os::unix::fs::symlink;
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let version = |name: &str, unary_to: &str| {
+        std::fs::create_dir(root.join(name)).unwrap();
+        std::fs::write(
+            root.join(name).join("tollgate.yaml"),
+            config(a.addr, b.addr, unary_to),
+        )
+        .unwrap();
+    };
+    version("..2026_12_01_10_00_00.000000001", "a");
+    symlink("..2026_12_01_10_00_00.000000001", root.join("..data")).unwrap();
+    symlink("..data/tollgate.yaml", root.join("tollgate.yaml")).unwrap();
+    let proxy = Proxy::start_file(dir, root.join("tollgate.yaml"), &[]);
+    let mut c = proxy.client().await;
+    c.unary(req(b"1")).await.unwrap();
+    assert_eq!(a.seen.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    version("..2026_12_01_10_05_00.000000002", "b");
+    symlink("..2026_12_01_10_05_00.000000002", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_12_01_10_00_00.000000001")).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "unary calls to go to upstream b after the ..data swap",
+        || {
+            let mut c = c.clone();
+            let b = &b;
+            async move {
+                c.unary(req(b"2")).await.ok()?;
+                (b.seen.calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_files_in_the_config_folder_do_not_reload() {
     let a = Upstream::start().await;

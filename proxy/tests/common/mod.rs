@@ -107,6 +107,15 @@ impl Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("tollgate.yaml");
         std::fs::write(&config_path, yaml).unwrap();
+        Proxy::start_file(dir, config_path, vars)
+    }
+
+    /// Starts on a config file the caller laid out in `dir`.
+    pub fn start_file(
+        dir: tempfile::TempDir,
+        config_path: std::path::PathBuf,
+        vars: &[(&str, &str)],
+    ) -> Proxy {
         let env: HashMap<&str, &str> = vars.iter().copied().collect();
         let handle = runtime::start(&config_path, &env).expect("tollgate starts");
         Proxy {
