@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{create_req, key, status_of, usd, Backend, Db, Options};
+use crate::common::{create_req, key, status_of, usd, Backend, Db, Options};
 use payment_backend::money::{MAX_AMOUNT_MINOR, MAX_BALANCE_MINOR};
 use tollgate_proto::payments::v1 as pb;
 use tonic::Code;
@@ -464,7 +462,8 @@ async fn a_replay_takes_no_lock_and_writes_nothing(db: Db) {
     // Another writer holds the payer's and the payment's rows: the retries
     // still get their stored responses, at once, because they take no lock.
     let locker =
-        common::hold_locks(db, &b.url, &[("accounts", &payer), ("payments", &made.id)]).await;
+        crate::common::hold_locks(db, &b.url, &[("accounts", &payer), ("payments", &made.id)])
+            .await;
     let again = tokio::time::timeout(Duration::from_secs(4), b.accounts.deposit(dep))
         .await
         .expect("a replay does not wait for the row lock")

@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{eventually, http_get, req, Upstream};
+use crate::common::{eventually, http_get, req, Upstream};
 use tokio_stream::StreamExt;
 use tollgate_proto::test::v1::echo_client::EchoClient;
 use tollgate_proto::test::v1::EchoRequest;
@@ -169,7 +167,7 @@ async fn sigterm_drains_streams_in_flight_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let up = Upstream::start().await;
-    let proxy = common::Proxy::start(&common::basic_config(up.addr));
+    let proxy = crate::common::Proxy::start(&crate::common::basic_config(up.addr));
     let mut c = proxy.client().await;
     c.unary(req(b"x")).await.unwrap();
     let _ = c

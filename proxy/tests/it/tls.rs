@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, req, Proxy};
+use crate::common::{eventually, req, Proxy};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tollgate_proto::test::v1::echo_client::EchoClient;
 use tollgate_proto::test::v1::echo_server::EchoServer;
@@ -55,12 +53,12 @@ async fn tls_upstream(ca: &Ca) -> std::net::SocketAddr {
     let (cert, key) = leaf(ca, &["upstream.internal"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = std::sync::Arc::new(common::Seen::default());
+    let seen = std::sync::Arc::new(crate::common::Seen::default());
     tokio::spawn(
         Server::builder()
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             .unwrap()
-            .add_service(EchoServer::new(common::EchoService { seen }))
+            .add_service(EchoServer::new(crate::common::EchoService { seen }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     addr
@@ -173,7 +171,7 @@ impl Mtls {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_client_certificate() {
-    let up = common::Upstream::start().await;
+    let up = crate::common::Upstream::start().await;
     let m = Mtls::start(up.addr, "  - { match: {}, upstream: echo }\n");
     let (server_ca, client_ca, handle) = (&m.server_ca, &m.client_ca, &m.handle);
 
@@ -206,7 +204,7 @@ fn spiffe_leaf(ca: &Ca, uri: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_can_key_on_the_client_certificate() {
-    let up = common::Upstream::start().await;
+    let up = crate::common::Upstream::start().await;
     let m = Mtls::start(
         up.addr,
         "  - match: {}\n    upstream: echo\n    limits: [ { name: per-workload, key: [ { tls_identity: {} } ], rate: 2/min, algorithm: fixed_window } ]\n",
@@ -251,13 +249,13 @@ async fn tls_upstream_on(
     let (cert, key) = leaf(ca, &["upstream.internal"]);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = std::sync::Arc::new(common::Seen::default());
+    let seen = std::sync::Arc::new(crate::common::Seen::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
         Server::builder()
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             .unwrap()
-            .add_service(EchoServer::new(common::EchoService { seen }))
+            .add_service(EchoServer::new(crate::common::EchoService { seen }))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async {

@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{create_req, key, status_of, usd, Backend, Db, Options};
+use crate::common::{create_req, key, status_of, usd, Backend, Db, Options};
 use payment_backend::store::Fenced;
 use sqlx::Row as _;
 use tollgate_proto::payments::v1 as pb;
@@ -638,7 +636,7 @@ async fn uncaptured_authorizations_expire(db: Db) {
     let p = b.pay(&payer, &payee, 400, true).await;
     let mut client = b.payments.clone();
     let id = p.id.clone();
-    let expired = common::eventually(
+    let expired = crate::common::eventually(
         Duration::from_secs(20),
         "the sweeper to expire the authorization",
         || {
@@ -856,7 +854,7 @@ async fn published_outbox_events_go_after_retention(db: Db) {
     // ids[3] is unpublished (and written three hours ago): it must stay.
     published_at(&b, ids[3], None, false).await;
 
-    let kept = common::eventually(
+    let kept = crate::common::eventually(
         Duration::from_secs(20),
         "the sweeper to delete events published before the retention",
         || async {
@@ -889,7 +887,7 @@ async fn purging_the_outbox_goes_in_bounded_batches(db: Db) {
 
 /// (attempts, published, dead-lettered) of each outbox row, in order.
 async fn outbox_marks(b: &Backend) -> Vec<(i32, bool, bool)> {
-    common::outbox_marks(b)
+    crate::common::outbox_marks(b)
         .await
         .into_iter()
         .map(|m| (m.attempts, m.published, m.dead_lettered))

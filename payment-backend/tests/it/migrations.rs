@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::process::Command;
 
-use common::Db;
+use crate::common::Db;
 
 fn backend(args: &[&str], url: &str) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_payment-backend"))
@@ -27,7 +25,7 @@ fn backend(args: &[&str], url: &str) -> (bool, String) {
 }
 
 fn up_down_up(db: Db) {
-    let (url, _dir) = common::fresh_database(db);
+    let (url, _dir) = crate::common::fresh_database(db);
     let (ok, out) = backend(&["migrate"], &url);
     assert!(ok, "{out}");
     assert!(out.contains("migrations applied"), "{out}");
@@ -45,7 +43,7 @@ fn up_down_up(db: Db) {
     // without applying migrations, and says what failed.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
-    let store = payment_backend::store::Store::connect(&common::store_options(
+    let store = payment_backend::store::Store::connect(&crate::common::store_options(
         &url,
         std::time::Duration::from_secs(60),
     ))
@@ -87,10 +85,10 @@ fn bad_database_url_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_not_bound_by_the_statement_timeout() {
-    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let (url, _dir) = crate::common::fresh_database(Db::Postgres);
     let store = payment_backend::store::Store::connect(&payment_backend::store::StoreOptions {
         statement_timeout: std::time::Duration::from_millis(1),
-        ..common::store_options(&url, std::time::Duration::from_secs(60))
+        ..crate::common::store_options(&url, std::time::Duration::from_secs(60))
     })
     .unwrap();
     store.migrate().await.expect("migrations run to the end");

@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 
+use crate::common::{basic_config, Proxy, Upstream};
 use bytes::Bytes;
-use common::{basic_config, Proxy, Upstream};
 use http::{HeaderMap, Request, Response};
 
 /// What a raw client got back.
@@ -374,7 +372,7 @@ async fn an_upstream_reset_reaches_the_client_as_it_would_directly() {
         ),
     ] {
         let call = || {
-            let mut r = tonic::Request::new(common::req(b"r"));
+            let mut r = tonic::Request::new(crate::common::req(b"r"));
             r.metadata_mut()
                 .insert("x-reset", u32::from(reason).to_string().parse().unwrap());
             r
@@ -430,7 +428,7 @@ async fn junk_method_names_never_take_the_labels_of_real_methods() {
     .await
     .unwrap();
     assert_eq!(ok.grpc_status(), Some("0"));
-    let m = common::http_get(proxy.admin(), "/metrics").await.1;
+    let m = crate::common::http_get(proxy.admin(), "/metrics").await.1;
     for (method, status, n) in [
         ("Unary", "OK", 1),
         ("ClientStream", "OK", 1),
@@ -462,7 +460,7 @@ async fn an_answer_that_is_not_grpc_teaches_no_method_label() {
         .unwrap();
         assert_eq!(r.grpc_status(), None, "{r:?}");
     }
-    let m = common::http_get(proxy.admin(), "/metrics").await.1;
+    let m = crate::common::http_get(proxy.admin(), "/metrics").await.1;
     assert!(
         !m.contains("Missing"),
         "an HTTP 404 made method labels:\n{m}"

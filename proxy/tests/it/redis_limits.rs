@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{req, Proxy, Upstream};
+use crate::common::{req, Proxy, Upstream};
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -193,8 +191,8 @@ async fn the_retry_delay_from_redis_is_enough_and_a_reload_keeps_counts() {
     )
     .unwrap();
     proxy.handle.as_ref().unwrap().reload();
-    common::eventually(Duration::from_secs(5), "the reload", || async {
-        common::http_get(proxy.admin(), "/config")
+    crate::common::eventually(Duration::from_secs(5), "the reload", || async {
+        crate::common::http_get(proxy.admin(), "/config")
             .await
             .1
             .contains("999/min")
@@ -325,8 +323,8 @@ async fn in_a_cluster_a_routes_keys_spread_over_slots_and_a_refused_call_consume
     c.unary(req(b"1")).await.unwrap();
     std::fs::write(&proxy.config_path, yaml(&format!("{wide}{narrow}"))).unwrap();
     proxy.handle.as_ref().unwrap().reload();
-    common::eventually(Duration::from_secs(5), "the reload", || async {
-        common::http_get(proxy.admin(), "/config")
+    crate::common::eventually(Duration::from_secs(5), "the reload", || async {
+        crate::common::http_get(proxy.admin(), "/config")
             .await
             .1
             .contains("narrow")

@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{req, Proxy, Upstream};
+use crate::common::{req, Proxy, Upstream};
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_types::StatusExt;

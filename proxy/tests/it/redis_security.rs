@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{req, Proxy, Upstream};
+use crate::common::{req, Proxy, Upstream};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tonic::Code;
 
@@ -58,7 +56,7 @@ async fn an_acl_user_with_a_password_and_no_password_in_config_output() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(up.addr, &format!("url: \"{url}\"")));
     limits_work(&proxy).await;
-    let (_, shown) = common::http_get(proxy.admin(), "/config").await;
+    let (_, shown) = crate::common::http_get(proxy.admin(), "/config").await;
     assert!(shown.contains("redis://tollgate:***@127.0.0.1"), "{shown}");
     assert!(!shown.contains("pw-7c1e9"), "{shown}");
 
@@ -99,7 +97,7 @@ async fn credentials_from_the_environment_reach_a_single_redis() {
     // Same key, already used up: decided in Redis (not UNAVAILABLE).
     let e = replaced.client().await.unary(req(b"4")).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    let (_, shown) = common::http_get(proxy.admin(), "/config").await;
+    let (_, shown) = crate::common::http_get(proxy.admin(), "/config").await;
     assert!(!shown.contains("env-pw-41d2"), "{shown}");
 }
 
@@ -207,7 +205,7 @@ async fn rediss_with_a_private_ca() {
             .expect("redis-server starts"),
         port,
     };
-    common::eventually(Duration::from_secs(10), "redis-server on TLS", || async {
+    crate::common::eventually(Duration::from_secs(10), "redis-server on TLS", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
             .await
             .ok()

@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{create_req, key, Db};
+use crate::common::{create_req, key, Db};
 use sqlx::Connection as _;
 use tollgate_proto::payments::v1 as pb;
 use tollgate_proto::payments::v1::account_service_client::AccountServiceClient;
@@ -43,7 +41,7 @@ fn spawn_backend(url: &str, grpc: u16, metrics: u16, extra: &[&str]) -> Proc {
 }
 
 async fn connect(port: u16) -> Channel {
-    common::eventually(
+    crate::common::eventually(
         Duration::from_secs(30),
         "the backend to accept connections",
         || async move {
@@ -59,7 +57,7 @@ async fn connect(port: u16) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_calls_and_exits_zero() {
-    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let (url, _dir) = crate::common::fresh_database(Db::Postgres);
     let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
     // The held lock below must outlast the drain, not the lock timeout.
     let mut proc = spawn_backend(&url, grpc, metrics, &["--database-lock-timeout", "0"]);
@@ -83,7 +81,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
                     .deposit(pb::DepositRequest {
                         idempotency_key: key(),
                         account_id: a.id.clone(),
-                        amount: Some(common::usd(funds)),
+                        amount: Some(crate::common::usd(funds)),
                     })
                     .await
                     .unwrap();
@@ -132,7 +130,10 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         .unwrap()
         .expect("the in-flight call completes")
         .into_inner();
-    assert_eq!(common::status_of(&payment), pb::PaymentStatus::Captured);
+    assert_eq!(
+        crate::common::status_of(&payment),
+        pb::PaymentStatus::Captured
+    );
 
     let status = exit_of(proc).await.expect("the backend exits once drained");
     assert_eq!(status.0.code(), Some(0), "{}", status.1);
@@ -178,7 +179,7 @@ async fn exit_of(mut proc: Proc) -> Option<(std::process::ExitStatus, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cuts_off_a_call_that_outlives_the_drain_timeout() {
-    let (url, _dir) = common::fresh_database(Db::Postgres);
+    let (url, _dir) = crate::common::fresh_database(Db::Postgres);
     let (grpc, metrics) = (testkit::free_port(), testkit::free_port());
     // Nothing on the database side ends a call stuck on a row lock.
     let proc = spawn_backend(
@@ -207,17 +208,17 @@ async fn sigterm_cuts_off_a_call_that_outlives_the_drain_timeout() {
         .into_inner()
         .id;
     sqlx::any::install_default_drivers();
-    let locker = common::hold_lock(Db::Postgres, &url, &account).await;
+    let locker = crate::common::hold_lock(Db::Postgres, &url, &account).await;
     let stuck = tokio::spawn(async move {
         accounts
             .deposit(pb::DepositRequest {
                 idempotency_key: key(),
                 account_id: account,
-                amount: Some(common::usd(5)),
+                amount: Some(crate::common::usd(5)),
             })
             .await
     });
-    common::a_call_waits_for_a_lock(&url).await;
+    crate::common::a_call_waits_for_a_lock(&url).await;
 
     let pid = proc.0.id().to_string();
     assert!(Command::new("kill")
@@ -237,7 +238,7 @@ async fn sigterm_cuts_off_a_call_that_outlives_the_drain_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
-    let mut b = common::Backend::start(Db::Sqlite).await;
+    let mut b = crate::common::Backend::start(Db::Sqlite).await;
     let payer = b.account("USD", 1_000).await;
     let payee = b.account("USD", 0).await;
     b.payments
@@ -319,7 +320,7 @@ async fn health_exits_zero_while_serving_and_one_otherwise() {
         .status()
         .unwrap()
         .success());
-    common::eventually(
+    crate::common::eventually(
         Duration::from_secs(5),
         "health to answer NOT_SERVING",
         || {

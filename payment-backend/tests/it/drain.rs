@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{health, health_of, key, usd, Backend, Db, Options};
+use crate::common::{health, health_of, key, usd, Backend, Db, Options};
 use tollgate_proto::payments::v1 as pb;
 use tollgate_proto::payments::v1::account_service_client::AccountServiceClient;
 use tonic::transport::Channel;
@@ -44,7 +42,7 @@ async fn postgres_a_call_behind_a_locked_row_is_aborted_at_the_lock_timeout() {
     )
     .await;
     let account = b.account("USD", 100).await;
-    let locker = common::hold_lock(Db::Postgres, &b.url, &account).await;
+    let locker = crate::common::hold_lock(Db::Postgres, &b.url, &account).await;
     let req = deposit(&account);
     let err = within(b.accounts.deposit(req.clone()))
         .await
@@ -72,7 +70,7 @@ async fn postgres_a_statement_past_the_statement_timeout_is_unavailable() {
     )
     .await;
     let account = b.account("USD", 100).await;
-    let locker = common::hold_lock(Db::Postgres, &b.url, &account).await;
+    let locker = crate::common::hold_lock(Db::Postgres, &b.url, &account).await;
     let err = within(b.accounts.deposit(deposit(&account)))
         .await
         .expect("the statement is cancelled")
@@ -97,10 +95,10 @@ async fn postgres_shutdown_cuts_off_calls_still_running_at_the_drain_timeout() {
     )
     .await;
     let account = b.account("USD", 100).await;
-    let locker = common::hold_lock(Db::Postgres, &b.url, &account).await;
+    let locker = crate::common::hold_lock(Db::Postgres, &b.url, &account).await;
     let mut client = b.accounts.clone();
     let stuck = tokio::spawn(async move { client.deposit(deposit(&account)).await });
-    common::a_call_waits_for_a_lock(&b.url).await;
+    crate::common::a_call_waits_for_a_lock(&b.url).await;
 
     let running = b.running.take().unwrap();
     within(running.shutdown())
@@ -119,7 +117,7 @@ async fn postgres_shutdown_cuts_off_calls_still_running_at_the_drain_timeout() {
     assert!(err.get_details_retry_info().is_some());
     // Its transaction rolled back: the deposit did not happen.
     drop(locker);
-    let store = payment_backend::store::Store::connect(&common::store_options(
+    let store = payment_backend::store::Store::connect(&crate::common::store_options(
         &b.url,
         Duration::from_secs(60),
     ))
@@ -147,7 +145,7 @@ async fn health_is_not_serving_while_the_server_still_serves_for_the_shutdown_de
     let addr = b.grpc_addr();
     let running = b.running.take().unwrap();
     let shutdown = tokio::spawn(running.shutdown());
-    common::eventually(Duration::from_secs(5), "health to say NOT_SERVING", || {
+    crate::common::eventually(Duration::from_secs(5), "health to say NOT_SERVING", || {
         let channel = b.channel.clone();
         async move {
             (health_of(&channel, "payments.v1.AccountService").await

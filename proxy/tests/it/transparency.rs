@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{basic_config, eventually, named_config, req, Proxy, Upstream};
+use crate::common::{basic_config, eventually, named_config, req, Proxy, Upstream};
 use tokio_stream::StreamExt;
 use tollgate_proto::test::v1::EchoRequest;
 use tonic::metadata::MetadataValue;
@@ -461,12 +459,12 @@ async fn a_client_cancel_reaches_the_upstream() {
 async fn plain_http_gets_http_statuses() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&basic_config(up.addr));
-    let (status, body) = common::http_get(proxy.addr(), "/").await;
+    let (status, body) = crate::common::http_get(proxy.addr(), "/").await;
     assert_eq!(status, 505);
     assert!(body.contains("needs HTTP/2"), "{body}");
-    let (status, _) = common::http_get(proxy.admin(), "/ready").await;
+    let (status, _) = crate::common::http_get(proxy.admin(), "/ready").await;
     assert_eq!(status, 200);
-    let (status, body) = common::http_get(proxy.admin(), "/config").await;
+    let (status, body) = crate::common::http_get(proxy.admin(), "/config").await;
     assert_eq!(status, 200);
     assert!(body.contains("\"upstreams\""), "{body}");
 }

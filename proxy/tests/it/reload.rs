@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{eventually, req, Proxy, Upstream};
+use crate::common::{eventually, req, Proxy, Upstream};
 use tokio_stream::StreamExt;
 use tollgate_proto::test::v1::EchoRequest;
 use tonic::Code;
@@ -94,7 +92,7 @@ async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
         b_calls + 1,
         "the last good config still routes Unary to b"
     );
-    let (status, _) = common::http_get(proxy.admin(), "/ready").await;
+    let (status, _) = crate::common::http_get(proxy.admin(), "/ready").await;
     assert_eq!(status, 200);
 
     // Removing the route makes the method UNIMPLEMENTED... once valid again.
@@ -168,7 +166,7 @@ async fn a_configmap_volume_swap_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_files_in_the_config_folder_do_not_reload() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&common::basic_config(a.addr));
+    let proxy = Proxy::start(&crate::common::basic_config(a.addr));
     let handle = proxy.handle.as_ref().unwrap();
     for i in 0..50 {
         std::fs::write(proxy.dir.path().join("access.log"), format!("line {i}\n")).unwrap();
@@ -180,7 +178,7 @@ async fn other_files_in_the_config_folder_do_not_reload() {
         0,
         "writes to another file reloaded the config"
     );
-    std::fs::write(&proxy.config_path, common::basic_config(a.addr)).unwrap();
+    std::fs::write(&proxy.config_path, crate::common::basic_config(a.addr)).unwrap();
     eventually(
         Duration::from_secs(10),
         "a reload after the config changes",
