@@ -17,6 +17,22 @@ fn config(a: std::net::SocketAddr, b: std::net::SocketAddr, unary_to: &str) -> S
     )
 }
 
+/// Calls Unary until upstream `b` has seen a call: the new config is in force.
+async fn unary_reaches(
+    c: &tollgate_proto::test::v1::echo_client::EchoClient<tonic::transport::Channel>,
+    b: &Upstream,
+    what: &str,
+) {
+    eventually(Duration::from_secs(10), what, || {
+        let mut c = c.clone();
+        async move {
+            c.unary(req(b"2")).await.ok()?;
+            (b.seen.calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
     let a = Upstream::start().await;
@@ -40,19 +56,7 @@ async fn valid_configs_swap_in_and_invalid_ones_are_refused() {
 
     // A valid change, picked up from the file.
     std::fs::write(&proxy.config_path, config(a.addr, b.addr, "b")).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "unary calls to go to upstream b",
-        || {
-            let mut c = c.clone();
-            let b = &b;
-            async move {
-                c.unary(req(b"2")).await.ok()?;
-                (b.seen.calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
-            }
-        },
-    )
-    .await;
+    unary_reaches(&c, &b, "unary calls to go to upstream b").await;
     let mut n = 1;
     while let Some(m) = stream.next().await {
         m.unwrap();
@@ -148,17 +152,10 @@ async fn a_configmap_volume_swap_reloads() {
     symlink("..2026_12_01_10_05_00.000000002", root.join("..data_tmp")).unwrap();
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
     std::fs::remove_dir_all(root.join("..2026_12_01_10_00_00.000000001")).unwrap();
-    eventually(
-        Duration::from_secs(10),
+    unary_reaches(
+        &c,
+        &b,
         "unary calls to go to upstream b after the ..data swap",
-        || {
-            let mut c = c.clone();
-            let b = &b;
-            async move {
-                c.unary(req(b"2")).await.ok()?;
-                (b.seen.calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
-            }
-        },
     )
     .await;
 }
