@@ -112,6 +112,8 @@ fn describe_violations(v: &[FieldViolation]) -> String {
 
 /// Longest part of a caller's value that an error message repeats.
 pub const MAX_SHOWN_CHARS: usize = 64;
+/// Response metadata set when a stored response (or error) is replayed.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// Most field violations one error lists; the rest are counted.
 pub const MAX_VIOLATIONS: usize = 10;
@@ -286,19 +288,13 @@ impl Error {
         {
             if replayed {
                 status.metadata_mut().insert(
-                    crate::idempotency::REPLAYED_HEADER,
+                    REPLAYED_HEADER,
                     tonic::metadata::MetadataValue::from_static("true"),
                 );
             }
             return status;
         }
         tonic::Status::with_error_details(code, message, details)
-    }
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        crate::store::classify(e)
     }
 }
 

@@ -17,8 +17,9 @@ pub const KEY_HEADER: &str = "idempotency-key";
 /// Metadata header naming the caller when no other is configured; keys are
 /// scoped per caller.
 pub const CLIENT_HEADER: &str = "x-client-id";
-/// Response metadata set when a stored response is replayed.
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Response metadata set when a stored response is replayed (defined with
+/// the errors, which carry it on replayed failures).
+pub use crate::error::REPLAYED_HEADER;
 
 const MAX_KEY_LEN: usize = 255;
 const MAX_SCOPE_LEN: usize = 128;

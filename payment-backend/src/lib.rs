@@ -7,10 +7,12 @@
 //! rows, decide with [`payment`], write payment + ledger + outbox, store the
 //! response) → [`error`] maps any failure to a gRPC status. Background tasks:
 //! [`relay`] (outbox → Kafka), [`sweeper`] (expiry), [`health`] (database
-//! watch). [`server`] assembles them; [`cli`] is the command line.
+//! watch), [`exporter`] (`/metrics`). [`server`] assembles them; [`cli`] is
+//! the command line.
 
 pub mod cli;
 pub mod error;
+pub mod exporter;
 pub mod health;
 pub mod idempotency;
 pub mod metrics;

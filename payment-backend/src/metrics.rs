@@ -1,26 +1,19 @@
-//! Prometheus metrics and the `/metrics` endpoint on its own port.
+//! Prometheus metrics of the payment backend (the `/metrics` endpoint that
+//! serves them is [`crate::exporter`]).
 //!
 //! Metrics live in one registry owned by this module; the store, the relay
 //! and the RPC wrapper record into it. Labels are bounded: method names,
 //! status codes and payment statuses, never ids.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
 
 use crate::payment::Status;
-use crate::store::Store;
 
 /// Every metric of the payment backend.
 pub struct Metrics {
@@ -55,6 +48,19 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process-wide metrics.
 pub fn get() -> &'static Metrics {
     &METRICS
+}
+
+/// Records the database pool as it is now: its size, the connections idle
+/// in it, and its configured maximum.
+pub fn set_pool(size: u32, idle: usize, max: u32) {
+    let m = get();
+    let size = i64::from(size);
+    let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+    m.db_connections.with_label_values(&["idle"]).set(idle);
+    m.db_connections
+        .with_label_values(&["in_use"])
+        .set((size - idle).max(0));
+    m.db_max_connections.set(i64::from(max));
 }
 
 /// Counts a payment entering `status`.
@@ -248,95 +254,5 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// Refreshes the gauges that are read from the database and the pool.
-async fn refresh(store: &Store) {
-    let m = get();
-    let pool = store.pool();
-    let size = i64::from(pool.size());
-    let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
-    m.db_connections.with_label_values(&["idle"]).set(idle);
-    m.db_connections
-        .with_label_values(&["in_use"])
-        .set((size - idle).max(0));
-    m.db_max_connections
-        .set(i64::from(pool.options().get_max_connections()));
-    // A scrape must answer even while the database is down: keep the last
-    // values when the query does not finish in time.
-    if let Ok(Ok(stats)) =
-        tokio::time::timeout(Duration::from_millis(500), store.outbox_stats()).await
-    {
-        m.outbox_pending.set(stats.pending);
-        let age = stats
-            .oldest_pending_at
-            .map(|t| (store.now_micros() - t).max(0) as f64 / 1e6)
-            .unwrap_or(0.0);
-        m.outbox_oldest_age.set(age);
-    }
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    store: Store,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let store = store.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let store = store.clone();
-                async move { Ok::<_, Infallible>(handle(req, &store).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-async fn handle(req: Request<hyper::body::Incoming>, store: &Store) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &'static str, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(content_type),
-        );
-        r
-    };
-    match (req.method(), req.uri().path()) {
-        (&http::Method::GET, "/metrics") => {
-            refresh(store).await;
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                get().render(),
-            )
-        }
-        (_, "/metrics") => reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "use GET /metrics\n".into(),
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found; metrics are at /metrics\n".into(),
-        ),
     }
 }

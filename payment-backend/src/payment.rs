@@ -272,12 +272,9 @@ pub fn plan_capture(
 /// (µs since the epoch; unknown for payments expired by older versions).
 pub fn authorization_expired(payment_id: &str, expires_at: Option<i64>) -> Error {
     let when = expires_at.map_or(String::new(), |t| {
-        let ts = crate::store::timestamp(t);
-        let at = std::time::UNIX_EPOCH
-            + std::time::Duration::new(
-                u64::try_from(ts.seconds).unwrap_or(0),
-                u32::try_from(ts.nanos).unwrap_or(0),
-            );
+        // Before the epoch (never written): shown as the epoch.
+        let at =
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(t).unwrap_or(0));
         format!(" at {}", humantime::format_rfc3339_micros(at))
     });
     Error::FailedPrecondition {

@@ -191,7 +191,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     {
         let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(metrics::serve(
+        tasks.push(tokio::spawn(crate::exporter::serve(
             metrics_listener,
             store.clone(),
             async move {

@@ -163,6 +163,12 @@ impl Dialect {
     }
 }
 
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        classify(e)
+    }
+}
+
 /// Turns a database error into the service's error: connection problems are
 /// UNAVAILABLE, lock conflicts ABORTED, anything else INTERNAL.
 pub fn classify(e: sqlx::Error) -> Error {
