@@ -59,7 +59,7 @@ pub fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>
         }
         "/config" => {
             let active = shared.active.load();
-            match serde_json::to_string_pretty(&crate::redact::config(&active.config)) {
+            match serde_json::to_string_pretty(&active.config.redacted()) {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
             }

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -24,8 +25,35 @@ use tokio::time::{Instant, Sleep};
 use crate::call::{CallState, OpenCall, Watch};
 use crate::grpc::frame::{FrameError, FrameObserver};
 use crate::grpc::status::{parse_status, status_headers, Code};
-use crate::metrics::{self, MethodStats};
-use crate::routes::Route;
+use crate::metrics::{self, MethodStats, RouteStats};
+
+/// What a body needs of its call's route: the counters its messages go to,
+/// and the upstream its errors name. [`crate::routes::Route`] is one; bodies
+/// do not depend on how routes are built.
+pub trait RouteCounters: Send + Sync {
+    /// The route's counters (and its name).
+    fn stats(&self) -> &RouteStats;
+    /// The name of the route's upstream.
+    fn upstream_name(&self) -> &str;
+}
+
+/// A call counted as open on its upstream connection until dropped (when
+/// its response ends).
+pub struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    /// Counts one more call on `open` until this is dropped.
+    pub fn new(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(open)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// What ends a call that takes too long: its deadline, and (unless the
 /// deadline comes first) its connection watching it for the stream idle
@@ -97,7 +125,7 @@ pub struct RequestBody {
     inner: Incoming,
     observer: FrameObserver,
     state: Arc<CallState>,
-    route: Arc<Route>,
+    route: Arc<dyn RouteCounters>,
 }
 
 // === impl RequestBody ===
@@ -109,7 +137,7 @@ impl RequestBody {
         max: u32,
         compressed_ok: bool,
         state: Arc<CallState>,
-        route: Arc<Route>,
+        route: Arc<dyn RouteCounters>,
     ) -> Self {
         RequestBody {
             inner,
@@ -166,10 +194,10 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         self.route
-            .stats
+            .stats()
             .messages_in
             .inc_by(self.observer.messages());
-        self.route.stats.bytes_in.inc_by(self.observer.bytes());
+        self.route.stats().bytes_in.inc_by(self.observer.bytes());
     }
 }
 
@@ -223,14 +251,14 @@ pub struct Proxied {
     data_done: bool,
     observer: FrameObserver,
     state: Arc<CallState>,
-    route: Arc<Route>,
+    route: Arc<dyn RouteCounters>,
     timer: CallTimer,
     tally: Tally,
     done: bool,
     /// Counts the call as open on its connection until the response ends.
     open: Option<OpenCall>,
     /// Counts it as open on its upstream connection too.
-    _upstream_open: crate::upstream::OpenStream,
+    _upstream_open: OpenStream,
 }
 
 /// What tollgate sends back to the client.
@@ -253,10 +281,10 @@ impl Proxied {
         inner: h2::RecvStream,
         observer: FrameObserver,
         state: Arc<CallState>,
-        route: Arc<Route>,
+        route: Arc<dyn RouteCounters>,
         timer: CallTimer,
         tally: Tally,
-        upstream_open: crate::upstream::OpenStream,
+        upstream_open: OpenStream,
     ) -> Self {
         Proxied {
             inner: Some(inner),
@@ -390,10 +418,10 @@ impl Proxied {
             // The connection went away between messages: the call ends
             // with a status, as a client talking to the upstream directly
             // would see it.
-            tracing::debug!(route = %self.route.name, error = %e, "upstream connection lost mid-call");
+            tracing::debug!(route = %self.route.stats().name(), error = %e, "upstream connection lost mid-call");
             let message = format!(
                 "upstream {} closed its connection mid-call",
-                self.route.upstream.name
+                self.route.upstream_name()
             );
             return self.end_with(Code::Unavailable, &message);
         }
@@ -408,10 +436,10 @@ impl Proxied {
 impl Drop for Proxied {
     fn drop(&mut self) {
         self.route
-            .stats
+            .stats()
             .messages_out
             .inc_by(self.observer.messages());
-        self.route.stats.bytes_out.inc_by(self.observer.bytes());
+        self.route.stats().bytes_out.inc_by(self.observer.bytes());
     }
 }
 

@@ -1,17 +1,5 @@
 //! Keeps secrets out of `/config` and logs.
 
-use crate::config::Config;
-
-/// The config as `/config` shows it: Redis passwords masked.
-pub fn config(c: &Config) -> Config {
-    let mut c = c.clone();
-    if let Some(r) = &mut c.limiter.redis {
-        r.url = r.url.as_deref().map(url);
-        r.urls = r.urls.iter().map(|u| url(u)).collect();
-    }
-    c
-}
-
 /// A Redis URL with its password masked, otherwise as written:
 /// `redis://app:secret@host:6379` becomes `redis://app:***@host:6379`,
 /// `redis://secret@host` (a password alone) `redis://***@host`, and a

@@ -29,6 +29,16 @@ pub struct Route {
     pub limits: Option<Arc<dyn LimitStep>>,
 }
 
+impl crate::body::RouteCounters for Route {
+    fn stats(&self) -> &RouteStats {
+        &self.stats
+    }
+
+    fn upstream_name(&self) -> &str {
+        &self.upstream.name
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Pattern {
     Any,

@@ -27,7 +27,7 @@ use http_body::Body as _;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
+use crate::body::{OpenStream, RequestBody};
 use crate::config;
 use crate::grpc::status::Code;
 use crate::metrics;
@@ -214,23 +214,6 @@ impl Conn {
     fn has_room(&self, max: usize) -> bool {
         let n = self.open.load(Ordering::Relaxed);
         n < max && n < self.sender.current_max_send_streams()
-    }
-}
-
-/// A call counted as open on its upstream connection until dropped (when
-/// its response ends).
-pub struct OpenStream(Arc<AtomicUsize>);
-
-impl OpenStream {
-    fn new(open: Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(open)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -6,6 +6,7 @@
 //! renaming anything.
 
 mod duration;
+mod rate;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::Dur;
+pub use self::rate::Rate;
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10000";
@@ -799,6 +801,17 @@ impl Config {
         }
     }
 
+    /// The config as `/config` shows it: Redis passwords masked (the
+    /// environment's credentials are never serialized).
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(r) = &mut c.limiter.redis {
+            r.url = r.url.as_deref().map(crate::redact::url);
+            r.urls = r.urls.iter().map(|u| crate::redact::url(u)).collect();
+        }
+        c
+    }
+
     /// Parses YAML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
         if text.trim().is_empty() {
@@ -1073,7 +1086,7 @@ fn check_limits(
                 format!("{:?} is used by another limit of this route", l.name),
             );
         }
-        match crate::limit::rate::Rate::parse(&l.rate) {
+        match Rate::parse(&l.rate) {
             Err(e) => p.add(format!("{at}.rate"), e),
             Ok(rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
         }
@@ -1083,9 +1096,7 @@ fn check_limits(
         if l.burst.is_some_and(|b| b >= 1 << 53) {
             p.add(format!("{at}.burst"), "must be below 2^53");
         }
-        if let (AlgorithmName::Gcra, Ok(rate)) =
-            (l.algorithm, crate::limit::rate::Rate::parse(&l.rate))
-        {
+        if let (AlgorithmName::Gcra, Ok(rate)) = (l.algorithm, Rate::parse(&l.rate)) {
             let burst = u128::from(l.burst.unwrap_or(rate.limit));
             if u128::from(rate.emission_interval_micros()) * burst >= 1 << 53 {
                 p.add(
@@ -1133,9 +1144,7 @@ fn check_limits(
         if let Some(Cost::Constant(0)) = &l.cost {
             p.add(format!("{at}.cost"), "must be at least 1");
         }
-        if let (Some(Cost::Constant(n)), Ok(rate)) =
-            (&l.cost, crate::limit::rate::Rate::parse(&l.rate))
-        {
+        if let (Some(Cost::Constant(n)), Ok(rate)) = (&l.cost, Rate::parse(&l.rate)) {
             let capacity = match l.algorithm {
                 AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
                 _ => rate.limit,
@@ -1159,7 +1168,7 @@ fn check_limits(
             }
         }
         for (k, r) in &l.overrides {
-            match crate::limit::rate::Rate::parse(r) {
+            match Rate::parse(r) {
                 Err(e) => p.add(format!("{at}.overrides.{k}"), e),
                 Ok(rate) => {
                     check_counter_range(p, &format!("{at}.overrides.{k}"), l.algorithm, rate)
@@ -1183,12 +1192,7 @@ fn check_limits(
 
 /// Redis scripts count in doubles, exact below 2^53: limits (and the
 /// sliding counter's `limit × period`, in µs) stay below it.
-fn check_counter_range(
-    p: &mut Problems,
-    at: &str,
-    algorithm: AlgorithmName,
-    rate: crate::limit::rate::Rate,
-) {
+fn check_counter_range(p: &mut Problems, at: &str, algorithm: AlgorithmName, rate: Rate) {
     if rate.limit >= 1 << 53 {
         p.add(
             at,

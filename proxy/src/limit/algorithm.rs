@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use super::rate::Rate;
+use crate::config::Rate;
 
 /// How a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::algorithm::{Algorithm, Decision, Params};
-use super::rate::Rate;
+use crate::config::Rate;
 
 /// One call of a case.
 #[derive(Debug, Clone, Copy)]

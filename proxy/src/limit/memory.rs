@@ -211,8 +211,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::Rate;
     use crate::limit::algorithm::Algorithm;
-    use crate::limit::rate::Rate;
 
     fn check(key: &str, limit: u64, shadow: bool) -> Check {
         Check::new(

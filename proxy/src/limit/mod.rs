@@ -6,7 +6,6 @@ pub mod algorithm;
 pub mod behaviour;
 pub mod breaker;
 pub mod memory;
-pub mod rate;
 pub mod redis;
 mod shards;
 pub mod step;

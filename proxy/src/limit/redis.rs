@@ -1248,7 +1248,7 @@ async fn connect(target: &Target, connect_timeout: Duration) -> Result<Conn, Red
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::rate::Rate;
+    use crate::config::Rate;
 
     #[test]
     fn keys_carry_the_calls_hash_tag_and_its_slot() {

@@ -16,9 +16,9 @@ use prometheus::Histogram;
 
 use super::algorithm::{Algorithm, Decision, Params};
 use super::memory::{fnv1a, Answer, Check, MemoryStore};
-use super::rate::Rate;
 use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Rejection};
+use crate::config::Rate;
 use crate::config::{
     self, AlgorithmName, Cost, FailureMode, KeySource, OnMissing, OverCapacity, Repeated,
 };

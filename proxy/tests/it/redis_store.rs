@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
+use tollgate::config::Rate;
 use tollgate::config::{Backend, Dur, Limiter, RedisStore as RedisSettings};
 use tollgate::limit::algorithm::{Algorithm, Params};
 use tollgate::limit::behaviour::{cases, check_step, ALIGNED_START};
 use tollgate::limit::memory::Check;
-use tollgate::limit::rate::Rate;
 use tollgate::limit::redis::{RedisStore, StoreError};
 
 fn unique(what: &str) -> String {
