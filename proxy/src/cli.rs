@@ -120,10 +120,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(exit_for(&e));
                 }
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime::current_thread() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tollgate: cannot start the signal runtime: {e}");
@@ -184,9 +181,7 @@ fn health(
         return ExitCode::from(EXIT_CONFIG);
     };
     let dial = crate::health::dial_address(listen);
-    let answer = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let answer = runtime::current_thread()
         .map_err(|e| format!("cannot start a runtime: {e}"))
         .and_then(|rt| rt.block_on(crate::health::check_ready(dial, timeout)));
     match answer {

@@ -63,6 +63,14 @@ pub struct Handle {
     control: Option<JoinHandle<()>>,
 }
 
+/// A single-threaded runtime with I/O and timers: each worker, the control
+/// thread, and the command line's signal and health loops run on one.
+pub fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Loads and builds a config file: everything a reload or a start needs.
 /// `previous` is the config in force (a reload keeps its Redis store when
 /// the Redis settings did not change).
@@ -201,14 +209,9 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         threads.push(
             std::thread::Builder::new()
                 .name(format!("tollgate-worker-{i}"))
-                .spawn(move || {
-                    match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt.block_on(server::run_worker(i, l, shared, tls, drain)),
-                        Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
-                    }
+                .spawn(move || match current_thread() {
+                    Ok(rt) => rt.block_on(server::run_worker(i, l, shared, tls, drain)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
                 })
                 .map_err(|e| StartError::Setup {
                     path: path.to_owned(),
@@ -223,10 +226,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
             std::thread::Builder::new()
                 .name("tollgate-control".into())
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
+                    let rt = match current_thread() {
                         Ok(rt) => rt,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start the control runtime");
