@@ -219,6 +219,9 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
                 })?,
         );
     }
+    // Watching starts before `start` returns, so that a change made the
+    // moment tollgate is up (a ConfigMap updated as the pod starts) is seen.
+    let watcher = watch_files(&shared, reload_tx.clone());
     let control = {
         let (shared, tls, drain, reload_tx) =
             (shared.clone(), tls.clone(), stop_rx, reload_tx.clone());
@@ -238,6 +241,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
                         shared,
                         tls,
                         drain,
+                        watcher,
                         reload_tx,
                         reload_rx,
                     ));
@@ -268,12 +272,14 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The control thread: admin server, file watcher, reloads; until `stop`.
+/// The control thread: admin server, reloads (asked for by `watcher`'s
+/// events, SIGHUP or the tests), until `stop`.
 async fn control(
     admin: std::net::TcpListener,
     shared: Arc<Shared>,
     tls: TlsState,
     drain: watch::Receiver<bool>,
+    mut watcher: Option<notify::RecommendedWatcher>,
     reload_tx: mpsc::UnboundedSender<()>,
     mut reload_rx: mpsc::UnboundedReceiver<()>,
 ) {
@@ -283,7 +289,6 @@ async fn control(
         }
         Err(e) => tracing::error!(error = %e, "cannot serve the admin endpoints"),
     }
-    let mut watcher = watch_files(&shared, reload_tx.clone());
     let mut drain = drain;
     loop {
         tokio::select! {
