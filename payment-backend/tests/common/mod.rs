@@ -305,15 +305,17 @@ impl Backend {
 
 /// tollgate in-process in front of `backend`, with a catch-all route.
 fn start_tollgate(backend: std::net::SocketAddr) -> (tollgate::runtime::Handle, tempfile::TempDir) {
+    start_tollgate_with(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  payment-backend: {{ addresses: [\"{backend}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: payment-backend }}\n"
+    ))
+}
+
+/// tollgate in-process with the config `yaml` (written to a temp dir it
+/// returns alongside).
+pub fn start_tollgate_with(yaml: &str) -> (tollgate::runtime::Handle, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  payment-backend: {{ addresses: [\"{backend}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: payment-backend }}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, yaml).unwrap();
     let env: std::collections::HashMap<&str, &str> = Default::default();
     (
         tollgate::runtime::start(&path, &env).expect("tollgate starts"),

@@ -12,3 +12,4 @@ mod drain;
 mod edges;
 mod migrations;
 mod shutdown;
+mod through_tollgate;

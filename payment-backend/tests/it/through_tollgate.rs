@@ -3,11 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::Proxy;
 use payment_backend::server::{self, Config};
 use payment_backend::store::StoreOptions;
 use payment_backend::sweeper::SweeperConfig;
@@ -46,8 +43,12 @@ async fn payment_lifecycle_through_tollgate() {
         "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  payment-backend: {{ addresses: [\"{}\"] }}\nroutes:\n  - {{ match: {{ service: payments.v1.PaymentService }}, upstream: payment-backend, name: pay-payments }}\n  - {{ match: {{}}, upstream: payment-backend, name: pay-rest }}\n",
         backend.grpc_addr
     );
-    let proxy = Proxy::start(&yaml);
-    let channel = proxy.channel().await;
+    let (proxy, _dir) = crate::common::start_tollgate_with(&yaml);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", proxy.listen_addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to tollgate");
     let accounts = AccountServiceClient::new(channel.clone());
     let mut payments = PaymentServiceClient::new(channel.clone());
 
@@ -164,7 +165,7 @@ async fn payment_lifecycle_through_tollgate() {
         .into_inner();
     assert_eq!(h.status, 1, "SERVING through tollgate");
 
-    let m = proxy.metrics().await;
+    let m = testkit::http_get(proxy.admin_addr, "/metrics").await.1;
     assert!(m.contains("tollgate_requests_total{grpc_status=\"OK\",method=\"CreatePayment\",route=\"pay-payments\"} 2"), "{m}");
     assert!(m.contains("grpc_status=\"FAILED_PRECONDITION\",method=\"RefundPayment\",route=\"pay-payments\"} 1"), "{m}");
     assert!(m.contains("method=\"Check\",route=\"pay-rest\""), "{m}");
