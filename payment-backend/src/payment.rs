@@ -36,6 +36,43 @@ pub enum Status {
     Expired,
 }
 
+/// The stored status of an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountStatus {
+    /// Pays and is paid.
+    Active,
+    /// Neither pays nor is paid, for now (an operator's decision).
+    Frozen,
+    /// Neither pays nor is paid, for good.
+    Closed,
+}
+
+/// How a payment is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMethod {
+    /// At creation: the money moves at once.
+    Automatic,
+    /// Later, by CapturePayment: the amount is held until then.
+    Manual,
+}
+
+/// What happened to a payment, as its outbox event names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Authorized; the amount is held.
+    Authorized,
+    /// Money moved to the payee (at creation or by a capture).
+    Captured,
+    /// Refused at creation.
+    Declined,
+    /// The authorization was voided.
+    Canceled,
+    /// The authorization lapsed.
+    Expired,
+    /// A refund of it succeeded.
+    RefundSucceeded,
+}
+
 /// Why a payment was declined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decline {
@@ -50,8 +87,8 @@ pub enum Decline {
 /// An account as the rules see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountView<'a> {
-    /// Account status (`ACTIVE`, `FROZEN`, `CLOSED`).
-    pub status: &'a str,
+    /// Account status.
+    pub status: AccountStatus,
     /// ISO 4217 code.
     pub currency: &'a str,
     /// Spendable balance in minor units.
@@ -81,6 +118,91 @@ pub struct CapturePlan {
     pub capture: i64,
     /// Returned from the payer's hold to the payer.
     pub release: i64,
+}
+
+// === impl AccountStatus ===
+
+impl AccountStatus {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Active => "ACTIVE",
+            AccountStatus::Frozen => "FROZEN",
+            AccountStatus::Closed => "CLOSED",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "ACTIVE" => AccountStatus::Active,
+            "FROZEN" => AccountStatus::Frozen,
+            "CLOSED" => AccountStatus::Closed,
+            other => {
+                return Err(Error::Internal(format!(
+                    "unknown stored account status {other:?}"
+                )))
+            }
+        })
+    }
+
+    /// The API enum.
+    pub fn to_proto(self) -> pb::AccountStatus {
+        match self {
+            AccountStatus::Active => pb::AccountStatus::Active,
+            AccountStatus::Frozen => pb::AccountStatus::Frozen,
+            AccountStatus::Closed => pb::AccountStatus::Closed,
+        }
+    }
+}
+
+// === impl CaptureMethod ===
+
+impl CaptureMethod {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMethod::Automatic => "AUTOMATIC",
+            CaptureMethod::Manual => "MANUAL",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "AUTOMATIC" => CaptureMethod::Automatic,
+            "MANUAL" => CaptureMethod::Manual,
+            other => {
+                return Err(Error::Internal(format!(
+                    "unknown stored capture method {other:?}"
+                )))
+            }
+        })
+    }
+
+    /// The API enum.
+    pub fn to_proto(self) -> pb::CaptureMethod {
+        match self {
+            CaptureMethod::Automatic => pb::CaptureMethod::Automatic,
+            CaptureMethod::Manual => pb::CaptureMethod::Manual,
+        }
+    }
+}
+
+// === impl EventKind ===
+
+impl EventKind {
+    /// The `event_type` of the event (stored in the outbox and published).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Authorized => "payment.authorized",
+            EventKind::Captured => "payment.captured",
+            EventKind::Declined => "payment.declined",
+            EventKind::Canceled => "payment.canceled",
+            EventKind::Expired => "payment.expired",
+            EventKind::RefundSucceeded => "refund.succeeded",
+        }
+    }
 }
 
 // === impl Status ===
@@ -183,7 +305,7 @@ pub fn authorize(
     amount: i64,
     currency: &str,
 ) -> Result<(), Decline> {
-    if payer.status != "ACTIVE" || payee.status != "ACTIVE" {
+    if payer.status != AccountStatus::Active || payee.status != AccountStatus::Active {
         return Err(Decline::AccountInactive);
     }
     if payer.currency != currency || payee.currency != currency {
@@ -350,7 +472,7 @@ mod tests {
 
     fn active(available: i64) -> AccountView<'static> {
         AccountView {
-            status: "ACTIVE",
+            status: AccountStatus::Active,
             currency: "USD",
             available,
         }
@@ -373,7 +495,7 @@ mod tests {
     #[test]
     fn authorization_declines_in_order() {
         let frozen = AccountView {
-            status: "FROZEN",
+            status: AccountStatus::Frozen,
             ..active(1_000)
         };
         let eur = AccountView {

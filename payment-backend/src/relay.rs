@@ -908,7 +908,7 @@ mod tests {
         OutboxEvent {
             id,
             event_id: format!("evt_{id}"),
-            event_type: "payment.captured".into(),
+            event_type: crate::payment::EventKind::Captured.as_str().into(),
             payment_id: payment.into(),
             payload: Vec::new(),
             attempts: 0,

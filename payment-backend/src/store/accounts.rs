@@ -10,7 +10,7 @@ use super::{timestamp, KeyGuard, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
 use crate::money::money;
-use crate::payment;
+use crate::payment::{self, AccountStatus};
 
 pub(super) const ACCOUNT_COLUMNS: &str = "id, owner, currency, status, available, held, created_at";
 
@@ -20,7 +20,7 @@ pub(super) struct AccountRow {
     pub(super) id: String,
     pub(super) owner: String,
     pub(super) currency: String,
-    pub(super) status: String,
+    pub(super) status: AccountStatus,
     pub(super) available: i64,
     pub(super) held: i64,
     pub(super) created_at: i64,
@@ -34,7 +34,7 @@ impl AccountRow {
             id: r.try_get("id")?,
             owner: r.try_get("owner")?,
             currency: r.try_get("currency")?,
-            status: r.try_get("status")?,
+            status: AccountStatus::parse(&r.try_get::<String, _>("status")?)?,
             available: r.try_get("available")?,
             held: r.try_get("held")?,
             created_at: r.try_get("created_at")?,
@@ -42,12 +42,7 @@ impl AccountRow {
     }
 
     pub(super) fn to_proto(&self) -> pb::Account {
-        let status = match self.status.as_str() {
-            "ACTIVE" => pb::AccountStatus::Active,
-            "FROZEN" => pb::AccountStatus::Frozen,
-            "CLOSED" => pb::AccountStatus::Closed,
-            _ => pb::AccountStatus::Unspecified,
-        };
+        let status = self.status.to_proto();
         pb::Account {
             id: self.id.clone(),
             owner: self.owner.clone(),
@@ -96,7 +91,7 @@ impl Store {
             id: super::new_id("acct"),
             owner: owner.to_owned(),
             currency: currency.to_owned(),
-            status: "ACTIVE".to_owned(),
+            status: AccountStatus::Active,
             available: 0,
             held: 0,
             created_at: now,
@@ -109,7 +104,7 @@ impl Store {
                 (&account.id).into(),
                 (&account.owner).into(),
                 (&account.currency).into(),
-                (&account.status).into(),
+                account.status.as_str().into(),
                 now.into(),
             ],
             1,
@@ -154,11 +149,11 @@ impl Store {
                 ),
             });
         }
-        if account.status != "ACTIVE" {
+        if account.status != AccountStatus::Active {
             return Err(Error::FailedPrecondition {
                 reason: "ACCOUNT_INACTIVE",
                 subject: format!("accounts/{account_id}"),
-                description: format!("account {account_id} is {}", account.status),
+                description: format!("account {account_id} is {}", account.status.as_str()),
             });
         }
         payment::check_credit(account_id, account.available, account.held, amount)?;
@@ -205,11 +200,15 @@ impl Store {
         Ok(self.read_account(account_id).await?.balance())
     }
 
-    /// Sets an account's status (`ACTIVE`, `FROZEN`, `CLOSED`); an operator
-    /// action, not part of the public API.
-    pub async fn set_account_status(&self, account_id: &str, status: &str) -> Result<(), Error> {
+    /// Sets an account's status; an operator action, not part of the public
+    /// API.
+    pub async fn set_account_status(
+        &self,
+        account_id: &str,
+        status: AccountStatus,
+    ) -> Result<(), Error> {
         let r = sqlx::query("UPDATE accounts SET status = $1, updated_at = $2 WHERE id = $3")
-            .bind(status)
+            .bind(status.as_str())
             .bind(self.now_micros())
             .bind(account_id)
             .execute(&self.pool)

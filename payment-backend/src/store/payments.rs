@@ -17,7 +17,7 @@ use super::{timestamp, KeyGuard, Record, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
 use crate::money::money;
-use crate::payment::{self, AccountView, Amounts, Decline, Status};
+use crate::payment::{self, AccountView, Amounts, CaptureMethod, Decline, EventKind, Status};
 
 const PAYMENT_COLUMNS: &str = "id, payer_account_id, payee_account_id, currency, amount, \
      amount_capturable, amount_captured, amount_refunded, status, capture_method, decline_code, \
@@ -71,7 +71,7 @@ struct PaymentRow {
     payee: String,
     currency: String,
     amounts: Amounts,
-    capture_method: String,
+    capture_method: CaptureMethod,
     decline: Option<Decline>,
     description: String,
     metadata: BTreeMap<String, String>,
@@ -100,7 +100,7 @@ impl PaymentRow {
                 captured: r.try_get("amount_captured")?,
                 refunded: r.try_get("amount_refunded")?,
             },
-            capture_method: r.try_get("capture_method")?,
+            capture_method: CaptureMethod::parse(&r.try_get::<String, _>("capture_method")?)?,
             decline: decline.as_deref().map(Decline::parse).transpose()?,
             description: r.try_get("description")?,
             metadata: serde_json::from_str(&metadata)
@@ -125,11 +125,7 @@ impl PaymentRow {
             amount_capturable: Some(money(a.capturable, c)),
             amount_captured: Some(money(a.captured, c)),
             amount_refunded: Some(money(a.refunded, c)),
-            capture_method: if self.capture_method == "MANUAL" {
-                pb::CaptureMethod::Manual as i32
-            } else {
-                pb::CaptureMethod::Automatic as i32
-            },
+            capture_method: self.capture_method.to_proto() as i32,
             decline_code: self
                 .decline
                 .map_or(pb::DeclineCode::Unspecified, Decline::to_proto)
@@ -220,11 +216,10 @@ impl Store {
                 refunded: 0,
             },
             capture_method: if new.automatic_capture {
-                "AUTOMATIC"
+                CaptureMethod::Automatic
             } else {
-                "MANUAL"
-            }
-            .to_owned(),
+                CaptureMethod::Manual
+            },
             decline: decision.err(),
             description: new.description.clone(),
             metadata: new.metadata.clone(),
@@ -249,7 +244,7 @@ impl Store {
                 capturable.into(),
                 captured.into(),
                 status.as_str().into(),
-                (&p.capture_method).into(),
+                p.capture_method.as_str().into(),
                 p.decline.map(Decline::as_str).into(),
                 (&p.description).into(),
                 serde_json::to_string(&p.metadata)
@@ -263,7 +258,7 @@ impl Store {
         );
         let amount = new.amount;
         let event = match status {
-            Status::Declined => "payment.declined",
+            Status::Declined => EventKind::Declined,
             Status::Captured => {
                 ledger::post(
                     &mut writes,
@@ -284,7 +279,7 @@ impl Store {
                         },
                     ],
                 )?;
-                "payment.captured"
+                EventKind::Captured
             }
             _ => {
                 ledger::post(
@@ -306,7 +301,7 @@ impl Store {
                         },
                     ],
                 )?;
-                "payment.authorized"
+                EventKind::Authorized
             }
         };
         let response = emit(&mut writes, &p, event, None, now);
@@ -400,7 +395,7 @@ impl Store {
         p.amounts.capturable = 0;
         p.amounts.captured = plan.capture;
         p.expires_at = None;
-        let response = save_event(&mut writes, &mut p, "payment.captured", None, now);
+        let response = save_event(&mut writes, &mut p, EventKind::Captured, None, now);
         let committed = self.commit_response(tx, writes, idem, response).await?;
         if committed.is_some() {
             crate::metrics::payment_transition(Status::Captured);
@@ -434,7 +429,7 @@ impl Store {
         let mut writes = Batch::default();
         release_hold(&mut writes, &mut p, release, Status::Canceled, now)?;
         p.cancellation_reason = reason.to_owned();
-        let response = save_event(&mut writes, &mut p, "payment.canceled", None, now);
+        let response = save_event(&mut writes, &mut p, EventKind::Canceled, None, now);
         let committed = self.commit_response(tx, writes, idem, response).await?;
         if committed.is_some() {
             crate::metrics::payment_transition(Status::Canceled);
@@ -529,7 +524,13 @@ impl Store {
         );
         p.amounts.refunded += refund_amount;
         p.amounts.status = status;
-        save_event(&mut writes, &mut p, "refund.succeeded", Some(&refund), now);
+        save_event(
+            &mut writes,
+            &mut p,
+            EventKind::RefundSucceeded,
+            Some(&refund),
+            now,
+        );
         let committed = self.commit_response(tx, writes, idem, refund).await?;
         if committed.is_some() {
             crate::metrics::payment_transition(status);
@@ -780,7 +781,7 @@ impl Store {
 fn expire(writes: &mut Batch, p: &mut PaymentRow, now: i64) -> Result<(), Error> {
     let release = p.amounts.capturable;
     release_hold(writes, p, release, Status::Expired, now)?;
-    save_event(writes, p, "payment.expired", None, now);
+    save_event(writes, p, EventKind::Expired, None, now);
     Ok(())
 }
 
@@ -832,7 +833,7 @@ fn release_hold(
 fn save_event(
     writes: &mut Batch,
     p: &mut PaymentRow,
-    event_type: &str,
+    kind: EventKind,
     refund: Option<&pb::Refund>,
     now: i64,
 ) -> pb::Payment {
@@ -856,7 +857,7 @@ fn save_event(
         1,
         "payment update",
     );
-    emit(writes, p, event_type, refund, now)
+    emit(writes, p, kind, refund, now)
 }
 
 /// Writes the outbox event of the payment's latest change (sequence
@@ -864,14 +865,14 @@ fn save_event(
 fn emit(
     writes: &mut Batch,
     p: &PaymentRow,
-    event_type: &str,
+    kind: EventKind,
     refund: Option<&pb::Refund>,
     now: i64,
 ) -> pb::Payment {
     let payment = p.to_proto();
     let event = pb::PaymentEvent {
         event_id: super::new_id("evt"),
-        event_type: event_type.to_owned(),
+        event_type: kind.as_str().to_owned(),
         payment_id: p.id.clone(),
         occurred_at: Some(timestamp(now)),
         payment: Some(payment.clone()),
@@ -884,7 +885,7 @@ fn emit(
 
 fn view(a: &AccountRow) -> AccountView<'_> {
     AccountView {
-        status: &a.status,
+        status: a.status,
         currency: &a.currency,
         available: a.available,
     }

@@ -237,7 +237,10 @@ async fn declines_are_stored_payments(db: Db) {
     let p = b.pay(&payer, &euro, 10, false).await;
     assert_eq!(p.decline_code, pb::DeclineCode::CurrencyMismatch as i32);
 
-    b.store.set_account_status(&payee, "FROZEN").await.unwrap();
+    b.store
+        .set_account_status(&payee, payment_backend::payment::AccountStatus::Frozen)
+        .await
+        .unwrap();
     let p = b.pay(&payer, &payee, 10, false).await;
     assert_eq!(p.decline_code, pb::DeclineCode::AccountInactive as i32);
 
