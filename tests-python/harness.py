@@ -4,6 +4,8 @@ keeps going after a failure."""
 import signal
 import socket
 import subprocess
+import urllib.error
+import urllib.request
 
 RESULTS = {"passed": 0, "failed": 0}
 
@@ -40,3 +42,14 @@ def stop(procs, timeout=30):
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def http_get(url, timeout=2):
+    """(status, body) of a GET; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""

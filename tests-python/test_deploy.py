@@ -25,8 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import yaml
@@ -34,7 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import payapi
-from harness import check, free_port, summary
+from harness import check, free_port, http_get, summary
 
 ROOT = payapi.ROOT
 IMAGES = os.path.join(ROOT, "scripts", "images.sh")
@@ -54,17 +52,6 @@ def podman(*args, check_rc=True, timeout=120):
 
 def inspect(name, kind="container"):
     return json.loads(podman(kind, "inspect", name).stdout)[0]
-
-
-def http(url, timeout=2):
-    """(status, body) of a GET; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def wait(what, fn, timeout=60):
@@ -204,7 +191,7 @@ routes:
         api = payapi.Client(ch)
         acct = api.account(1234)
         assert api.balance(acct).available.amount_minor == 1234
-    status, body = http(f"http://127.0.0.1:{tg_admin}/metrics")
+    status, body = http_get(f"http://127.0.0.1:{tg_admin}/metrics")
     assert status == 200 and 'grpc_status="OK"' in body, status
     # SIGTERM (podman stop) drains and exits 0.
     for c in (tollgate, backend):
@@ -283,7 +270,7 @@ def pod_checks(tmp, names):
         state["tollgate"] = next(n for n in mine if n.endswith("-tollgate"))
         state["backend"] = next(n for n in mine if n.endswith("-payment-backend"))
         wait("tollgate's /ready in the pod",
-             lambda: http(f"http://127.0.0.1:{tg_admin}/ready")[0] == 200)
+             lambda: http_get(f"http://127.0.0.1:{tg_admin}/ready")[0] == 200)
         wait("the backend's health in the pod", lambda: podman(
             "exec", state["backend"], "/usr/local/bin/payment-backend", "health",
             check_rc=False).returncode == 0)
@@ -320,11 +307,11 @@ def pod_checks(tmp, names):
         assert set(listening_addresses(tg)) <= {"0.0.0.0", "0" * 32}, listening_addresses(tg)
 
     def metrics():
-        status, body = http(f"http://127.0.0.1:{tg_admin}/metrics")
+        status, body = http_get(f"http://127.0.0.1:{tg_admin}/metrics")
         assert status == 200, status
         assert 'tollgate_limit_decisions_total{limit="balance-reads",outcome="limited"' \
             in body, "no limited decision counted"
-        status, body = http(f"http://127.0.0.1:{be_metrics}/metrics")
+        status, body = http_get(f"http://127.0.0.1:{be_metrics}/metrics")
         assert status == 200 and "payment_backend_rpc_requests_total" in body, status
 
     def drain():
@@ -355,7 +342,7 @@ def pod_checks(tmp, names):
             [IMAGES, "podman", "pod", "stop", "-t", str(grace), state["pod"]],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait("/ready to answer 503 while the pod stops",
-             lambda: http(f"http://127.0.0.1:{tg_admin}/ready")[0] == 503, timeout=15)
+             lambda: http_get(f"http://127.0.0.1:{tg_admin}/ready")[0] == 503, timeout=15)
         assert t.is_alive(), f"the call ended before the lock was released: {result}"
         lock.execute("COMMIT")
         lock.close()

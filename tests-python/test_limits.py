@@ -13,10 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import grpc
-from harness import check, free_port, stop, summary
+from harness import check, free_port, http_get, stop, summary
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -40,12 +39,8 @@ def wait_ready(admin, proc):
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tollgate exited with {proc.returncode}: {proc.stderr.read().decode()}")
-        try:
-            with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if http_get(f"http://{admin}/ready", timeout=1)[0] == 200:
+            return
         time.sleep(0.05)
     raise RuntimeError("tollgate never became ready")
 

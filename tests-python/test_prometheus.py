@@ -35,7 +35,7 @@ import uuid
 import grpc
 import yaml
 import payapi
-from harness import check, free_port, stop, summary
+from harness import check, free_port, http_get, stop, summary
 
 ROOT = payapi.ROOT
 BACKEND = os.path.join(ROOT, "target", "debug", "payment-backend")
@@ -78,12 +78,8 @@ def wait_http(url, proc, timeout=30):
         if proc.poll() is not None:
             with open(proc.log, errors="replace") as f:
                 raise RuntimeError(f"{proc.name} exited with {proc.returncode}: {f.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if http_get(url, timeout=1)[0] == 200:
+            return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not answer {url} within {timeout}s (log: {proc.log})")
 
