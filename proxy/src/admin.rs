@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics;
-use crate::proxy::Shared;
 use crate::server;
+use crate::state::Shared;
 
 fn reply(
     status: StatusCode,

@@ -99,16 +99,6 @@ pub fn idle_message(idle: std::time::Duration) -> String {
     )
 }
 
-/// The gRPC status a framing problem is answered with.
-pub fn frame_error_code(e: &FrameError) -> Code {
-    match e {
-        FrameError::TooLarge { .. } => Code::ResourceExhausted,
-        FrameError::BadFlag(_)
-        | FrameError::CompressedWithoutEncoding
-        | FrameError::Truncated { .. } => Code::Internal,
-    }
-}
-
 /// Why a request body stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -225,7 +215,7 @@ impl Tally {
     }
 
     /// Records the call's final status (None: the upstream gave none).
-    pub fn finish(&mut self, status: Option<u8>) {
+    pub fn finish(&mut self, status: Option<Code>) {
         if !self.recorded {
             self.recorded = true;
             self.stats.finished(status);
@@ -239,7 +229,7 @@ impl Tally {
 impl Drop for Tally {
     fn drop(&mut self) {
         // Dropped before its end: the client went away.
-        self.finish(Some(Code::Cancelled as u8));
+        self.finish(Some(Code::Cancelled));
         metrics::get().active_streams.dec();
     }
 }
@@ -309,7 +299,7 @@ impl Proxied {
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         self.inner = None;
         self.done = true;
-        self.tally.finish(Some(code as u8));
+        self.tally.finish(Some(code));
         Poll::Ready(Some(Ok(Frame::trailers(status_headers(code, message)))))
     }
 }
@@ -379,8 +369,7 @@ impl Proxied {
                     // the window back now keeps the two sides in step.
                     let _ = inner.flow_control().release_capacity(data.len());
                     if let Err(e) = self.observer.observe(&data) {
-                        return self
-                            .end_with(frame_error_code(&e), &format!("upstream response: {e}"));
+                        return self.end_with(e.code(), &format!("upstream response: {e}"));
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -412,7 +401,7 @@ impl Proxied {
 
     fn upstream_failed(&mut self, e: h2::Error) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if let Some(fe) = self.state.request_error() {
-            return self.end_with(frame_error_code(&fe), &fe.to_string());
+            return self.end_with(fe.code(), &fe.to_string());
         }
         if !e.is_reset() && self.observer.finish().is_ok() {
             // The connection went away between messages: the call ends

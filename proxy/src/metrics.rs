@@ -17,7 +17,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::grpc::status::CODE_NAMES;
+use crate::grpc::status::Code;
 
 /// Distinct method labels one route keeps before folding into `_other`.
 pub const MAX_METHODS_PER_ROUTE: usize = 256;
@@ -296,12 +296,10 @@ impl MethodStats {
     }
 
     /// Counts a finished call with `grpc-status` `status` (None: unknown).
-    pub fn finished(&self, status: Option<u8>) {
+    pub fn finished(&self, status: Option<Code>) {
         let (slot, name) = match status {
-            Some(s) if (s as usize) < CODE_NAMES.len() => {
-                (&self.by_status[s as usize], CODE_NAMES[s as usize])
-            }
-            _ => (&self.other_status, "UNKNOWN_STATUS"),
+            Some(code) => (&self.by_status[code as usize], code.name()),
+            None => (&self.other_status, "UNKNOWN_STATUS"),
         };
         slot.get_or_init(|| {
             get()

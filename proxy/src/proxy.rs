@@ -8,16 +8,14 @@
 //!   │           └─ no route: UNIMPLEMENTED (trailers-only)
 //!   └─ not gRPC: an HTTP status with a one-line reason
 //! ```
+//!
+//! Every way out before the upstream answers is a
+//! [`CallError`](crate::respond::CallError): counted under its status and
+//! answered in one place (`respond`).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -25,161 +23,12 @@ use tokio::time::Instant;
 
 use crate::body::{CallTimer, Proxied, RequestBody, ResponseBody, Tally};
 use crate::call::CallState;
-use crate::config::Config;
-use crate::grpc::status::{trailers_only, Code};
+use crate::grpc::frame::{compressed, FrameObserver};
+use crate::grpc::status::{parse_status, Code};
 use crate::grpc::{path, timeout};
 use crate::limit::CallInfo;
-use crate::metrics;
-use crate::routes::{self, RouteTable};
-use crate::upstream::{Pool, UpstreamSpec};
-
-/// A loaded config, ready to serve; swapped whole on reload.
-pub struct Active {
-    /// The config as loaded (for `/config`).
-    pub config: Config,
-    /// Routes.
-    pub routes: RouteTable,
-    /// Upstreams by name.
-    pub upstreams: HashMap<String, Arc<UpstreamSpec>>,
-    /// Largest message, either direction.
-    pub max_message_bytes: u32,
-    /// Where limits are decided; a reload with the same Redis settings
-    /// keeps the Redis store (and its connections).
-    pub stores: crate::limit::step::Stores,
-}
-
-// === impl Active ===
-
-impl Active {
-    /// Builds the serving state of a validated config.
-    pub fn build(
-        config: Config,
-        base: Option<&std::path::Path>,
-        stores: crate::limit::step::Stores,
-    ) -> Result<Active, String> {
-        let upstreams = routes::upstream_specs(&config, base)?;
-        let routes = RouteTable::build(&config, &upstreams, &stores)?;
-        Ok(Active {
-            stores,
-            max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
-            routes,
-            upstreams,
-            config,
-        })
-    }
-}
-
-/// State shared by every worker.
-pub struct Shared {
-    /// The config in force; calls load it once at their start, so a reload
-    /// never changes a call in flight.
-    pub active: ArcSwap<Active>,
-    /// Where the config came from (reloads read it again).
-    pub config_path: PathBuf,
-    /// Set on SIGTERM: `/ready` fails (listeners stop accepting when the
-    /// workers are told to drain, `drain_delay` later).
-    pub draining: AtomicBool,
-    /// Client connections open now (`listener.max_connections`).
-    pub connections: std::sync::atomic::AtomicUsize,
-    /// Client connections in their TLS handshake or preface now
-    /// (`listener.max_handshaking`).
-    pub handshaking: std::sync::atomic::AtomicUsize,
-    /// Set once every listener is bound.
-    pub listening: AtomicBool,
-    /// Reloads attempted (valid or not) since start.
-    pub reload_attempts: std::sync::atomic::AtomicU64,
-    /// In-process limit state; kept across reloads, so limits that did not
-    /// change keep counting where they were.
-    pub limit_store: Arc<crate::limit::memory::MemoryStore>,
-}
-
-/// One worker thread's state: its own upstream connections.
-pub struct Worker {
-    /// This worker's number (0..workers): picks its own Redis connection.
-    pub index: usize,
-    /// What all workers share.
-    pub shared: Arc<Shared>,
-    pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
-}
-
-// === impl Worker ===
-
-impl Worker {
-    /// A worker with no connections yet.
-    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
-        Worker {
-            index,
-            shared,
-            pools: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// This worker's pool for `spec`, rebuilt when a reload changed it.
-    fn pool(&self, spec: &Arc<UpstreamSpec>) -> Arc<Pool> {
-        let Ok(mut pools) = self.pools.lock() else {
-            return Arc::new(Pool::new(spec.clone()));
-        };
-        if let Some(p) = pools.get(&spec.name) {
-            if Arc::ptr_eq(p.spec(), spec)
-                || (p.spec().config == spec.config && p.spec().files == spec.files)
-            {
-                return p.clone();
-            }
-        }
-        let p = Arc::new(Pool::new(spec.clone()));
-        pools.insert(spec.name.clone(), p.clone());
-        p
-    }
-}
-
-/// What a call knows of its connection; made once per connection.
-pub struct Conn {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The client's IP as an `x-forwarded-for` value.
-    forwarded_for: Option<HeaderValue>,
-    /// The identity of the client's verified TLS certificate, if any.
-    pub tls_identity: Option<String>,
-    /// What its calls are doing (its lifecycle task reads it).
-    pub activity: Arc<crate::call::Activity>,
-}
-
-impl Conn {
-    /// Facts of a new connection from `peer`, with the identity of its
-    /// client certificate (mTLS).
-    pub fn new(peer: SocketAddr, tls_identity: Option<String>) -> Self {
-        Conn {
-            peer,
-            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-            tls_identity,
-            activity: Arc::new(crate::call::Activity::default()),
-        }
-    }
-}
-
-/// The answer to an HTTP/1 request: 505 with the reason.
-pub fn http1_refusal() -> Response<ResponseBody> {
-    let mut r = plain(
-        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-        "tollgate forwards gRPC, which needs HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n",
-    );
-    r.headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    r
-}
-
-fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    metrics::get().non_grpc(status.as_u16());
-    let mut r = Response::new(ResponseBody::Fixed(Some(Bytes::from_static(
-        text.as_bytes(),
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
+use crate::respond::CallError;
+use crate::state::{Conn, Worker};
 
 fn is_grpc(req: &Request<Incoming>) -> bool {
     req.headers()
@@ -197,37 +46,23 @@ pub async fn handle(
     let peer = conn.peer;
     // Classify: gRPC is HTTP/2, POST, application/grpc*.
     if req.version() != Version::HTTP_2 {
-        return http1_refusal();
+        return CallError::Http1.into_response();
     }
     if req.method() != Method::POST {
-        let mut r = plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "tollgate forwards gRPC only: POST with content-type application/grpc\n",
-        );
-        r.headers_mut()
-            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
-        return r;
+        return CallError::NotPost.into_response();
     }
     if !is_grpc(&req) {
-        return plain(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "tollgate forwards gRPC only: content-type must be application/grpc\n",
-        );
+        return CallError::NotGrpc.into_response();
     }
     let Some(call) = path::parse(req.uri().path()) else {
-        return trailers_only(
-            Code::Unimplemented,
-            "malformed gRPC path: expected /package.Service/Method",
-        );
+        return CallError::MalformedPath.into_response();
     };
 
     // Route: the config is loaded once per call.
     let active = worker.shared.active.load();
     let Some(route) = active.routes.find(call.service, call.method) else {
-        return trailers_only(
-            Code::Unimplemented,
-            &format!("no route for /{}/{}", call.service, call.method),
-        );
+        let path = format!("/{}/{}", call.service, call.method);
+        return CallError::NoRoute(path).into_response();
     };
     let route = route.clone();
     let mut stats = route.stats.method(call.method);
@@ -238,11 +73,7 @@ pub async fn handle(
     // or repeated grpc-timeout is refused, never forwarded.
     let client_timeout = match client_timeout(req.headers()) {
         Ok(t) => t,
-        Err(why) => {
-            let mut tally = Tally::start(stats, start);
-            tally.finish(Some(Code::InvalidArgument as u8));
-            return trailers_only(Code::InvalidArgument, why);
-        }
+        Err(why) => return CallError::BadTimeout(why).answer(Tally::start(stats, start)),
     };
 
     // Limit.
@@ -259,12 +90,7 @@ pub async fn handle(
         match limits.check(info).await {
             Ok(h) => extra_headers = h,
             Err(rejection) => {
-                let mut tally = Tally::start(stats, start);
-                tally.finish(Some(rejection.code as u8));
-                let mut r: Response<ResponseBody> =
-                    trailers_only(rejection.code, &rejection.message);
-                r.headers_mut().extend(rejection.headers);
-                return r;
+                return CallError::Limited(rejection).answer(Tally::start(stats, start));
             }
         }
     }
@@ -280,18 +106,13 @@ pub async fn handle(
 
     // Forward.
     let (mut parts, body) = req.into_parts();
-    let compressed_ok = parts
-        .headers
-        .get("grpc-encoding")
-        .is_some_and(|v| v.as_bytes() != b"identity");
+    let compressed_ok = compressed(&parts.headers);
     if let Some(d) = deadline {
         // The upstream gets what is left of the deadline, not the whole of
         // it: the limit check (and, below, the connect) took some.
         let left = d.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let mut tally = Tally::start(stats, start);
-            tally.finish(Some(Code::DeadlineExceeded as u8));
-            return trailers_only(Code::DeadlineExceeded, why);
+            return CallError::DeadlineExceeded(why.into()).answer(Tally::start(stats, start));
         }
         if let Ok(v) = HeaderValue::from_str(&timeout::encode(left)) {
             parts.headers.insert("grpc-timeout", v);
@@ -309,7 +130,7 @@ pub async fn handle(
     uri.path_and_query = parts.uri.path_and_query().cloned();
     parts.uri = match http::Uri::from_parts(uri) {
         Ok(u) => u,
-        Err(_) => return trailers_only(Code::Internal, "cannot build the upstream URI"),
+        Err(_) => return CallError::UpstreamUri.into_response(),
     };
     let state = Arc::new(CallState::default());
     let max = active.max_message_bytes;
@@ -344,26 +165,15 @@ pub async fn handle(
         }
     };
     let response = match waited {
-        Ok(r) => r,
-        Err(message) => {
-            let mut tally = tally;
-            tally.finish(Some(Code::DeadlineExceeded as u8));
-            return trailers_only(Code::DeadlineExceeded, &message);
-        }
-    };
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => {
-            let mut tally = tally;
+        Ok(Ok(r)) => r,
+        Err(message) => return CallError::DeadlineExceeded(message.into()).answer(tally),
+        Ok(Err(e)) => {
+            // The client's own framing, refused on the way, is what ended it.
             if let Some(fe) = state.request_error() {
-                let code = crate::body::frame_error_code(&fe);
-                tally.finish(Some(code as u8));
-                return trailers_only(code, &fe.to_string());
+                return CallError::Frame(fe).answer(tally);
             }
             tracing::debug!(route = %route.name, error = %e, "forwarding failed");
-            let (code, message) = e.status();
-            tally.finish(Some(code as u8));
-            return trailers_only(code, &message);
+            return CallError::Upstream(e).answer(tally);
         }
     };
     // A method the upstream answers (anything but UNIMPLEMENTED) is a real
@@ -382,20 +192,16 @@ pub async fn handle(
     if let Some(h) = extra_headers {
         parts.headers.extend(h);
     }
-    let resp_compressed_ok = parts
-        .headers
-        .get("grpc-encoding")
-        .is_some_and(|v| v.as_bytes() != b"identity");
+    let resp_compressed_ok = compressed(&parts.headers);
     if let Some(status) = parts.headers.get("grpc-status") {
         // Trailers-only response from the upstream.
-        let status = crate::grpc::status::parse_status(status);
         let mut tally = tally;
-        tally.finish(status);
+        tally.finish(parse_status(status));
         return Response::from_parts(parts, ResponseBody::Empty);
     }
     let proxied = Proxied::new(
         body,
-        crate::grpc::frame::FrameObserver::new(max, resp_compressed_ok),
+        FrameObserver::new(max, resp_compressed_ok),
         state,
         route,
         timer,
@@ -413,9 +219,7 @@ fn answers_method<B>(response: &http::Response<B>) -> bool {
     response.status() == StatusCode::OK
         && h.get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-        && h.get("grpc-status")
-            .and_then(crate::grpc::status::parse_status)
-            != Some(Code::Unimplemented as u8)
+        && h.get("grpc-status").and_then(parse_status) != Some(Code::Unimplemented)
 }
 
 /// The call's `grpc-timeout`, if any; a malformed or repeated one is an
@@ -448,16 +252,6 @@ fn add_forwarded_for(headers: &mut http::HeaderMap, conn: &Conn) {
             headers.insert("x-forwarded-for", ip.clone());
         }
     }
-}
-
-/// Marks the process as draining.
-pub fn start_draining(shared: &Shared) {
-    shared.draining.store(true, Ordering::SeqCst);
-}
-
-/// How long to wait for in-flight calls when draining.
-pub fn drain_timeout(shared: &Shared) -> Duration {
-    shared.active.load().config.listener.drain_timeout.0
 }
 
 #[cfg(test)]

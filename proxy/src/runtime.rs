@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, ConfigError, Env, ProcessEnv};
 use crate::limit::redis::RedisStore;
 use crate::metrics;
-use crate::proxy::{self, Active, Shared};
 use crate::server::{self, TlsState};
+use crate::state::{self, Active, Shared};
 
 /// Why tollgate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -455,7 +455,7 @@ impl Handle {
     /// for [`Handle::drain_delay`] so that load balancers stop sending new
     /// connections before the listeners close.
     pub fn mark_not_ready(&self) {
-        proxy::start_draining(&self.shared);
+        state::start_draining(&self.shared);
     }
 
     /// `listener.drain_delay` of the config in force.
@@ -465,7 +465,7 @@ impl Handle {
 
     /// Starts draining: `/ready` fails, listeners close, GOAWAY goes out.
     pub fn begin_drain(&self) {
-        proxy::start_draining(&self.shared);
+        state::start_draining(&self.shared);
         let _ = self.drain.send(true);
     }
 

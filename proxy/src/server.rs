@@ -40,7 +40,9 @@ use tokio::time::Instant;
 use crate::call::Activity;
 use crate::config;
 use crate::metrics;
-use crate::proxy::{self, Shared, Worker};
+use crate::proxy;
+use crate::respond;
+use crate::state::{self, Conn, Shared, Worker};
 
 /// The listener's TLS acceptor; `None` serves cleartext HTTP/2. Swapped when
 /// the certificate files change.
@@ -153,7 +155,7 @@ pub async fn run_worker(
     }
     drop(listener);
     drop(open_rx);
-    let timeout = proxy::drain_timeout(&shared);
+    let timeout = state::drain_timeout(&shared);
     tokio::select! {
         _ = open_tx.closed() => tracing::debug!("worker drained"),
         _ = tokio::time::sleep(timeout) => tracing::warn!(timeout = ?timeout, "drain timeout reached with calls still in flight"),
@@ -351,7 +353,7 @@ async fn serve_connection(
             Opening::H2 => {
                 drop(handshaking);
                 let io = Prefixed::new(stream, first, PREFACE.len());
-                serve_h2(io, proxy::Conn::new(peer, None), worker, &serving, drain).await
+                serve_h2(io, Conn::new(peer, None), worker, &serving, drain).await
             }
             Opening::Other(n) => {
                 drop(handshaking);
@@ -392,7 +394,7 @@ async fn serve_connection(
                 Opening::H2 => {
                     drop(handshaking);
                     let io = Prefixed::new(tls, first, PREFACE.len());
-                    let conn = proxy::Conn::new(peer, identity);
+                    let conn = Conn::new(peer, identity);
                     serve_h2(io, conn, worker, &serving, drain).await
                 }
                 Opening::Other(_) | Opening::Gone => {
@@ -414,7 +416,7 @@ async fn serve_connection(
 /// ([`lifecycle`]): the connection's task only looks at one flag per poll.
 async fn serve_h2<IO>(
     io: IO,
-    conn: proxy::Conn,
+    conn: Conn,
     worker: Arc<Worker>,
     serving: &Serving,
     drain: watch::Receiver<bool>,
@@ -592,7 +594,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-        Ok::<_, std::convert::Infallible>(proxy::http1_refusal())
+        Ok::<_, std::convert::Infallible>(respond::http1_refusal())
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)

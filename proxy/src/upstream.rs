@@ -94,24 +94,27 @@ impl UpstreamError {
     /// ended, and a message naming the upstream and what happened, without
     /// addresses or TLS text (those are logged).
     pub fn status(&self) -> (Code, String) {
+        (self.code(), self.message())
+    }
+
+    /// The status code alone (see [`status`](Self::status)).
+    pub fn code(&self) -> Code {
+        match self.ended {
+            Some(Ended::Reset(reason)) => crate::grpc::status::reset_code(reason),
+            Some(Ended::Protocol) => Code::Internal,
+            Some(Ended::ConnectionLost) | None => Code::Unavailable,
+        }
+    }
+
+    fn message(&self) -> String {
         let up = &self.upstream;
         match self.ended {
-            Some(Ended::Reset(reason)) => (
-                crate::grpc::status::reset_code(reason),
-                format!("upstream {up} reset the call ({reason:?})"),
-            ),
-            Some(Ended::ConnectionLost) => (
-                Code::Unavailable,
-                format!("upstream {up} closed its connection before answering"),
-            ),
-            Some(Ended::Protocol) => (
-                Code::Internal,
-                format!("upstream {up} broke the HTTP/2 protocol"),
-            ),
-            None => (
-                Code::Unavailable,
-                format!("upstream {up} unavailable: {}", kind_text(self.kind)),
-            ),
+            Some(Ended::Reset(reason)) => format!("upstream {up} reset the call ({reason:?})"),
+            Some(Ended::ConnectionLost) => {
+                format!("upstream {up} closed its connection before answering")
+            }
+            Some(Ended::Protocol) => format!("upstream {up} broke the HTTP/2 protocol"),
+            None => format!("upstream {up} unavailable: {}", kind_text(self.kind)),
         }
     }
 }

@@ -8,6 +8,18 @@
 //! waits for the next chunk); only the end of the stream in the middle of a
 //! frame is an error.
 
+use http::HeaderMap;
+
+use super::status::Code;
+
+/// Whether a stream's messages may be compressed: it names a
+/// `grpc-encoding` other than `identity`.
+pub fn compressed(headers: &HeaderMap) -> bool {
+    headers
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity")
+}
+
 /// Why a stream's framing is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {
@@ -55,6 +67,22 @@ impl std::fmt::Display for FrameError {
 }
 
 impl std::error::Error for FrameError {}
+
+// === impl FrameError ===
+
+impl FrameError {
+    /// The status a call whose framing was refused ends with: a message
+    /// over the limit is RESOURCE_EXHAUSTED (as gRPC libraries answer it),
+    /// broken framing INTERNAL.
+    pub fn code(&self) -> Code {
+        match self {
+            FrameError::TooLarge { .. } => Code::ResourceExhausted,
+            FrameError::BadFlag(_)
+            | FrameError::CompressedWithoutEncoding
+            | FrameError::Truncated { .. } => Code::Internal,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 enum State {

@@ -69,12 +69,43 @@ const DIGITS: [&str; 17] = [
     "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
 ];
 
+/// Every code, indexed by value.
+const ALL: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
 // === impl Code ===
 
 impl Code {
     /// The `grpc-status` header value.
     pub fn header_value(self) -> HeaderValue {
         HeaderValue::from_static(DIGITS[self as usize])
+    }
+
+    /// The name metrics print (`RESOURCE_EXHAUSTED`).
+    pub fn name(self) -> &'static str {
+        CODE_NAMES[self as usize]
+    }
+
+    /// The same code as tonic spells it (for `google.rpc.Status` details).
+    pub fn to_tonic(self) -> tonic::Code {
+        tonic::Code::from(self as i32)
     }
 }
 
@@ -93,13 +124,14 @@ pub fn reset_code(reason: h2::Reason) -> Code {
     }
 }
 
-/// Parses a `grpc-status` value into its number (0–16), or `None`.
-pub fn parse_status(v: &HeaderValue) -> Option<u8> {
-    match v.as_bytes() {
-        [d] if d.is_ascii_digit() => Some(d - b'0'),
-        [b'1', d] if (b'0'..=b'6').contains(d) => Some(10 + d - b'0'),
-        _ => None,
-    }
+/// Parses a `grpc-status` value (0–16), or `None`.
+pub fn parse_status(v: &HeaderValue) -> Option<Code> {
+    let n = match v.as_bytes() {
+        [d] if d.is_ascii_digit() => d - b'0',
+        [b'1', d] if (b'0'..=b'6').contains(d) => 10 + d - b'0',
+        _ => return None,
+    };
+    ALL.get(usize::from(n)).copied()
 }
 
 /// Percent-encodes a `grpc-message` (bytes outside 0x20–0x7E, and `%`).
@@ -143,7 +175,8 @@ mod tests {
     fn statuses_parse() {
         for (i, _) in CODE_NAMES.iter().enumerate() {
             let v = HeaderValue::from_str(&i.to_string()).unwrap();
-            assert_eq!(parse_status(&v), Some(i as u8));
+            assert_eq!(parse_status(&v).map(|c| c as usize), Some(i));
+            assert_eq!(parse_status(&v).map(Code::name), Some(CODE_NAMES[i]));
         }
         for bad in ["", "17", "x", "01"] {
             assert_eq!(

@@ -727,7 +727,7 @@ fn invalid_metadata(header: &HeaderName, why: &str) -> Rejection {
     let details = tonic_types::ErrorDetails::with_bad_request_violation(header.as_str(), &message);
     Rejection {
         code: Code::InvalidArgument,
-        headers: details_header(tonic::Code::InvalidArgument, &message, details),
+        headers: details_header(Code::InvalidArgument, &message, details),
         message,
     }
 }
@@ -748,7 +748,7 @@ fn beyond_capacity(l: &Compiled, params: &Params, cost: u64) -> Rejection {
             params.rate, params.algorithm
         ),
     );
-    let mut headers = details_header(tonic::Code::ResourceExhausted, &message, details);
+    let mut headers = details_header(Code::ResourceExhausted, &message, details);
     headers.insert("ratelimit-limit", HeaderValue::from(capacity));
     Rejection {
         code: Code::ResourceExhausted,
@@ -758,13 +758,9 @@ fn beyond_capacity(l: &Compiled, params: &Params, cost: u64) -> Rejection {
 }
 
 /// `grpc-status-details-bin` carrying `details` (a google.rpc.Status).
-fn details_header(
-    code: tonic::Code,
-    message: &str,
-    details: tonic_types::ErrorDetails,
-) -> HeaderMap {
+fn details_header(code: Code, message: &str, details: tonic_types::ErrorDetails) -> HeaderMap {
     use tonic_types::StatusExt as _;
-    let status = tonic::Status::with_error_details(code, message, details);
+    let status = tonic::Status::with_error_details(code.to_tonic(), message, details);
     let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(status.details());
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&encoded) {
@@ -798,7 +794,7 @@ fn rejection(l: &Compiled, d: Decision) -> Rejection {
         format!("limits/{}", l.name),
         format!("{} per key, {:?}", l.rate, l.params.algorithm),
     );
-    let mut headers = details_header(tonic::Code::ResourceExhausted, &message, details);
+    let mut headers = details_header(Code::ResourceExhausted, &message, details);
     headers.extend(ratelimit_headers(&d));
     headers.insert(
         "retry-after",

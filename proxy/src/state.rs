@@ -1,0 +1,152 @@
+//! What a running tollgate holds: the config in force with its routes and
+//! stores ([`Active`], swapped whole on reload), what every worker shares
+//! ([`Shared`]), one worker's own upstream connections ([`Worker`]) and
+//! what a call knows of its connection ([`Conn`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::HeaderValue;
+
+use crate::config::Config;
+use crate::routes::{self, RouteTable};
+use crate::upstream::{Pool, UpstreamSpec};
+
+/// A loaded config, ready to serve; swapped whole on reload.
+pub struct Active {
+    /// The config as loaded (for `/config`).
+    pub config: Config,
+    /// Routes.
+    pub routes: RouteTable,
+    /// Upstreams by name.
+    pub upstreams: HashMap<String, Arc<UpstreamSpec>>,
+    /// Largest message, either direction.
+    pub max_message_bytes: u32,
+    /// Where limits are decided; a reload with the same Redis settings
+    /// keeps the Redis store (and its connections).
+    pub stores: crate::limit::step::Stores,
+}
+
+// === impl Active ===
+
+impl Active {
+    /// Builds the serving state of a validated config.
+    pub fn build(
+        config: Config,
+        base: Option<&std::path::Path>,
+        stores: crate::limit::step::Stores,
+    ) -> Result<Active, String> {
+        let upstreams = routes::upstream_specs(&config, base)?;
+        let routes = RouteTable::build(&config, &upstreams, &stores)?;
+        Ok(Active {
+            stores,
+            max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
+            routes,
+            upstreams,
+            config,
+        })
+    }
+}
+
+/// State shared by every worker.
+pub struct Shared {
+    /// The config in force; calls load it once at their start, so a reload
+    /// never changes a call in flight.
+    pub active: ArcSwap<Active>,
+    /// Where the config came from (reloads read it again).
+    pub config_path: PathBuf,
+    /// Set on SIGTERM: `/ready` fails (listeners stop accepting when the
+    /// workers are told to drain, `drain_delay` later).
+    pub draining: AtomicBool,
+    /// Client connections open now (`listener.max_connections`).
+    pub connections: std::sync::atomic::AtomicUsize,
+    /// Client connections in their TLS handshake or preface now
+    /// (`listener.max_handshaking`).
+    pub handshaking: std::sync::atomic::AtomicUsize,
+    /// Set once every listener is bound.
+    pub listening: AtomicBool,
+    /// Reloads attempted (valid or not) since start.
+    pub reload_attempts: std::sync::atomic::AtomicU64,
+    /// In-process limit state; kept across reloads, so limits that did not
+    /// change keep counting where they were.
+    pub limit_store: Arc<crate::limit::memory::MemoryStore>,
+}
+
+/// One worker thread's state: its own upstream connections.
+pub struct Worker {
+    /// This worker's number (0..workers): picks its own Redis connection.
+    pub index: usize,
+    /// What all workers share.
+    pub shared: Arc<Shared>,
+    pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
+}
+
+// === impl Worker ===
+
+impl Worker {
+    /// A worker with no connections yet.
+    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+        Worker {
+            index,
+            shared,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This worker's pool for `spec`, rebuilt when a reload changed it.
+    pub(crate) fn pool(&self, spec: &Arc<UpstreamSpec>) -> Arc<Pool> {
+        let Ok(mut pools) = self.pools.lock() else {
+            return Arc::new(Pool::new(spec.clone()));
+        };
+        if let Some(p) = pools.get(&spec.name) {
+            if Arc::ptr_eq(p.spec(), spec)
+                || (p.spec().config == spec.config && p.spec().files == spec.files)
+            {
+                return p.clone();
+            }
+        }
+        let p = Arc::new(Pool::new(spec.clone()));
+        pools.insert(spec.name.clone(), p.clone());
+        p
+    }
+}
+
+/// What a call knows of its connection; made once per connection.
+pub struct Conn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client's IP as an `x-forwarded-for` value.
+    pub(crate) forwarded_for: Option<HeaderValue>,
+    /// The identity of the client's verified TLS certificate, if any.
+    pub tls_identity: Option<String>,
+    /// What its calls are doing (its lifecycle task reads it).
+    pub activity: Arc<crate::call::Activity>,
+}
+
+impl Conn {
+    /// Facts of a new connection from `peer`, with the identity of its
+    /// client certificate (mTLS).
+    pub fn new(peer: SocketAddr, tls_identity: Option<String>) -> Self {
+        Conn {
+            peer,
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            tls_identity,
+            activity: Arc::new(crate::call::Activity::default()),
+        }
+    }
+}
+
+/// Marks the process as draining.
+pub fn start_draining(shared: &Shared) {
+    shared.draining.store(true, Ordering::SeqCst);
+}
+
+/// How long to wait for in-flight calls when draining.
+pub fn drain_timeout(shared: &Shared) -> Duration {
+    shared.active.load().config.listener.drain_timeout.0
+}
