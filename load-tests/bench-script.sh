@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures Redis's own CPU time per call for the decision script
-# (proxy/src/limit/decide.lua): batches of CALLS calls, each with three
+# (proxy/src/limit/redis/decide.lua): batches of CALLS calls, each with three
 # limits (GCRA, sliding window counter, fixed window) on keys shared by the
 # batch, as tollgate sends them under load. `redis-cli --pipe` sends BATCHES
 # batches back to back; `INFO commandstats` gives the script's time.
@@ -13,7 +13,7 @@ work=$(mktemp -d)
 trap 'scripts/redis.sh stop "$work/redis" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 port=$(scripts/redis.sh start "$work/redis" --owner $$ | sed -n 's/^PORT=//p')
 taskset -a -p -c "$REDIS_CPU" "$(cat "$work/redis/redis.pid")" >/dev/null
-sha=$(redis-cli -p "$port" SCRIPT LOAD "$(cat proxy/src/limit/decide.lua)")
+sha=$(redis-cli -p "$port" SCRIPT LOAD "$(cat proxy/src/limit/redis/decide.lua)")
 python3 - "$sha" "$CALLS" "$BATCHES" > "$work/batches.resp" <<'PY'
 import struct
 import sys

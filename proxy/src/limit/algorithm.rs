@@ -1,7 +1,7 @@
 //! The four limit algorithms, each written once as a pure function of
 //! (state, now, cost): no clock, no storage. The in-process backend calls
 //! them directly; the Redis scripts implement the same decisions, and
-//! [`crate::limit::behaviour`] is the table every backend must pass.
+//! `limit/behaviour.rs` is the table every backend must pass.
 //!
 //! Times are microseconds since an arbitrary epoch (the backend's clock, or
 //! Redis `TIME`), so one replica's clock never decides for another.
@@ -356,5 +356,88 @@ impl Params {
             },
             State::Gcra { tat: kept },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::behaviour::{behaviour_table, cases, check_step, params, S};
+
+    #[test]
+    fn the_pure_algorithms_pass_the_table() {
+        // Each case from no state; a step that passes keeps its state.
+        let mut states: Vec<Option<State>> = vec![None; cases().len()];
+        behaviour_table!(|n, case, step| {
+            let state = &mut states[n];
+            let (d, next) = case.params.decide(state.as_mut(), step.at, step.cost);
+            if d.allowed {
+                case.params.keep(state, next);
+            }
+            d
+        });
+    }
+
+    #[test]
+    fn waiting_the_retry_delay_lets_the_call_pass() {
+        use Algorithm::*;
+        for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+            let p = params(a, 3, 1, None);
+            let mut state = None;
+            let mut now = 5 * S + 123_456;
+            for _ in 0..3 {
+                let (d, next) = p.decide(state.as_mut(), now, 1);
+                assert!(d.allowed);
+                p.keep(&mut state, next);
+                now += 1_000;
+            }
+            let (d, _) = p.decide(state.as_mut(), now, 1);
+            assert!(!d.allowed, "{a:?}");
+            let (d, _) = p.decide(state.as_mut(), now + d.retry_after_micros, 1);
+            assert!(d.allowed, "{a:?}: still refused after the retry delay");
+        }
+    }
+
+    #[test]
+    fn remaining_counts_down_and_reset_is_within_a_period() {
+        let p = params(Algorithm::FixedWindow, 3, 1, None);
+        let (d1, next) = p.decide(None, 10 * S + 250_000, 1);
+        assert_eq!((d1.limit, d1.remaining, d1.reset_micros), (3, 2, 750_000));
+        let mut state = None;
+        p.keep(&mut state, next);
+        let (d2, _) = p.decide(state.as_mut(), 10 * S + 250_001, 1);
+        assert_eq!(d2.remaining, 1);
+    }
+
+    #[test]
+    fn the_sliding_log_holds_about_one_entry_per_grain_and_one_per_large_call() {
+        use crate::limit::algorithm::{State, LOG_GRAIN};
+        // 1,000,000 per minute, a call every 100 µs for a whole minute: an
+        // entry per call would be 600,000; merged within a grain, about
+        // LOG_GRAIN.
+        let p = params(Algorithm::SlidingWindowLog, 1_000_000, 60, None);
+        let mut state = None;
+        let mut now = 10 * S;
+        for _ in 0..6_000_000 / 10 {
+            let (d, next) = p.decide(state.as_mut(), now, 1);
+            assert!(d.allowed);
+            p.keep(&mut state, next);
+            now += 100;
+        }
+        let Some(State::Log { entries, used }) = &state else {
+            panic!("{state:?}")
+        };
+        assert_eq!(*used, 600_000);
+        assert!(
+            entries.len() as u64 <= LOG_GRAIN + 1,
+            "{} entries",
+            entries.len()
+        );
+        // One call of 400,000 units is one entry.
+        let (d, next) = p.decide(state.as_mut(), now + 1_000_000, 400_000);
+        assert!(d.allowed);
+        p.keep(&mut state, next);
+        let (d, _) = p.decide(state.as_mut(), now + 1_000_001, 1);
+        assert!(!d.allowed, "the limit is full");
     }
 }

@@ -1,40 +1,52 @@
 //! The behaviour every limit backend must show, as a table: each case is a
 //! limit and a sequence of calls at given times with the expected answer.
-//! The pure algorithms run it in unit tests; the Redis backends run the same
-//! table against real servers.
+//! [`behaviour_table!`] runs it against a backend: the pure algorithms and
+//! the in-process store in the unit tests below, Redis and Redis Cluster
+//! against real servers in `tests/it/redis_store.rs`.
+//!
+//! Compiled only for tests: the library's unit tests declare it in
+//! `limit/mod.rs`, the integration tests include this file by path. Both
+//! give it `super::algorithm` and `super::Rate`.
 
 use std::time::Duration;
 
 use super::algorithm::{Algorithm, Decision, Params};
-use crate::config::Rate;
+use super::Rate;
 
 /// One call of a case.
 #[derive(Debug, Clone, Copy)]
-pub struct Step {
+pub(crate) struct Step {
     /// Microseconds after the case's start.
-    pub at: u64,
+    pub(crate) at: u64,
     /// Units the call costs.
-    pub cost: u64,
+    pub(crate) cost: u64,
     /// Whether it must pass.
-    pub allowed: bool,
+    pub(crate) allowed: bool,
     /// If set: the retry-after (µs) a rejection must give, within 1%.
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 /// A named case.
 #[derive(Debug, Clone)]
-pub struct Case {
+pub(crate) struct Case {
     /// What it shows.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// The limit.
-    pub params: Params,
+    pub(crate) params: Params,
     /// The calls, in time order.
-    pub steps: Vec<Step>,
+    pub(crate) steps: Vec<Step>,
 }
 
-const S: u64 = 1_000_000;
+/// A second, in µs.
+pub(crate) const S: u64 = 1_000_000;
 
-fn params(algorithm: Algorithm, limit: u64, period_secs: u64, burst: Option<u64>) -> Params {
+/// A limit of `limit` per `period_secs`.
+pub(crate) fn params(
+    algorithm: Algorithm,
+    limit: u64,
+    period_secs: u64,
+    burst: Option<u64>,
+) -> Params {
     Params {
         rate: Rate {
             limit,
@@ -73,7 +85,7 @@ fn no_retry(at: u64, retry_after: u64) -> Step {
 }
 
 /// Every case, for every algorithm.
-pub fn cases() -> Vec<Case> {
+pub(crate) fn cases() -> Vec<Case> {
     use Algorithm::*;
     let mut cases = Vec::new();
     // A burst of 10 against 5/s: exactly 5 pass, for every algorithm.
@@ -180,13 +192,31 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
+/// Runs every case of the table: `|n, case, step| decision` answers one
+/// step (`n` numbers the case: each case has a key of its own) and may
+/// `.await` inside an async test; every answer is checked with
+/// [`check_step`].
+macro_rules! behaviour_table {
+    (|$n:ident, $case:ident, $step:ident| $decide:expr) => {
+        for ($n, $case) in cases().into_iter().enumerate() {
+            for (i, $step) in $case.steps.iter().enumerate() {
+                let decision = $decide;
+                if let Err(e) = check_step(&$case, i, $step, &decision) {
+                    panic!("{e}");
+                }
+            }
+        }
+    };
+}
+pub(crate) use behaviour_table;
+
 /// A time every period of the table divides (1 s and 60 s), far from the
 /// epoch: backends run each case from here.
-pub const ALIGNED_START: u64 = 1_700_000_040 * S;
+pub(crate) const ALIGNED_START: u64 = 1_700_000_040 * S;
 
 /// Whether a backend's decision for `step` (number `i` of `case`) is the
 /// one the table wants; the error says what differs.
-pub fn check_step(case: &Case, i: usize, step: &Step, d: &Decision) -> Result<(), String> {
+pub(crate) fn check_step(case: &Case, i: usize, step: &Step, d: &Decision) -> Result<(), String> {
     let what = format!("{} ({:?}) step {i}", case.name, case.params.algorithm);
     if d.allowed != step.allowed {
         return Err(format!(
@@ -213,123 +243,4 @@ pub fn check_step(case: &Case, i: usize, step: &Step, d: &Decision) -> Result<()
         return Err(format!("{what}: more remaining than the limit: {d:?}"));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::limit::algorithm::State;
-    use crate::limit::memory::{Answer, Check, MemoryStore};
-
-    #[test]
-    fn the_memory_store_passes_the_table() {
-        let store = MemoryStore::new(10_000);
-        for (n, case) in cases().into_iter().enumerate() {
-            for (i, step) in case.steps.iter().enumerate() {
-                let check = Check::new(format!("case-{n}"), case.params, step.cost, false);
-                let a = store.decide_at(&[check], ALIGNED_START + step.at);
-                let Answer::Decided(d) = a[0] else {
-                    panic!("over capacity")
-                };
-                check_step(&case, i, step, &d).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn the_pure_algorithms_pass_the_table() {
-        for case in cases() {
-            let mut state: Option<State> = None;
-            for (i, step) in case.steps.iter().enumerate() {
-                let (d, next) = case.params.decide(state.as_mut(), step.at, step.cost);
-                assert_eq!(
-                    d.allowed, step.allowed,
-                    "{} ({:?}) step {i}: {d:?}",
-                    case.name, case.params.algorithm
-                );
-                if let Some(r) = step.retry_after {
-                    let diff = d.retry_after_micros.abs_diff(r);
-                    assert!(
-                        diff * 100 <= r,
-                        "{} step {i}: retry {} µs, want {r}",
-                        case.name,
-                        d.retry_after_micros
-                    );
-                }
-                if d.allowed {
-                    assert_eq!(d.retry_after_micros, 0);
-                    case.params.keep(&mut state, next);
-                } else {
-                    assert!(
-                        d.retry_after_micros > 0,
-                        "{} step {i}: a rejection says when to retry",
-                        case.name
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn waiting_the_retry_delay_lets_the_call_pass() {
-        use Algorithm::*;
-        for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
-            let p = params(a, 3, 1, None);
-            let mut state = None;
-            let mut now = 5 * S + 123_456;
-            for _ in 0..3 {
-                let (d, next) = p.decide(state.as_mut(), now, 1);
-                assert!(d.allowed);
-                p.keep(&mut state, next);
-                now += 1_000;
-            }
-            let (d, _) = p.decide(state.as_mut(), now, 1);
-            assert!(!d.allowed, "{a:?}");
-            let (d, _) = p.decide(state.as_mut(), now + d.retry_after_micros, 1);
-            assert!(d.allowed, "{a:?}: still refused after the retry delay");
-        }
-    }
-
-    #[test]
-    fn remaining_counts_down_and_reset_is_within_a_period() {
-        let p = params(Algorithm::FixedWindow, 3, 1, None);
-        let (d1, next) = p.decide(None, 10 * S + 250_000, 1);
-        assert_eq!((d1.limit, d1.remaining, d1.reset_micros), (3, 2, 750_000));
-        let mut state = None;
-        p.keep(&mut state, next);
-        let (d2, _) = p.decide(state.as_mut(), 10 * S + 250_001, 1);
-        assert_eq!(d2.remaining, 1);
-    }
-
-    #[test]
-    fn the_sliding_log_holds_about_one_entry_per_grain_and_one_per_large_call() {
-        use crate::limit::algorithm::{State, LOG_GRAIN};
-        // 1,000,000 per minute, a call every 100 µs for a whole minute: an
-        // entry per call would be 600,000; merged within a grain, about
-        // LOG_GRAIN.
-        let p = params(Algorithm::SlidingWindowLog, 1_000_000, 60, None);
-        let mut state = None;
-        let mut now = 10 * S;
-        for _ in 0..6_000_000 / 10 {
-            let (d, next) = p.decide(state.as_mut(), now, 1);
-            assert!(d.allowed);
-            p.keep(&mut state, next);
-            now += 100;
-        }
-        let Some(State::Log { entries, used }) = &state else {
-            panic!("{state:?}")
-        };
-        assert_eq!(*used, 600_000);
-        assert!(
-            entries.len() as u64 <= LOG_GRAIN + 1,
-            "{} entries",
-            entries.len()
-        );
-        // One call of 400,000 units is one entry.
-        let (d, next) = p.decide(state.as_mut(), now + 1_000_000, 400_000);
-        assert!(d.allowed);
-        p.keep(&mut state, next);
-        let (d, _) = p.decide(state.as_mut(), now + 1_000_001, 1);
-        assert!(!d.allowed, "the limit is full");
-    }
 }

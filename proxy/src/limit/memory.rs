@@ -6,7 +6,8 @@ use std::sync::{Arc, MutexGuard};
 
 use tokio::time::Instant;
 
-use super::algorithm::{Decision, Next, Params, State};
+use super::algorithm::{Decision, Next, State};
+use super::check::{Answer, Check};
 use super::shards::{Expiring, Shard, Shards};
 
 type Map = Shard<Arc<str>, Entry>;
@@ -20,48 +21,6 @@ impl Expiring for Entry {
     fn expires(&self) -> u64 {
         self.expires
     }
-}
-
-/// One limit of a call, as the store sees it.
-#[derive(Debug, Clone)]
-pub struct Check {
-    /// The full key (route, limit, values).
-    pub key: String,
-    /// The key's hash (shard choice), computed once.
-    pub hash: u64,
-    /// Redis Cluster hash tag: the key's own hash (tests may set others).
-    pub tag: u64,
-    /// The limit's parameters for this key.
-    pub params: Params,
-    /// Units the call costs.
-    pub cost: u64,
-    /// Shadow: decided and reported, never blocks the others' commit.
-    pub shadow: bool,
-}
-
-impl Check {
-    /// A check of `key`, hashed once here; its Cluster tag is its own hash
-    /// until the caller sets one shared by the call.
-    pub fn new(key: String, params: Params, cost: u64, shadow: bool) -> Check {
-        let hash = fnv1a(key.as_bytes());
-        Check {
-            key,
-            hash,
-            tag: hash,
-            params,
-            cost,
-            shadow,
-        }
-    }
-}
-
-/// What the store answered for one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// The algorithm's decision.
-    Decided(Decision),
-    /// The store is full of other keys: the call was not counted here.
-    OverCapacity,
 }
 
 /// In-process limit state.
@@ -196,23 +155,26 @@ fn store(map: &mut Map, c: &Check, next: Next, now: u64) {
     );
 }
 
-/// FNV-1a: a stable hash for shard choice and for shortening long keys.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::config::Rate;
-    use crate::limit::algorithm::Algorithm;
+    use crate::limit::algorithm::{Algorithm, Params};
+    use crate::limit::behaviour::{behaviour_table, cases, check_step, ALIGNED_START};
+
+    #[test]
+    fn the_memory_store_passes_the_table() {
+        let store = MemoryStore::new(10_000);
+        behaviour_table!(|n, case, step| {
+            let check = Check::new(format!("case-{n}"), case.params, step.cost, false);
+            match store.decide_at(&[check], ALIGNED_START + step.at)[0] {
+                Answer::Decided(d) => d,
+                Answer::OverCapacity => panic!("over capacity"),
+            }
+        });
+    }
 
     fn check(key: &str, limit: u64, shadow: bool) -> Check {
         Check::new(

@@ -3,8 +3,10 @@
 //! (`Route::limits` is `None`), so it costs nothing per call.
 
 pub mod algorithm;
-pub mod behaviour;
+#[cfg(test)]
+mod behaviour;
 pub mod breaker;
+pub mod check;
 pub mod memory;
 pub mod redis;
 mod shards;
@@ -17,6 +19,9 @@ use std::pin::Pin;
 use http::HeaderMap;
 
 use crate::grpc::status::Code;
+// The behaviour table reads the rate type beside the algorithms.
+#[cfg(test)]
+use crate::config::Rate;
 
 /// What a limit sees of a call.
 #[derive(Debug, Clone, Copy)]

@@ -15,7 +15,8 @@ use prometheus::IntCounter;
 use prometheus::Histogram;
 
 use super::algorithm::{Algorithm, Decision, Params};
-use super::memory::{fnv1a, Answer, Check, MemoryStore};
+use super::check::{fnv1a, Answer, Check};
+use super::memory::MemoryStore;
 use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Rejection};
 use crate::config::Rate;

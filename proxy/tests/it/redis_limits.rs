@@ -264,7 +264,7 @@ async fn keys_beyond_the_bound_can_be_counted_in_process() {
     // fills it. The shard is the key's hash, as tollgate writes the key.
     let shard = |id: &str| {
         let key = format!("tollgate.test.v1.Echo/*\u{1f}per-merchant\u{1f}FixedWindow\u{1f}{id}");
-        tollgate::limit::memory::fnv1a(key.as_bytes()) % 16
+        tollgate::limit::check::fnv1a(key.as_bytes()) % 16
     };
     let mut filled = std::collections::HashSet::new();
     for i in 0.. {
@@ -297,7 +297,7 @@ async fn keys_beyond_the_bound_can_be_counted_in_process() {
 /// is its own hash tag (16 hex digits of its FNV-1a).
 fn constant_key(route: &str, limit: &str, algorithm: &str, value: &str) -> String {
     let key = format!("{route}\u{1f}{limit}\u{1f}{algorithm}\u{1f}{value}");
-    let tag = tollgate::limit::memory::fnv1a(key.as_bytes());
+    let tag = tollgate::limit::check::fnv1a(key.as_bytes());
     format!("tollgate:{{{tag:016x}}}:{key}")
 }
 

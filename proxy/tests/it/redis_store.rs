@@ -9,10 +9,15 @@ use std::time::Duration;
 
 use tollgate::config::Rate;
 use tollgate::config::{Backend, Dur, Limiter, RedisStore as RedisSettings};
-use tollgate::limit::algorithm::{Algorithm, Params};
-use tollgate::limit::behaviour::{cases, check_step, ALIGNED_START};
-use tollgate::limit::memory::Check;
+use tollgate::limit::algorithm::{self, Algorithm, Params};
+use tollgate::limit::check::Check;
 use tollgate::limit::redis::{RedisStore, StoreError};
+
+/// The table every limit backend passes; it reads `super::algorithm` and
+/// `super::Rate` from here.
+#[path = "../../src/limit/behaviour.rs"]
+mod behaviour;
+use behaviour::{behaviour_table, cases, check_step, ALIGNED_START};
 
 fn unique(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -85,17 +90,15 @@ fn fixed(limit: u64) -> Params {
 }
 
 async fn run_table(store: &RedisStore) {
-    for (n, case) in cases().into_iter().enumerate() {
-        for (i, step) in case.steps.iter().enumerate() {
-            let key = format!("case-{n}");
-            let c = check(&key, n as u64, case.params, step.cost, false);
-            let d = store
-                .decide(0, vec![c], Some(ALIGNED_START + step.at), true)
-                .await
-                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-            check_step(&case, i, step, &d[0]).unwrap();
-        }
-    }
+    behaviour_table!(|n, case, step| {
+        let key = format!("case-{n}");
+        let c = check(&key, n as u64, case.params, step.cost, false);
+        let d = store
+            .decide(0, vec![c], Some(ALIGNED_START + step.at), true)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        d[0]
+    });
 }
 
 #[tokio::test]
@@ -528,7 +531,7 @@ async fn a_sliding_log_refund_finds_its_entry_behind_many_newer_ones() {
     let admin = redis::Client::open(redis.url()).unwrap();
     let mut con = admin.get_multiplexed_async_connection().await.unwrap();
     let changed: Vec<i64> = redis::cmd("EVAL")
-        .arg(include_str!("../../src/limit/refund.lua"))
+        .arg(include_str!("../../src/limit/redis/refund.lua"))
         .arg(1)
         .arg(&key)
         .arg(t)

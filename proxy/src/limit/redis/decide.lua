@@ -93,9 +93,10 @@ local calls = v[a]
 a = a + 1
 
 -- The string states (every algorithm but the log) of the whole batch, read
--- with one MGET and held as numbers while the batch is decided: sa, sb, sc
--- by key index are the state's fields (fixed window: start, count; sliding
--- counter: start, current, previous; gcra: tat). Calls see the states as
+-- with one MGET and held as numbers while the batch is decided, by key
+-- index: st_time (the window's start; gcra: the theoretical arrival time),
+-- st_count (the window's count) and st_previous (the sliding counter's
+-- previous window). Calls see the states as
 -- the earlier calls of the batch left them.
 local sa, sb, sc = {}, {}, {}
 do
@@ -251,7 +252,7 @@ for _ = 1, calls do
       end
       if allowed then
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, cost, 0, 0, ttl
+        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, 0, cost, 0, ttl
         used = used + cost
       end
       shown = limit
@@ -315,7 +316,7 @@ for _ = 1, calls do
       if alg[ki] == 3 then
         -- One entry per call, or merged into the newest when that one is
         -- less than a grain (period / 1024) older, at the later time.
-        local key, cost = KEYS[ki], pa[i]
+        local key, cost = KEYS[ki], pb[i]
         local grain = math.floor(logs[ki] / 1024)
         local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
         local cum, units, at = cost, cost, now

@@ -24,6 +24,9 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- Algorithms as tollgate numbers them (wire.rs sends these).
+local FIXED_WINDOW, SLIDING_COUNTER, SLIDING_LOG = 1, 2, 3
+
 local now = tonumber(ARGV[1])
 local v = cmsgpack.unpack(ARGV[2])
 local changed = 0
@@ -32,14 +35,14 @@ for ki = 1, #KEYS do
   local key = KEYS[ki]
   local algorithm, period, emission, cost = v[4 * ki - 3], v[4 * ki - 2], v[4 * ki - 1], v[4 * ki]
   local window = now - now % period
-  if algorithm == 1 then
+  if algorithm == FIXED_WINDOW then
     local st = redis.call('GET', key)
     local w, c = string.match(st or '', '^(%d+):(%d+)$')
     if tonumber(w) == window then
       redis.call('SET', key, w .. ':' .. int(math.max(0, tonumber(c) - cost)), 'KEEPTTL')
       changed = changed + 1
     end
-  elseif algorithm == 2 then
+  elseif algorithm == SLIDING_COUNTER then
     local st = redis.call('GET', key)
     local w, c, p = string.match(st or '', '^(%d+):(%d+):(%d+)$')
     w, c, p = tonumber(w), tonumber(c), tonumber(p)
@@ -52,7 +55,7 @@ for ki = 1, #KEYS do
       redis.call('SET', key, int(w) .. ':' .. int(c) .. ':' .. int(p), 'KEEPTTL')
       changed = changed + 1
     end
-  elseif algorithm == 3 then
+  elseif algorithm == SLIDING_LOG then
     -- The entries at or after `now`, oldest first, read back from the
     -- newest 64 at a time: the oldest of them holds the units.
     local total = redis.call('ZCARD', key)
@@ -87,7 +90,7 @@ for ki = 1, #KEYS do
       end
       changed = changed + 1
     end
-  else
+  else -- GCRA
     local tat = tonumber(redis.call('GET', key))
     if tat then
       redis.call('SET', key, int(math.max(0, tat - emission * cost)), 'KEEPTTL')
