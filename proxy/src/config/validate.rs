@@ -1,0 +1,500 @@
+//! Validation: every problem of a parsed config, each with its path, so
+//! one run of `tollgate check` shows them all.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::error::Problems;
+use super::net::{parse_host_port, resolve};
+use super::*;
+
+// === impl Config ===
+
+impl Config {
+    /// Every problem of this config, each with its path. Relative TLS paths
+    /// are taken relative to `base` (the config file's folder).
+    pub fn validate(&self, base: Option<&Path>) -> Vec<Problem> {
+        let mut p = Problems::default();
+        check_listen(&mut p, "listener.address", &self.listener.address);
+        check_listen(&mut p, "admin.address", &self.admin.address);
+        if self.listener.max_message_bytes == 0
+            || self.listener.max_message_bytes > u64::from(u32::MAX)
+        {
+            p.add(
+                "listener.max_message_bytes",
+                format!(
+                    "must be between 1 and {} bytes, got {}",
+                    u32::MAX,
+                    self.listener.max_message_bytes
+                ),
+            );
+        }
+        if self.listener.workers == Some(0) {
+            p.add(
+                "listener.workers",
+                "must be at least 1 (or absent: one per CPU)",
+            );
+        }
+        if self.listener.max_concurrent_streams == 0 {
+            p.add("listener.max_concurrent_streams", "must be at least 1");
+        }
+        if self.listener.header_read_timeout.is_zero() {
+            p.add("listener.header_read_timeout", "must be more than 0");
+        }
+        check_keepalive(&mut p, "listener.keepalive", &self.listener.keepalive);
+        if self.listener.max_connections == 0 {
+            p.add("listener.max_connections", "must be at least 1");
+        }
+        if self.listener.max_handshaking == 0 {
+            p.add("listener.max_handshaking", "must be at least 1");
+        }
+        if let Some(tls) = &self.listener.tls {
+            check_file(&mut p, "listener.tls.cert", &tls.cert, base);
+            check_file(&mut p, "listener.tls.key", &tls.key, base);
+            if let Some(ca) = &tls.client_ca {
+                check_file(&mut p, "listener.tls.client_ca", ca, base);
+            }
+        }
+        for (name, u) in &self.upstreams {
+            let at = format!("upstreams.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.add(&at, "names use letters, digits, '-', '_' and '.'");
+            }
+            if u.addresses.is_empty() {
+                p.add(format!("{at}.addresses"), "needs at least one host:port");
+            }
+            for (i, a) in u.addresses.iter().enumerate() {
+                if let Err(e) = parse_host_port(a) {
+                    p.add(format!("{at}.addresses[{i}]"), e);
+                }
+            }
+            if u.connect_timeout.is_zero() {
+                p.add(format!("{at}.connect_timeout"), "must be more than 0");
+            }
+            if u.connections == 0 || u.connections > 64 {
+                p.add(format!("{at}.connections"), "must be between 1 and 64");
+            }
+            if u.max_connections < u.connections || u.max_connections > 64 {
+                p.add(
+                    format!("{at}.max_connections"),
+                    format!("must be between connections ({}) and 64", u.connections),
+                );
+            }
+            if u.max_streams_per_connection == 0 || u.max_streams_per_connection > 100_000 {
+                p.add(
+                    format!("{at}.max_streams_per_connection"),
+                    "must be between 1 and 100000",
+                );
+            }
+            check_keepalive(&mut p, &format!("{at}.keepalive"), &u.keepalive);
+            if let Some(tls) = &u.tls {
+                check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
+            }
+        }
+        if self.routes.is_empty() {
+            p.add(
+                "routes",
+                "no routes: every call would be UNIMPLEMENTED; add at least `- match: {}` with an upstream",
+            );
+        }
+        let mut seen_matches: Vec<(Match, usize)> = Vec::new();
+        let mut names = HashSet::new();
+        let client_certs = self
+            .listener
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !self.upstreams.contains_key(&r.upstream) {
+                let known: Vec<&str> = self.upstreams.keys().map(String::as_str).collect();
+                p.add(
+                    format!("{at}.upstream"),
+                    if known.is_empty() {
+                        format!(
+                            "no upstream named {:?}: the file defines no upstreams",
+                            r.upstream
+                        )
+                    } else {
+                        format!(
+                            "no upstream named {:?}; defined: {}",
+                            r.upstream,
+                            known.join(", ")
+                        )
+                    },
+                );
+            }
+            if let Some(s) = &r.matcher.service {
+                if let Err(e) = check_pattern(s, true) {
+                    p.add(format!("{at}.match.service"), e);
+                }
+            }
+            if let Some(m) = &r.matcher.method {
+                if let Err(e) = check_pattern(m, false) {
+                    p.add(format!("{at}.match.method"), e);
+                }
+                if r.matcher.service.is_none() && m != "*" {
+                    p.add(
+                        format!("{at}.match.method"),
+                        "a method needs a service (method names repeat across services)",
+                    );
+                }
+            }
+            let normalized = r.matcher.normalized();
+            if let Some((_, j)) = seen_matches.iter().find(|(m, _)| *m == normalized) {
+                p.add(
+                    format!("{at}.match"),
+                    format!("same match as routes[{j}]; merge them"),
+                );
+            } else {
+                seen_matches.push((normalized, i));
+            }
+            // Derived names repeat only when matches do (reported above).
+            let name = r.display_name();
+            if !names.insert(name.clone()) && r.name.is_some() {
+                p.add(
+                    format!("{at}.name"),
+                    format!("{name:?} is used by another route"),
+                );
+            }
+            if let Some(t) = &r.timeout {
+                if t.is_zero() {
+                    p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
+                }
+            }
+            check_limits(
+                &mut p,
+                &at,
+                &r.limits,
+                client_certs,
+                self.limiter.backend != Backend::Memory,
+            );
+        }
+        if self.limiter.max_keys == 0 {
+            p.add("limiter.max_keys", "must be at least 1");
+        }
+        check_limiter(&mut p, &self.limiter, base);
+        p.0
+    }
+}
+
+/// Headers a call can never carry as metadata: pseudo headers, HTTP/2's
+/// forbidden connection headers, and names with upper case (HTTP/2 header
+/// names are lower case on the wire).
+fn header_never_present(h: &str) -> Option<&'static str> {
+    if h.starts_with(':') {
+        Some("pseudo headers are not metadata; key on method or peer_ip instead")
+    } else if [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .contains(&h)
+    {
+        Some("HTTP/2 forbids this header, so no call carries it")
+    } else if h.chars().any(|c| c.is_ascii_uppercase()) {
+        Some("HTTP/2 header names are lower case; write it in lower case")
+    } else if h.is_empty()
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    {
+        Some("not a valid header name")
+    } else {
+        None
+    }
+}
+
+fn check_limits(
+    p: &mut Problems,
+    route: &str,
+    limits: &[Limit],
+    client_certs: bool,
+    redis_backend: bool,
+) {
+    let mut names = HashSet::new();
+    for (i, l) in limits.iter().enumerate() {
+        let at = format!("{route}.limits[{i}]");
+        if l.name.is_empty()
+            || !l
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            p.add(
+                format!("{at}.name"),
+                "names use letters, digits, '-', '_' and '.'",
+            );
+        }
+        if !names.insert(&l.name) {
+            p.add(
+                format!("{at}.name"),
+                format!("{:?} is used by another limit of this route", l.name),
+            );
+        }
+        match Rate::parse(&l.rate) {
+            Err(e) => p.add(format!("{at}.rate"), e),
+            Ok(rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
+        }
+        if l.burst == Some(0) {
+            p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
+        }
+        if l.burst.is_some_and(|b| b >= 1 << 53) {
+            p.add(format!("{at}.burst"), "must be below 2^53");
+        }
+        if let (AlgorithmName::Gcra, Ok(rate)) = (l.algorithm, Rate::parse(&l.rate)) {
+            let burst = u128::from(l.burst.unwrap_or(rate.limit));
+            if u128::from(rate.emission_interval_micros()) * burst >= 1 << 53 {
+                p.add(
+                    format!("{at}.burst"),
+                    format!("{burst} at {rate} takes more than 2^53 µs (285 years) to earn; use a smaller burst"),
+                );
+            }
+        }
+        if l.burst.is_some() && l.algorithm != AlgorithmName::Gcra {
+            p.add(format!("{at}.burst"), "only the gcra algorithm has a burst");
+        }
+        for (j, part) in l.key.iter().enumerate() {
+            if part.repeated.is_some() && part.header.is_none() {
+                p.add(
+                    format!("{at}.key[{j}].repeated"),
+                    "only a header key part can be repeated; remove it or key on a header",
+                );
+            }
+            match part.source() {
+                None => p.add(
+                    format!("{at}.key[{j}]"),
+                    "set exactly one of header, peer_ip, method, constant, tls_identity",
+                ),
+                Some(KeySource::Header(h, _)) => {
+                    if let Some(why) = header_never_present(&h) {
+                        p.add(
+                            format!("{at}.key[{j}].header"),
+                            format!("{h:?} can never be present: {why}"),
+                        );
+                    }
+                }
+                Some(KeySource::TlsIdentity) if !client_certs => p.add(
+                    format!("{at}.key[{j}].tls_identity"),
+                    "can never be present: the listener does not ask clients for certificates; set listener.tls.client_ca",
+                ),
+                Some(KeySource::PeerIp(Some(m))) if m > 128 => {
+                    p.add(
+                        format!("{at}.key[{j}].peer_ip.mask"),
+                        "must be at most 32 (IPv4) or 128 (IPv6)",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(Cost::Constant(0)) = &l.cost {
+            p.add(format!("{at}.cost"), "must be at least 1");
+        }
+        if let (Some(Cost::Constant(n)), Ok(rate)) = (&l.cost, Rate::parse(&l.rate)) {
+            let capacity = match l.algorithm {
+                AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
+                _ => rate.limit,
+            };
+            if *n > capacity {
+                p.add(
+                    format!("{at}.cost"),
+                    format!("{n} is more than the limit can ever admit ({capacity}): every call would be refused"),
+                );
+            }
+        }
+        if let Some(Cost::Header(HeaderCost { header, max })) = &l.cost {
+            if let Some(why) = header_never_present(header) {
+                p.add(
+                    format!("{at}.cost.header"),
+                    format!("{header:?} can never be present: {why}"),
+                );
+            }
+            if *max == Some(0) {
+                p.add(format!("{at}.cost.max"), "must be at least 1 (or absent)");
+            }
+        }
+        for (k, r) in &l.overrides {
+            match Rate::parse(r) {
+                Err(e) => p.add(format!("{at}.overrides.{k}"), e),
+                Ok(rate) => {
+                    check_counter_range(p, &format!("{at}.overrides.{k}"), l.algorithm, rate)
+                }
+            }
+        }
+        if l.over_capacity == Some(OverCapacity::Local) && !redis_backend {
+            p.add(
+                format!("{at}.over_capacity"),
+                "local counts in process when Redis has no room: the memory backend is that process; use open or closed",
+            );
+        }
+        if !l.overrides.is_empty() && l.key.is_empty() {
+            p.add(
+                format!("{at}.overrides"),
+                "overrides pick keys; this limit has no key",
+            );
+        }
+    }
+}
+
+/// Redis scripts count in doubles, exact below 2^53: limits (and the
+/// sliding counter's `limit × period`, in µs) stay below it.
+fn check_counter_range(p: &mut Problems, at: &str, algorithm: AlgorithmName, rate: Rate) {
+    if rate.limit >= 1 << 53 {
+        p.add(
+            at,
+            format!(
+                "{} per period is more than tollgate counts exactly (below 2^53)",
+                rate.limit
+            ),
+        );
+    } else if algorithm == AlgorithmName::SlidingWindowCounter
+        && u128::from(rate.limit) * rate.period.as_micros() >= 1 << 53
+    {
+        p.add(
+            at,
+            format!(
+                "{rate} is too large for sliding_window_counter; use a shorter period (e.g. per minute) or another algorithm"
+            ),
+        );
+    }
+}
+
+fn check_limiter(p: &mut Problems, l: &Limiter, base: Option<&Path>) {
+    if l.replicas == 0 {
+        p.add("limiter.replicas", "must be at least 1");
+    }
+    if l.backend == Backend::Memory && l.over_capacity == OverCapacity::Local {
+        p.add(
+            "limiter.over_capacity",
+            "local counts in process when Redis has no room: the memory backend is that process; use open or closed",
+        );
+    }
+    let Some(r) = &l.redis else {
+        if l.backend != Backend::Memory {
+            p.add(
+                "limiter.redis",
+                "the redis backends need a redis block with the server's url (or urls for a cluster)",
+            );
+        }
+        return;
+    };
+    match l.backend {
+        Backend::Memory => p.add(
+            "limiter.redis",
+            "set only with backend redis or redis-cluster (the backend is memory)",
+        ),
+        Backend::Redis => {
+            if !r.urls.is_empty() {
+                p.add(
+                    "limiter.redis.urls",
+                    "a list of nodes is for backend redis-cluster; backend redis takes one url",
+                );
+            }
+            match &r.url {
+                None => p.add(
+                    "limiter.redis.url",
+                    "missing: the Redis server, e.g. redis://127.0.0.1:6379",
+                ),
+                Some(u) => check_redis_url(p, "limiter.redis.url", u),
+            }
+        }
+        Backend::RedisCluster => {
+            if r.url.is_some() {
+                p.add(
+                    "limiter.redis.url",
+                    "backend redis-cluster takes a list: urls: [redis://node-1:6379, ...]",
+                );
+            }
+            if r.urls.is_empty() {
+                p.add(
+                    "limiter.redis.urls",
+                    "missing: one or more cluster nodes, e.g. [redis://127.0.0.1:7000]",
+                );
+            }
+            for (i, u) in r.urls.iter().enumerate() {
+                check_redis_url(p, &format!("limiter.redis.urls[{i}]"), u);
+            }
+        }
+    }
+    if r.timeout.is_zero() {
+        p.add("limiter.redis.timeout", "must be more than 0");
+    }
+    if r.connect_timeout.is_zero() {
+        p.add("limiter.redis.connect_timeout", "must be more than 0");
+    }
+    if r.probe_interval.is_zero() {
+        p.add("limiter.redis.probe_interval", "must be more than 0");
+    }
+    if r.breaker_failures == 0 {
+        p.add("limiter.redis.breaker_failures", "must be at least 1");
+    }
+    if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
+        p.add(
+            "limiter.redis.key_prefix",
+            "must be non-empty, without '{' or '}' (tollgate sets the hash tags)",
+        );
+    }
+    if let Some(ca) = &r.ca {
+        check_file(p, "limiter.redis.ca", ca, base);
+    }
+}
+
+fn check_redis_url(p: &mut Problems, at: &str, u: &str) {
+    let shown = crate::redact::url(u);
+    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+        p.add(
+            at,
+            format!("{shown:?} must start with redis:// or rediss:// (TLS)"),
+        );
+    } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+        p.add(at, format!("{shown:?} is not a Redis URL: {e}"));
+    }
+}
+
+fn check_keepalive(p: &mut Problems, at: &str, k: &Keepalive) {
+    if !k.interval.is_zero() && k.timeout.is_zero() {
+        p.add(
+            format!("{at}.timeout"),
+            "must be more than 0 (or set interval: 0s for no keepalive)",
+        );
+    }
+}
+
+fn check_listen(p: &mut Problems, path: &str, value: &str) {
+    if value.parse::<SocketAddr>().is_err() {
+        p.add(
+            path,
+            format!("{value:?} is not an address like 0.0.0.0:10000 or [::1]:10000"),
+        );
+    }
+}
+
+fn check_file(p: &mut Problems, at: &str, path: &Path, base: Option<&Path>) {
+    let full = resolve(path, base);
+    if let Err(e) = std::fs::metadata(&full) {
+        p.add(at, format!("cannot read {}: {e}", full.display()));
+    }
+}
+
+fn check_pattern(s: &str, dotted: bool) -> Result<(), String> {
+    if s == "*" {
+        return Ok(());
+    }
+    let body = s.strip_suffix('*').unwrap_or(s);
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || (dotted && c == '.');
+    if body.is_empty() || !body.chars().all(ok_char) {
+        return Err(if dotted {
+            format!("{s:?} is not a service name (package.Service), a prefix ending in '*', or '*'")
+        } else {
+            format!("{s:?} is not a method name, a prefix ending in '*', or '*'")
+        });
+    }
+    Ok(())
+}
