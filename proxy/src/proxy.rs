@@ -122,11 +122,12 @@ pub async fn handle(
     let spec = &route.upstream;
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(spec.scheme());
-    uri.authority = parts
-        .uri
-        .authority()
-        .cloned()
-        .or_else(|| spec.config.addresses.first().and_then(|a| a.parse().ok()));
+    uri.authority = parts.uri.authority().cloned().or_else(|| {
+        spec.config
+            .addresses
+            .first()
+            .and_then(|a| a.text().parse().ok())
+    });
     uri.path_and_query = parts.uri.path_and_query().cloned();
     parts.uri = match http::Uri::from_parts(uri) {
         Ok(u) => u,

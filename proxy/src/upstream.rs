@@ -139,7 +139,7 @@ impl UpstreamSpec {
         let endpoints = u
             .addresses
             .iter()
-            .map(|a| config::parse_host_port(a))
+            .map(|a| a.value().map(|e| (e.host.clone(), e.port)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut files = 0;
         let tls = match &u.tls {

@@ -18,6 +18,7 @@ mod env;
 mod error;
 mod load;
 mod net;
+mod parsed;
 mod rate;
 mod validate;
 
@@ -29,7 +30,8 @@ use serde::{Deserialize, Serialize};
 pub use self::duration::Dur;
 pub use self::env::{Env, ProcessEnv};
 pub use self::error::{ConfigError, Problem};
-pub use self::net::{parse_host_port, resolve};
+pub use self::net::{resolve, HostPort};
+pub use self::parsed::{FromText, Parsed};
 pub use self::rate::Rate;
 
 /// Default gRPC listen address.
@@ -164,7 +166,7 @@ pub struct Admin {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// `host:port` of each endpoint; calls are spread round robin.
-    pub addresses: Vec<String>,
+    pub addresses: Vec<Parsed<HostPort>>,
     /// How long a TCP (and TLS) connect may take.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
@@ -415,7 +417,7 @@ pub struct Limit {
     #[serde(default)]
     pub key: Vec<KeyPart>,
     /// `100/s`, `6000/min`, `1000/h`, `10000/day`.
-    pub rate: String,
+    pub rate: Parsed<Rate>,
     /// How it counts.
     #[serde(default)]
     pub algorithm: AlgorithmName,
@@ -434,7 +436,7 @@ pub struct Limit {
     pub on_missing: OnMissing,
     /// Other rates for particular keys (`"merchant-vip": 1000/s`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub overrides: BTreeMap<String, String>,
+    pub overrides: BTreeMap<String, Parsed<Rate>>,
     /// When Redis cannot answer (default: `limiter.failure_mode`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<FailureMode>,
@@ -443,31 +445,51 @@ pub struct Limit {
     pub over_capacity: Option<OverCapacity>,
 }
 
-/// A part of a limit's key: exactly one of its fields is set, e.g.
-/// `{ header: x-merchant-id }` or `{ peer_ip: { mask: 24 } }`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// A part of a limit's key: the one thing it reads, e.g.
+/// `{ header: x-merchant-id }` or `{ peer_ip: { mask: 24 } }`. A part
+/// naming no source or more than one is refused when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "KeyPartFields", into = "KeyPartFields")]
 pub struct KeyPart {
+    /// What it reads.
+    pub source: KeySource,
+    /// With a header: what a call carrying the header more than once gets
+    /// (default `reject`); validation refuses it beside any other source.
+    pub repeated: Option<Repeated>,
+}
+
+/// What a key part reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
     /// A metadata (header) value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub header: Option<String>,
+    Header(String),
     /// The client's IP, optionally masked to a prefix (`{ mask: 24 }`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer_ip: Option<PeerIp>,
+    PeerIp(Option<u8>),
     /// The gRPC method (`package.Service/Method`): `{ method: {} }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<Empty>,
+    Method,
     /// A fixed text (one budget for everyone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub constant: Option<String>,
+    Constant(String),
     /// The client certificate's identity (mTLS): its first URI SAN, else
     /// its first DNS SAN, else its common name: `{ tls_identity: {} }`.
+    TlsIdentity,
+}
+
+/// A key part as the file spells it: one field per source.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPartFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_identity: Option<Empty>,
-    /// With `header`: what a call carrying the header more than once gets
-    /// (default `reject`).
+    header: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeated: Option<Repeated>,
+    peer_ip: Option<PeerIp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    method: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    constant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_identity: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repeated: Option<Repeated>,
 }
 
 /// What a header key part does with a header a call carries more than
@@ -486,45 +508,47 @@ pub enum Repeated {
     All,
 }
 
-/// What a key part reads, once validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// A header's value, and what to do when it is repeated.
-    Header(String, Repeated),
-    /// The peer IP with an optional prefix mask.
-    PeerIp(Option<u8>),
-    /// `package.Service/Method`.
-    Method,
-    /// A constant.
-    Constant(String),
-    /// The client certificate's identity.
-    TlsIdentity,
+// === impl KeyPart ===
+
+impl TryFrom<KeyPartFields> for KeyPart {
+    type Error = &'static str;
+
+    fn try_from(f: KeyPartFields) -> Result<Self, Self::Error> {
+        let mut sources = [
+            f.header.map(KeySource::Header),
+            f.peer_ip.map(|p| KeySource::PeerIp(p.mask)),
+            f.method.map(|_| KeySource::Method),
+            f.constant.map(KeySource::Constant),
+            f.tls_identity.map(|_| KeySource::TlsIdentity),
+        ]
+        .into_iter()
+        .flatten();
+        match (sources.next(), sources.next()) {
+            (Some(source), None) => Ok(KeyPart {
+                source,
+                repeated: f.repeated,
+            }),
+            _ => Err(
+                "a key part sets exactly one of header, peer_ip, method, constant, tls_identity",
+            ),
+        }
+    }
 }
 
-impl KeyPart {
-    /// The one thing this part reads; `None` unless exactly one field is set.
-    pub fn source(&self) -> Option<KeySource> {
-        let set = [
-            self.header.is_some(),
-            self.peer_ip.is_some(),
-            self.method.is_some(),
-            self.constant.is_some(),
-            self.tls_identity.is_some(),
-        ];
-        if set.iter().filter(|s| **s).count() != 1 {
-            return None;
+impl From<KeyPart> for KeyPartFields {
+    fn from(k: KeyPart) -> Self {
+        let mut f = KeyPartFields {
+            repeated: k.repeated,
+            ..KeyPartFields::default()
+        };
+        match k.source {
+            KeySource::Header(h) => f.header = Some(h),
+            KeySource::PeerIp(mask) => f.peer_ip = Some(PeerIp { mask }),
+            KeySource::Method => f.method = Some(Empty {}),
+            KeySource::Constant(c) => f.constant = Some(c),
+            KeySource::TlsIdentity => f.tls_identity = Some(Empty {}),
         }
-        Some(if let Some(h) = &self.header {
-            KeySource::Header(h.clone(), self.repeated.unwrap_or_default())
-        } else if let Some(p) = &self.peer_ip {
-            KeySource::PeerIp(p.mask)
-        } else if self.method.is_some() {
-            KeySource::Method
-        } else if self.tls_identity.is_some() {
-            KeySource::TlsIdentity
-        } else {
-            KeySource::Constant(self.constant.clone().unwrap_or_default())
-        })
+        f
     }
 }
 

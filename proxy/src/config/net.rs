@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::parsed::FromText;
+
 /// Resolves a config-relative path.
 pub fn resolve(path: &Path, base: Option<&Path>) -> PathBuf {
     match base {
@@ -11,8 +13,23 @@ pub fn resolve(path: &Path, base: Option<&Path>) -> PathBuf {
     }
 }
 
+/// An upstream endpoint: a host name or IP address, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// The host name, or the IP address (IPv6 without brackets).
+    pub host: String,
+    /// 1 to 65535.
+    pub port: u16,
+}
+
+impl FromText for HostPort {
+    fn from_text(a: &str) -> Result<Self, String> {
+        parse_host_port(a).map(|(host, port)| HostPort { host, port })
+    }
+}
+
 /// Splits `host:port`, checking both parts.
-pub fn parse_host_port(a: &str) -> Result<(String, u16), String> {
+fn parse_host_port(a: &str) -> Result<(String, u16), String> {
     if let Ok(sa) = a.parse::<SocketAddr>() {
         return Ok((sa.ip().to_string(), sa.port()));
     }

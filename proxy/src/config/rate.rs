@@ -13,6 +13,12 @@ pub struct Rate {
     pub period: Duration,
 }
 
+impl super::parsed::FromText for Rate {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Rate::parse(text)
+    }
+}
+
 // === impl Rate ===
 
 impl Rate {

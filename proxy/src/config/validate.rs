@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::error::Problems;
-use super::net::{parse_host_port, resolve};
+use super::net::resolve;
 use super::*;
 
 // === impl Config ===
@@ -58,18 +58,14 @@ impl Config {
         }
         for (name, u) in &self.upstreams {
             let at = format!("upstreams.{name}");
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            if !is_name(name) {
                 p.add(&at, "names use letters, digits, '-', '_' and '.'");
             }
             if u.addresses.is_empty() {
                 p.add(format!("{at}.addresses"), "needs at least one host:port");
             }
             for (i, a) in u.addresses.iter().enumerate() {
-                if let Err(e) = parse_host_port(a) {
+                if let Err(e) = a.value() {
                     p.add(format!("{at}.addresses[{i}]"), e);
                 }
             }
@@ -183,6 +179,14 @@ impl Config {
     }
 }
 
+/// Whether `s` may name an upstream or a limit: letters, digits, `-`, `_`
+/// and `.` (it appears in metric labels and Redis keys).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Headers a call can never carry as metadata: pseudo headers, HTTP/2's
 /// forbidden connection headers, and names with upper case (HTTP/2 header
 /// names are lower case on the wire).
@@ -222,12 +226,7 @@ fn check_limits(
     let mut names = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let at = format!("{route}.limits[{i}]");
-        if l.name.is_empty()
-            || !l
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !is_name(&l.name) {
             p.add(
                 format!("{at}.name"),
                 "names use letters, digits, '-', '_' and '.'",
@@ -239,9 +238,9 @@ fn check_limits(
                 format!("{:?} is used by another limit of this route", l.name),
             );
         }
-        match Rate::parse(&l.rate) {
+        match l.rate.value() {
             Err(e) => p.add(format!("{at}.rate"), e),
-            Ok(rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
+            Ok(&rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
         }
         if l.burst == Some(0) {
             p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
@@ -249,7 +248,7 @@ fn check_limits(
         if l.burst.is_some_and(|b| b >= 1 << 53) {
             p.add(format!("{at}.burst"), "must be below 2^53");
         }
-        if let (AlgorithmName::Gcra, Ok(rate)) = (l.algorithm, Rate::parse(&l.rate)) {
+        if let (AlgorithmName::Gcra, Ok(rate)) = (l.algorithm, l.rate.value()) {
             let burst = u128::from(l.burst.unwrap_or(rate.limit));
             if u128::from(rate.emission_interval_micros()) * burst >= 1 << 53 {
                 p.add(
@@ -262,42 +261,39 @@ fn check_limits(
             p.add(format!("{at}.burst"), "only the gcra algorithm has a burst");
         }
         for (j, part) in l.key.iter().enumerate() {
-            if part.repeated.is_some() && part.header.is_none() {
+            let header = matches!(part.source, KeySource::Header(_));
+            if part.repeated.is_some() && !header {
                 p.add(
                     format!("{at}.key[{j}].repeated"),
                     "only a header key part can be repeated; remove it or key on a header",
                 );
             }
-            match part.source() {
-                None => p.add(
-                    format!("{at}.key[{j}]"),
-                    "set exactly one of header, peer_ip, method, constant, tls_identity",
-                ),
-                Some(KeySource::Header(h, _)) => {
-                    if let Some(why) = header_never_present(&h) {
+            match &part.source {
+                KeySource::Header(h) => {
+                    if let Some(why) = header_never_present(h) {
                         p.add(
                             format!("{at}.key[{j}].header"),
                             format!("{h:?} can never be present: {why}"),
                         );
                     }
                 }
-                Some(KeySource::TlsIdentity) if !client_certs => p.add(
+                KeySource::TlsIdentity if !client_certs => p.add(
                     format!("{at}.key[{j}].tls_identity"),
                     "can never be present: the listener does not ask clients for certificates; set listener.tls.client_ca",
                 ),
-                Some(KeySource::PeerIp(Some(m))) if m > 128 => {
+                KeySource::PeerIp(Some(m)) if *m > 128 => {
                     p.add(
                         format!("{at}.key[{j}].peer_ip.mask"),
                         "must be at most 32 (IPv4) or 128 (IPv6)",
                     );
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
         if let Some(Cost::Constant(0)) = &l.cost {
             p.add(format!("{at}.cost"), "must be at least 1");
         }
-        if let (Some(Cost::Constant(n)), Ok(rate)) = (&l.cost, Rate::parse(&l.rate)) {
+        if let (Some(Cost::Constant(n)), Ok(rate)) = (&l.cost, l.rate.value()) {
             let capacity = match l.algorithm {
                 AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
                 _ => rate.limit,
@@ -321,9 +317,9 @@ fn check_limits(
             }
         }
         for (k, r) in &l.overrides {
-            match Rate::parse(r) {
+            match r.value() {
                 Err(e) => p.add(format!("{at}.overrides.{k}"), e),
-                Ok(rate) => {
+                Ok(&rate) => {
                     check_counter_range(p, &format!("{at}.overrides.{k}"), l.algorithm, rate)
                 }
             }

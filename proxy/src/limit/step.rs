@@ -155,7 +155,7 @@ impl RouteLimits {
         let m = metrics::get();
         let mut compiled = Vec::new();
         for l in limits {
-            let rate = Rate::parse(&l.rate)?;
+            let rate = *l.rate.value()?;
             let params = Params {
                 rate,
                 burst: l.burst,
@@ -168,7 +168,7 @@ impl RouteLimits {
                     Ok((
                         k.clone(),
                         Params {
-                            rate: Rate::parse(r)?,
+                            rate: *r.value()?,
                             ..params
                         },
                     ))
@@ -195,17 +195,7 @@ impl RouteLimits {
                     key_label(params.algorithm)
                 ),
                 rate,
-                key: l
-                    .key
-                    .iter()
-                    .map(|p| match p.source() {
-                        Some(s) => Part::new(s),
-                        None => Err(format!(
-                            "limit {:?}: a key part sets no single source",
-                            l.name
-                        )),
-                    })
-                    .collect::<Result<_, String>>()?,
+                key: l.key.iter().map(Part::new).collect::<Result<_, String>>()?,
                 params,
                 overrides,
                 cost: match &l.cost {
@@ -672,12 +662,12 @@ fn header_name(h: &str) -> Result<HeaderName, String> {
 }
 
 impl Part {
-    fn new(s: KeySource) -> Result<Part, String> {
-        Ok(match s {
-            KeySource::Header(h, r) => Part::Header(header_name(&h)?, r),
-            KeySource::PeerIp(m) => Part::PeerIp(m),
+    fn new(k: &config::KeyPart) -> Result<Part, String> {
+        Ok(match &k.source {
+            KeySource::Header(h) => Part::Header(header_name(h)?, k.repeated.unwrap_or_default()),
+            KeySource::PeerIp(m) => Part::PeerIp(*m),
             KeySource::Method => Part::Method,
-            KeySource::Constant(c) => Part::Constant(c),
+            KeySource::Constant(c) => Part::Constant(c.clone()),
             KeySource::TlsIdentity => Part::TlsIdentity,
         })
     }
