@@ -528,9 +528,7 @@ impl TryFrom<KeyPartFields> for KeyPart {
                 source,
                 repeated: f.repeated,
             }),
-            _ => Err(
-                "a key part sets exactly one of header, peer_ip, method, constant, tls_identity",
-            ),
+            _ => Err("set exactly one of header, peer_ip, method, constant, tls_identity"),
         }
     }
 }
