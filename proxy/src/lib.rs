@@ -24,5 +24,6 @@ pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod state;
+mod tcp;
 pub mod tls;
 pub mod upstream;

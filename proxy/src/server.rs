@@ -139,13 +139,8 @@ pub async fn run_worker(
                 }
             }
         };
-        let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(60))
-                .with_interval(Duration::from_secs(10))
-                .with_retries(3),
-        );
+        // A client that vanished is let go within 90 s of silence.
+        crate::tcp::tune(&stream, Duration::from_secs(60));
         let acceptor = tls.load_full();
         let (worker, drain, open) = (worker.clone(), drain.clone(), open_rx.clone());
         tokio::spawn(async move {

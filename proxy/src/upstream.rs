@@ -455,17 +455,10 @@ impl Pool {
                 ),
             )
         })??;
-        let _ = tcp.set_nodelay(true);
-        let sock = socket2::SockRef::from(&tcp);
         // A host that vanished: probes find it when nothing is in flight
         // (within a minute), and data unacknowledged for 30 s drops the
         // connection instead of retransmitting for ~15 minutes.
-        let _ = sock.set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(30))
-                .with_interval(Duration::from_secs(10))
-                .with_retries(3),
-        );
+        let sock = crate::tcp::tune(&tcp, Duration::from_secs(30));
         let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         match &spec.tls {
             None => self.handshake(endpoint, tcp).await,
