@@ -5,7 +5,7 @@ use sqlx::Row;
 use tollgate_proto::payments::v1 as pb;
 
 use super::batch::Batch;
-use super::ledger::{self, Leg, AVAILABLE, EXTERNAL};
+use super::ledger::{self, Pocket};
 use super::{timestamp, KeyGuard, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
@@ -166,18 +166,11 @@ impl Store {
             currency,
             None,
             now,
-            &[
-                Leg {
-                    account: &external,
-                    bucket: EXTERNAL,
-                    amount: -amount,
-                },
-                Leg {
-                    account: account_id,
-                    bucket: AVAILABLE,
-                    amount,
-                },
-            ],
+            &ledger::transfer(
+                Pocket::external(&external),
+                Pocket::available(account_id),
+                amount,
+            ),
         )?;
         account.available = account.available.saturating_add(amount);
         let response = pb::DepositResponse {

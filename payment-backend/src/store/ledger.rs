@@ -9,11 +9,11 @@ use super::Store;
 use crate::error::Error;
 
 /// Bucket of a customer account's spendable money.
-pub(super) const AVAILABLE: &str = "available";
+const AVAILABLE: &str = "available";
 /// Bucket of a customer account's money held by authorizations.
-pub(super) const HELD: &str = "held";
+const HELD: &str = "held";
 /// Bucket of the outside world (deposits come from there).
-pub(super) const EXTERNAL: &str = "external";
+const EXTERNAL: &str = "external";
 
 /// One leg of a ledger transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,62 @@ pub(super) struct Leg<'a> {
     pub(super) account: &'a str,
     pub(super) bucket: &'static str,
     pub(super) amount: i64,
+}
+
+/// Where money of a [`transfer`] leaves from or arrives at: one bucket of
+/// one account. Built only through the constructors, so a bucket is always
+/// one of the three the ledger knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Pocket<'a> {
+    account: &'a str,
+    bucket: &'static str,
+}
+
+// === impl Pocket ===
+
+impl<'a> Pocket<'a> {
+    /// The spendable money of a customer account.
+    pub(super) fn available(account: &'a str) -> Self {
+        Self {
+            account,
+            bucket: AVAILABLE,
+        }
+    }
+
+    /// The money of a customer account held by authorizations.
+    pub(super) fn held(account: &'a str) -> Self {
+        Self {
+            account,
+            bucket: HELD,
+        }
+    }
+
+    /// The outside world, `external:<CUR>`.
+    pub(super) fn external(account: &'a str) -> Self {
+        Self {
+            account,
+            bucket: EXTERNAL,
+        }
+    }
+}
+
+/// The two legs that move `amount` from one pocket to another: the debit
+/// of `from` first, then the credit of `to`, the order in which they are
+/// stored. They sum to zero by construction, so [`post`] can only refuse a
+/// transaction a caller assembled by hand.
+pub(super) fn transfer<'a>(from: Pocket<'a>, to: Pocket<'a>, amount: i64) -> [Leg<'a>; 2] {
+    [
+        Leg {
+            account: from.account,
+            bucket: from.bucket,
+            amount: -amount,
+        },
+        Leg {
+            account: to.account,
+            bucket: to.bucket,
+            amount,
+        },
+    ]
 }
 
 /// Adds one balanced ledger transaction to `writes`, and the move of the
@@ -183,5 +239,48 @@ impl Store {
             negative_accounts: negative,
             entries,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_debits_from_and_credits_to() {
+        let legs = transfer(Pocket::held("acct_a"), Pocket::available("acct_b"), 250);
+        assert_eq!(
+            legs,
+            [
+                Leg {
+                    account: "acct_a",
+                    bucket: HELD,
+                    amount: -250,
+                },
+                Leg {
+                    account: "acct_b",
+                    bucket: AVAILABLE,
+                    amount: 250,
+                },
+            ]
+        );
+        assert_eq!(legs.iter().map(|l| l.amount).sum::<i64>(), 0);
+    }
+
+    #[test]
+    fn transfer_from_outside_leaves_external() {
+        let [debit, credit] = transfer(
+            Pocket::external("external:EUR"),
+            Pocket::available("acct_a"),
+            7,
+        );
+        assert_eq!(
+            (debit.account, debit.bucket, debit.amount),
+            ("external:EUR", EXTERNAL, -7)
+        );
+        assert_eq!(
+            (credit.account, credit.bucket, credit.amount),
+            ("acct_a", AVAILABLE, 7)
+        );
     }
 }

@@ -12,7 +12,7 @@ use tollgate_proto::payments::v1 as pb;
 
 use super::accounts::{not_found as account_not_found, AccountRow, ACCOUNT_COLUMNS};
 use super::batch::Batch;
-use super::ledger::{self, Leg, AVAILABLE, HELD};
+use super::ledger::{self, Pocket};
 use super::{timestamp, KeyGuard, Record, Store};
 use crate::error::Error;
 use crate::idempotency::{Idempotency, Outcome};
@@ -266,18 +266,11 @@ impl Store {
                     &p.currency,
                     Some(&p.id),
                     now,
-                    &[
-                        Leg {
-                            account: &p.payer,
-                            bucket: AVAILABLE,
-                            amount: -amount,
-                        },
-                        Leg {
-                            account: &p.payee,
-                            bucket: AVAILABLE,
-                            amount,
-                        },
-                    ],
+                    &ledger::transfer(
+                        Pocket::available(&p.payer),
+                        Pocket::available(&p.payee),
+                        amount,
+                    ),
                 )?;
                 EventKind::Captured
             }
@@ -288,18 +281,7 @@ impl Store {
                     &p.currency,
                     Some(&p.id),
                     now,
-                    &[
-                        Leg {
-                            account: &p.payer,
-                            bucket: AVAILABLE,
-                            amount: -amount,
-                        },
-                        Leg {
-                            account: &p.payer,
-                            bucket: HELD,
-                            amount,
-                        },
-                    ],
+                    &ledger::transfer(Pocket::available(&p.payer), Pocket::held(&p.payer), amount),
                 )?;
                 EventKind::Authorized
             }
@@ -358,29 +340,18 @@ impl Store {
         // of every call, so no two calls wait on each other in a cycle.
         let (_, payee) = self.lock_pair(&mut tx, &p.payer, &p.payee, None).await?;
         payment::check_credit(&p.payee, payee.available, payee.held, plan.capture)?;
-        let mut legs = vec![
-            Leg {
-                account: &p.payer,
-                bucket: HELD,
-                amount: -plan.capture,
-            },
-            Leg {
-                account: &p.payee,
-                bucket: AVAILABLE,
-                amount: plan.capture,
-            },
-        ];
+        let mut legs = ledger::transfer(
+            Pocket::held(&p.payer),
+            Pocket::available(&p.payee),
+            plan.capture,
+        )
+        .to_vec();
         if plan.release > 0 {
-            legs.push(Leg {
-                account: &p.payer,
-                bucket: HELD,
-                amount: -plan.release,
-            });
-            legs.push(Leg {
-                account: &p.payer,
-                bucket: AVAILABLE,
-                amount: plan.release,
-            });
+            legs.extend(ledger::transfer(
+                Pocket::held(&p.payer),
+                Pocket::available(&p.payer),
+                plan.release,
+            ));
         }
         let mut writes = Batch::default();
         ledger::post(
@@ -486,18 +457,11 @@ impl Store {
             &p.currency,
             Some(payment_id),
             now,
-            &[
-                Leg {
-                    account: &p.payee,
-                    bucket: AVAILABLE,
-                    amount: -refund_amount,
-                },
-                Leg {
-                    account: &p.payer,
-                    bucket: AVAILABLE,
-                    amount: refund_amount,
-                },
-            ],
+            &ledger::transfer(
+                Pocket::available(&p.payee),
+                Pocket::available(&p.payer),
+                refund_amount,
+            ),
         )?;
         let refund = pb::Refund {
             id: super::new_id("re"),
@@ -805,18 +769,7 @@ fn release_hold(
             &p.currency,
             Some(&p.id),
             now,
-            &[
-                Leg {
-                    account: &p.payer,
-                    bucket: HELD,
-                    amount: -release,
-                },
-                Leg {
-                    account: &p.payer,
-                    bucket: AVAILABLE,
-                    amount: release,
-                },
-            ],
+            &ledger::transfer(Pocket::held(&p.payer), Pocket::available(&p.payer), release),
         )?;
     }
     p.amounts.status = status;
