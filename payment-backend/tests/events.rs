@@ -4,7 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The shared harness (`tests/common/`), as far as this binary uses it.
+mod common {
+    mod backend;
+    mod outbox;
+    mod payments;
+
+    pub(crate) use self::backend::*;
+    pub(crate) use self::outbox::*;
+}
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;

@@ -4,7 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The shared harness (`tests/common/`), as far as this binary uses it.
+mod common {
+    mod backend;
+    mod checks;
+    mod health;
+
+    pub(crate) use self::backend::*;
+    pub(crate) use self::checks::*;
+    pub(crate) use self::health::*;
+}
 
 use std::time::Duration;
 

@@ -142,8 +142,8 @@ async fn health_is_not_serving_while_the_server_still_serves_for_the_shutdown_de
     )
     .await;
     let account = b.account("USD", 100).await;
-    let addr = b.grpc_addr();
     let running = b.running.take().unwrap();
+    let addr = running.grpc_addr;
     let shutdown = tokio::spawn(running.shutdown());
     crate::common::eventually(Duration::from_secs(5), "health to say NOT_SERVING", || {
         let channel = b.channel.clone();
