@@ -17,7 +17,11 @@
 #   ensure_apt PKG...               apt-get install the missing packages
 #                                   (apt-get update at most once per run)
 #   ensure_pip PKG...               pip install the missing Python distributions
+#   close_inherited_fds             close this shell's fds 3..254 (runs when
+#                                   this file is sourced, and in the watchdog)
 #   tcp_open PORT                   true when something accepts on 127.0.0.1:PORT
+#   proc_stat_field PID N           print field N (1-based, as in proc(5)) of
+#                                   /proc/PID/stat; false when PID is gone
 #   proc_running PID                true when PID runs (zombies count as gone)
 #   wait_gone PID SECONDS           wait for PID to end; false on timeout
 #   pid_alive PIDFILE [COMM]        true when PIDFILE names a live process
@@ -58,7 +62,9 @@ TOLLGATE_LIB_LOADED=1
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SCRIPT_NAME="$(basename "${0}")"
 # Drop file descriptors inherited from the caller beyond stdin/stdout/stderr,
-# so that no daemon started from here keeps the caller's pipes open.
+# so that no daemon started from here keeps the caller's pipes open. It acts on
+# the shell that runs it (BASHPID, so a subshell closes its own); the watchdog,
+# a fresh bash, gets it through `declare -f` (see watch_owner).
 close_inherited_fds() {
     local fd_path fd
     for fd_path in "/proc/${BASHPID}"/fd/*; do
@@ -263,12 +269,32 @@ tcp_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# True when process PID exists and is not a zombie.
-proc_running() {
-    local stat rest
+# Prints field N (1-based, as numbered in proc(5)) of /proc/PID/stat; false
+# when PID is gone. Field 2, comm, is in parentheses and may itself hold
+# spaces and parentheses, so the fields from 3 on are split after the last
+# ") ". The watchdog, a fresh bash, gets it through `declare -f`.
+proc_stat_field() {
+    local stat rest fields
     stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    rest="${stat##*) }"
-    [[ "${rest:0:1}" != "Z" ]]
+    case "$2" in
+    1) printf '%s\n' "${stat%% *}" ;;
+    2)
+        rest="${stat#*(}"
+        printf '%s\n' "${rest%)*}"
+        ;;
+    *)
+        rest="${stat##*) }"
+        read -ra fields <<<"${rest}"
+        printf '%s\n' "${fields[$2 - 3]}"
+        ;;
+    esac
+}
+
+# True when process PID exists and is not a zombie (state, field 3, is Z).
+proc_running() {
+    local state
+    state="$(proc_stat_field "$1" 3)" || return 1
+    [[ "${state}" != "Z" ]]
 }
 
 # Waits up to SECONDS for process PID to end; true when it has.
@@ -299,31 +325,22 @@ pid_alive() {
 # Start time of a process in clock ticks since boot (field 22 of
 # /proc/PID/stat); with the pid it names one process even if pids wrap.
 proc_start_time() {
-    local stat rest
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    rest="${stat##*) }"
-    read -ra fields <<<"${rest}"
-    printf '%s\n' "${fields[19]}"
+    proc_stat_field "$1" 22
 }
 
-# The loop the watchdog runs; kept as a string so it runs in a fresh bash.
+# The loop the watchdog runs; kept as a string so it runs in a fresh bash,
+# which has none of these functions: watch_owner puts the two it calls,
+# close_inherited_fds and proc_stat_field, in front (`declare -f`).
 # shellcheck disable=SC2016
 TOLLGATE_WATCH_LOOP='
 owner="$1" start="$2" dir="$3"
 shift 3
 alive() {
-    local stat rest
-    stat="$(cat "/proc/${owner}/stat" 2>/dev/null)" || return 1
-    rest="${stat##*) }"
-    read -ra f <<<"${rest}"
-    [[ "${f[0]}" != Z && "${f[19]}" == "${start}" ]]
+    local state
+    state="$(proc_stat_field "${owner}" 3)" || return 1
+    [[ "${state}" != Z && "$(proc_stat_field "${owner}" 22)" == "${start}" ]]
 }
-for fd_path in "/proc/${BASHPID}"/fd/*; do
-    fd="${fd_path##*/}"
-    if [[ "${fd}" =~ ^[0-9]+$ ]] && ((fd > 2 && fd < 255)); then
-        eval "exec ${fd}>&-" 2>/dev/null || true
-    fi
-done
+close_inherited_fds
 while alive; do
     if [[ -n "${dir}" && ! -d "${dir}" ]]; then
         exit 0
@@ -353,7 +370,9 @@ watch_owner() {
     # setsid: own session, so the caller's terminal or process group signals do
     # not reach it; nohup and the redirections: it holds none of the caller's
     # stdin/stdout/stderr open (a caller reading our stdout must see EOF).
-    setsid nohup bash -c "${TOLLGATE_WATCH_LOOP}" tollgate-watch "${owner}" "${start}" "${dir}" "$@" \
+    local script
+    script="$(declare -f close_inherited_fds proc_stat_field)${TOLLGATE_WATCH_LOOP}"
+    setsid nohup bash -c "${script}" tollgate-watch "${owner}" "${start}" "${dir}" "$@" \
         </dev/null >/dev/null 2>&1 &
     printf '%s\n' "$!"
 }
