@@ -91,18 +91,13 @@ pub fn main() -> ExitCode {
             config,
             timeout,
         } => health(admin, config, timeout),
-        Command::Check { config } => match runtime::load(
-            &config,
-            &ProcessEnv,
-            &std::sync::Arc::new(crate::limit::memory::MemoryStore::new(1)),
-            None,
-        ) {
-            Ok((active, _)) => {
+        Command::Check { config } => match runtime::check(&config, &ProcessEnv) {
+            Ok(checked) => {
                 println!(
                     "{}: OK ({} routes, {} upstreams)",
                     config.display(),
-                    active.routes.routes().len(),
-                    active.upstreams.len()
+                    checked.routes,
+                    checked.upstreams
                 );
                 ExitCode::SUCCESS
             }

@@ -71,6 +71,38 @@ pub fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// What `tollgate check` found in a usable file.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked {
+    /// Routes.
+    pub routes: usize,
+    /// Upstreams.
+    pub upstreams: usize,
+}
+
+/// Checks a config file as a start would read it: the file itself, the
+/// listener's certificate and key, the upstreams' CA bundles and the Redis
+/// settings. Nothing is bound, connected or kept.
+pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
+    let config = Config::load(path, env)?;
+    let base = path.parent();
+    let setup = |message: String| StartError::Setup {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(t) = &config.listener.tls {
+        crate::tls::server_config(t, base).map_err(|m| setup(format!("listener.tls: {m}")))?;
+    }
+    crate::routes::upstream_specs(&config, base).map_err(setup)?;
+    if config.limiter.backend != crate::config::Backend::Memory {
+        RedisStore::check(&config.limiter, base).map_err(setup)?;
+    }
+    Ok(Checked {
+        routes: config.routes.len(),
+        upstreams: config.upstreams.len(),
+    })
+}
+
 /// Loads and builds a config file: everything a reload or a start needs.
 /// `previous` is the config in force (a reload keeps its Redis store when
 /// the Redis settings did not change).

@@ -189,6 +189,63 @@ fn connection_info(
     Ok(info.set_redis_settings(settings))
 }
 
+/// The client of a `limiter.redis` block (no connection is made), how logs
+/// show it (passwords masked) and its metrics' backend label.
+fn target(
+    backend: Backend,
+    r: &config::RedisStore,
+    certs: Option<redis::TlsCertificates>,
+) -> Result<(Target, String, &'static str), String> {
+    Ok(match backend {
+        Backend::Redis => {
+            let url = r.url.clone().ok_or("limiter.redis.url: missing")?;
+            let shown = crate::redact::url(&url);
+            let client = connection_info(&url, r)
+                .and_then(|info| match certs {
+                    Some(c) => redis::Client::build_with_tls(info, c),
+                    None => redis::Client::open(info),
+                })
+                .map_err(|e| format!("limiter.redis.url {shown:?}: {e}"))?;
+            (Target::Single(Arc::new(client)), shown, "redis")
+        }
+        Backend::RedisCluster => {
+            let shown = r
+                .urls
+                .iter()
+                .map(|u| crate::redact::url(u))
+                .collect::<Vec<_>>()
+                .join(",");
+            let nodes = r
+                .urls
+                .iter()
+                .map(|u| connection_info(u, r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("limiter.redis.urls {shown:?}: {e}"))?;
+            let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(r.connect_timeout.0)
+                .response_timeout(r.connect_timeout.0)
+                .retries(2)
+                .min_retry_wait(2)
+                .max_retry_wait(20);
+            if let Some(c) = certs {
+                b = b.certs(c);
+            }
+            // Nodes found through the cluster's own answers get these too.
+            if let Some(u) = &r.username {
+                b = b.username(&u.0);
+            }
+            if let Some(p) = &r.password {
+                b = b.password(&p.0);
+            }
+            let client = b
+                .build()
+                .map_err(|e| format!("limiter.redis.urls {shown:?}: {e}"))?;
+            (Target::Cluster(Arc::new(client)), shown, "redis-cluster")
+        }
+        Backend::Memory => return Err("the memory backend has no Redis store".into()),
+    })
+}
+
 // === impl RedisStore ===
 
 impl RedisStore {
@@ -207,54 +264,7 @@ impl RedisStore {
         let ca = r.ca.as_ref().map(|p| config::resolve(p, base));
         let ca_files = ca.as_deref().map_or(0, crate::tls::fingerprint);
         let certs = tls_certs(ca.as_deref())?;
-        let (target, shown, backend) = match limiter.backend {
-            Backend::Redis => {
-                let url = r.url.clone().ok_or("limiter.redis.url: missing")?;
-                let shown = crate::redact::url(&url);
-                let client = connection_info(&url, &r)
-                    .and_then(|info| match certs {
-                        Some(c) => redis::Client::build_with_tls(info, c),
-                        None => redis::Client::open(info),
-                    })
-                    .map_err(|e| format!("limiter.redis.url {shown:?}: {e}"))?;
-                (Target::Single(Arc::new(client)), shown, "redis")
-            }
-            Backend::RedisCluster => {
-                let shown = r
-                    .urls
-                    .iter()
-                    .map(|u| crate::redact::url(u))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let nodes = r
-                    .urls
-                    .iter()
-                    .map(|u| connection_info(u, &r))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("limiter.redis.urls {shown:?}: {e}"))?;
-                let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
-                    .connection_timeout(r.connect_timeout.0)
-                    .response_timeout(r.connect_timeout.0)
-                    .retries(2)
-                    .min_retry_wait(2)
-                    .max_retry_wait(20);
-                if let Some(c) = certs {
-                    b = b.certs(c);
-                }
-                // Nodes found through the cluster's own answers get these too.
-                if let Some(u) = &r.username {
-                    b = b.username(&u.0);
-                }
-                if let Some(p) = &r.password {
-                    b = b.password(&p.0);
-                }
-                let client = b
-                    .build()
-                    .map_err(|e| format!("limiter.redis.urls {shown:?}: {e}"))?;
-                (Target::Cluster(Arc::new(client)), shown, "redis-cluster")
-            }
-            Backend::Memory => return Err("the memory backend has no Redis store".into()),
-        };
+        let (target, shown, backend) = target(limiter.backend, &r, certs)?;
         let m = metrics::get();
         Ok(RedisStore {
             keys: KeyGate::new(limiter.max_keys),
@@ -281,6 +291,17 @@ impl RedisStore {
             backend,
             settings: (limiter.backend, r, ca_files),
         })
+    }
+
+    /// Whether a store could be built for `limiter`: its URLs, credentials
+    /// and CA bundle are usable (`tollgate check`); nothing is connected.
+    pub fn check(limiter: &config::Limiter, base: Option<&std::path::Path>) -> Result<(), String> {
+        let r = limiter
+            .redis
+            .as_ref()
+            .ok_or("limiter.redis: missing for a Redis backend")?;
+        let ca = r.ca.as_ref().map(|p| config::resolve(p, base));
+        target(limiter.backend, r, tls_certs(ca.as_deref())?).map(drop)
     }
 
     /// The settings a store for `limiter` would be built from (compared
