@@ -32,7 +32,7 @@ fn reply(
 }
 
 /// Answers one admin request.
-pub fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub(crate) fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
@@ -73,7 +73,11 @@ pub fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>
 }
 
 /// Serves the admin endpoints until `stop` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     if *stop.borrow() {
         return;
     }

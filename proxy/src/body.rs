@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -30,7 +29,7 @@ use crate::metrics::{self, MethodStats, RouteStats};
 /// What a body needs of its call's route: the counters its messages go to,
 /// and the upstream its errors name. [`crate::routes::Route`] is one; bodies
 /// do not depend on how routes are built.
-pub trait RouteCounters: Send + Sync {
+pub(crate) trait RouteCounters: Send + Sync {
     /// The route's counters (and its name).
     fn stats(&self) -> &RouteStats;
     /// The name of the route's upstream.
@@ -39,11 +38,11 @@ pub trait RouteCounters: Send + Sync {
 
 /// A call counted as open on its upstream connection until dropped (when
 /// its response ends).
-pub struct OpenStream(Arc<AtomicUsize>);
+pub(crate) struct OpenStream(Arc<AtomicUsize>);
 
 impl OpenStream {
     /// Counts one more call on `open` until this is dropped.
-    pub fn new(open: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(open: Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
         OpenStream(open)
     }
@@ -59,24 +58,24 @@ impl Drop for OpenStream {
 /// deadline comes first) its connection watching it for the stream idle
 /// timeout; a client cannot opt out of the watch with a far deadline.
 #[derive(Default)]
-pub struct CallTimer {
+pub(crate) struct CallTimer {
     /// The client's `grpc-timeout` or the route's timeout, with the reason
     /// the client is given.
-    pub deadline: Option<(Pin<Box<Sleep>>, &'static str)>,
+    pub(crate) deadline: Option<(Pin<Box<Sleep>>, &'static str)>,
     /// The watch, and the stream idle timeout it ends the call after.
-    pub idle: Option<(Watch, std::time::Duration)>,
+    pub(crate) idle: Option<(Watch, std::time::Duration)>,
 }
 
 // === impl CallTimer ===
 
 impl CallTimer {
     /// Whether it has neither.
-    pub fn is_none(&self) -> bool {
+    pub(crate) fn is_none(&self) -> bool {
         self.deadline.is_none() && self.idle.is_none()
     }
 
     /// Ready with the client's message once either has run out.
-    pub fn poll_expired(&mut self, state: &CallState, cx: &mut Context<'_>) -> Poll<String> {
+    pub(crate) fn poll_expired(&mut self, state: &CallState, cx: &mut Context<'_>) -> Poll<String> {
         if let Some((sleep, why)) = &mut self.deadline {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready((*why).to_owned());
@@ -92,7 +91,7 @@ impl CallTimer {
 }
 
 /// The message of a call ended by the stream idle timeout.
-pub fn idle_message(idle: std::time::Duration) -> String {
+pub(crate) fn idle_message(idle: std::time::Duration) -> String {
     format!(
         "no message either way for {} (listener.stream_idle_timeout): give long calls a deadline",
         humantime::format_duration(idle)
@@ -101,7 +100,7 @@ pub fn idle_message(idle: std::time::Duration) -> String {
 
 /// Why a request body stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// The client's stream failed (reset, connection lost).
     #[error("client stream: {0}")]
     Client(#[from] hyper::Error),
@@ -111,7 +110,7 @@ pub enum BodyError {
 }
 
 /// The client's request body on its way to the upstream.
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     inner: Incoming,
     observer: FrameObserver,
     state: Arc<CallState>,
@@ -122,7 +121,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// Observes `inner` for the call described by `state` and `route`.
-    pub fn new(
+    pub(crate) fn new(
         inner: Incoming,
         max: u32,
         compressed_ok: bool,
@@ -192,7 +191,7 @@ impl Drop for RequestBody {
 }
 
 /// Counts a call once, when it ends.
-pub struct Tally {
+pub(crate) struct Tally {
     stats: Arc<MethodStats>,
     start: Instant,
     recorded: bool,
@@ -200,7 +199,7 @@ pub struct Tally {
 
 impl Tally {
     /// Starts timing a call; also counts it as an open stream.
-    pub fn start(stats: Arc<MethodStats>, start: Instant) -> Self {
+    pub(crate) fn start(stats: Arc<MethodStats>, start: Instant) -> Self {
         metrics::get().active_streams.inc();
         Tally {
             stats,
@@ -210,12 +209,12 @@ impl Tally {
     }
 
     /// Counts the call under other labels (its method turned out known).
-    pub fn relabel(&mut self, stats: Arc<MethodStats>) {
+    pub(crate) fn relabel(&mut self, stats: Arc<MethodStats>) {
         self.stats = stats;
     }
 
     /// Records the call's final status (None: the upstream gave none).
-    pub fn finish(&mut self, status: Option<Code>) {
+    pub(crate) fn finish(&mut self, status: Option<Code>) {
         if !self.recorded {
             self.recorded = true;
             self.stats.finished(status);
@@ -235,7 +234,7 @@ impl Drop for Tally {
 }
 
 /// The upstream's response body on its way to the client.
-pub struct Proxied {
+pub(crate) struct Proxied {
     inner: Option<h2::RecvStream>,
     /// All DATA frames were read; trailers (if any) come next.
     data_done: bool,
@@ -253,7 +252,7 @@ pub struct Proxied {
 
 /// What tollgate sends back to the client.
 #[derive(Default)]
-pub enum ResponseBody {
+pub(crate) enum ResponseBody {
     /// No body (trailers-only gRPC responses).
     #[default]
     Empty,
@@ -267,7 +266,7 @@ pub enum ResponseBody {
 
 impl Proxied {
     /// Observes the upstream's `inner` body.
-    pub fn new(
+    pub(crate) fn new(
         inner: h2::RecvStream,
         observer: FrameObserver,
         state: Arc<CallState>,
@@ -307,7 +306,7 @@ impl Proxied {
 impl ResponseBody {
     /// Keeps the call counted as open on its connection while this body
     /// streams; a body that is sent at once lets it go now.
-    pub fn hold(&mut self, open: OpenCall) {
+    pub(crate) fn hold(&mut self, open: OpenCall) {
         if let ResponseBody::Proxied(p) = self {
             p.open = Some(open);
         }
@@ -431,6 +430,3 @@ impl Drop for Proxied {
         self.route.stats().bytes_out.inc_by(self.observer.bytes());
     }
 }
-
-/// Headers to add to a response: `Some` only when a step produced any.
-pub type ExtraHeaders = Option<HeaderMap>;

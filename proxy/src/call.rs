@@ -23,7 +23,7 @@ const QUIET_LOOKS: u8 = 4;
 
 /// What the two directions of one call share.
 #[derive(Debug, Default)]
-pub struct CallState {
+pub(crate) struct CallState {
     request_error: OnceLock<FrameError>,
     /// Set whenever data passes either way; the watcher clears it when it
     /// looks.
@@ -40,23 +40,23 @@ pub struct CallState {
 
 impl CallState {
     /// The request side's framing problem, if any.
-    pub fn request_error(&self) -> Option<FrameError> {
+    pub(crate) fn request_error(&self) -> Option<FrameError> {
         self.request_error.get().copied()
     }
 
     /// Keeps the request side's framing problem (the first one).
-    pub fn set_request_error(&self, e: FrameError) {
+    pub(crate) fn set_request_error(&self, e: FrameError) {
         let _ = self.request_error.set(e);
     }
 
     /// Data passed (either way).
-    pub fn mark_moved(&self) {
+    pub(crate) fn mark_moved(&self) {
         self.moved.store(true, Ordering::Relaxed);
     }
 
     /// Ready once the watcher has found the call idle for the stream idle
     /// timeout; until then the task is woken when it does.
-    pub fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
         if self.expired.load(Ordering::Acquire) {
             Poll::Ready(())
@@ -88,7 +88,7 @@ impl CallState {
 
 /// What a connection's calls are doing, as its lifecycle task reads it.
 #[derive(Debug, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     open: AtomicUsize,
     /// Calls ended so far: unchanged between two looks with none open, the
     /// connection was idle all that time.
@@ -106,11 +106,11 @@ struct Watched {
 
 /// A call counted as open on its connection until dropped.
 #[derive(Debug)]
-pub struct OpenCall(Arc<Activity>);
+pub(crate) struct OpenCall(Arc<Activity>);
 
 /// A call watched for the stream idle timeout until dropped.
 #[derive(Debug)]
-pub struct Watch {
+pub(crate) struct Watch {
     activity: Arc<Activity>,
     at: usize,
 }
@@ -119,14 +119,14 @@ pub struct Watch {
 
 impl Activity {
     /// Counts a call as open until the returned guard is dropped.
-    pub fn open(self: &Arc<Self>) -> OpenCall {
+    pub(crate) fn open(self: &Arc<Self>) -> OpenCall {
         self.open.fetch_add(1, Ordering::Relaxed);
         OpenCall(self.clone())
     }
 
     /// Watches `call` (one without a deadline) for the stream idle timeout
     /// until the returned guard is dropped.
-    pub fn watch(self: &Arc<Self>, call: &Arc<CallState>) -> Option<Watch> {
+    pub(crate) fn watch(self: &Arc<Self>, call: &Arc<CallState>) -> Option<Watch> {
         // A call starts as having moved: the first look does not count.
         call.mark_moved();
         let mut w = self.watched.lock().ok()?;
@@ -148,7 +148,7 @@ impl Activity {
     }
 
     /// Whether no call is open, and the count of calls ended so far.
-    pub fn idle(&self) -> (bool, u64) {
+    pub(crate) fn idle(&self) -> (bool, u64) {
         (
             self.open.load(Ordering::Acquire) == 0,
             self.ended.load(Ordering::Acquire),
@@ -157,7 +157,7 @@ impl Activity {
 
     /// One look at the watched calls: wakes those idle for the stream
     /// idle timeout. Returns how many it ended.
-    pub fn look(&self) -> usize {
+    pub(crate) fn look(&self) -> usize {
         let Ok(w) = self.watched.lock() else {
             return 0;
         };

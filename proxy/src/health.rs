@@ -9,14 +9,14 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 /// Where the admin server listens when nothing says otherwise.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 
 /// Most of the answer's body shown in a failure.
 const SHOWN_BODY: usize = 200;
 
 /// The address to dial for a listen address: a wildcard bind (`0.0.0.0`,
 /// `[::]`) is reached on loopback of the same family.
-pub fn dial_address(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn dial_address(listen: SocketAddr) -> SocketAddr {
     match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port())
@@ -30,7 +30,7 @@ pub fn dial_address(listen: SocketAddr) -> SocketAddr {
 
 /// `GET /ready` on the admin server at `admin`: `Ok` with the answer's
 /// first line when it is 200, otherwise what went wrong, in words.
-pub async fn check_ready(admin: SocketAddr, timeout: Duration) -> Result<String, String> {
+pub(crate) async fn check_ready(admin: SocketAddr, timeout: Duration) -> Result<String, String> {
     match tokio::time::timeout(timeout, ask(admin)).await {
         Ok(answer) => answer,
         Err(_) => Err(format!(

@@ -8,22 +8,22 @@
 //! connections to the services behind; [`limit`] is the step where rate
 //! limits decide.
 
-pub mod admin;
-pub mod body;
-pub mod call;
+pub(crate) mod admin;
+pub(crate) mod body;
+pub(crate) mod call;
 pub mod cli;
 pub mod config;
-pub mod grpc;
-pub mod health;
+pub(crate) mod grpc;
+pub(crate) mod health;
 pub mod limit;
-pub mod metrics;
-pub mod proxy;
-pub mod redact;
-pub mod respond;
-pub mod routes;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod redact;
+pub(crate) mod respond;
+pub(crate) mod routes;
 pub mod runtime;
-pub mod server;
-pub mod state;
+pub(crate) mod server;
+pub(crate) mod state;
 mod tcp;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod tls;
+pub(crate) mod upstream;

@@ -20,10 +20,10 @@ use prometheus::{
 use crate::grpc::status::Code;
 
 /// Distinct method labels one route keeps before folding into `_other`.
-pub const MAX_METHODS_PER_ROUTE: usize = 256;
+pub(crate) const MAX_METHODS_PER_ROUTE: usize = 256;
 
 /// The proxy's metric families.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -32,13 +32,13 @@ pub struct Metrics {
     message_bytes: IntCounterVec,
     upstream_errors: IntCounterVec,
     /// Open client connections.
-    pub active_connections: IntGauge,
+    pub(crate) active_connections: IntGauge,
     /// Open client streams.
-    pub active_streams: IntGauge,
+    pub(crate) active_streams: IntGauge,
     connections_refused: IntCounterVec,
     reloads: IntCounterVec,
     /// Unix time of the last successful config load.
-    pub config_last_success: IntGauge,
+    pub(crate) config_last_success: IntGauge,
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
     limit_decisions: IntCounterVec,
@@ -51,7 +51,7 @@ pub struct Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The process-wide metrics.
-pub fn get() -> &'static Metrics {
+pub(crate) fn get() -> &'static Metrics {
     &METRICS
 }
 
@@ -213,54 +213,54 @@ impl Metrics {
     }
 
     /// Counts a config reload.
-    pub fn reload(&self, ok: bool) {
+    pub(crate) fn reload(&self, ok: bool) {
         self.reloads
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
     }
 
     /// Counts a client connection closed before it served a call.
-    pub fn connection_refused(&self, reason: &str) {
+    pub(crate) fn connection_refused(&self, reason: &str) {
         self.connections_refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts a failure talking to an upstream.
-    pub fn upstream_error(&self, upstream: &str, kind: &str) {
+    pub(crate) fn upstream_error(&self, upstream: &str, kind: &str) {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
     }
 
     /// The counter of one limit's outcome.
-    pub fn limit_decision(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
+    pub(crate) fn limit_decision(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
         self.limit_decisions
             .with_label_values(&[route, limit, outcome])
     }
 
     /// The decision-latency histogram of a backend.
-    pub fn limit_decision_duration(&self, backend: &str) -> Histogram {
+    pub(crate) fn limit_decision_duration(&self, backend: &str) -> Histogram {
         self.limit_decision_duration.with_label_values(&[backend])
     }
 
     /// The counter of a limit-store error kind.
-    pub fn limit_store_error(&self, backend: &str, kind: &str) -> IntCounter {
+    pub(crate) fn limit_store_error(&self, backend: &str, kind: &str) -> IntCounter {
         self.limit_store_errors.with_label_values(&[backend, kind])
     }
 
     /// The breaker gauge of a backend.
-    pub fn limit_store_breaker(&self, backend: &str) -> IntGauge {
+    pub(crate) fn limit_store_breaker(&self, backend: &str) -> IntGauge {
         self.limit_store_breaker.with_label_values(&[backend])
     }
 
     /// Counts a non-gRPC request.
-    pub fn non_grpc(&self, status: u16) {
+    pub(crate) fn non_grpc(&self, status: u16) {
         self.non_grpc
             .with_label_values(&[&status.to_string()])
             .inc();
     }
 
     /// The exposition text.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let _ = &self.info;
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -269,15 +269,15 @@ impl Metrics {
 }
 
 /// Cached handles of one (route, method).
-pub struct MethodStats {
+pub(crate) struct MethodStats {
     route: Arc<str>,
     method: Box<str>,
     by_status: [OnceLock<IntCounter>; 17],
     other_status: OnceLock<IntCounter>,
     /// Client-side duration.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// Upstream response-header time.
-    pub upstream_duration: Histogram,
+    pub(crate) upstream_duration: Histogram,
 }
 
 // === impl MethodStats ===
@@ -296,7 +296,7 @@ impl MethodStats {
     }
 
     /// Counts a finished call with `grpc-status` `status` (None: unknown).
-    pub fn finished(&self, status: Option<Code>) {
+    pub(crate) fn finished(&self, status: Option<Code>) {
         let (slot, name) = match status {
             Some(code) => (&self.by_status[code as usize], code.name()),
             None => (&self.other_status, "UNKNOWN_STATUS"),
@@ -311,7 +311,7 @@ impl MethodStats {
 }
 
 /// The per-route metric handles.
-pub struct RouteStats {
+pub(crate) struct RouteStats {
     name: Arc<str>,
     /// Known methods.
     methods: RwLock<HashMap<Box<str>, Arc<MethodStats>>>,
@@ -320,20 +320,20 @@ pub struct RouteStats {
     /// Known methods past the bound.
     other: Arc<MethodStats>,
     /// Request messages.
-    pub messages_in: IntCounter,
+    pub(crate) messages_in: IntCounter,
     /// Response messages.
-    pub messages_out: IntCounter,
+    pub(crate) messages_out: IntCounter,
     /// Request bytes.
-    pub bytes_in: IntCounter,
+    pub(crate) bytes_in: IntCounter,
     /// Response bytes.
-    pub bytes_out: IntCounter,
+    pub(crate) bytes_out: IntCounter,
 }
 
 // === impl RouteStats ===
 
 impl RouteStats {
     /// Handles for the route named `name`; `known`: its own methods.
-    pub fn new(name: &str, known: &[&str]) -> Self {
+    pub(crate) fn new(name: &str, known: &[&str]) -> Self {
         let name: Arc<str> = name.into();
         let m = get();
         let methods = known
@@ -353,13 +353,13 @@ impl RouteStats {
     }
 
     /// The route's name.
-    pub fn name(&self) -> &Arc<str> {
+    pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
     }
 
     /// Handles for `method` on this route: its own if known, else those
     /// of `_unknown`.
-    pub fn method(&self, method: &str) -> Arc<MethodStats> {
+    pub(crate) fn method(&self, method: &str) -> Arc<MethodStats> {
         if let Ok(map) = self.methods.read() {
             if let Some(s) = map.get(method) {
                 return s.clone();
@@ -369,13 +369,13 @@ impl RouteStats {
     }
 
     /// Whether `stats` are those of `_unknown`.
-    pub fn is_unknown(&self, stats: &Arc<MethodStats>) -> bool {
+    pub(crate) fn is_unknown(&self, stats: &Arc<MethodStats>) -> bool {
         Arc::ptr_eq(stats, &self.unknown)
     }
 
     /// Makes `method` known (the upstream answered it) and returns its
     /// handles (`_other` past the bound).
-    pub fn learn(&self, method: &str) -> Arc<MethodStats> {
+    pub(crate) fn learn(&self, method: &str) -> Arc<MethodStats> {
         let Ok(mut map) = self.methods.write() else {
             return self.other.clone();
         };

@@ -37,7 +37,7 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 }
 
 /// Serves one request.
-pub async fn handle(
+pub(crate) async fn handle(
     worker: Arc<Worker>,
     req: Request<Incoming>,
     conn: Arc<Conn>,

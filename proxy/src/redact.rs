@@ -9,7 +9,7 @@
 /// raw `/`, `?`, `#` or `@` (a URL the client cannot parse either) is still
 /// masked whole; an `@` further on (in a query) then masks more than it
 /// needs to, never less.
-pub fn url(u: &str) -> String {
+pub(crate) fn url(u: &str) -> String {
     let Some((scheme, rest)) = u.split_once("://") else {
         return u.to_owned();
     };

@@ -23,7 +23,7 @@ use crate::upstream::UpstreamError;
 
 /// Why tollgate answers a call itself instead of the upstream.
 #[derive(Debug)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// An HTTP/1 request: gRPC needs HTTP/2.
     Http1,
     /// A method other than POST.
@@ -53,7 +53,7 @@ pub enum CallError {
 impl CallError {
     /// The gRPC status the call ends with; `None` for a request that is not
     /// gRPC at all (answered with an HTTP status).
-    pub fn code(&self) -> Option<Code> {
+    pub(crate) fn code(&self) -> Option<Code> {
         Some(match self {
             CallError::Http1 | CallError::NotPost | CallError::NotGrpc => return None,
             CallError::MalformedPath | CallError::NoRoute(_) => Code::Unimplemented,
@@ -67,7 +67,7 @@ impl CallError {
     }
 
     /// The response the client gets.
-    pub fn into_response(self) -> Response<ResponseBody> {
+    pub(crate) fn into_response(self) -> Response<ResponseBody> {
         match self {
             CallError::Http1 => http1_refusal(),
             CallError::NotPost => {
@@ -114,14 +114,14 @@ impl CallError {
     }
 
     /// Counts the call under its status in `tally`, then answers it.
-    pub fn answer(self, mut tally: Tally) -> Response<ResponseBody> {
+    pub(crate) fn answer(self, mut tally: Tally) -> Response<ResponseBody> {
         tally.finish(self.code());
         self.into_response()
     }
 }
 
 /// The answer to an HTTP/1 request: 505 with the reason.
-pub fn http1_refusal() -> Response<ResponseBody> {
+pub(crate) fn http1_refusal() -> Response<ResponseBody> {
     let mut r = plain(
         StatusCode::HTTP_VERSION_NOT_SUPPORTED,
         "tollgate forwards gRPC, which needs HTTP/2: use h2c (prior knowledge) or TLS with ALPN h2\n",

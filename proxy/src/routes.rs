@@ -16,17 +16,17 @@ use crate::metrics::RouteStats;
 use crate::upstream::UpstreamSpec;
 
 /// A route, ready to serve.
-pub struct Route {
+pub(crate) struct Route {
     /// Name in metrics and logs.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Where calls go.
-    pub upstream: Arc<UpstreamSpec>,
+    pub(crate) upstream: Arc<UpstreamSpec>,
     /// Cap on a call's duration.
-    pub timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     /// Metric handles.
-    pub stats: RouteStats,
+    pub(crate) stats: RouteStats,
     /// The limits of this route; `None` costs nothing per call.
-    pub limits: Option<Arc<dyn LimitStep>>,
+    pub(crate) limits: Option<Arc<dyn LimitStep>>,
 }
 
 impl crate::body::RouteCounters for Route {
@@ -84,7 +84,7 @@ struct ServiceRoutes {
 
 /// Every route of one config.
 #[derive(Default)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: Vec<Arc<Route>>,
     exact_services: HashMap<String, ServiceRoutes>,
     /// Routes whose service is a prefix or any, most specific first.
@@ -95,7 +95,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table of a validated config; `upstreams` by name.
-    pub fn build(
+    pub(crate) fn build(
         cfg: &Config,
         upstreams: &HashMap<String, Arc<UpstreamSpec>>,
         stores: &Stores,
@@ -151,7 +151,7 @@ impl RouteTable {
     }
 
     /// The route for a call, if any.
-    pub fn find(&self, service: &str, method: &str) -> Option<&Arc<Route>> {
+    pub(crate) fn find(&self, service: &str, method: &str) -> Option<&Arc<Route>> {
         if let Some(s) = self.exact_services.get(service) {
             if let Some(&i) = s.methods.get(method) {
                 return Some(&self.routes[i]);
@@ -165,15 +165,10 @@ impl RouteTable {
             .find(|(s, m, _)| s.matches(service) && m.matches(method))
             .map(|(_, _, i)| &self.routes[*i])
     }
-
-    /// All routes, in file order.
-    pub fn routes(&self) -> &[Arc<Route>] {
-        &self.routes
-    }
 }
 
 /// Builds the upstream specs of a validated config.
-pub fn upstream_specs(
+pub(crate) fn upstream_specs(
     cfg: &Config,
     base: Option<&std::path::Path>,
 ) -> Result<HashMap<String, Arc<UpstreamSpec>>, String> {

@@ -106,7 +106,7 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
 /// Loads and builds a config file: everything a reload or a start needs.
 /// `previous` is the config in force (a reload keeps its Redis store when
 /// the Redis settings did not change).
-pub fn load(
+pub(crate) fn load(
     path: &Path,
     env: &dyn Env,
     memory: &Arc<crate::limit::memory::MemoryStore>,
@@ -345,7 +345,7 @@ async fn control(
 
 /// Loads the config file again; a valid one replaces the running config for
 /// new calls, an invalid one is logged and counted and the old one stays.
-pub fn reload(shared: &Shared, tls: &TlsState) -> bool {
+pub(crate) fn reload(shared: &Shared, tls: &TlsState) -> bool {
     shared.reload_attempts.fetch_add(1, Ordering::SeqCst);
     let path = &shared.config_path;
     match load(

@@ -46,10 +46,10 @@ use crate::state::{self, Conn, Shared, Worker};
 
 /// The listener's TLS acceptor; `None` serves cleartext HTTP/2. Swapped when
 /// the certificate files change.
-pub type TlsState = Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>;
+pub(crate) type TlsState = Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>;
 
 /// Binds `addr` with `SO_REUSEPORT`, so every worker can own a socket on it.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -89,7 +89,7 @@ struct Serving {
 
 /// Runs one worker until `drain` turns true and its connections are done
 /// (or the drain timeout passes).
-pub async fn run_worker(
+pub(crate) async fn run_worker(
     index: usize,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
@@ -257,7 +257,7 @@ async fn read_opening<IO: AsyncRead + Unpin>(
 /// A connection whose first bytes were already read: they are read again
 /// first, then the stream itself. Writes pass straight through (vectored
 /// writes included, so HTTP/2 still batches its frames).
-pub struct Prefixed<IO> {
+pub(crate) struct Prefixed<IO> {
     prefix: [u8; 24],
     len: u8,
     pos: u8,
@@ -272,11 +272,6 @@ impl<IO> Prefixed<IO> {
             pos: 0,
             inner,
         }
-    }
-
-    /// The stream underneath.
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
     }
 }
 
@@ -598,6 +593,6 @@ where
 }
 
 /// Whether the process serves: config loaded, listeners bound, not draining.
-pub fn is_ready(shared: &Shared) -> bool {
+pub(crate) fn is_ready(shared: &Shared) -> bool {
     shared.listening.load(Ordering::SeqCst) && !shared.draining.load(Ordering::SeqCst)
 }

@@ -18,25 +18,23 @@ use crate::routes::{self, RouteTable};
 use crate::upstream::{Pool, UpstreamSpec};
 
 /// A loaded config, ready to serve; swapped whole on reload.
-pub struct Active {
+pub(crate) struct Active {
     /// The config as loaded (for `/config`).
-    pub config: Config,
+    pub(crate) config: Config,
     /// Routes.
-    pub routes: RouteTable,
-    /// Upstreams by name.
-    pub upstreams: HashMap<String, Arc<UpstreamSpec>>,
+    pub(crate) routes: RouteTable,
     /// Largest message, either direction.
-    pub max_message_bytes: u32,
+    pub(crate) max_message_bytes: u32,
     /// Where limits are decided; a reload with the same Redis settings
     /// keeps the Redis store (and its connections).
-    pub stores: crate::limit::step::Stores,
+    pub(crate) stores: crate::limit::step::Stores,
 }
 
 // === impl Active ===
 
 impl Active {
     /// Builds the serving state of a validated config.
-    pub fn build(
+    pub(crate) fn build(
         config: Config,
         base: Option<&std::path::Path>,
         stores: crate::limit::step::Stores,
@@ -47,42 +45,41 @@ impl Active {
             stores,
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
-            upstreams,
             config,
         })
     }
 }
 
 /// State shared by every worker.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The config in force; calls load it once at their start, so a reload
     /// never changes a call in flight.
-    pub active: ArcSwap<Active>,
+    pub(crate) active: ArcSwap<Active>,
     /// Where the config came from (reloads read it again).
-    pub config_path: PathBuf,
+    pub(crate) config_path: PathBuf,
     /// Set on SIGTERM: `/ready` fails (listeners stop accepting when the
     /// workers are told to drain, `drain_delay` later).
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Client connections open now (`listener.max_connections`).
-    pub connections: std::sync::atomic::AtomicUsize,
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
     /// Client connections in their TLS handshake or preface now
     /// (`listener.max_handshaking`).
-    pub handshaking: std::sync::atomic::AtomicUsize,
+    pub(crate) handshaking: std::sync::atomic::AtomicUsize,
     /// Set once every listener is bound.
-    pub listening: AtomicBool,
+    pub(crate) listening: AtomicBool,
     /// Reloads attempted (valid or not) since start.
-    pub reload_attempts: std::sync::atomic::AtomicU64,
+    pub(crate) reload_attempts: std::sync::atomic::AtomicU64,
     /// In-process limit state; kept across reloads, so limits that did not
     /// change keep counting where they were.
-    pub limit_store: Arc<crate::limit::memory::MemoryStore>,
+    pub(crate) limit_store: Arc<crate::limit::memory::MemoryStore>,
 }
 
 /// One worker thread's state: its own upstream connections.
-pub struct Worker {
+pub(crate) struct Worker {
     /// This worker's number (0..workers): picks its own Redis connection.
-    pub index: usize,
+    pub(crate) index: usize,
     /// What all workers share.
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
 }
 
@@ -90,7 +87,7 @@ pub struct Worker {
 
 impl Worker {
     /// A worker with no connections yet.
-    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(index: usize, shared: Arc<Shared>) -> Self {
         Worker {
             index,
             shared,
@@ -117,21 +114,21 @@ impl Worker {
 }
 
 /// What a call knows of its connection; made once per connection.
-pub struct Conn {
+pub(crate) struct Conn {
     /// The client's address.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// The client's IP as an `x-forwarded-for` value.
     pub(crate) forwarded_for: Option<HeaderValue>,
     /// The identity of the client's verified TLS certificate, if any.
-    pub tls_identity: Option<String>,
+    pub(crate) tls_identity: Option<String>,
     /// What its calls are doing (its lifecycle task reads it).
-    pub activity: Arc<crate::call::Activity>,
+    pub(crate) activity: Arc<crate::call::Activity>,
 }
 
 impl Conn {
     /// Facts of a new connection from `peer`, with the identity of its
     /// client certificate (mTLS).
-    pub fn new(peer: SocketAddr, tls_identity: Option<String>) -> Self {
+    pub(crate) fn new(peer: SocketAddr, tls_identity: Option<String>) -> Self {
         Conn {
             peer,
             forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
@@ -142,11 +139,11 @@ impl Conn {
 }
 
 /// Marks the process as draining.
-pub fn start_draining(shared: &Shared) {
+pub(crate) fn start_draining(shared: &Shared) {
     shared.draining.store(true, Ordering::SeqCst);
 }
 
 /// How long to wait for in-flight calls when draining.
-pub fn drain_timeout(shared: &Shared) -> Duration {
+pub(crate) fn drain_timeout(shared: &Shared) -> Duration {
     shared.active.load().config.listener.drain_timeout.0
 }

@@ -12,7 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{self, ListenerTls};
 
 /// The crypto provider used everywhere (ring).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -29,7 +29,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// A hash of a file's content (0 if it cannot be read): tells a reload
 /// whether a file changed under the same path.
-pub fn fingerprint(path: &Path) -> u64 {
+pub(crate) fn fingerprint(path: &Path) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     std::fs::read(path).map_or(0, |bytes| {
         // DefaultHasher::new() has fixed keys: the same content, the same
@@ -41,7 +41,7 @@ pub fn fingerprint(path: &Path) -> u64 {
 }
 
 /// A root store holding every certificate of a PEM bundle.
-pub fn root_store(path: &Path) -> Result<RootCertStore, String> {
+pub(crate) fn root_store(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for c in certs(path)? {
         roots
@@ -53,7 +53,7 @@ pub fn root_store(path: &Path) -> Result<RootCertStore, String> {
 
 /// The listener's TLS config; ALPN offers h2 (and http/1.1, so HTTP/1.1
 /// clients get a clear error instead of a failed handshake).
-pub fn server_config(
+pub(crate) fn server_config(
     tls: &ListenerTls,
     base: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -89,7 +89,7 @@ pub fn server_config(
 /// The identity a verified client certificate names, for limit keys: its
 /// first URI SAN (a SPIFFE ID in a mesh), else its first DNS SAN, else its
 /// subject's common name.
-pub fn client_identity(cert: &[u8]) -> Option<String> {
+pub(crate) fn client_identity(cert: &[u8]) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
     if let Ok(Some(san)) = cert.subject_alternative_name() {

@@ -33,42 +33,42 @@ use crate::grpc::status::Code;
 use crate::metrics;
 
 /// TLS settings for an upstream.
-pub struct UpstreamTls {
+pub(crate) struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
     server_name: Option<ServerName<'static>>,
 }
 
 /// A configured upstream cluster.
-pub struct UpstreamSpec {
+pub(crate) struct UpstreamSpec {
     /// Its name in the config.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// The config it was built from (to tell whether a reload changed it).
-    pub config: config::Upstream,
+    pub(crate) config: config::Upstream,
     endpoints: Vec<(String, u16)>,
     tls: Option<UpstreamTls>,
     /// A hash of the files it read (the CA bundle): a reload that finds
     /// them changed under the same paths builds new connections.
-    pub files: u64,
+    pub(crate) files: u64,
 }
 
 /// Why a call could not be forwarded.
 #[derive(Debug)]
-pub struct UpstreamError {
+pub(crate) struct UpstreamError {
     /// The upstream's name.
-    pub upstream: Arc<str>,
+    pub(crate) upstream: Arc<str>,
     /// The endpoint.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// Short label for metrics (`connect_refused`, `reset`, …).
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// What happened, with internal details: for logs, never for clients.
-    pub detail: String,
+    pub(crate) detail: String,
     /// How the stream ended, when the upstream (or its connection) ended it.
-    pub ended: Option<Ended>,
+    pub(crate) ended: Option<Ended>,
 }
 
 /// How an upstream ended a stream before its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// RST_STREAM with this code.
     Reset(h2::Reason),
     /// The connection went away (GOAWAY, or closed).
@@ -93,12 +93,12 @@ impl UpstreamError {
     /// The status a client gets: the gRPC spec's mapping of how the stream
     /// ended, and a message naming the upstream and what happened, without
     /// addresses or TLS text (those are logged).
-    pub fn status(&self) -> (Code, String) {
+    pub(crate) fn status(&self) -> (Code, String) {
         (self.code(), self.message())
     }
 
     /// The status code alone (see [`status`](Self::status)).
-    pub fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         match self.ended {
             Some(Ended::Reset(reason)) => crate::grpc::status::reset_code(reason),
             Some(Ended::Protocol) => Code::Internal,
@@ -135,7 +135,11 @@ fn kind_text(kind: &str) -> &'static str {
 
 impl UpstreamSpec {
     /// Builds the spec of a validated upstream; TLS files are read here.
-    pub fn new(name: &str, u: &config::Upstream, base: Option<&Path>) -> Result<Self, String> {
+    pub(crate) fn new(
+        name: &str,
+        u: &config::Upstream,
+        base: Option<&Path>,
+    ) -> Result<Self, String> {
         let endpoints = u
             .addresses
             .iter()
@@ -177,7 +181,7 @@ impl UpstreamSpec {
     }
 
     /// `http` or `https`.
-    pub fn scheme(&self) -> http::uri::Scheme {
+    pub(crate) fn scheme(&self) -> http::uri::Scheme {
         if self.tls.is_some() {
             http::uri::Scheme::HTTPS
         } else {
@@ -232,7 +236,7 @@ struct Slot {
 /// that calls take turns on, and up to `max_connections` when those are
 /// full (`max_streams_per_connection`), so that calls whose clients read
 /// slowly never hold every call's connection.
-pub struct Pool {
+pub(crate) struct Pool {
     spec: Arc<UpstreamSpec>,
     /// Per endpoint, `max_connections` slots; the first `connections` take
     /// turns.
@@ -244,7 +248,7 @@ pub struct Pool {
 
 impl Pool {
     /// An empty pool; connections open on first use.
-    pub fn new(spec: Arc<UpstreamSpec>) -> Self {
+    pub(crate) fn new(spec: Arc<UpstreamSpec>) -> Self {
         let max = spec
             .config
             .max_connections
@@ -265,7 +269,7 @@ impl Pool {
     }
 
     /// The spec this pool was built for.
-    pub fn spec(&self) -> &Arc<UpstreamSpec> {
+    pub(crate) fn spec(&self) -> &Arc<UpstreamSpec> {
         &self.spec
     }
 
@@ -309,7 +313,7 @@ impl Pool {
     /// response, with the call counted on its connection until the
     /// response ends. A connection found closing before the call was sent
     /// is replaced and the call sent on the new one.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         req: http::Request<RequestBody>,
     ) -> Result<(http::Response<RecvStream>, OpenStream), UpstreamError> {

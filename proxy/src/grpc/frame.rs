@@ -14,7 +14,7 @@ use super::status::Code;
 
 /// Whether a stream's messages may be compressed: it names a
 /// `grpc-encoding` other than `identity`.
-pub fn compressed(headers: &HeaderMap) -> bool {
+pub(crate) fn compressed(headers: &HeaderMap) -> bool {
     headers
         .get("grpc-encoding")
         .is_some_and(|v| v.as_bytes() != b"identity")
@@ -22,7 +22,7 @@ pub fn compressed(headers: &HeaderMap) -> bool {
 
 /// Why a stream's framing is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// A message larger than the configured maximum.
     TooLarge {
         /// The length the frame announced.
@@ -74,7 +74,7 @@ impl FrameError {
     /// The status a call whose framing was refused ends with: a message
     /// over the limit is RESOURCE_EXHAUSTED (as gRPC libraries answer it),
     /// broken framing INTERNAL.
-    pub fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         match self {
             FrameError::TooLarge { .. } => Code::ResourceExhausted,
             FrameError::BadFlag(_)
@@ -94,7 +94,7 @@ enum State {
 
 /// Follows the frames of one direction of one stream.
 #[derive(Debug, Clone)]
-pub struct FrameObserver {
+pub(crate) struct FrameObserver {
     state: State,
     max: u32,
     compression_allowed: bool,
@@ -107,7 +107,7 @@ pub struct FrameObserver {
 impl FrameObserver {
     /// An observer for messages of at most `max` bytes; `compression_allowed`
     /// when the stream declared a `grpc-encoding`.
-    pub fn new(max: u32, compression_allowed: bool) -> Self {
+    pub(crate) fn new(max: u32, compression_allowed: bool) -> Self {
         FrameObserver {
             state: State::Header {
                 have: 0,
@@ -121,17 +121,17 @@ impl FrameObserver {
     }
 
     /// Messages whose header was read so far.
-    pub fn messages(&self) -> u64 {
+    pub(crate) fn messages(&self) -> u64 {
         self.messages
     }
 
     /// Bytes seen so far (headers included).
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 
     /// Reads one data chunk.
-    pub fn observe(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
+    pub(crate) fn observe(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
         self.bytes += chunk.len() as u64;
         while !chunk.is_empty() {
             match &mut self.state {
@@ -184,7 +184,7 @@ impl FrameObserver {
     }
 
     /// Checks that the stream did not end inside a frame.
-    pub fn finish(&self) -> Result<(), FrameError> {
+    pub(crate) fn finish(&self) -> Result<(), FrameError> {
         match self.state {
             State::Header { have: 0, .. } => Ok(()),
             State::Header { have, .. } => Err(FrameError::Truncated {

@@ -2,7 +2,7 @@
 //! 5-byte length-prefixed message frames, `grpc-timeout`, and how to answer
 //! with a gRPC status.
 
-pub mod frame;
-pub mod path;
-pub mod status;
-pub mod timeout;
+pub(crate) mod frame;
+pub(crate) mod path;
+pub(crate) mod status;
+pub(crate) mod timeout;

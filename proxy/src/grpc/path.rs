@@ -2,15 +2,15 @@
 
 /// A parsed gRPC path, borrowing from the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrpcPath<'a> {
+pub(crate) struct GrpcPath<'a> {
     /// `package.Service`.
-    pub service: &'a str,
+    pub(crate) service: &'a str,
     /// `Method`.
-    pub method: &'a str,
+    pub(crate) method: &'a str,
 }
 
 /// Parses `/package.Service/Method`; `None` when the path has another shape.
-pub fn parse(path: &str) -> Option<GrpcPath<'_>> {
+pub(crate) fn parse(path: &str) -> Option<GrpcPath<'_>> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
     if service.is_empty() || method.is_empty() || method.contains('/') {

@@ -7,7 +7,7 @@ use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 /// gRPC status codes tollgate produces or counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Code {
+pub(crate) enum Code {
     /// 0
     Ok = 0,
     /// 1
@@ -45,7 +45,7 @@ pub enum Code {
 }
 
 /// Names of the codes, indexed by value, as metrics print them.
-pub const CODE_NAMES: [&str; 17] = [
+pub(crate) const CODE_NAMES: [&str; 17] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",
@@ -94,17 +94,17 @@ const ALL: [Code; 17] = [
 
 impl Code {
     /// The `grpc-status` header value.
-    pub fn header_value(self) -> HeaderValue {
+    pub(crate) fn header_value(self) -> HeaderValue {
         HeaderValue::from_static(DIGITS[self as usize])
     }
 
     /// The name metrics print (`RESOURCE_EXHAUSTED`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         CODE_NAMES[self as usize]
     }
 
     /// The same code as tonic spells it (for `google.rpc.Status` details).
-    pub fn to_tonic(self) -> tonic::Code {
+    pub(crate) fn to_tonic(self) -> tonic::Code {
         tonic::Code::from(self as i32)
     }
 }
@@ -114,7 +114,7 @@ impl Code {
 /// the call was not processed (UNAVAILABLE, safe to retry); CANCEL is
 /// CANCELLED; ENHANCE_YOUR_CALM is RESOURCE_EXHAUSTED; INADEQUATE_SECURITY
 /// is PERMISSION_DENIED; every other code is INTERNAL.
-pub fn reset_code(reason: h2::Reason) -> Code {
+pub(crate) fn reset_code(reason: h2::Reason) -> Code {
     match reason {
         h2::Reason::REFUSED_STREAM => Code::Unavailable,
         h2::Reason::CANCEL => Code::Cancelled,
@@ -125,7 +125,7 @@ pub fn reset_code(reason: h2::Reason) -> Code {
 }
 
 /// Parses a `grpc-status` value (0–16), or `None`.
-pub fn parse_status(v: &HeaderValue) -> Option<Code> {
+pub(crate) fn parse_status(v: &HeaderValue) -> Option<Code> {
     let n = match v.as_bytes() {
         [d] if d.is_ascii_digit() => d - b'0',
         [b'1', d] if (b'0'..=b'6').contains(d) => 10 + d - b'0',
@@ -135,7 +135,7 @@ pub fn parse_status(v: &HeaderValue) -> Option<Code> {
 }
 
 /// Percent-encodes a `grpc-message` (bytes outside 0x20–0x7E, and `%`).
-pub fn encode_message(msg: &str) -> HeaderValue {
+pub(crate) fn encode_message(msg: &str) -> HeaderValue {
     let mut out = String::with_capacity(msg.len());
     for b in msg.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {
@@ -148,7 +148,7 @@ pub fn encode_message(msg: &str) -> HeaderValue {
 }
 
 /// Headers (or trailers) carrying a status and message.
-pub fn status_headers(code: Code, message: &str) -> HeaderMap {
+pub(crate) fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(3);
     h.insert("grpc-status", code.header_value());
     if !message.is_empty() {
@@ -159,7 +159,7 @@ pub fn status_headers(code: Code, message: &str) -> HeaderMap {
 
 /// A trailers-only response: HTTP 200, `content-type: application/grpc`,
 /// the status in the headers, no body.
-pub fn trailers_only<B: Default>(code: Code, message: &str) -> http::Response<B> {
+pub(crate) fn trailers_only<B: Default>(code: Code, message: &str) -> http::Response<B> {
     let mut r = http::Response::new(B::default());
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

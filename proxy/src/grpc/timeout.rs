@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// Parses a `grpc-timeout` value; `None` if malformed.
-pub fn parse(v: &[u8]) -> Option<Duration> {
+pub(crate) fn parse(v: &[u8]) -> Option<Duration> {
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -23,7 +23,7 @@ pub fn parse(v: &[u8]) -> Option<Duration> {
 
 /// Encodes a duration as a `grpc-timeout` value (at most 8 digits), rounding
 /// up so the upstream never sees a shorter deadline than ours.
-pub fn encode(d: Duration) -> String {
+pub(crate) fn encode(d: Duration) -> String {
     let nanos = d.as_nanos();
     for (unit, per) in [
         ('n', 1u128),

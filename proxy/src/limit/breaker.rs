@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 /// What the breaker says about a call.
 #[derive(Debug)]
-pub enum Gate {
+pub(crate) enum Gate {
     /// Closed: go to the store.
     Pass,
     /// Open, and this call is the probe: go to the store with it.
@@ -34,15 +34,16 @@ pub enum Gate {
 /// The one probe out while the breaker is open; resolved when reported, or
 /// when dropped.
 #[derive(Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     breaker: Arc<Breaker>,
     reported: bool,
 }
 
 /// The breaker's state, as the `tollgate_limit_store_breaker_open` gauge
-/// shows it.
+/// shows it (the tests read it).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// Calls go to the store.
     Closed = 0,
     /// Calls take their failure mode; a probe is sent now and then.
@@ -51,7 +52,7 @@ pub enum State {
 
 /// A lock-free circuit breaker.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     threshold: u32,
     probe_interval: Duration,
     failures: AtomicU32,
@@ -64,7 +65,7 @@ pub struct Breaker {
 
 /// What changed when a result was reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Nothing.
     None,
     /// The breaker just opened.
@@ -78,7 +79,7 @@ pub enum Transition {
 impl Breaker {
     /// Opens after `threshold` failures in a row; probes every
     /// `probe_interval` while open.
-    pub fn new(threshold: u32, probe_interval: Duration) -> Arc<Self> {
+    pub(crate) fn new(threshold: u32, probe_interval: Duration) -> Arc<Self> {
         Arc::new(Breaker {
             threshold: threshold.max(1),
             probe_interval,
@@ -95,7 +96,8 @@ impl Breaker {
     }
 
     /// The current state.
-    pub fn state(&self) -> State {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         if self.open.load(Ordering::Acquire) {
             State::Open
         } else {
@@ -104,7 +106,7 @@ impl Breaker {
     }
 
     /// Whether a call may go to the store.
-    pub fn gate(self: &Arc<Self>) -> Gate {
+    pub(crate) fn gate(self: &Arc<Self>) -> Gate {
         if !self.open.load(Ordering::Acquire) {
             return Gate::Pass;
         }
@@ -128,7 +130,7 @@ impl Breaker {
 
     /// Reports a store round trip that answered; `probe`: the probes it
     /// carried.
-    pub fn success(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
+    pub(crate) fn success(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
         // Read first: on the common path (closed, no failures) nothing is
         // written, so workers do not contend for the line.
         if self.failures.load(Ordering::Acquire) != 0 {
@@ -147,7 +149,7 @@ impl Breaker {
 
     /// Reports a store round trip that failed (error or timeout); `probes`:
     /// the probes it carried.
-    pub fn failure(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
+    pub(crate) fn failure(&self, probes: impl IntoIterator<Item = Probe>) -> Transition {
         let mut probed = false;
         for p in probes {
             p.resolved();

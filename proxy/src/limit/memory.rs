@@ -24,7 +24,7 @@ impl Expiring for Entry {
 }
 
 /// In-process limit state.
-pub struct MemoryStore {
+pub(crate) struct MemoryStore {
     shards: Shards<Arc<str>, Entry>,
     epoch: Instant,
 }
@@ -33,7 +33,7 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     /// A store keeping at most about `max_keys` keys.
-    pub fn new(max_keys: usize) -> Self {
+    pub(crate) fn new(max_keys: usize) -> Self {
         MemoryStore {
             shards: Shards::new(max_keys),
             epoch: Instant::now(),
@@ -41,26 +41,26 @@ impl MemoryStore {
     }
 
     /// Changes the bound on keys (a reload).
-    pub fn set_max_keys(&self, max_keys: usize) {
+    pub(crate) fn set_max_keys(&self, max_keys: usize) {
         self.shards.set_max_keys(max_keys);
     }
 
     /// Now, in microseconds on this store's clock (tokio's, so tests can
     /// pause and advance it).
-    pub fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         // Offset so that aligned windows do not all start at zero.
         1_000_000_000 + self.epoch.elapsed().as_micros() as u64
     }
 
     /// Decides every check at once; commits the new states only if no
     /// non-shadow check rejects.
-    pub fn decide(&self, checks: &[Check]) -> Vec<Answer> {
+    pub(crate) fn decide(&self, checks: &[Check]) -> Vec<Answer> {
         self.decide_at(checks, self.now())
     }
 
     /// [`decide`](Self::decide) at a given time (µs on this store's clock;
     /// tests step through cases with it).
-    pub fn decide_at(&self, checks: &[Check], now: u64) -> Vec<Answer> {
+    pub(crate) fn decide_at(&self, checks: &[Check], now: u64) -> Vec<Answer> {
         if let [c] = checks {
             return vec![self.decide_one(c, now)];
         }

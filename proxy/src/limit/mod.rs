@@ -5,12 +5,12 @@
 pub mod algorithm;
 #[cfg(test)]
 mod behaviour;
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod check;
-pub mod memory;
+pub(crate) mod memory;
 pub mod redis;
 mod shards;
-pub mod step;
+pub(crate) mod step;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,39 +25,39 @@ use crate::config::Rate;
 
 /// What a limit sees of a call.
 #[derive(Debug, Clone, Copy)]
-pub struct CallInfo<'a> {
+pub(crate) struct CallInfo<'a> {
     /// `package.Service`.
-    pub service: &'a str,
+    pub(crate) service: &'a str,
     /// `Method`.
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// Request headers (gRPC metadata).
-    pub headers: &'a HeaderMap,
+    pub(crate) headers: &'a HeaderMap,
     /// The client's address.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// The identity of the client's verified TLS certificate (mTLS).
-    pub tls_identity: Option<&'a str>,
+    pub(crate) tls_identity: Option<&'a str>,
     /// The worker serving the call (picks its Redis connection).
-    pub worker: usize,
+    pub(crate) worker: usize,
 }
 
 /// A call refused by a limit: the gRPC status and the headers the client
 /// gets (trailers-only response).
 #[derive(Debug, Clone)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// RESOURCE_EXHAUSTED, or UNAVAILABLE when a limit fails closed.
-    pub code: Code,
+    pub(crate) code: Code,
     /// `grpc-message`.
-    pub message: String,
+    pub(crate) message: String,
     /// Extra headers (retry-after, ratelimit-*, status details).
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
 }
 
 /// The decision of a route's limits.
-pub type Decision<'a> =
+pub(crate) type Decision<'a> =
     Pin<Box<dyn Future<Output = Result<Option<HeaderMap>, Box<Rejection>>> + Send + 'a>>;
 
 /// The limits of one route, checked together.
-pub trait LimitStep: Send + Sync {
+pub(crate) trait LimitStep: Send + Sync {
     /// `Ok(headers)`: the call goes on (with headers to add to the response,
     /// if any); `Err`: the call is refused and nothing reaches the upstream.
     fn check<'a>(&'a self, call: CallInfo<'a>) -> Decision<'a>;

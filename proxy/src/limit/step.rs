@@ -45,11 +45,11 @@ struct Outcomes {
 /// Where a route's limits are decided: the in-process store (the memory
 /// backend, and the `local` failure mode of the Redis ones) and Redis.
 #[derive(Clone)]
-pub struct Stores {
+pub(crate) struct Stores {
     /// In-process state; outlives reloads.
-    pub memory: Arc<MemoryStore>,
+    pub(crate) memory: Arc<MemoryStore>,
     /// Redis, for the Redis backends.
-    pub redis: Option<Arc<RedisStore>>,
+    pub(crate) redis: Option<Arc<RedisStore>>,
 }
 
 /// A key part, ready to read from a call.
@@ -110,7 +110,7 @@ enum Outcome {
 }
 
 /// The limits of one route.
-pub struct RouteLimits {
+pub(crate) struct RouteLimits {
     limits: Vec<Compiled>,
     stores: Stores,
     replicas: u64,
@@ -143,7 +143,7 @@ fn algorithm(a: AlgorithmName) -> Algorithm {
 
 impl RouteLimits {
     /// Compiles a validated route's limits; `None` when it has none.
-    pub fn build(
+    pub(crate) fn build(
         route: &str,
         limits: &[config::Limit],
         limiter: &config::Limiter,
