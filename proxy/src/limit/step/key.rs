@@ -1,0 +1,201 @@
+//! A call's key and cost for one limit, read from its metadata, peer and
+//! method: the per-call work of the step, so it writes into one buffer.
+
+use std::net::IpAddr;
+
+use http::HeaderValue;
+
+use super::reply::invalid_metadata;
+use super::{Compiled, CostOf, Part};
+use crate::config::{OnMissing, Repeated};
+use crate::limit::{CallInfo, Rejection};
+
+/// Appends the key's value for a call to `out`; `Ok(false)`: a part is
+/// missing and the limit skips such calls; `Err`: the call's metadata
+/// cannot be used (a header the key reads is repeated).
+pub(super) fn value(
+    l: &Compiled,
+    call: &CallInfo<'_>,
+    out: &mut String,
+) -> Result<bool, Box<Rejection>> {
+    for (i, part) in l.key.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let present = match part {
+            Part::Header(h, repeated) => {
+                let mut values = call.headers.get_all(h).iter();
+                match values.next() {
+                    None => false,
+                    Some(first) => {
+                        push_value(out, first);
+                        if let Some(second) = values.next() {
+                            match repeated {
+                                Repeated::First => {}
+                                Repeated::All => {
+                                    for v in std::iter::once(second).chain(values) {
+                                        out.push(',');
+                                        push_value(out, v);
+                                    }
+                                }
+                                Repeated::Reject => {
+                                    let times = 2 + values.count();
+                                    return Err(Box::new(invalid_metadata(
+                                        h,
+                                        &format!(
+                                            "appears {times} times; rate limit {:?} keys on one value: send it once",
+                                            l.name
+                                        ),
+                                    )));
+                                }
+                            }
+                        }
+                        true
+                    }
+                }
+            }
+            Part::PeerIp(mask) => {
+                masked(out, call.peer.ip(), *mask);
+                true
+            }
+            Part::Method => {
+                out.push_str(call.service);
+                out.push('/');
+                out.push_str(call.method);
+                true
+            }
+            Part::TlsIdentity => match call.tls_identity {
+                Some(id) => {
+                    out.push_str(id);
+                    true
+                }
+                None => false,
+            },
+            Part::Constant(c) => {
+                out.push_str(c);
+                true
+            }
+        };
+        if !present {
+            match &l.on_missing {
+                OnMissing::Default { default } => out.push_str(default),
+                OnMissing::Skip(_) => return Ok(false),
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// The units a call takes of `l`: a header's cost must be one whole
+/// number, at most the limit's `max`; absent, the call costs 1.
+pub(super) fn cost(l: &Compiled, call: &CallInfo<'_>) -> Result<u64, Box<Rejection>> {
+    let (h, max) = match &l.cost {
+        CostOf::Constant(n) => return Ok(*n),
+        CostOf::Header(h, max) => (h, *max),
+    };
+    let mut values = call.headers.get_all(h).iter();
+    let Some(v) = values.next() else {
+        return Ok(1);
+    };
+    let refuse = |why: String| Err(Box::new(invalid_metadata(h, &why)));
+    if values.next().is_some() {
+        return refuse(format!(
+            "appears more than once; it states the cost of the call for rate limit {:?}: send it once",
+            l.name
+        ));
+    }
+    let most = max.unwrap_or(u64::MAX);
+    match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(n) if n <= most => Ok(n.max(1)),
+        Some(_) => refuse(format!(
+            "states a cost above the most a call may take for rate limit {:?} ({most})",
+            l.name
+        )),
+        None => refuse(format!(
+            "must be a whole number of units from 1 to {most} (the cost of the call for rate limit {:?})",
+            l.name
+        )),
+    }
+}
+
+/// Appends the peer address, masked to its first `mask` bits (`10.1.2.0/24`).
+/// An IPv4 client of a dual-stack listener (`::ffff:10.1.2.3`) counts as
+/// its IPv4 address, so a `/24` means the same for every client. IPv4 is
+/// written digit by digit: it is on every call of a per-IP limit.
+fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
+    use std::fmt::Write as _;
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let m = u32::from(mask.unwrap_or(32).min(32));
+            let bits = if m == 0 { 0 } else { u32::MAX << (32 - m) };
+            for (i, octet) in (u32::from(v4) & bits).to_be_bytes().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, octet.into());
+            }
+            if mask.is_some() {
+                out.push('/');
+                push_decimal(out, m);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = match mask {
+                None => write!(out, "{v6}"),
+                Some(m) => {
+                    let m = u32::from(m.min(128));
+                    let bits = if m == 0 { 0 } else { u128::MAX << (128 - m) };
+                    write!(
+                        out,
+                        "{}/{m}",
+                        std::net::Ipv6Addr::from(u128::from(v6) & bits)
+                    )
+                }
+            };
+        }
+    }
+}
+
+/// Appends a header value to a key: as text, or lossily when it is not
+/// visible ASCII.
+fn push_value(out: &mut String, v: &HeaderValue) {
+    match v.to_str() {
+        Ok(v) => out.push_str(v),
+        Err(_) => out.push_str(&String::from_utf8_lossy(v.as_bytes())),
+    }
+}
+
+/// Appends `n` (at most 999) in decimal.
+fn push_decimal(out: &mut String, n: u32) {
+    if n >= 100 {
+        out.push(char::from(b'0' + (n / 100) as u8));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + (n / 10 % 10) as u8));
+    }
+    out.push(char::from(b'0' + (n % 10) as u8));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(ip: &str, mask: Option<u8>) -> String {
+        let mut out = String::new();
+        masked(&mut out, ip.parse().unwrap(), mask);
+        out
+    }
+
+    #[test]
+    fn peer_ips_are_masked() {
+        assert_eq!(shown("10.1.2.3", Some(24)), "10.1.2.0/24");
+        assert_eq!(shown("10.1.2.3", None), "10.1.2.3");
+        assert_eq!(shown("255.100.9.0", Some(32)), "255.100.9.0/32");
+        assert_eq!(shown("192.168.7.250", Some(0)), "0.0.0.0/0");
+        assert_eq!(shown("192.168.7.250", Some(20)), "192.168.0.0/20");
+        assert_eq!(shown("2001:db8::1", Some(32)), "2001:db8::/32");
+        // IPv4 through a dual-stack listener: masked as IPv4.
+        assert_eq!(shown("::ffff:10.1.2.3", Some(24)), "10.1.2.0/24");
+        assert_eq!(shown("::ffff:10.1.2.3", None), "10.1.2.3");
+    }
+}

@@ -1,0 +1,415 @@
+//! A route's limits as its limiter step: build each limit's key from the
+//! call, ask the store for all of them at once, and either let the call on
+//! (with `ratelimit-*` headers) or refuse it with RESOURCE_EXHAUSTED, a
+//! retry delay, and google.rpc details.
+//!
+//! ```text
+//! compile.rs  the route's config, once per load ─▶ Compiled limits
+//! key.rs      per call: each limit's key and cost from the call's metadata
+//! mod.rs      the step: one store decision for all of them (memory or Redis,
+//!             with the failure and over-capacity modes), then the verdict
+//! reply.rs    ratelimit-* headers, or the refusal with its google.rpc details
+//! ```
+
+mod compile;
+mod key;
+mod reply;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+use prometheus::{Histogram, IntCounter};
+
+use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
+use super::algorithm::{Decision, Params};
+use super::check::{fnv1a, Answer, Check};
+use super::memory::MemoryStore;
+use super::redis::{RedisStore, StoreError};
+use super::{CallInfo, LimitStep, Rejection};
+use crate::config::{FailureMode, OnMissing, OverCapacity, Rate, Repeated};
+
+/// Longest key kept as written; longer ones are shortened to a hash, so a
+/// client cannot make the store hold huge keys.
+const MAX_KEY_BYTES: usize = 256;
+
+struct Outcomes {
+    allowed: IntCounter,
+    limited: IntCounter,
+    shadow_limited: IntCounter,
+    skipped: IntCounter,
+    invalid: IntCounter,
+    over_capacity: IntCounter,
+    failed_open: IntCounter,
+    failed_closed: IntCounter,
+    local_fallback: IntCounter,
+}
+
+/// Where a route's limits are decided: the in-process store (the memory
+/// backend, and the `local` failure mode of the Redis ones) and Redis.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    /// In-process state; outlives reloads.
+    pub(crate) memory: Arc<MemoryStore>,
+    /// Redis, for the Redis backends.
+    pub(crate) redis: Option<Arc<RedisStore>>,
+}
+
+/// A key part, ready to read from a call.
+enum Part {
+    /// A header's value(s).
+    Header(HeaderName, Repeated),
+    /// The peer IP with an optional prefix mask.
+    PeerIp(Option<u8>),
+    /// `package.Service/Method`.
+    Method,
+    /// A constant.
+    Constant(String),
+    /// The client certificate's identity.
+    TlsIdentity,
+}
+
+/// What a call costs, ready to read from a call.
+enum CostOf {
+    /// Always this many units.
+    Constant(u64),
+    /// The number in a header, at most `max`.
+    Header(HeaderName, Option<u64>),
+}
+
+struct Compiled {
+    name: String,
+    /// `route␟limit␟algorithm␟`: every key of this limit starts with it.
+    key_prefix: String,
+    rate: Rate,
+    key: Vec<Part>,
+    params: Params,
+    overrides: HashMap<String, Params>,
+    cost: CostOf,
+    shadow: bool,
+    on_missing: OnMissing,
+    failure_mode: FailureMode,
+    over_capacity: OverCapacity,
+    outcomes: Outcomes,
+}
+
+/// What became of one limit of a call.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The store decided.
+    Decided(Decision),
+    /// Redis could not; decided in process at the limit / replicas.
+    Local(Decision),
+    /// Redis could not; the limit lets calls through.
+    FailedOpen,
+    /// Redis could not; the limit refuses calls.
+    FailedClosed,
+    /// The store is full of other keys: the limit's over-capacity policy
+    /// applies.
+    OverCapacity,
+    /// Redis has no room for the key here; decided in process at the limit
+    /// / replicas (`over_capacity: local`).
+    OverCapacityLocal(Decision),
+}
+
+/// The limits of one route.
+pub(crate) struct RouteLimits {
+    limits: Vec<Compiled>,
+    stores: Stores,
+    replicas: u64,
+    response_headers: bool,
+    memory_duration: Histogram,
+}
+
+// === impl RouteLimits ===
+
+impl RouteLimits {
+    /// The checks of a call: one per limit that applies (`which` maps each
+    /// back to its limit). `count`: limits that skip the call are counted.
+    /// `Err`: the call is refused before any store is asked (its metadata
+    /// cannot be used, or it costs more than a limit can ever admit).
+    fn checks(
+        &self,
+        call: &CallInfo<'_>,
+        count: bool,
+    ) -> Result<(Vec<Check>, Vec<usize>), Box<Rejection>> {
+        let mut checks = Vec::with_capacity(self.limits.len());
+        let mut which = Vec::with_capacity(self.limits.len());
+        for (i, l) in self.limits.iter().enumerate() {
+            // The key: route, limit and algorithm, then the value.
+            let mut key = String::with_capacity(l.key_prefix.len() + 48);
+            key.push_str(&l.key_prefix);
+            let cost = match key::value(l, call, &mut key) {
+                Ok(false) => {
+                    if count {
+                        l.outcomes.skipped.inc();
+                    }
+                    continue;
+                }
+                Ok(true) => key::cost(l, call),
+                Err(e) => Err(e),
+            };
+            let cost = match cost {
+                Ok(c) => c,
+                Err(e) => {
+                    if count {
+                        l.outcomes.invalid.inc();
+                    }
+                    return Err(e);
+                }
+            };
+            let params = if l.overrides.is_empty() {
+                l.params
+            } else {
+                l.overrides
+                    .get(&key[l.key_prefix.len()..])
+                    .copied()
+                    .unwrap_or(l.params)
+            };
+            if cost > params.capacity() {
+                // No wait would let it pass: refused here, with no retry
+                // delay, and no store is asked.
+                if l.shadow {
+                    if count {
+                        l.outcomes.shadow_limited.inc();
+                    }
+                    continue;
+                }
+                if count {
+                    l.outcomes.limited.inc();
+                }
+                return Err(Box::new(beyond_capacity(l, &params, cost)));
+            }
+            if key.len() > MAX_KEY_BYTES {
+                key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
+            }
+            // Each key is its own Cluster hash tag: the same whatever other
+            // limits its route has, so adding one resets no counts; a call's
+            // keys on several slots are decided per slot (redis.rs).
+            checks.push(Check::new(key, params, cost, l.shadow));
+            which.push(i);
+        }
+        Ok((checks, which))
+    }
+
+    fn from_memory(answer: Answer) -> Outcome {
+        match answer {
+            Answer::Decided(d) => Outcome::Decided(d),
+            Answer::OverCapacity => Outcome::OverCapacity,
+        }
+    }
+
+    /// Redis could not decide: each limit takes its failure mode. The
+    /// `local` ones are decided together in process, at the limit divided
+    /// by the replica count, under keys of their own.
+    fn fail_over(&self, checks: &[Check], which: &[usize]) -> Vec<Outcome> {
+        let mut local = Vec::new();
+        let mut local_at = Vec::new();
+        let mut out: Vec<Outcome> = which
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| match self.limits[i].failure_mode {
+                FailureMode::Open => Outcome::FailedOpen,
+                FailureMode::Closed => Outcome::FailedClosed,
+                FailureMode::Local => {
+                    local.push(self.local_check(&checks[j]));
+                    local_at.push(j);
+                    Outcome::OverCapacity
+                }
+            })
+            .collect();
+        for (j, d) in local_at.into_iter().zip(self.decide_local(&local)) {
+            out[j] = d.map_or(Outcome::OverCapacity, Outcome::Local);
+        }
+        out
+    }
+
+    /// `c` as this replica counts it alone: its share of the limit, under a
+    /// key of its own.
+    fn local_check(&self, c: &Check) -> Check {
+        let mut params = c.params;
+        params.rate.limit = (params.rate.limit / self.replicas).max(1);
+        if let Some(b) = params.burst {
+            params.burst = Some((b / self.replicas).max(1));
+        }
+        Check::new(format!("local\u{1f}{}", c.key), params, c.cost, c.shadow)
+    }
+
+    /// Decides `checks` in process; `None` for one that found no place.
+    fn decide_local(&self, checks: &[Check]) -> Vec<Option<Decision>> {
+        if checks.is_empty() {
+            return Vec::new();
+        }
+        self.stores
+            .memory
+            .decide(checks)
+            .into_iter()
+            .map(|a| match a {
+                Answer::Decided(d) => Some(d),
+                Answer::OverCapacity => None,
+            })
+            .collect()
+    }
+
+    /// The call's fate from its limits' outcomes (in the order of `which`).
+    fn conclude(
+        &self,
+        which: &[usize],
+        outcomes: impl IntoIterator<Item = Outcome>,
+        error: Option<&StoreError>,
+    ) -> Result<Option<HeaderMap>, Box<Rejection>> {
+        let mut refusal: Option<(&Compiled, Decision)> = None;
+        let mut closed: Option<&Compiled> = None;
+        let mut full: Option<&Compiled> = None;
+        let mut tightest: Option<Decision> = None;
+        for (outcome, &i) in outcomes.into_iter().zip(which) {
+            let l = &self.limits[i];
+            let d = match outcome {
+                Outcome::OverCapacity => {
+                    l.outcomes.over_capacity.inc();
+                    if l.over_capacity == OverCapacity::Closed && !l.shadow {
+                        full.get_or_insert(l);
+                    }
+                    continue;
+                }
+                Outcome::OverCapacityLocal(d) => {
+                    l.outcomes.over_capacity.inc();
+                    d
+                }
+                Outcome::FailedOpen => {
+                    l.outcomes.failed_open.inc();
+                    continue;
+                }
+                Outcome::FailedClosed => {
+                    l.outcomes.failed_closed.inc();
+                    if !l.shadow {
+                        closed.get_or_insert(l);
+                    }
+                    continue;
+                }
+                Outcome::Local(d) => {
+                    l.outcomes.local_fallback.inc();
+                    d
+                }
+                Outcome::Decided(d) => d,
+            };
+            match (d.allowed, l.shadow) {
+                (true, _) => {
+                    if matches!(outcome, Outcome::Decided(_)) {
+                        l.outcomes.allowed.inc();
+                    }
+                }
+                (false, true) => l.outcomes.shadow_limited.inc(),
+                (false, false) => {
+                    l.outcomes.limited.inc();
+                    if refusal.is_none_or(|(_, r)| d.retry_after_micros > r.retry_after_micros) {
+                        refusal = Some((l, d));
+                    }
+                }
+            }
+            if !l.shadow && tightest.is_none_or(|t| d.remaining < t.remaining) {
+                tightest = Some(d);
+            }
+        }
+        if let Some(l) = closed {
+            return Err(Box::new(unavailable(l, error)));
+        }
+        if let Some(l) = full {
+            return Err(Box::new(no_room(l)));
+        }
+        match refusal {
+            Some((l, d)) => Err(Box::new(rejection(l, d))),
+            None => Ok(tightest
+                .filter(|_| self.response_headers)
+                .map(|d| ratelimit_headers(&d))),
+        }
+    }
+}
+
+impl LimitStep for RouteLimits {
+    fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
+        let start = std::time::Instant::now();
+        let (checks, which) = match self.checks(&call, true) {
+            Ok(c) => c,
+            Err(refused) => return Box::pin(std::future::ready(Err(refused))),
+        };
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(Ok(None)));
+        }
+        let Some(redis) = &self.stores.redis else {
+            // The in-process store answers at once.
+            let answers = self.stores.memory.decide(&checks);
+            let r = self.conclude(&which, answers.into_iter().map(Self::from_memory), None);
+            self.memory_duration.observe(start.elapsed().as_secs_f64());
+            return Box::pin(std::future::ready(r));
+        };
+        let (mut checks, mut which) = (checks, which);
+        // Keys this replica may not write to Redis take their limit's
+        // over-capacity policy: decided in process now (`local`), or
+        // concluded with the others (`open`, `closed`).
+        let now = redis.key_clock();
+        let mut kept = 0;
+        let (mut beyond, mut beyond_at) = (Vec::new(), Vec::new());
+        let mut local = Vec::new();
+        for j in 0..checks.len() {
+            if redis.admit(&checks[j], now) {
+                checks.swap(kept, j);
+                which.swap(kept, j);
+                kept += 1;
+                continue;
+            }
+            beyond_at.push(which[j]);
+            match self.limits[which[j]].over_capacity {
+                OverCapacity::Local => {
+                    local.push(self.local_check(&checks[j]));
+                    beyond.push(Outcome::OverCapacity);
+                }
+                OverCapacity::Open | OverCapacity::Closed => beyond.push(Outcome::OverCapacity),
+            }
+        }
+        checks.truncate(kept);
+        which.truncate(kept);
+        if !local.is_empty() {
+            let mut decided = self.decide_local(&local).into_iter();
+            for (o, &i) in beyond.iter_mut().zip(&beyond_at) {
+                if self.limits[i].over_capacity == OverCapacity::Local {
+                    if let Some(Some(d)) = decided.next() {
+                        *o = Outcome::OverCapacityLocal(d);
+                    }
+                }
+            }
+        }
+        if checks.is_empty() {
+            return Box::pin(std::future::ready(self.conclude(&beyond_at, beyond, None)));
+        }
+        which.extend_from_slice(&beyond_at);
+        Box::pin(async move {
+            let r = match redis
+                .decide(call.worker, checks, None, self.response_headers)
+                .await
+            {
+                Ok(decisions) => self.conclude(
+                    &which,
+                    decisions.into_iter().map(Outcome::Decided).chain(beyond),
+                    None,
+                ),
+                Err(e) => {
+                    // The checks went to Redis: built again for the failure
+                    // modes, for the limits that were asked.
+                    let asked = &which[..which.len() - beyond_at.len()];
+                    let (checks, all) = self.checks(&call, false).unwrap_or_default();
+                    let checks: Vec<Check> = checks
+                        .into_iter()
+                        .zip(all)
+                        .filter(|(_, i)| asked.contains(i))
+                        .map(|(c, _)| c)
+                        .collect();
+                    let outcomes = self.fail_over(&checks, asked);
+                    self.conclude(&which, outcomes.into_iter().chain(beyond), Some(&e))
+                }
+            };
+            redis.duration().observe(start.elapsed().as_secs_f64());
+            r
+        })
+    }
+}
