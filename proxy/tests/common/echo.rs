@@ -16,18 +16,18 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// What the upstream saw.
 #[derive(Default)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// Server streams whose client went away before the end.
-    pub cancelled: AtomicUsize,
+    pub(crate) cancelled: AtomicUsize,
     /// Calls that reached the upstream.
-    pub calls: AtomicUsize,
+    pub(crate) calls: AtomicUsize,
     /// TCP connections the upstream accepted.
-    pub connections: AtomicUsize,
+    pub(crate) connections: AtomicUsize,
 }
 
 #[derive(Clone)]
-pub struct EchoService {
-    pub seen: Arc<Seen>,
+pub(crate) struct EchoService {
+    pub(crate) seen: Arc<Seen>,
 }
 
 fn echo_metadata(from: &MetadataMap, to: &mut MetadataMap) {

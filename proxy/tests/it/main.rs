@@ -18,3 +18,19 @@ mod redis_store;
 mod reload;
 mod tls;
 mod transparency;
+
+use std::net::SocketAddr;
+
+/// The YAML of a proxy with one upstream `echo` at `upstream` and a
+/// catch-all route to it; `extra` is appended (more routes, upstreams …).
+pub(crate) fn basic_config(upstream: SocketAddr) -> String {
+    named_config(upstream, "*")
+}
+
+/// [`basic_config`] with the catch-all route named `name` (metrics are
+/// process-wide: a test that counts uses a name of its own).
+pub(crate) fn named_config(upstream: SocketAddr, name: &str) -> String {
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 2 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{upstream}\"], connect_timeout: 500ms }}\nroutes:\n  - {{ match: {{}}, upstream: echo, name: \"{name}\" }}\n"
+    )
+}

@@ -167,7 +167,7 @@ async fn sigterm_drains_streams_in_flight_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let up = Upstream::start().await;
-    let proxy = crate::common::Proxy::start(&crate::common::basic_config(up.addr));
+    let proxy = crate::common::Proxy::start(&crate::basic_config(up.addr));
     let mut c = proxy.client().await;
     c.unary(req(b"x")).await.unwrap();
     let _ = c

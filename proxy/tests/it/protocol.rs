@@ -7,7 +7,8 @@
 
 use std::net::SocketAddr;
 
-use crate::common::{basic_config, Proxy, Upstream};
+use crate::basic_config;
+use crate::common::{Proxy, Upstream};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 

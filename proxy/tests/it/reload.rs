@@ -163,7 +163,7 @@ async fn a_configmap_volume_swap_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_files_in_the_config_folder_do_not_reload() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&crate::common::basic_config(a.addr));
+    let proxy = Proxy::start(&crate::basic_config(a.addr));
     let handle = proxy.handle.as_ref().unwrap();
     for i in 0..50 {
         std::fs::write(proxy.dir.path().join("access.log"), format!("line {i}\n")).unwrap();
@@ -175,7 +175,7 @@ async fn other_files_in_the_config_folder_do_not_reload() {
         0,
         "writes to another file reloaded the config"
     );
-    std::fs::write(&proxy.config_path, crate::common::basic_config(a.addr)).unwrap();
+    std::fs::write(&proxy.config_path, crate::basic_config(a.addr)).unwrap();
     eventually(
         Duration::from_secs(10),
         "a reload after the config changes",

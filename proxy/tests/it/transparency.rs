@@ -7,7 +7,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::common::{basic_config, eventually, named_config, req, Proxy, Upstream};
+use crate::common::{eventually, req, Proxy, Upstream};
+use crate::{basic_config, named_config};
 use tokio_stream::StreamExt;
 use tollgate_proto::test::v1::EchoRequest;
 use tonic::metadata::MetadataValue;
