@@ -277,7 +277,7 @@ async fn run(cli: Cli) -> ExitCode {
                     eprintln!(
                         "payment-backend: migrations {} on {}",
                         if args.down { "reverted" } else { "applied" },
-                        crate::redact::database_url(&opts.url)
+                        crate::redact::url(&opts.url, crate::redact::Bare::User)
                     );
                     ExitCode::SUCCESS
                 }

@@ -18,6 +18,8 @@ pub mod idempotency;
 pub mod metrics;
 pub mod money;
 pub mod payment;
+/// The proxy's URL masking, one source for both binaries.
+#[path = "../../proxy/src/redact.rs"]
 pub mod redact;
 pub mod relay;
 pub mod server;

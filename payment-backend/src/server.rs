@@ -108,7 +108,7 @@ pub enum StartError {
 /// Connects to the database and applies migrations, retrying until
 /// `timeout` so a database that starts after us is waited for.
 pub async fn open_store(opts: &StoreOptions, timeout: Duration) -> Result<Store, StartError> {
-    let url = crate::redact::database_url(&opts.url);
+    let url = crate::redact::url(&opts.url, crate::redact::Bare::User);
     let store = Store::connect(opts).map_err(|cause| StartError::Database {
         url: url.clone(),
         cause,
@@ -244,7 +244,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         let _ = rx.wait_for(|s| *s).await;
     }));
 
-    tracing::info!(%grpc_addr, %metrics_addr, database = %crate::redact::database_url(&cfg.store.url), "payment-backend serving");
+    tracing::info!(%grpc_addr, %metrics_addr, database = %crate::redact::url(&cfg.store.url, crate::redact::Bare::User), "payment-backend serving");
     Ok(Running {
         grpc_addr,
         metrics_addr,
@@ -323,7 +323,7 @@ impl Running {
 /// Opens the store without touching its schema (for `migrate`).
 pub fn open_store_without_migrations(opts: &StoreOptions) -> Result<Store, StartError> {
     Store::connect(opts).map_err(|cause| StartError::Database {
-        url: crate::redact::database_url(&opts.url),
+        url: crate::redact::url(&opts.url, crate::redact::Bare::User),
         cause,
     })
 }

@@ -18,7 +18,7 @@ pub(crate) mod health;
 pub mod limit;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
-pub(crate) mod redact;
+pub mod redact;
 pub(crate) mod respond;
 pub(crate) mod routes;
 pub mod runtime;

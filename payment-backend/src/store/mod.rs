@@ -132,7 +132,7 @@ impl Dialect {
         } else {
             Err(format!(
                 "unsupported database URL {}: use postgres://user:password@host:port/db or sqlite://path/to/file.db",
-                crate::redact::database_url(url)
+                crate::redact::url(url, crate::redact::Bare::User)
             ))
         }
     }
@@ -278,7 +278,10 @@ impl Store {
         let connect = AnyConnectOptions::from_str(&opts.url).map_err(|e| {
             Error::invalid(
                 "database_url",
-                format!("{}: {e}", crate::redact::database_url(&opts.url)),
+                format!(
+                    "{}: {e}",
+                    crate::redact::url(&opts.url, crate::redact::Bare::User)
+                ),
             )
         })?;
         let session = Arc::new(session_statements(dialect, opts));

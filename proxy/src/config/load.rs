@@ -34,8 +34,15 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         if let Some(r) = &mut c.limiter.redis {
-            r.url = r.url.as_deref().map(crate::redact::url);
-            r.urls = r.urls.iter().map(|u| crate::redact::url(u)).collect();
+            r.url = r
+                .url
+                .as_deref()
+                .map(|u| crate::redact::url(u, crate::redact::Bare::Password));
+            r.urls = r
+                .urls
+                .iter()
+                .map(|u| crate::redact::url(u, crate::redact::Bare::Password))
+                .collect();
         }
         c
     }

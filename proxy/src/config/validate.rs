@@ -443,7 +443,7 @@ fn check_limiter(p: &mut Problems, l: &Limiter, base: Option<&Path>) {
 }
 
 fn check_redis_url(p: &mut Problems, at: &str, u: &str) {
-    let shown = crate::redact::url(u);
+    let shown = crate::redact::url(u, crate::redact::Bare::Password);
     if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
         p.add(
             at,

@@ -199,7 +199,7 @@ fn target(
     Ok(match backend {
         Backend::Redis => {
             let url = r.url.clone().ok_or("limiter.redis.url: missing")?;
-            let shown = crate::redact::url(&url);
+            let shown = crate::redact::url(&url, crate::redact::Bare::Password);
             let client = connection_info(&url, r)
                 .and_then(|info| match certs {
                     Some(c) => redis::Client::build_with_tls(info, c),
@@ -212,7 +212,7 @@ fn target(
             let shown = r
                 .urls
                 .iter()
-                .map(|u| crate::redact::url(u))
+                .map(|u| crate::redact::url(u, crate::redact::Bare::Password))
                 .collect::<Vec<_>>()
                 .join(",");
             let nodes = r
