@@ -56,6 +56,10 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
+-- Algorithms as tollgate numbers them (wire.rs sends these; 4 is GCRA,
+-- the last branch).
+local FIXED_WINDOW, SLIDING_COUNTER, SLIDING_LOG = 1, 2, 3
+
 local function int(n)
   return string.format('%d', n)
 end
@@ -98,11 +102,11 @@ a = a + 1
 -- st_count (the window's count) and st_previous (the sliding counter's
 -- previous window). Calls see the states as
 -- the earlier calls of the batch left them.
-local sa, sb, sc = {}, {}, {}
+local st_time, st_count, st_previous = {}, {}, {}
 do
   local wanted = {}
   for ki = 1, #KEYS do
-    if alg[ki] ~= 3 then
+    if alg[ki] ~= SLIDING_LOG then
       wanted[#wanted + 1] = ki
     end
   end
@@ -116,14 +120,14 @@ do
       local st, ki = values[i], wanted[from + i - 1]
       if st then
         local algorithm = alg[ki]
-        if algorithm == 1 then
+        if algorithm == FIXED_WINDOW then
           local w, c = string.match(st, '^(%d+):(%d+)$')
-          sa[ki], sb[ki] = tonumber(w), tonumber(c)
-        elseif algorithm == 2 then
+          st_time[ki], st_count[ki] = tonumber(w), tonumber(c)
+        elseif algorithm == SLIDING_COUNTER then
           local w, c, p = string.match(st, '^(%d+):(%d+):(%d+)$')
-          sa[ki], sb[ki], sc[ki] = tonumber(w), tonumber(c), tonumber(p)
+          st_time[ki], st_count[ki], st_previous[ki] = tonumber(w), tonumber(c), tonumber(p)
         else
-          sa[ki] = tonumber(st)
+          st_time[ki] = tonumber(st)
         end
       end
     end
@@ -131,10 +135,10 @@ do
 end
 
 -- Writes of the call being decided, applied only if it commits: key index,
--- the state's new fields, its ttl (the log: units held before, cost, ttl).
-local pk, pa, pb, pc, pt = {}, {}, {}, {}, {}
+-- the state's new fields and its ttl (the log: its cost in put_count).
+local put_key, put_time, put_count, put_previous, put_ttl = {}, {}, {}, {}, {}
 -- Figures of the call's limits, answered unless all allow unasked.
-local fa, fl, fr, fs, fy = {}, {}, {}, {}, {}
+local fig_allowed, fig_limit, fig_remaining, fig_reset, fig_retry = {}, {}, {}, {}, {}
 local dirty = {}
 -- The period of each sliding log key decided (its commits merge by it).
 local logs = {}
@@ -157,31 +161,31 @@ for _ = 1, calls do
       def[1], def[2], def[3], def[4], def[5], def[6], def[7]
     local allowed, shown, remaining, reset, retry
 
-    if algorithm == 1 then
+    if algorithm == FIXED_WINDOW then
       local window = now - now % period
       local count = 0
-      if sa[ki] == window then
-        count = sb[ki]
+      if st_time[ki] == window then
+        count = st_count[ki]
       end
       reset = window + period - now
       allowed = count + cost <= limit
       if allowed then
         count = count + cost
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, window, count, 0, ttl
+        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, count, 0, ttl
       end
       shown = limit
       remaining = math.max(0, limit - count)
       retry = allowed and 0 or reset
 
-    elseif algorithm == 2 then
+    elseif algorithm == SLIDING_COUNTER then
       local window = now - now % period
       local current, previous = 0, 0
-      local w = sa[ki]
+      local w = st_time[ki]
       if w == window then
-        current, previous = sb[ki], sc[ki]
+        current, previous = st_count[ki], st_previous[ki]
       elseif w ~= nil and w + period == window then
-        previous = sb[ki]
+        previous = st_count[ki]
       end
       local elapsed = now - window
       -- previous * (period - elapsed) / period + current, scaled by period so
@@ -192,7 +196,7 @@ for _ = 1, calls do
       if allowed then
         current = current + cost
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, window, current, previous, ttl
+        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, current, previous, ttl
       end
       shown = limit
       remaining = math.floor(math.max(0, cap - (carried + current * period)) / period)
@@ -209,7 +213,7 @@ for _ = 1, calls do
         retry = reset
       end
 
-    elseif algorithm == 3 then
+    elseif algorithm == SLIDING_LOG then
       local key = KEYS[ki]
       logs[ki] = period
       -- Drop the entries that have left the window, oldest first, a few
@@ -252,7 +256,7 @@ for _ = 1, calls do
       end
       if allowed then
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, 0, cost, 0, ttl
+        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, 0, cost, 0, ttl
         used = used + cost
       end
       shown = limit
@@ -265,9 +269,9 @@ for _ = 1, calls do
         reset = 0
       end
 
-    else
+    else -- GCRA
       local tau = emission * capacity
-      local tat = sa[ki]
+      local tat = st_time[ki]
       if tat == nil or tat < now then
         tat = now
       end
@@ -277,7 +281,7 @@ for _ = 1, calls do
       local kept = allowed and new_tat or tat
       if allowed then
         np = np + 1
-        pk[np], pa[np], pb[np], pc[np], pt[np] = ki, kept, 0, 0, ttl
+        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, kept, 0, 0, ttl
       end
       shown = capacity
       remaining = math.floor(math.max(0, now + tau - kept) / emission)
@@ -297,7 +301,7 @@ for _ = 1, calls do
         commit = false
       end
     end
-    fa[j], fl[j], fr[j], fs[j], fy[j] = allowed and 1 or 0, shown, remaining, reset, retry
+    fig_allowed[j], fig_limit[j], fig_remaining[j], fig_reset[j], fig_retry[j] = allowed and 1 or 0, shown, remaining, reset, retry
   end
 
   if all_allowed and not details then
@@ -305,18 +309,18 @@ for _ = 1, calls do
     out[n] = -1
   else
     for j = 1, limits do
-      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = fa[j], fl[j], fr[j], fs[j], fy[j]
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = fig_allowed[j], fig_limit[j], fig_remaining[j], fig_reset[j], fig_retry[j]
       n = n + 5
     end
   end
 
   if commit then
     for i = 1, np do
-      local ki = pk[i]
-      if alg[ki] == 3 then
+      local ki = put_key[i]
+      if alg[ki] == SLIDING_LOG then
         -- One entry per call, or merged into the newest when that one is
         -- less than a grain (period / 1024) older, at the later time.
-        local key, cost = KEYS[ki], pb[i]
+        local key, cost = KEYS[ki], put_count[i]
         local grain = math.floor(logs[ki] / 1024)
         local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
         local cum, units, at = cost, cost, now
@@ -346,10 +350,10 @@ for _ = 1, calls do
           cum = cum - base
         end
         redis.call('ZADD', key, cum, int(cum) .. ':' .. int(units) .. ':' .. int(at))
-        redis.call('PEXPIRE', key, ttl_ms(pt[i]))
+        redis.call('PEXPIRE', key, ttl_ms(put_ttl[i]))
       else
-        sa[ki], sb[ki], sc[ki] = pa[i], pb[i], pc[i]
-        dirty[ki] = pt[i]
+        st_time[ki], st_count[ki], st_previous[ki] = put_time[i], put_count[i], put_previous[i]
+        dirty[ki] = put_ttl[i]
       end
     end
   end
@@ -357,12 +361,12 @@ end
 
 for ki, ttl in pairs(dirty) do
   local algorithm, value = alg[ki]
-  if algorithm == 1 then
-    value = int(sa[ki]) .. ':' .. int(sb[ki])
-  elseif algorithm == 2 then
-    value = int(sa[ki]) .. ':' .. int(sb[ki]) .. ':' .. int(sc[ki])
+  if algorithm == FIXED_WINDOW then
+    value = int(st_time[ki]) .. ':' .. int(st_count[ki])
+  elseif algorithm == SLIDING_COUNTER then
+    value = int(st_time[ki]) .. ':' .. int(st_count[ki]) .. ':' .. int(st_previous[ki])
   else
-    value = int(sa[ki])
+    value = int(st_time[ki])
   end
   redis.call('SET', KEYS[ki], value, 'PX', ttl_ms(ttl))
 end

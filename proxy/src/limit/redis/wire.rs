@@ -134,7 +134,8 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
 }
 
 /// The algorithms' numbers on the wire, as both scripts name them
-/// (`FIXED_WINDOW, SLIDING_COUNTER, SLIDING_LOG, GCRA = 1, 2, 3, 4`).
+/// (`FIXED_WINDOW, SLIDING_COUNTER, SLIDING_LOG = 1, 2, 3`; GCRA is their
+/// last branch).
 const FIXED_WINDOW: u64 = 1;
 const SLIDING_COUNTER: u64 = 2;
 const SLIDING_LOG: u64 = 3;
