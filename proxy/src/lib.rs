@@ -1,12 +1,26 @@
 //! tollgate: a gRPC-aware HTTP/2 sidecar proxy that enforces global rate
 //! limits.
 //!
-//! The data path is [`proxy::handle`]; [`call`] is what a call shares with
-//! its connection; [`runtime`] starts workers
-//! ([`server`]), the admin endpoints ([`admin`]) and reloads; [`config`] is
-//! the YAML file; [`grpc`] knows the protocol; [`upstream`] holds the
-//! connections to the services behind; [`limit`] is the step where rate
-//! limits decide.
+//! Modules import one way, from the protocol up to the process:
+//!
+//! ```text
+//! grpc, config, redact, tcp          the protocol; the file, parsed into types
+//!   → metrics → call → body          counters; what a call shares with its
+//!                                    connection; the bodies on their way through
+//!   → tls, limit, upstream           certificates; the limiter step; the
+//!                                    connections to the services behind
+//!   → routes → state                 the route table; the config in force and
+//!                                    each worker's state
+//!   → respond → proxy                one answer for every way a call ends early;
+//!                                    the call path, `proxy::handle`
+//!   → server → admin → runtime       listeners and connections; the admin
+//!                                    endpoints; start, reload, drain
+//!   → cli, health                    the command line
+//! ```
+//!
+//! The library exposes what the binary and the tests use: [`cli`],
+//! [`config`], [`runtime`], [`limit`] (its algorithms, checks and Redis
+//! store) and [`redact`] (which the payment backend compiles too).
 
 pub(crate) mod admin;
 pub(crate) mod body;

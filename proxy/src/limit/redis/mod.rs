@@ -328,7 +328,7 @@ impl RedisStore {
     }
 
     /// Whether this replica may write `check`'s key at `now` (see
-    /// [`KeyGate`]).
+    /// `keys::KeyGate`).
     pub fn admit(&self, check: &Check, now: u64) -> bool {
         self.keys.admit(check.hash, check.params.ttl_micros(), now)
     }

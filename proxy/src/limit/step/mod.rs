@@ -185,7 +185,7 @@ impl RouteLimits {
             }
             // Each key is its own Cluster hash tag: the same whatever other
             // limits its route has, so adding one resets no counts; a call's
-            // keys on several slots are decided per slot (redis.rs).
+            // keys on several slots are decided per slot (redis/cluster.rs).
             checks.push(Check::new(key, params, cost, l.shadow));
             which.push(i);
         }
