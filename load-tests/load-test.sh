@@ -14,6 +14,8 @@
 # Exit 0 when every run passed its thresholds, 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=../scripts/lib.sh
+. scripts/lib.sh
 SCENARIO=${SCENARIO:-smoke,ratelimit}
 PROFILE=${PROFILE:-release}
 
@@ -40,31 +42,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits up to $1 seconds for the command after it to succeed.
-wait_for() {
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then
-            echo "load-test: gave up waiting for: $*" >&2
-            return 1
-        fi
-        sleep 0.2
-    done
-}
-
 pg_url=$(scripts/postgres.sh start "$work/pg" --owner $$ --cleanup --fast | sed -n 's/^URL=//p')
 redis_port=$(scripts/redis.sh start "$work/redis" --owner $$ --cleanup | sed -n 's/^PORT=//p')
 
-backend=$(free_port) backend_metrics=$(free_port) proxy=$(free_port) admin=$(free_port)
+read -r backend backend_metrics proxy admin <<<"$(free_ports 4)"
 "$bin/payment-backend" serve --listen "127.0.0.1:$backend" --metrics-listen "127.0.0.1:$backend_metrics" \
     --database-url "$pg_url" >"$work/backend.log" 2>&1 &
 pids+=($!)
-wait_for 60 "$bin/payment-backend" health --address "127.0.0.1:$backend" || {
+(wait_for 60 "the payment backend" "$bin/payment-backend" health --address "127.0.0.1:$backend") || {
     tail -20 "$work/backend.log" >&2
     exit 1
 }
@@ -74,7 +59,7 @@ TOLLGATE_LISTEN="127.0.0.1:$proxy" TOLLGATE_ADMIN_LISTEN="127.0.0.1:$admin" \
     TOLLGATE_REDIS_URL="redis://127.0.0.1:$redis_port" \
     "$bin/tollgate" run --config "$work/tollgate.yaml" >"$work/tollgate.log" 2>&1 &
 pids+=($!)
-wait_for 30 "$bin/tollgate" health --admin "127.0.0.1:$admin" || {
+(wait_for 30 "tollgate" "$bin/tollgate" health --admin "127.0.0.1:$admin") || {
     tail -20 "$work/tollgate.log" >&2
     exit 1
 }
