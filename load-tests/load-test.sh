@@ -14,7 +14,7 @@
 # Exit 0 when every run passed its thresholds, 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 SCENARIO=${SCENARIO:-smoke,ratelimit}
 PROFILE=${PROFILE:-release}
