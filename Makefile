@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run demo test helm-check monitoring-check images up down lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions load-test
+.PHONY: help build run demo test helm-check monitoring-check images up down lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions load-test chaos-test
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,7 @@ test: ## Install what tests need, start real services, run every test (images an
 	$(CARGO) test --workspace --no-fail-fast
 	bash scripts/test-python.sh
 	PROFILE=debug SCENARIO=smoke,ratelimit bash load-tests/load-test.sh
+	PROFILE=debug ONLY=redis-kill,redis-slow,backend-kill,config-reload bash chaos-tests/chaos.sh
 
 helm-check: ## Lint, render and validate the Helm chart (Helm SDK, Kubernetes 1.30.0 schemas, tollgate check)
 	bash scripts/helm-check.sh
@@ -47,6 +48,9 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+chaos-test: ## Fault scenarios under load, each PASS or FAIL with its figures: make chaos-test [ONLY=redis-kill,...] (chaos-tests/README.md)
+	ONLY="$(ONLY)" bash chaos-tests/chaos.sh
 
 load-test: ## k6 payment traffic through tollgate and direct, on PostgreSQL and Redis: make load-test [SCENARIO=smoke,ratelimit|load|stress|spike|soak] (load-tests/k6/README.md)
 	SCENARIO="$(SCENARIO)" bash load-tests/load-test.sh
