@@ -72,3 +72,14 @@ class Sampler:
             if t0 <= t < t1 and pred(v):
                 return t
         return None
+
+
+def wait_until_true(fn, timeout, every=0.02):
+    """Polls fn until it returns something true; that value, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(every)
+    return None

@@ -3,6 +3,7 @@ arrival rate whatever the answers take (open loop, so a stall shows as
 latency, not as fewer calls), each recorded with when it left, how long it
 took and its status."""
 
+import random
 import threading
 import time
 
@@ -10,10 +11,11 @@ import grpc
 
 
 class Call:
-    __slots__ = ("tag", "sent", "latency", "code", "details", "value")
+    __slots__ = ("tag", "sent", "wall", "latency", "code", "details", "value")
 
     def __init__(self, tag, sent):
         self.tag, self.sent = tag, sent
+        self.wall = time.time()
         self.latency = None
         self.code = None
         self.details = ""
@@ -23,10 +25,14 @@ class Call:
 class Load:
     """Sends `make(i)` -> (tag, future) at `rate` calls per second from its
     own thread until `stop`. `make` starts one call (a grpcio `.future`) and
-    names it with a tag; the Load records its outcome."""
+    names it with a tag, or returns None to leave this slot empty; the Load
+    records each call's outcome."""
 
-    def __init__(self, rate, make, name="load"):
+    def __init__(self, rate, make, name="load", poisson=False):
         self.rate, self.make, self.name = rate, make, name
+        # Poisson arrivals (random gaps of mean 1/rate) rather than a clock:
+        # several loads at one rate then do not send in lockstep.
+        self.poisson = poisson
         self.calls = []
         self.errors = []
         self._stop = threading.Event()
@@ -46,14 +52,19 @@ class Load:
         return self
 
     def _run(self):
-        start, i = time.monotonic(), 0
+        start, i, due = time.monotonic(), 0, time.monotonic()
+        rnd = random.Random()
         while not self._stop.is_set():
-            due = start + i / self.rate
+            due = due + rnd.expovariate(self.rate) if self.poisson else start + i / self.rate
             now = time.monotonic()
             if due > now:
                 time.sleep(due - now)
             try:
-                tag, fut = self.make(i)
+                made = self.make(i)
+                if made is None:
+                    i += 1
+                    continue
+                tag, fut = made
             except Exception as e:  # a client-side failure to send is a finding too
                 self.errors.append(repr(e))
                 i += 1

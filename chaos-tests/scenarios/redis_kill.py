@@ -12,7 +12,7 @@ import time
 import grpc
 import payapi
 from chaoslib import common
-from chaoslib.load import Load, codes, ms, quantile
+from chaoslib.load import codes, ms, quantile
 from chaoslib.stack import histogram_delta, histogram_max_bound, histogram_quantile
 
 TITLE = "Redis killed under load, then restarted"

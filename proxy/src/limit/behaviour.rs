@@ -129,8 +129,29 @@ pub(crate) fn cases() -> Vec<Case> {
             // 10 in the previous window; halfway through the next one the
             // previous window still weighs 5, so 5 more pass, not 10.
             let mut s: Vec<Step> = (0..10).map(|i| ok(10 * S + 100_000 + i)).collect();
-            s.extend((0..5).map(|i| ok(11 * S + 500_000 + i)));
-            s.push(no(11 * S + 500_010));
+            s.extend((0..5).map(|_| ok(11 * S + 500_000)));
+            s.push(no(11 * S + 500_000));
+            s
+        },
+    });
+    cases.push(Case {
+        name: "sliding counter rounds the previous window's weight down",
+        params: params(SlidingWindowCounter, 10, 1, None),
+        steps: {
+            // 10 in the previous window. 15 % into the next one they weigh
+            // 8.5, counted as 8: two pass. The third waits until they weigh
+            // under 8, 50_001 µs later. At the very end of the window they
+            // weigh 0.1, counted as 0, so the window's last call passes too
+            // (an exact weight refused it: 9 of 10 per window under steady
+            // load).
+            let mut s: Vec<Step> = (0..10).map(|i| ok(10 * S + i)).collect();
+            s.push(ok(11 * S + 150_000));
+            s.push(ok(11 * S + 150_000));
+            s.push(no_retry(11 * S + 150_000, 50_001));
+            s.push(no(11 * S + 200_000));
+            s.push(ok(11 * S + 200_001));
+            s.extend((0..7).map(|_| ok(11 * S + 990_000)));
+            s.push(no(11 * S + 990_000));
             s
         },
     });

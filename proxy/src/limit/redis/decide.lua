@@ -188,25 +188,31 @@ for _ = 1, calls do
         previous = st_count[ki]
       end
       local elapsed = now - window
-      -- previous * (period - elapsed) / period + current, scaled by period so
-      -- the comparison is exact (config check keeps limit * period < 2^53).
+      -- The previous window's count weighted by the share of it still in
+      -- the sliding window, rounded down, as algorithm.rs does. Exact:
+      -- config check keeps limit * period < 2^53, so the product and its
+      -- remainder are whole doubles.
       local carried = previous * (period - elapsed)
-      local cap = limit * period
-      allowed = carried + (current + cost) * period <= cap
+      carried = (carried - carried % period) / period
+      allowed = carried + current + cost <= limit
       if allowed then
         current = current + cost
         np = np + 1
         put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, current, previous, ttl
       end
       shown = limit
-      remaining = math.floor(math.max(0, cap - (carried + current * period)) / period)
+      remaining = math.max(0, limit - (carried + current))
       reset = window + period - now
       if allowed then
         retry = 0
       elseif current + cost <= limit and previous > 0 then
-        local room = limit - (current + cost)
-        local keep = math.floor(room * period / previous)
-        retry = math.max(1, period - keep - elapsed)
+        -- The first elapsed' whose rounded-down weight fits in room.
+        local span = (limit - (current + cost) + 1) * period
+        local keep = (span - span % previous) / previous
+        if span % previous > 0 then
+          keep = keep + 1
+        end
+        retry = math.max(1, period + 1 - keep - elapsed)
       elseif previous > 0 or current > 0 then
         retry = reset + period / 2
       else
