@@ -1,0 +1,127 @@
+"""2,000 idle HTTP/2 connections plus slow clients against one tollgate while
+a real gRPC client sends 100 calls/s through it: 200 partial prefaces, 200
+connections whose first header block never ends, and 50 connections with 20
+calls each whose responses are never read (stream window 0, socket never
+read: 1,000 streams tollgate cannot finish).
+
+tollgate's resident memory stays under a stated bound, partial prefaces are
+closed after header_read_timeout, and the other client is served without an
+error and with p99 under a stated bound."""
+
+import time
+
+import grpc
+import payapi
+from chaoslib import common
+from chaoslib.load import codes, ms, quantile
+from chaoslib import slowclients
+from chaoslib.stack import rss_kib
+
+TITLE = "2,000 idle connections and slow clients: bounded memory, others served"
+
+IDLE, PARTIAL, STALLED, UNREAD, STREAMS = 2000, 200, 200, 50, 20
+HEADER_READ_S = 2
+HOLD_S = 6
+RSS_BOUND_MIB = 160  # measured about 115 (40 KiB a connection); max_connections caps the rest
+P99_BOUND_MS = 50
+SEND = 100
+PAGE = 20
+SETTLE_S = 1  # after the flood, for the backend to answer the never-read calls
+BURST_P99_BOUND_MS = 250
+
+
+def config(backend_port):
+    return f"""
+listener: {{ header_read_timeout: {HEADER_READ_S}s }}
+upstreams:
+  backend: {{ addresses: ["127.0.0.1:{backend_port}"] }}
+routes:
+  - match: {{}}
+    upstream: backend
+"""
+
+
+def run(stack, report):
+    pg = stack.postgres()
+    backend = stack.backend(pg.env["URL"])
+    tollgate = stack.tollgate(config(backend.port))
+    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
+    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
+    account = client.account(funds=1000)
+    load = common.read_loads(client, account, SEND, {"reads": "GetAccountBalance"})["reads"]
+    load.start()
+    time.sleep(2)
+    base = rss_kib(tollgate.pid)
+
+    # The never-read calls ask for a page of PAGE payments (about 4 KB):
+    # what tollgate holds for a client that does not read.
+    payee = client.account()
+    pay = client.m["payments_pb2"]
+    for _ in range(PAGE):
+        client.payments.CreatePayment(pay.CreatePaymentRequest(
+            idempotency_key=payapi.key(), payer_account_id=account, payee_account_id=payee,
+            amount=client.usd(1), capture_method=pay.CAPTURE_METHOD_AUTOMATIC,
+            description="a page of these"), timeout=10, metadata=client.metadata)
+    page = client.payments.ListPayments(pay.ListPaymentsRequest(account_id=account, page_size=PAGE),
+                                        timeout=10, metadata=client.metadata)
+    body = pay.ListPaymentsRequest(account_id=account, page_size=PAGE).SerializeToString()
+    waves = []
+    for wave in (1, 2):
+        t0 = time.monotonic()
+        slow = slowclients.Process(tollgate.port, IDLE, PARTIAL, STALLED, UNREAD, STREAMS,
+                                   "/payments.v1.PaymentService/ListPayments", body)
+        t_open = time.monotonic()
+        peak, conns = rss_kib(tollgate.pid), 0
+        while time.monotonic() < t_open + HOLD_S:
+            peak = max(peak, rss_kib(tollgate.pid))
+            conns = max(conns, tollgate.metrics().sum("tollgate_active_connections"))
+            time.sleep(0.2)
+        t1 = time.monotonic()
+        closed = slow.closed_by_peer()
+        slow.close()
+        time.sleep(2)
+        waves.append({"t0": t0, "t_open": t_open, "t1": t1, "peak": peak, "conns": conns,
+                      "closed": closed, "opened": slow.opened, "failed": slow.failed,
+                      "after": rss_kib(tollgate.pid)})
+    load.stop()
+    channel.close()
+
+    w = waves[0]
+    opened, failed, closed, peak, conns = w["opened"], w["failed"], w["closed"], w["peak"], w["conns"]
+    t0, t_open, t1 = w["t0"], w["t_open"], w["t1"]
+    report.figure("never-read responses", f"{len(page.SerializeToString())} bytes each, "
+                  f"{UNREAD * STREAMS} of them")
+    report.figure("slow clients", f"opened {opened} in {ms(t_open - t0)} (failed {failed}); "
+                  f"tollgate counted up to {conns:.0f} connections")
+    report.check(f"all {IDLE} idle connections accepted", opened["idle"] == IDLE,
+                 f"{opened['idle']} accepted")
+    report.figure("tollgate RSS", f"{base / 1024:.1f} MiB before, {peak / 1024:.1f} MiB at peak "
+                  f"({(peak - base) / max(1, IDLE + PARTIAL + STALLED + UNREAD):.1f} KiB per "
+                  f"connection added)")
+    report.check(f"RSS stayed under {RSS_BOUND_MIB} MiB", peak / 1024 <= RSS_BOUND_MIB,
+                 f"peak {peak / 1024:.1f} MiB")
+    second = waves[1]
+    report.figure("second wave", f"RSS {w['after'] / 1024:.1f} MiB after the first, "
+                  f"{second['peak'] / 1024:.1f} MiB at its peak, "
+                  f"{second['after'] / 1024:.1f} MiB after")
+    report.check("a second wave needs no more memory than the first (nothing kept)",
+                 second["peak"] <= peak * 1.1, f"{second['peak'] / 1024:.1f} MiB")
+    report.check(f"partial prefaces closed after header_read_timeout ({HEADER_READ_S} s)",
+                 closed["partial"] == opened["partial"] and opened["partial"] > 0,
+                 f"{closed['partial']} of {opened['partial']} closed by tollgate")
+    report.figure("closed by tollgate in the hold", str(closed))
+    calls = load.between(t0, t1)
+    lat = [c.latency for c in calls]
+    burst = [c.latency for c in load.between(t0, t_open)]
+    hold = [c.latency for c in load.between(t_open + SETTLE_S, t1)]
+    report.figure("other client meanwhile", f"{len(calls)} calls {codes(calls)}, p50 "
+                  f"{ms(quantile(lat, 0.5))}, p99 {ms(quantile(lat, 0.99))}, max "
+                  f"{ms(max(lat) if lat else None)}; while the connections opened: p99 "
+                  f"{ms(quantile(burst, 0.99))}, while they were held: p99 {ms(quantile(hold, 0.99))}")
+    report.check("other client served throughout, 0 errors",
+                 calls and codes(calls) == {"OK": len(calls)}, str(codes(calls)))
+    report.check(f"its p99 under {BURST_P99_BOUND_MS} ms while the connections opened, "
+                 f"under {P99_BOUND_MS} ms while they were held",
+                 quantile(burst, 0.99) <= BURST_P99_BOUND_MS / 1000
+                 and quantile(hold, 0.99) <= P99_BOUND_MS / 1000)
+    report.check("tollgate still serving", tollgate.running())
