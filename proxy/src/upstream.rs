@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -242,7 +242,14 @@ pub(crate) struct Pool {
     /// turns.
     slots: Vec<Slot>,
     next: AtomicUsize,
+    /// Per endpoint, when its last connect failed: for `HOLD_DOWN` after
+    /// that, calls that need a new connection try the other endpoints first.
+    failed: Vec<Mutex<Option<Instant>>>,
 }
+
+/// How long an endpoint that refused a connection is passed over by calls
+/// that can connect to another one.
+const HOLD_DOWN: Duration = Duration::from_millis(500);
 
 // === impl Pool ===
 
@@ -261,10 +268,14 @@ impl Pool {
                 connecting: tokio::sync::Mutex::new(()),
             })
             .collect();
+        let failed = (0..spec.endpoints.len())
+            .map(|_| Mutex::new(None))
+            .collect();
         Pool {
             spec,
             slots,
             next: AtomicUsize::new(0),
+            failed,
         }
     }
 
@@ -312,7 +323,9 @@ impl Pool {
     /// Sends a call on a pooled connection and returns the upstream's
     /// response, with the call counted on its connection until the
     /// response ends. A connection found closing before the call was sent
-    /// is replaced and the call sent on the new one.
+    /// is replaced and the call sent on the new one; when its endpoint
+    /// cannot be reached, on one to another endpoint (the call was never
+    /// sent, so that is safe).
     pub(crate) async fn send(
         &self,
         req: http::Request<RequestBody>,
@@ -321,9 +334,9 @@ impl Pool {
         let mut tries = 0;
         let (slot, conn) = loop {
             let (slot, conn) = self.pick();
-            let conn = match conn {
-                Some(conn) => conn,
-                None => self.connection(slot).await?,
+            let (slot, conn) = match conn {
+                Some(conn) => (slot, conn),
+                None => self.connect_any(slot).await?,
             };
             // Calls that waited for a connect together look again: those
             // beyond its room go to another connection.
@@ -336,7 +349,7 @@ impl Pool {
         let Conn { sender, open } = conn;
         let mut open = OpenStream::new(open);
         let (parts, mut body) = req.into_parts();
-        let (mut sender, replaced) = self.ready(slot, sender).await?;
+        let (slot, mut sender, replaced) = self.ready(slot, sender).await?;
         if let Some(other) = replaced {
             open = OpenStream::new(other);
         }
@@ -376,23 +389,87 @@ impl Pool {
     }
 
     /// `sender` ready for one more stream; a closed connection is replaced
-    /// once (then its call counter comes too).
-    async fn ready(
-        &self,
-        slot: &Slot,
+    /// once (then its slot and call counter come too).
+    async fn ready<'a>(
+        &'a self,
+        slot: &'a Slot,
         sender: SendRequest<Bytes>,
-    ) -> Result<(SendRequest<Bytes>, Option<Arc<AtomicUsize>>), UpstreamError> {
+    ) -> Result<(&'a Slot, SendRequest<Bytes>, Option<Arc<AtomicUsize>>), UpstreamError> {
         match sender.ready().await {
-            Ok(sender) => Ok((sender, None)),
+            Ok(sender) => Ok((slot, sender, None)),
             Err(_) => {
                 self.forget(slot);
-                let Conn { sender, open } = self.connection(slot).await?;
+                let (slot, Conn { sender, open }) = self.connect_any(slot).await?;
                 match sender.ready().await {
-                    Ok(sender) => Ok((sender, Some(open))),
+                    Ok(sender) => Ok((slot, sender, Some(open))),
                     Err(e) => Err(self.h2_error(slot.endpoint, &e)),
                 }
             }
         }
+    }
+
+    /// A connection for a call not sent yet: `slot`'s, or when its endpoint
+    /// cannot be reached, one to each other endpoint in turn, passing over
+    /// those that failed within `HOLD_DOWN` (all of them failed: `slot`'s
+    /// is tried again). The first error when none connects.
+    async fn connect_any<'a>(&'a self, slot: &'a Slot) -> Result<(&'a Slot, Conn), UpstreamError> {
+        let n = self.spec.endpoints.len();
+        let mut first = None;
+        for step in 0..n {
+            let endpoint = (slot.endpoint + step) % n;
+            if n > 1 && self.held_down(endpoint) {
+                continue;
+            }
+            let s = if step == 0 {
+                slot
+            } else {
+                self.endpoint_slot(endpoint)
+            };
+            match self.connection(s).await {
+                Ok(c) => return Ok((s, c)),
+                Err(e) => {
+                    self.hold_down(endpoint);
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => {
+                let c = self.connection(slot).await;
+                if c.is_err() {
+                    self.hold_down(slot.endpoint);
+                }
+                c.map(|c| (slot, c))
+            }
+        }
+    }
+
+    fn held_down(&self, endpoint: usize) -> bool {
+        self.failed[endpoint]
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at.elapsed() < HOLD_DOWN)
+    }
+
+    fn hold_down(&self, endpoint: usize) {
+        if let Ok(mut at) = self.failed[endpoint].lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// The slot a call sent to `endpoint` takes: a connected one with room,
+    /// else one not connected yet, else its first.
+    fn endpoint_slot(&self, endpoint: usize) -> &Slot {
+        let c = &self.spec.config;
+        let max = c.max_connections.max(c.connections).max(1);
+        let slots = &self.slots[endpoint * max..(endpoint + 1) * max];
+        slots
+            .iter()
+            .find(|s| Self::live(s).is_some_and(|l| l.has_room(c.max_streams_per_connection)))
+            .or_else(|| slots.iter().find(|s| Self::live(s).is_none()))
+            .unwrap_or(&slots[0])
     }
 
     fn forget(&self, slot: &Slot) {

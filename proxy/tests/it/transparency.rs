@@ -288,6 +288,28 @@ async fn unknown_routes_are_unimplemented_and_dead_upstreams_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_over_from_an_address_that_refuses_connections() {
+    let up = Upstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // The dead address first: round robin sends every other call there.
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{dead}\", \"{}\"] }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&yaml);
+    let mut c = proxy.client().await;
+    for i in 0..20u8 {
+        c.unary(req(&[i]))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} was not sent to the live address: {e:?}"));
+    }
+    assert_eq!(up.seen.calls.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_are_honoured_and_capped_by_the_route() {
     let up = Upstream::start().await;
     let yaml = format!(
