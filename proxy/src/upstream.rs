@@ -409,18 +409,17 @@ impl Pool {
     }
 
     /// A connection for a call not sent yet: `slot`'s, or when its endpoint
-    /// cannot be reached, one to each other endpoint in turn, passing over
-    /// those that failed within `HOLD_DOWN` (all of them failed: `slot`'s
-    /// is tried again). The first error when none connects.
+    /// cannot be reached, one to each other endpoint in turn: first those
+    /// that have not failed within `HOLD_DOWN`, then those that have. The
+    /// first error when none connects.
     async fn connect_any<'a>(&'a self, slot: &'a Slot) -> Result<(&'a Slot, Conn), UpstreamError> {
         let n = self.spec.endpoints.len();
+        let (fresh, held): (Vec<usize>, Vec<usize>) = (0..n)
+            .map(|step| (slot.endpoint + step) % n)
+            .partition(|&e| n == 1 || !self.held_down(e));
         let mut first = None;
-        for step in 0..n {
-            let endpoint = (slot.endpoint + step) % n;
-            if n > 1 && self.held_down(endpoint) {
-                continue;
-            }
-            let s = if step == 0 {
+        for endpoint in fresh.into_iter().chain(held) {
+            let s = if endpoint == slot.endpoint {
                 slot
             } else {
                 self.endpoint_slot(endpoint)
@@ -433,16 +432,7 @@ impl Pool {
                 }
             }
         }
-        match first {
-            Some(e) => Err(e),
-            None => {
-                let c = self.connection(slot).await;
-                if c.is_err() {
-                    self.hold_down(slot.endpoint);
-                }
-                c.map(|c| (slot, c))
-            }
-        }
+        Err(first.unwrap_or_else(|| self.spec.error(slot.endpoint, "connect", "no address")))
     }
 
     fn held_down(&self, endpoint: usize) -> bool {
