@@ -4,9 +4,12 @@ connections whose first header block never ends, and 50 connections with 20
 calls each whose responses are never read (stream window 0, socket never
 read: 1,000 streams tollgate cannot finish).
 
-tollgate's resident memory stays under a stated bound, partial prefaces are
-closed after header_read_timeout, and the other client is served without an
-error and with p99 under a stated bound."""
+tollgate's resident memory stays under a stated bound and a second wave
+needs no more, partial prefaces are closed after header_read_timeout, and
+the other client is served without an error, with p99 under a stated bound
+while the connections open and while they are held. (While the backend
+answers the 1,000 never-read list calls at once its p99 is reported, not
+bounded: that is the backend at work on them.)"""
 
 import time
 
@@ -27,7 +30,6 @@ P99_BOUND_MS = 50
 SEND = 100
 PAGE = 20
 SETTLE_S = 1  # after the flood, for the backend to answer the never-read calls
-BURST_P99_BOUND_MS = 250
 
 
 def config(backend_port):
@@ -65,11 +67,15 @@ def run(stack, report):
     page = client.payments.ListPayments(pay.ListPaymentsRequest(account_id=account, page_size=PAGE),
                                         timeout=10, metadata=client.metadata)
     body = pay.ListPaymentsRequest(account_id=account, page_size=PAGE).SerializeToString()
+    path = "/payments.v1.PaymentService/ListPayments"
     waves = []
     for wave in (1, 2):
+        # The connection flood first, then the never-read calls (1,000 list
+        # calls reaching the backend at once), then the hold.
         t0 = time.monotonic()
-        slow = slowclients.Process(tollgate.port, IDLE, PARTIAL, STALLED, UNREAD, STREAMS,
-                                   "/payments.v1.PaymentService/ListPayments", body)
+        flood = slowclients.Process(tollgate.port, IDLE, PARTIAL, STALLED, 0, 0, path, body)
+        t_flood = time.monotonic()
+        unread = slowclients.Process(tollgate.port, 0, 0, 0, UNREAD, STREAMS, path, body)
         t_open = time.monotonic()
         peak, conns = rss_kib(tollgate.pid), 0
         while time.monotonic() < t_open + HOLD_S:
@@ -77,18 +83,21 @@ def run(stack, report):
             conns = max(conns, tollgate.metrics().sum("tollgate_active_connections"))
             time.sleep(0.2)
         t1 = time.monotonic()
-        closed = slow.closed_by_peer()
-        slow.close()
+        closed = flood.closed_by_peer()
+        opened = {k: flood.opened[k] + unread.opened[k] for k in flood.opened}
+        failed = {k: flood.failed[k] + unread.failed[k] for k in flood.failed}
+        flood.close()
+        unread.close()
         time.sleep(2)
-        waves.append({"t0": t0, "t_open": t_open, "t1": t1, "peak": peak, "conns": conns,
-                      "closed": closed, "opened": slow.opened, "failed": slow.failed,
+        waves.append({"t0": t0, "t_flood": t_flood, "t_open": t_open, "t1": t1, "peak": peak,
+                      "conns": conns, "closed": closed, "opened": opened, "failed": failed,
                       "after": rss_kib(tollgate.pid)})
     load.stop()
     channel.close()
 
     w = waves[0]
     opened, failed, closed, peak, conns = w["opened"], w["failed"], w["closed"], w["peak"], w["conns"]
-    t0, t_open, t1 = w["t0"], w["t_open"], w["t1"]
+    t0, t_flood, t_open, t1 = w["t0"], w["t_flood"], w["t_open"], w["t1"]
     report.figure("never-read responses", f"{len(page.SerializeToString())} bytes each, "
                   f"{UNREAD * STREAMS} of them")
     report.figure("slow clients", f"opened {opened} in {ms(t_open - t0)} (failed {failed}); "
@@ -112,16 +121,16 @@ def run(stack, report):
     report.figure("closed by tollgate in the hold", str(closed))
     calls = load.between(t0, t1)
     lat = [c.latency for c in calls]
-    burst = [c.latency for c in load.between(t0, t_open)]
+    flooding = [c.latency for c in load.between(t0, t_flood)]
+    burst = [c.latency for c in load.between(t_flood, t_open + SETTLE_S)]
     hold = [c.latency for c in load.between(t_open + SETTLE_S, t1)]
     report.figure("other client meanwhile", f"{len(calls)} calls {codes(calls)}, p50 "
-                  f"{ms(quantile(lat, 0.5))}, p99 {ms(quantile(lat, 0.99))}, max "
-                  f"{ms(max(lat) if lat else None)}; while the connections opened: p99 "
-                  f"{ms(quantile(burst, 0.99))}, while they were held: p99 {ms(quantile(hold, 0.99))}")
+                  f"{ms(quantile(lat, 0.5))}; p99 {ms(quantile(flooding, 0.99))} while the "
+                  f"connections opened, {ms(quantile(burst, 0.99))} while the backend answered "
+                  f"the never-read calls, {ms(quantile(hold, 0.99))} while all were held")
     report.check("other client served throughout, 0 errors",
                  calls and codes(calls) == {"OK": len(calls)}, str(codes(calls)))
-    report.check(f"its p99 under {BURST_P99_BOUND_MS} ms while the connections opened, "
-                 f"under {P99_BOUND_MS} ms while they were held",
-                 quantile(burst, 0.99) <= BURST_P99_BOUND_MS / 1000
+    report.check(f"its p99 under {P99_BOUND_MS} ms while the connections opened and while "
+                 "they were held", quantile(flooding, 0.99) <= P99_BOUND_MS / 1000
                  and quantile(hold, 0.99) <= P99_BOUND_MS / 1000)
     report.check("tollgate still serving", tollgate.running())
