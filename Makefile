@@ -25,7 +25,7 @@ test: ## Install what tests need, start real services, run every test (images an
 	$(CARGO) test --workspace --no-fail-fast
 	bash scripts/test-python.sh
 	PROFILE=debug SCENARIO=smoke,ratelimit bash load-tests/load-test.sh
-	PROFILE=debug ONLY=redis-kill,redis-slow,backend-kill,config-reload bash chaos-tests/chaos.sh
+	PROFILE=debug ONLY=redis-kill,backend-kill,config-reload bash chaos-tests/chaos.sh
 
 helm-check: ## Lint, render and validate the Helm chart (Helm SDK, Kubernetes 1.30.0 schemas, tollgate check)
 	bash scripts/helm-check.sh

@@ -14,6 +14,7 @@ import datetime
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -66,6 +67,12 @@ class Report:
 
 
 def main():
+    # idle-slowloris holds some 2,500 connections: tollgate inherits this.
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # SIGTERM (a cancelled job) unwinds like Ctrl-C, so stacks close.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated scenario names")
     ap.add_argument("--profile", default="release", choices=["release", "debug"])

@@ -58,7 +58,7 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 self.points.append((time.monotonic(), self.proc.metrics().sum(self.name, **self.labels)))
-            except RuntimeError:
+            except Exception:  # a scrape that failed is a gap, not the end
                 pass
             time.sleep(self.every)
 

@@ -43,9 +43,12 @@ class Load:
         return self
 
     def stop(self, wait=15.0):
-        """Stops sending; waits up to `wait` seconds for the answers."""
+        """Stops sending; waits up to `wait` seconds for the answers. Once."""
+        if self._stop.is_set():
+            return self
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(c.code is None for c in self.calls):
             time.sleep(0.05)

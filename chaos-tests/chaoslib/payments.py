@@ -88,6 +88,11 @@ class Writers:
     def resume(self):
         self._go.set()
 
+    def abort(self):
+        """Gives up every call under way and stops: a scenario's cleanup."""
+        self.give_up = 0
+        self.stop()
+
     def _run(self, n):
         channel = grpc.insecure_channel(self.target)
         client = payapi.Client(channel, metadata=self.metadata)

@@ -71,6 +71,7 @@ class SlowClients:
         self.streams, self.path, self.body = streams, path, body
         self.opened = {k: 0 for k in self.plan}
         self.closed_by_peer = {k: 0 for k in self.plan}
+        self.close_after = {k: [] for k in self.plan}  # seconds from connect to close
         self.failed = {k: 0 for k in self.plan}
         self.writers = []
         self.watchers = []
@@ -105,6 +106,7 @@ class SlowClients:
         async with sem:
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                connected = self.loop.time()
                 if kind == "partial":
                     writer.write(PREFACE[:16])
                 else:
@@ -129,9 +131,9 @@ class SlowClients:
             self.writers.append(writer)
             if kind != "unread":
                 # Notice when tollgate closes it; "unread" never reads at all.
-                self.watchers.append(asyncio.ensure_future(self._watch(kind, reader)))
+                self.watchers.append(asyncio.ensure_future(self._watch(kind, reader, connected)))
 
-    async def _watch(self, kind, reader):
+    async def _watch(self, kind, reader, connected):
         try:
             while await reader.read(65536):
                 pass
@@ -140,6 +142,7 @@ class SlowClients:
         except asyncio.CancelledError:
             return
         self.closed_by_peer[kind] += 1
+        self.close_after[kind].append(self.loop.time() - connected)
 
     def close(self):
         def shut():
@@ -165,24 +168,37 @@ class Process:
         self.opened, self.failed = got["opened"], got["failed"]
 
     def closed_by_peer(self):
+        """({kind: connections tollgate closed}, {kind: [seconds from
+        connect to close]})."""
         self.popen.stdin.write("report\n")
         self.popen.stdin.flush()
-        return json.loads(self.popen.stdout.readline())["closed"]
+        got = json.loads(self.popen.stdout.readline())
+        return got["closed"], got["after"]
 
     def close(self):
-        self.popen.stdin.write("close\n")
-        self.popen.stdin.flush()
-        self.popen.wait(30)
+        if self.popen.poll() is not None:
+            return
+        try:
+            self.popen.stdin.write("close\n")
+            self.popen.stdin.flush()
+            self.popen.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.popen.kill()
+            self.popen.wait()
 
 
 def main(argv):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     port, idle, partial, stalled, unread, streams = (int(a) for a in argv[:6])
     clients = SlowClients(port, idle, partial, stalled, unread, streams, argv[6],
                           bytes.fromhex(argv[7])).start()
     print(json.dumps({"opened": clients.opened, "failed": clients.failed}), flush=True)
     for line in sys.stdin:
         if line.strip() == "report":
-            print(json.dumps({"closed": clients.closed_by_peer}), flush=True)
+            print(json.dumps({"closed": clients.closed_by_peer, "after": clients.close_after}),
+                  flush=True)
         elif line.strip() == "close":
             break
     clients.close()

@@ -47,7 +47,7 @@ def http_get(url, timeout=2.0):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-    except OSError:
+    except Exception:  # refused, reset, cut short: nothing usable answered
         return 0, ""
 
 
@@ -123,13 +123,17 @@ def _alive(pid):
 
 
 class Proc:
-    """One of our binaries (or the fault proxy) as a child process."""
+    """One of our binaries (or the fault proxy) as a child process; with a
+    `stack`, stopped when the stack closes (registered before any wait for
+    it, so one that never gets ready is stopped too)."""
 
-    def __init__(self, name, argv, log, env=None):
+    def __init__(self, name, argv, log, env=None, stack=None):
         self.name, self.argv, self.log_path = name, argv, log
         self.env = env
         self.popen = None
         self.start()
+        if stack is not None:
+            stack.procs.append(self)
 
     def start(self):
         self.logf = open(self.log_path, "ab")
@@ -152,6 +156,8 @@ class Proc:
         self.popen.wait()
 
     def stop(self, timeout=30):
+        if self.popen is None:
+            return
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -179,7 +185,7 @@ class FaultProxy(Proc):
             [sys.executable, os.path.join(HERE, "faultproxy.py"),
              "--listen", f"127.0.0.1:{self.port}", "--upstream", f"127.0.0.1:{upstream_port}",
              "--control", f"127.0.0.1:{self.control_port}"],
-            os.path.join(stack.dir, f"{name}.log"))
+            os.path.join(stack.dir, f"{name}.log"), stack=stack)
         wait_until(f"the fault proxy {name}", lambda: tcp_open(self.control_port), timeout=10)
 
     def command(self, line):
@@ -203,6 +209,7 @@ class Stack:
         self.dir = tempfile.mkdtemp(prefix="tollgate-chaos-")
         self.procs = []
         self.services = []
+        self.cleanups = []
 
     def __enter__(self):
         return self
@@ -210,7 +217,19 @@ class Stack:
     def __exit__(self, *exc):
         self.close()
 
+    def defer(self, fn):
+        """Runs fn when the stack closes (before its processes stop): load
+        generators, consumers and clients a scenario started. Returns fn's
+        object for chaining when given a bound method."""
+        self.cleanups.append(fn)
+        return getattr(fn, "__self__", None)
+
     def close(self):
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception:  # keep cleaning up
+                pass
         for p in reversed(self.procs):
             try:
                 p.stop(timeout=10)
@@ -241,21 +260,15 @@ class Stack:
         return s
 
     def fault_proxy(self, name, upstream_port):
-        p = FaultProxy(self, name, upstream_port)
-        self.procs.append(p)
-        return p
+        return FaultProxy(self, name, upstream_port)
 
     # -- our binaries ---------------------------------------------------------
 
     def backend(self, database_url, name="backend", port=None, args=()):
-        b = Backend(self, name, database_url, port, args)
-        self.procs.append(b)
-        return b
+        return Backend(self, name, database_url, port, args)
 
     def tollgate(self, config, name="tollgate", port=None):
-        t = Tollgate(self, name, config, port)
-        self.procs.append(t)
-        return t
+        return Tollgate(self, name, config, port)
 
 
 class Backend(Proc):
@@ -269,7 +282,7 @@ class Backend(Proc):
              "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
              "--database-url", database_url, *args],
-            stack.path(f"{name}.log"))
+            stack.path(f"{name}.log"), stack=stack)
         self.wait_serving()
 
     def wait_serving(self, timeout=60):
@@ -299,7 +312,7 @@ class Tollgate(Proc):
             [os.path.join(stack.bin, "tollgate"), "run", "--config", self.config_path],
             stack.path(f"{name}.log"),
             env={"TOLLGATE_LISTEN": f"127.0.0.1:{self.port}",
-                 "TOLLGATE_ADMIN_LISTEN": f"127.0.0.1:{self.admin}"})
+                 "TOLLGATE_ADMIN_LISTEN": f"127.0.0.1:{self.admin}"}, stack=stack)
         self.wait_ready()
 
     def write_config(self, text):

@@ -38,6 +38,7 @@ def run(stack, report):
     payers, payees = setup_accounts(client)
 
     writers = Writers(target, payers, payees).start()
+    stack.defer(writers.abort)
     time.sleep(3)
     in_flight = sum(1 for k in writers.keys if k.acked_at is None)
     backend.kill()

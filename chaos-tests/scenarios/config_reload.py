@@ -45,6 +45,7 @@ def run(stack, report):
     client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
     account = client.account(funds=1000)
     load = common.read_loads(client, account, SEND, {"balance": "GetAccountBalance"})["balance"]
+    stack.defer(load.stop)
     load.start()
     t0 = time.monotonic()
     time.sleep(1)

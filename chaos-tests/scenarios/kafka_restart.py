@@ -65,6 +65,9 @@ class Consumer:
             ev = self.events_pb2.PaymentEvent.FromString(msg.value())
             self.seen.append((msg.partition(), ev.event_id, ev.payment_id, ev.sequence))
 
+    def distinct(self):
+        return len({e for _, e, _, _ in self.seen})
+
     def stop(self):
         self._stop.set()
         self._thread.join()
@@ -96,31 +99,35 @@ def run(stack, report):
     client = payapi.Client(channel)
     payers, payees = setup_accounts(client)
     before = Consumer(brokers, "before")
+    stack.defer(before.stop)
 
     writers = Writers(target, payers, payees, threads=4).start()
+    stack.defer(writers.abort)
     time.sleep(3)
-    writers.pause()
-    caught_up = common.wait_until_true(
+    paused = writers.pause()
+    caught_up = paused and common.wait_until_true(
         lambda: backend.metrics().sum(PENDING) == 0
-        and len(before.seen) >= backend.metrics().sum(PUBLISHED), timeout=30)
+        and before.distinct() >= backend.metrics().sum(PUBLISHED), timeout=30)
     report.check("before the stop, the consumer read every event published", caught_up,
-                 f"{len(before.seen)} read, {backend.metrics().sum(PUBLISHED):.0f} published")
+                 f"{before.distinct()} read, {backend.metrics().sum(PUBLISHED):.0f} published")
     before.stop()
     kafka.stop()
     writers.resume()
     backlog = common.Sampler(backend, PENDING, every=0.1)
+    stack.defer(backlog.stop)
     time.sleep(DOWN_S)
     peak_down = max((v for _, v in backlog.points), default=0)
     kafka.start()
     t_up = time.monotonic()
     after = Consumer(brokers, "after")
+    stack.defer(after.stop)
     time.sleep(3)
     writers.stop()
     drained = common.wait_until_true(lambda: backend.metrics().sum(PENDING) == 0, timeout=60)
     t_drained = time.monotonic()
     backlog.stop()
     rows = outbox(pg.env["URL"])
-    common.wait_until_true(lambda: len(before.seen) + len(after.seen) >= len(rows), timeout=30)
+    common.wait_until_true(lambda: before.distinct() + after.distinct() >= len(rows), timeout=30)
     time.sleep(0.5)
     after.stop()
     channel.close()

@@ -82,6 +82,7 @@ def run(stack, report):
     time.sleep(math.ceil(time.time()) - time.time())
     first = math.floor(time.time())
     for load in loads:
+        stack.defer(load.stop)
         load.start()
     time.sleep(WARMUP + WINDOWS + 0.5)
     for load in loads:

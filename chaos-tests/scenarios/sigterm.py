@@ -40,6 +40,7 @@ def run(stack, report):
     account = client.account(funds=1000)
     slow.command("latency 500")
     load = common.read_loads(client, account, SEND, {"reads": "GetAccountBalance"})["reads"]
+    stack.defer(load.stop)
     load.start()
     time.sleep(3)
     in_flight = [c for c in load.calls if c.code is None]
@@ -58,14 +59,16 @@ def run(stack, report):
     done = codes(in_flight)
     report.check("every call in flight at the signal completed OK",
                  in_flight and done == {"OK": len(in_flight)}, str(done))
-    later = [c for c in load.calls if c.sent > t_term + 0.01]
+    # A call that left within 50 ms of the signal may still have been
+    # taken up (and served, ~1 s later); every later one must be refused.
+    later = [c for c in load.calls if c.sent > t_term + 0.05]
     refused = codes(later)
     lat = [c.latency for c in later if c.latency is not None]
     report.figure("sent after the signal", f"{len(later)} calls: {refused}; latency p99 "
                   f"{ms(quantile(lat, 0.99))}, max {ms(max(lat) if lat else None)}")
-    report.check("calls after the signal refused cleanly (UNAVAILABLE), none left hanging",
-                 later and set(refused) <= {"UNAVAILABLE", "OK"} and "PENDING" not in refused
-                 and max(lat) < 2.0, str(refused))
+    report.check("calls after the signal refused with UNAVAILABLE, quickly (none served, "
+                 "none left hanging)", later and refused == {"UNAVAILABLE": len(later)}
+                 and max(lat) < 1.0, str(refused))
     report.figure("exit", f"status {code}, {ms(t_exit - t_term)} after SIGTERM "
                   f"(drain timeout {DRAIN_S} s)")
     report.check("exit 0 within the drain timeout", code == 0 and t_exit - t_term <= DRAIN_S + 0.5,

@@ -44,8 +44,10 @@ def run(stack, report):
     client = payapi.Client(channel, metadata=[("x-client-id", "chaos-reader")])
     payers, payees = setup_accounts(client)
     reads = common.read_loads(client, payers[0], SEND, {"reads": "GetAccountBalance"})["reads"]
+    stack.defer(reads.stop)
     reads.start()
     writers = Writers(target, payers, payees, threads=2).start()
+    stack.defer(writers.abort)
     t0 = time.monotonic()
     time.sleep(3)
     t_pre = time.monotonic()

@@ -52,7 +52,7 @@ pub(crate) struct UpstreamSpec {
 }
 
 /// Why a call could not be forwarded.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct UpstreamError {
     /// The upstream's name.
     pub(crate) upstream: Arc<str>,
@@ -242,9 +242,10 @@ pub(crate) struct Pool {
     /// turns.
     slots: Vec<Slot>,
     next: AtomicUsize,
-    /// Per endpoint, when its last connect failed: for `HOLD_DOWN` after
-    /// that, calls that need a new connection try the other endpoints first.
-    failed: Vec<Mutex<Option<Instant>>>,
+    /// Per endpoint, when its last connect failed and how: for `HOLD_DOWN`
+    /// after that, calls that need a new connection try the other endpoints
+    /// first, and calls that waited for that connect get its error.
+    failed: Vec<Mutex<Option<(Instant, UpstreamError)>>>,
 }
 
 /// How long an endpoint that refused a connection is passed over by calls
@@ -427,7 +428,6 @@ impl Pool {
             match self.connection(s).await {
                 Ok(c) => return Ok((s, c)),
                 Err(e) => {
-                    self.hold_down(endpoint);
                     first.get_or_insert(e);
                 }
             }
@@ -435,18 +435,21 @@ impl Pool {
         Err(first.unwrap_or_else(|| self.spec.error(slot.endpoint, "connect", "no address")))
     }
 
-    fn held_down(&self, endpoint: usize) -> bool {
-        self.failed[endpoint]
-            .lock()
-            .ok()
-            .and_then(|at| *at)
-            .is_some_and(|at| at.elapsed() < HOLD_DOWN)
+    /// The last failed connect to `endpoint` when it came at or after
+    /// `since`.
+    fn failed_since(&self, endpoint: usize, since: Instant) -> Option<UpstreamError> {
+        let last = self.failed[endpoint].lock().ok()?;
+        match &*last {
+            Some((at, e)) if *at >= since => Some(e.clone()),
+            _ => None,
+        }
     }
 
-    fn hold_down(&self, endpoint: usize) {
-        if let Ok(mut at) = self.failed[endpoint].lock() {
-            *at = Some(Instant::now());
-        }
+    fn held_down(&self, endpoint: usize) -> bool {
+        self.failed[endpoint].lock().ok().is_some_and(|last| {
+            last.as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < HOLD_DOWN)
+        })
     }
 
     /// The slot a call sent to `endpoint` takes: a connected one with room,
@@ -477,13 +480,27 @@ impl Pool {
         if let Some(c) = Self::live(slot) {
             return Ok(c);
         }
+        let asked = Instant::now();
         let _connecting = slot.connecting.lock().await;
         if let Some(c) = Self::live(slot) {
             return Ok(c);
         }
+        // The connect this call waited for failed: its answer now, rather
+        // than another connect timeout in turn.
+        if let Some(e) = self.failed_since(slot.endpoint, asked) {
+            return Err(e);
+        }
         // Boxed: the connect path (TCP, TLS, HTTP/2 handshake) is rare, and
         // inlined it would make every call's future several KiB larger.
-        let c = Box::pin(self.connect(slot.endpoint)).await?;
+        let c = match Box::pin(self.connect(slot.endpoint)).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Ok(mut last) = self.failed[slot.endpoint].lock() {
+                    *last = Some((Instant::now(), e.clone()));
+                }
+                return Err(e);
+            }
+        };
         if let Ok(mut g) = slot.conn.lock() {
             *g = Some(c.clone());
         }

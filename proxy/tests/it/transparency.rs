@@ -310,6 +310,44 @@ async fn calls_fail_over_from_an_address_that_refuses_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_on_a_connect_that_hangs_all_fail_over_at_its_timeout() {
+    let up = Upstream::start().await;
+    // A listener that never accepts, its backlog taken: connects to it hang.
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    hole.bind(&any.into()).unwrap();
+    hole.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+    let _backlog: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect_timeout(&hole_addr, Duration::from_millis(200)))
+        .collect();
+    let yaml = format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nupstreams:\n  echo: {{ addresses: [\"{hole_addr}\", \"{}\"], connect_timeout: 300ms }}\nroutes:\n  - {{ match: {{}}, upstream: echo }}\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&yaml);
+    // Eight calls at once, half of them dealt the silent address: those
+    // wait on one connect, and when it times out all go to the other
+    // address (one after another, the fourth would be past its deadline).
+    let calls = (0..8u8).map(|i| {
+        let proxy = &proxy;
+        async move {
+            let mut c = proxy.client().await;
+            let mut r = tonic::Request::new(req(&[i]));
+            r.set_timeout(Duration::from_secs(1));
+            c.unary(r).await
+        }
+    });
+    for (i, r) in futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        r.unwrap_or_else(|e| panic!("call {i} did not fail over in time: {e:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_are_honoured_and_capped_by_the_route() {
     let up = Upstream::start().await;
     let yaml = format!(
