@@ -51,5 +51,5 @@ def http_get(url, timeout=2):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-    except OSError:
+    except Exception:  # refused, reset, cut short: nothing usable answered
         return 0, ""

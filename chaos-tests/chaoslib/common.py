@@ -9,6 +9,28 @@ SERVICES = {"GetAccountBalance": "accounts", "GetAccount": "accounts",
             "ListPayments": "payments"}
 
 
+def passthrough_config(upstream_port, listener=""):
+    """tollgate in front of one upstream, every call routed to it, no limits;
+    `listener` is the text inside `listener: { }`."""
+    head = f"listener: {{ {listener} }}\n" if listener else ""
+    return head + f"""upstreams:
+  backend: {{ addresses: ["127.0.0.1:{upstream_port}"], connect_timeout: 500ms }}
+routes:
+  - match: {{}}
+    upstream: backend
+"""
+
+
+def reader(tollgate, client_id="chaos", funds=1000):
+    """A channel to tollgate, a payment client on it with `x-client-id`,
+    and an account it made with `funds`: (channel, client, account)."""
+    import grpc
+    import payapi
+    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
+    client = payapi.Client(channel, metadata=[("x-client-id", client_id)])
+    return channel, client, client.account(funds=funds)
+
+
 def read_call(client, account, method, timeout=5.0):
     """A function starting one read call `method` about `account`: the call
     a Load sends."""
@@ -43,22 +65,27 @@ def wait_metric_rises(proc, name, timeout, every=0.02, **labels):
 
 
 class Sampler:
-    """Polls one series of a process's /metrics every `every` seconds in a
-    thread: the timeline [(time, value)] of a gauge or counter."""
+    """Calls `read()` every `every` seconds in a thread: the timeline
+    [(time, value)]. A read that raises leaves a gap, not the end."""
 
-    def __init__(self, proc, name, every=0.02, **labels):
+    def __init__(self, read, every=0.02):
         import threading
-        self.proc, self.name, self.labels, self.every = proc, name, labels, every
+        self.read, self.every = read, every
         self.points = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    @classmethod
+    def metric(cls, proc, name, every=0.02, **labels):
+        """One series of a process's /metrics (summed over other labels)."""
+        return cls(lambda: proc.metrics().sum(name, **labels), every)
+
     def _run(self):
         while not self._stop.is_set():
             try:
-                self.points.append((time.monotonic(), self.proc.metrics().sum(self.name, **self.labels)))
-            except Exception:  # a scrape that failed is a gap, not the end
+                self.points.append((time.monotonic(), self.read()))
+            except Exception:  # a failed read is a gap, not the end
                 pass
             time.sleep(self.every)
 

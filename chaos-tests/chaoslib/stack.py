@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
 HERE = os.path.dirname(os.path.abspath(__file__))
 _TAKEN = set()
+
+sys.path.insert(0, os.path.join(ROOT, "tests-python"))
+from harness import http_get  # noqa: E402
 
 
 def free_port():
@@ -38,17 +39,6 @@ def free_port():
         _TAKEN.add(port)
         return port
     raise RuntimeError("no free port between 20000 and 32000")
-
-
-def http_get(url, timeout=2.0):
-    """(status, body) of a GET; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except Exception:  # refused, reset, cut short: nothing usable answered
-        return 0, ""
 
 
 def wait_until(what, fn, timeout=30.0, every=0.05):

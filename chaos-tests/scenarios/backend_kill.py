@@ -12,6 +12,7 @@ import time
 
 import grpc
 import payapi
+from chaoslib import common
 from chaoslib.load import ms
 from chaoslib.payments import Writers, audit, setup_accounts
 
@@ -19,13 +20,7 @@ TITLE = "Payment backend SIGKILLed mid-load and restarted: no payment lost or ch
 
 
 def config(backend_port):
-    return f"""
-upstreams:
-  backend: {{ addresses: ["127.0.0.1:{backend_port}"], connect_timeout: 500ms }}
-routes:
-  - match: {{}}
-    upstream: backend
-"""
+    return common.passthrough_config(backend_port)
 
 
 def run(stack, report):

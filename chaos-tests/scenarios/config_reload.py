@@ -9,7 +9,6 @@ takes effect without a restart."""
 import time
 
 import grpc
-import payapi
 from chaoslib import common
 from chaoslib.load import codes
 
@@ -41,9 +40,7 @@ def run(stack, report):
     pg = stack.postgres()
     backend = stack.backend(pg.env["URL"])
     tollgate = stack.tollgate(config(backend.port, f"{OLD_RATE}/s"))
-    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
-    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
-    account = client.account(funds=1000)
+    channel, client, account = common.reader(tollgate)
     load = common.read_loads(client, account, SEND, {"balance": "GetAccountBalance"})["balance"]
     stack.defer(load.stop)
     load.start()

@@ -13,7 +13,6 @@ bounded: that is the backend at work on them.)"""
 
 import time
 
-import grpc
 import payapi
 from chaoslib import common
 from chaoslib.load import codes, ms, quantile
@@ -33,23 +32,14 @@ SETTLE_S = 1  # after the flood, for the backend to answer the never-read calls
 
 
 def config(backend_port):
-    return f"""
-listener: {{ header_read_timeout: {HEADER_READ_S}s }}
-upstreams:
-  backend: {{ addresses: ["127.0.0.1:{backend_port}"] }}
-routes:
-  - match: {{}}
-    upstream: backend
-"""
+    return common.passthrough_config(backend_port, f"header_read_timeout: {HEADER_READ_S}s")
 
 
 def run(stack, report):
     pg = stack.postgres()
     backend = stack.backend(pg.env["URL"])
     tollgate = stack.tollgate(config(backend.port))
-    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
-    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
-    account = client.account(funds=1000)
+    channel, client, account = common.reader(tollgate)
     load = common.read_loads(client, account, SEND, {"reads": "GetAccountBalance"})["reads"]
     stack.defer(load.stop)
     load.start()

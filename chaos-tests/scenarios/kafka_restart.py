@@ -113,7 +113,7 @@ def run(stack, report):
     before.stop()
     kafka.stop()
     writers.resume()
-    backlog = common.Sampler(backend, PENDING, every=0.1)
+    backlog = common.Sampler.metric(backend, PENDING, every=0.1)
     stack.defer(backlog.stop)
     time.sleep(DOWN_S)
     peak_down = max((v for _, v in backlog.points), default=0)

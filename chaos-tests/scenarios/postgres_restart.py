@@ -8,7 +8,6 @@ and health says NOT_SERVING; once it is back the same backend process serves
 again, and every acknowledged payment is in the books."""
 
 import os
-import threading
 import time
 
 import grpc
@@ -24,34 +23,27 @@ TITLE = "PostgreSQL stopped and restarted under load: UNAVAILABLE, NOT_SERVING, 
 DOWN_S = 4
 
 
-class Health:
+class Health(common.Sampler):
     """grpc.health.v1 Check every 100 ms: [(time, status name)]."""
 
     def __init__(self, port):
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = health_pb2_grpc.HealthStub(self.channel)
-        self.points = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def _run(self):
-        while not self._stop.is_set():
+        def check():
             try:
-                r = self.stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
             except grpc.RpcError as e:
-                status = e.code().name
-            self.points.append((time.monotonic(), status))
-            time.sleep(0.1)
+                return e.code().name
+        super().__init__(check, every=0.1)
 
     def stop(self):
-        self._stop.set()
-        self._thread.join()
+        super().stop()
         self.channel.close()
 
-    def first(self, t0, status):
-        return next((t for t, s in self.points if t >= t0 and s == status), None)
+    def first_status(self, t0, status):
+        return self.first(t0, float("inf"), lambda s: s == status)
 
 
 def run(stack, report):
@@ -77,14 +69,14 @@ def run(stack, report):
     time.sleep(DOWN_S)
     pg.start()
     t_up = time.monotonic()
-    serving_again = common.wait_until_true(lambda: health.first(t_up, "SERVING"), timeout=30)
+    serving_again = common.wait_until_true(lambda: health.first_status(t_up, "SERVING"), timeout=30)
     time.sleep(3)
     reads.stop()
     writers.stop()
     health.stop()
 
-    t_not = health.first(t_down, "NOT_SERVING")
-    t_back = health.first(t_up, "SERVING")
+    t_not = health.first_status(t_down, "NOT_SERVING")
+    t_back = health.first_status(t_up, "SERVING")
     report.figure("health", "NOT_SERVING " + (ms(t_not - t_down) if t_not else "never")
                   + " after the stop, SERVING " + (ms(t_back - t_up) if t_back else "never")
                   + " after the start")

@@ -10,7 +10,6 @@ in Redis, with the same tollgate process."""
 import time
 
 import grpc
-import payapi
 from chaoslib import common
 from chaoslib.load import codes, ms, quantile
 from chaoslib.stack import histogram_delta, histogram_max_bound, histogram_quantile
@@ -60,9 +59,7 @@ def run(stack, report):
     pg = stack.postgres()
     backend = stack.backend(pg.env["URL"])
     tollgate = stack.tollgate(config(backend.port, redis.port))
-    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
-    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
-    account = client.account(funds=1000)
+    channel, client, account = common.reader(tollgate)
     loads = common.read_loads(client, account, SEND, LIMITS)
 
     for load in loads.values():

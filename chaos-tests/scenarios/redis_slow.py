@@ -10,8 +10,6 @@ the connections tollgate opened (a reconnect storm would show there)."""
 
 import time
 
-import grpc
-import payapi
 from chaoslib import common
 from chaoslib.load import codes, ms
 from chaoslib.stack import histogram_delta, histogram_max_bound, histogram_quantile
@@ -30,15 +28,13 @@ def run(stack, report):
     pg = stack.postgres()
     backend = stack.backend(pg.env["URL"])
     tollgate = stack.tollgate(config(backend.port, fault.port))
-    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
-    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
-    account = client.account(funds=1000)
+    channel, client, account = common.reader(tollgate)
     loads = common.read_loads(client, account, SEND, LIMITS)
     for load in loads.values():
         stack.defer(load.stop)
         load.start()
     time.sleep(2)
-    breaker = common.Sampler(tollgate, BREAKER, backend="redis")
+    breaker = common.Sampler.metric(tollgate, BREAKER, backend="redis")
     stack.defer(breaker.stop)
     try:
         for name, command in (("slow", "latency 200"), ("stalled", "stall")):

@@ -8,8 +8,6 @@ left hanging; tollgate exits 0 within its drain timeout."""
 
 import time
 
-import grpc
-import payapi
 from chaoslib import common
 from chaoslib.load import codes, ms, quantile
 
@@ -20,14 +18,7 @@ SEND = 100
 
 
 def config(upstream_port):
-    return f"""
-listener: {{ drain_timeout: {DRAIN_S}s }}
-upstreams:
-  backend: {{ addresses: ["127.0.0.1:{upstream_port}"] }}
-routes:
-  - match: {{}}
-    upstream: backend
-"""
+    return common.passthrough_config(upstream_port, f"drain_timeout: {DRAIN_S}s")
 
 
 def run(stack, report):
@@ -35,9 +26,7 @@ def run(stack, report):
     backend = stack.backend(pg.env["URL"])
     slow = stack.fault_proxy("backend-fault", backend.port)
     tollgate = stack.tollgate(config(slow.port))
-    channel = grpc.insecure_channel(f"127.0.0.1:{tollgate.port}")
-    client = payapi.Client(channel, metadata=[("x-client-id", "chaos")])
-    account = client.account(funds=1000)
+    channel, client, account = common.reader(tollgate)
     slow.command("latency 500")
     load = common.read_loads(client, account, SEND, {"reads": "GetAccountBalance"})["reads"]
     stack.defer(load.stop)

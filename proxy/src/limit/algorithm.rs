@@ -230,14 +230,15 @@ impl Params {
         };
         let elapsed = now - window;
         // The previous window's count weighted by the share of it the
-        // sliding window still covers, to the nearest call (half up).
-        // Kept exact, the fraction left at a window's last call refused it
-        // under steady load (48 a window of 50), and a limit of 1 admitted
-        // one call every other window; rounded down, a window's first
-        // moments would admit one call over the limit.
-        let carried = ((u128::from(previous) * u128::from(period - elapsed)
-            + u128::from(period / 2))
-            / u128::from(period)) as u64;
+        // sliding window still covers, rounded down, as Cloudflare's and
+        // Upstash's counters do: a fraction of a call holds no room. Kept
+        // exact, the fraction left at a window's last call refused it under
+        // steady load (48 a window of 50), and a limit of 1 admitted one
+        // call every other window. The price: just after a window's edge
+        // the weight is one short, so a call the previous window's last
+        // moments would have refused may pass (sliding_window_log is exact).
+        let carried =
+            (u128::from(previous) * u128::from(period - elapsed) / u128::from(period)) as u64;
         let allowed = carried.saturating_add(current).saturating_add(cost) <= limit;
         let current = if allowed { current + cost } else { current };
         let remaining = limit.saturating_sub(carried.saturating_add(current));
@@ -246,10 +247,11 @@ impl Params {
             0
         } else if current.saturating_add(cost) <= limit && previous > 0 {
             // Wait until enough of the previous window has slid out: the
-            // first elapsed' whose rounded weight fits in room, i.e.
-            // previous * (period - elapsed') < (room + 1/2) * period.
+            // first elapsed' with floor(previous * (period - elapsed') /
+            // period) <= room, i.e. elapsed' > period - (room + 1) * period
+            // / previous.
             let room = u128::from(limit - (current + cost));
-            let keep = ((2 * room + 1) * u128::from(period)).div_ceil(2 * u128::from(previous));
+            let keep = ((room + 1) * u128::from(period)).div_ceil(u128::from(previous));
             let at = (u128::from(period) + 1).saturating_sub(keep);
             (at as u64).saturating_sub(elapsed).max(1)
         } else {

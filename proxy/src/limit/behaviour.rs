@@ -135,38 +135,35 @@ pub(crate) fn cases() -> Vec<Case> {
         },
     });
     cases.push(Case {
-        name: "sliding counter weighs the previous window to the nearest call",
+        name: "sliding counter rounds the previous window's weight down",
         params: params(SlidingWindowCounter, 10, 1, None),
         steps: {
-            // 10 in the previous window. 14 % into the next one they weigh
-            // 8.6, counted as 9: one passes. The next waits until they weigh
-            // under 8.5, 10_001 µs later. Near the window's end they weigh
-            // 0.4, counted as 0, so the window's last call passes too (an
-            // exact weight refused it: 9 of 10 per window under steady
+            // 10 in the previous window. 15 % into the next one they weigh
+            // 8.5, counted as 8: two pass. The third waits until they weigh
+            // under 8, 50_001 µs later. At the very end of the window they
+            // weigh 0.1, counted as 0, so the window's last call passes too
+            // (an exact weight refused it: 9 of 10 per window under steady
             // load).
             let mut s: Vec<Step> = (0..10).map(|i| ok(10 * S + i)).collect();
-            s.push(ok(11 * S + 140_000));
-            s.push(no_retry(11 * S + 140_000, 10_001));
-            s.push(no(11 * S + 150_000));
-            s.push(ok(11 * S + 150_001));
-            s.extend((0..8).map(|_| ok(11 * S + 960_000)));
-            s.push(no(11 * S + 960_000));
+            s.push(ok(11 * S + 150_000));
+            s.push(ok(11 * S + 150_000));
+            s.push(no_retry(11 * S + 150_000, 50_001));
+            s.push(no(11 * S + 200_000));
+            s.push(ok(11 * S + 200_001));
+            s.extend((0..7).map(|_| ok(11 * S + 990_000)));
+            s.push(no(11 * S + 990_000));
             s
         },
     });
     cases.push(Case {
-        name: "sliding counter lets no extra call through at a window's edge",
+        name: "sliding counter at a window's edge: the weight rounded down",
         params: params(SlidingWindowCounter, 1, 1, None),
         steps: vec![
-            // The previous window's call came at its very end: just after
-            // the edge it still weighs 1 (rounded down it would weigh 0 and
-            // let a second call through a microsecond later). Half way
-            // through it weighs a half, still counted as 1; a microsecond
-            // later, 0.
+            // The previous window's one call came at its very end; a
+            // microsecond into the next it weighs 0.999999, counted as 0.
             ok(10 * S + 999_999),
-            no_retry(11 * S + 1, 500_000),
-            no(11 * S + 500_000),
-            ok(11 * S + 500_001),
+            ok(11 * S + 1),
+            no(11 * S + 2),
         ],
     });
     cases.push(Case {

@@ -189,10 +189,10 @@ for _ = 1, calls do
       end
       local elapsed = now - window
       -- The previous window's count weighted by the share of it still in
-      -- the sliding window, to the nearest call (half up), as algorithm.rs
-      -- does. Exact: config check keeps limit * period < 2^53, so the sum
-      -- and its remainder are whole doubles.
-      local carried = previous * (period - elapsed) + period / 2
+      -- the sliding window, rounded down, as algorithm.rs does. Exact:
+      -- config check keeps limit * period < 2^53, so the product and its
+      -- remainder are whole doubles.
+      local carried = previous * (period - elapsed)
       carried = (carried - carried % period) / period
       allowed = carried + current + cost <= limit
       if allowed then
@@ -206,12 +206,10 @@ for _ = 1, calls do
       if allowed then
         retry = 0
       elseif current + cost <= limit and previous > 0 then
-        -- The first elapsed' whose rounded weight fits in room:
-        -- previous * (period - elapsed') < (room + 1/2) * period.
-        local span = (2 * (limit - (current + cost)) + 1) * period
-        local twice = 2 * previous
-        local keep = (span - span % twice) / twice
-        if span % twice > 0 then
+        -- The first elapsed' whose rounded-down weight fits in room.
+        local span = (limit - (current + cost) + 1) * period
+        local keep = (span - span % previous) / previous
+        if span % previous > 0 then
           keep = keep + 1
         end
         retry = math.max(1, period + 1 - keep - elapsed)
