@@ -36,14 +36,14 @@ def read_call(client, account, method, timeout=5.0):
     a Load sends."""
     a, p = client.m["accounts_pb2"], client.m["payments_pb2"]
     if method == "GetAccountBalance":
-        stub, req = client.accounts.GetAccountBalance, a.GetAccountBalanceRequest(account_id=account)
+        rpc, req = client.accounts.GetAccountBalance, a.GetAccountBalanceRequest(account_id=account)
     elif method == "GetAccount":
-        stub, req = client.accounts.GetAccount, a.GetAccountRequest(account_id=account)
+        rpc, req = client.accounts.GetAccount, a.GetAccountRequest(account_id=account)
     elif method == "ListPayments":
-        stub, req = client.payments.ListPayments, p.ListPaymentsRequest(account_id=account, page_size=5)
+        rpc, req = client.payments.ListPayments, p.ListPaymentsRequest(account_id=account, page_size=5)
     else:
         raise ValueError(f"no read call {method}")
-    return lambda i: (method, stub.future(req, timeout=timeout, metadata=client.metadata))
+    return lambda i: (method, rpc.future(req, timeout=timeout, metadata=client.metadata))
 
 
 def read_loads(client, account, rate, limits):

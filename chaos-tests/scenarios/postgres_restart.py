@@ -28,11 +28,11 @@ class Health(common.Sampler):
 
     def __init__(self, port):
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = health_pb2_grpc.HealthStub(self.channel)
+        health = health_pb2_grpc.HealthStub(self.channel)
 
         def check():
             try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                r = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
             except grpc.RpcError as e:
                 return e.code().name
