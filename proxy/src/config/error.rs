@@ -59,3 +59,13 @@ impl Problems {
         });
     }
 }
+
+/// A config text quoted for a message, cut to 64 characters: a message
+/// never echoes an unbounded value.
+pub(crate) fn shown(s: &str) -> String {
+    const MOST: usize = 64;
+    match s.char_indices().nth(MOST) {
+        None => format!("{s:?}"),
+        Some((at, _)) => format!("{:?}…", &s[..at]),
+    }
+}

@@ -32,7 +32,7 @@ pub use self::env::{Env, ProcessEnv};
 pub use self::error::{ConfigError, Problem};
 pub use self::net::{resolve, HostPort};
 pub use self::parsed::{FromText, Parsed};
-pub use self::rate::Rate;
+pub use self::rate::{Rate, MONTH, WEEK};
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10000";
@@ -416,11 +416,17 @@ pub struct Limit {
     /// What one budget is per: the values of these parts, joined.
     #[serde(default)]
     pub key: Vec<KeyPart>,
-    /// `100/s`, `6000/min`, `1000/h`, `10000/day`.
+    /// `100/s`, `6000/min`, `1000/h`, `10000/day`, or over any period:
+    /// `5/10s`, `100/5min`, `50000/week`, `1000000/month` (30 days).
     pub rate: Parsed<Rate>,
     /// How it counts.
     #[serde(default)]
     pub algorithm: AlgorithmName,
+    /// `fixed_window` only: `calendar` makes a rate per day, week or month
+    /// count per UTC calendar day, ISO week (from Monday) or month: a
+    /// quota that resets at midnight, not on a window of its own.
+    #[serde(default, skip_serializing_if = "Window::is_rolling")]
+    pub window: Window,
     /// GCRA: units that may go at once (default: the rate's number).
     #[serde(default)]
     pub burst: Option<u64>,
@@ -577,6 +583,23 @@ pub enum AlgorithmName {
     Gcra,
     /// Per aligned window.
     FixedWindow,
+}
+
+/// How a fixed window's windows are placed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Window {
+    /// Back to back from the Unix epoch, one period each.
+    #[default]
+    Rolling,
+    /// The UTC calendar day, week (from Monday) or month.
+    Calendar,
+}
+
+impl Window {
+    fn is_rolling(&self) -> bool {
+        *self == Window::Rolling
+    }
 }
 
 /// What a call costs.

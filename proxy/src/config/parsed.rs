@@ -73,7 +73,9 @@ mod tests {
         assert_eq!(r.text(), "6_000/min");
         assert_eq!(r.value().map(|r| r.limit), Ok(6000));
         let bad: Parsed<Rate> = "10/fortnight".into();
-        assert!(bad.value().is_err_and(|e| e.contains("unknown unit")));
+        assert!(bad
+            .value()
+            .is_err_and(|e| e.contains("unknown period unit")));
         let a: Parsed<HostPort> = "[::1]:50051".into();
         assert_eq!(
             a.value().map(|a| (a.host.as_str(), a.port)),

@@ -134,12 +134,17 @@ routes:
       - { name: c2, rate: 9007199254740992/s, cost: { header: x-cost, max: 0 } }
       - { name: c3, rate: 5/s, algorithm: gcra, burst: 2, cost: 3 }
       - { name: c4, rate: 1/day, algorithm: gcra, burst: 1000000000 }
+      - { name: w1, rate: 5/0s }
+      - { name: w2, rate: 5/400d }
+      - { name: w3, rate: 5/day, window: calendar }
+      - { name: w4, rate: 5/10s, algorithm: fixed_window, window: calendar }
+      - { name: w5, rate: 5/week, algorithm: fixed_window, window: calendar, key: [ { header: x-a } ], overrides: { a: 9/day } }
 "#,
     );
     for e in [
         "routes[0].limits[0].rate: \"0/s\": the rate must be more than 0",
         "routes[0].limits[1].name: \"x\" is used by another limit",
-        "routes[0].limits[1].rate: \"10/fortnight\": unknown unit",
+        "routes[0].limits[1].rate: \"10/fortnight\": unknown period unit; write one of ms, s, min, h, day, week, month, year",
         "routes[0].limits[1].key[0].header: \"X-Merchant\" can never be present",
         "routes[0].limits[2].key[0].header: \":path\" can never be present",
         "routes[0].limits[2].burst: only the gcra algorithm has a burst",
@@ -150,6 +155,11 @@ routes:
         "routes[0].limits[5].cost.max: must be at least 1",
         "routes[0].limits[6].cost: 3 is more than the limit can ever admit (2)",
         "routes[0].limits[7].burst: 1000000000 at 1/day takes more than 2^53 µs",
+        "routes[0].limits[8].rate: \"5/0s\": the period is zero; use a period of at least 1ms",
+        "routes[0].limits[9].rate: \"5/400d\": the period is longer than a year; use a period of at most 365 days",
+        "routes[0].limits[10].window: calendar windows are fixed windows: set algorithm: fixed_window",
+        "routes[0].limits[11].window: a calendar window is a day, a week or a month: write the rate per day, per week or per month, not 5/10s",
+        "routes[0].limits[12].overrides.a: a calendar window's overrides count over the same window: write it per week",
     ] {
         assert!(
             p.iter().any(|x| x.starts_with(e)),
@@ -158,6 +168,11 @@ routes:
     }
     let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/s, algorithm: leaky } ]\n").unwrap_err();
     assert!(err.contains("unknown variant `leaky`"), "{err}");
+    let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/day, window: sideways } ]\n").unwrap_err();
+    assert!(
+        err.contains("unknown variant `sideways`, expected `rolling` or `calendar`"),
+        "{err}"
+    );
     let err = Config::parse("limiter: { backend: etcd }").unwrap_err();
     assert!(
         err.contains("unknown variant `etcd`, expected one of `memory`, `redis`, `redis-cluster`"),

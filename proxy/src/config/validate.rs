@@ -242,6 +242,32 @@ fn check_limits(
             Err(e) => p.add(format!("{at}.rate"), e),
             Ok(&rate) => check_counter_range(p, &format!("{at}.rate"), l.algorithm, rate),
         }
+        if l.window == Window::Calendar {
+            if l.algorithm != AlgorithmName::FixedWindow {
+                p.add(
+                    format!("{at}.window"),
+                    "calendar windows are fixed windows: set algorithm: fixed_window",
+                );
+            }
+            if let Ok(rate) = l.rate.value() {
+                if !is_calendar_period(rate) {
+                    p.add(
+                        format!("{at}.window"),
+                        format!("a calendar window is a day, a week or a month: write the rate per day, per week or per month, not {rate}"),
+                    );
+                }
+            }
+            for (k, r) in &l.overrides {
+                if let (Ok(r), Ok(rate)) = (r.value(), l.rate.value()) {
+                    if r.period != rate.period {
+                        p.add(
+                            format!("{at}.overrides.{k}"),
+                            format!("a calendar window's overrides count over the same window: write it per {}", rate.to_string().split_once('/').map_or("", |(_, u)| u)),
+                        );
+                    }
+                }
+            }
+        }
         if l.burst == Some(0) {
             p.add(format!("{at}.burst"), "must be at least 1 (or absent)");
         }
@@ -337,6 +363,13 @@ fn check_limits(
             );
         }
     }
+}
+
+/// Whether `rate` is per day, week or (30-day) month: the periods a
+/// calendar window can have.
+fn is_calendar_period(rate: &Rate) -> bool {
+    let s = rate.period.as_secs();
+    rate.period.subsec_nanos() == 0 && (s == 86_400 || s == WEEK || s == MONTH)
 }
 
 /// Redis scripts count in doubles, exact below 2^53: limits (and the

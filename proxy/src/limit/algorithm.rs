@@ -27,6 +27,75 @@ pub enum Algorithm {
     Gcra,
     /// Counts per aligned window: cheapest, allows 2x at window edges.
     FixedWindow,
+    /// A fixed window that is a calendar day, ISO week (from Monday) or
+    /// month, in UTC: a quota. The store's clock must be Unix time.
+    Calendar(Calendar),
+}
+
+/// A calendar window, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Calendar {
+    /// From midnight.
+    Day,
+    /// From Monday's midnight.
+    Week,
+    /// From the first's midnight.
+    Month,
+}
+
+const DAY_MICROS: u64 = 86_400_000_000;
+
+// === impl Calendar ===
+
+impl Calendar {
+    /// The window holding `now` (µs of Unix time): its start and its end.
+    pub fn window(self, now: u64) -> (u64, u64) {
+        let days = now / DAY_MICROS;
+        let (first, len) = match self {
+            Calendar::Day => (days, 1),
+            // 1970-01-01 was a Thursday: Monday is three days on from it.
+            Calendar::Week => (days - (days + 3) % 7, 7),
+            Calendar::Month => {
+                let (y, m, d) = civil_from_days(days);
+                (days - (d - 1), days_in_month(y, m))
+            }
+        };
+        (first * DAY_MICROS, (first + len) * DAY_MICROS)
+    }
+
+    /// The longest such window, in µs (how long its state matters).
+    pub fn longest_micros(self) -> u64 {
+        DAY_MICROS
+            * match self {
+                Calendar::Day => 1,
+                Calendar::Week => 7,
+                Calendar::Month => 31,
+            }
+    }
+}
+
+/// (year, month 1-12, day 1-31) of a day counted from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_in_month(y: u64, m: u64) -> u64 {
+    match m {
+        2 if y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400)) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// A limit's parameters.
@@ -143,7 +212,12 @@ impl Params {
     /// (the log drops the admissions that have left its window, in place).
     pub fn decide(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
         match self.algorithm {
-            Algorithm::FixedWindow => self.fixed(state.as_deref(), now, cost),
+            Algorithm::FixedWindow => {
+                let period = self.rate.period_micros();
+                let window = now - now % period;
+                self.fixed(state.as_deref(), now, cost, (window, window + period))
+            }
+            Algorithm::Calendar(c) => self.fixed(state.as_deref(), now, cost, c.window(now)),
             Algorithm::SlidingWindowCounter => self.counter(state.as_deref(), now, cost),
             Algorithm::SlidingWindowLog => return self.log(state, now, cost),
             Algorithm::Gcra => self.gcra(state.as_deref(), now, cost),
@@ -182,6 +256,7 @@ impl Params {
     pub fn ttl_micros(&self) -> u64 {
         match self.algorithm {
             Algorithm::SlidingWindowCounter => 2 * self.rate.period_micros(),
+            Algorithm::Calendar(c) => c.longest_micros(),
             Algorithm::Gcra => self
                 .rate
                 .emission_interval_micros()
@@ -190,15 +265,20 @@ impl Params {
         }
     }
 
-    fn fixed(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
-        let period = self.rate.period_micros();
+    /// A fixed window: `(window, end)` is the one `now` is in.
+    fn fixed(
+        &self,
+        state: Option<&State>,
+        now: u64,
+        cost: u64,
+        (window, end): (u64, u64),
+    ) -> (Decision, State) {
         let limit = self.rate.limit;
-        let window = now - now % period;
         let count = match state {
             Some(State::Fixed { window: w, count }) if *w == window => *count,
             _ => 0,
         };
-        let reset = window + period - now;
+        let reset = end - now;
         let allowed = count.saturating_add(cost) <= limit;
         let count = if allowed { count + cost } else { count };
         (
@@ -367,7 +447,7 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::behaviour::{behaviour_table, cases, check_step, params, S};
+    use crate::limit::behaviour::{behaviour_table, cases, check_step, params, ALIGNED_START, S};
 
     #[test]
     fn the_pure_algorithms_pass_the_table() {
@@ -375,12 +455,48 @@ mod tests {
         let mut states: Vec<Option<State>> = vec![None; cases().len()];
         behaviour_table!(|n, case, step| {
             let state = &mut states[n];
-            let (d, next) = case.params.decide(state.as_mut(), step.at, step.cost);
+            let now = ALIGNED_START + step.at;
+            let (d, next) = case.params.decide(state.as_mut(), now, step.cost);
             if d.allowed {
                 case.params.keep(state, next);
             }
             d
         });
+    }
+
+    #[test]
+    fn calendar_windows_tile_time_and_start_where_the_calendar_does() {
+        let day = DAY_MICROS;
+        // 1970 to 2100, a month at a time: each starts on the 1st where the
+        // previous ended, and is 28 to 31 days long.
+        let mut at = 0;
+        for _ in 0..(130 * 12) {
+            let (start, end) = Calendar::Month.window(at + day / 2);
+            assert_eq!(start, at);
+            assert_eq!(civil_from_days(start / day).2, 1);
+            assert!((28..=31).contains(&((end - start) / day)));
+            at = end;
+        }
+        assert_eq!(civil_from_days(at / day), (2100, 1, 1));
+        // 2024-02-29 00:00 UTC is in February 2024, which has 29 days.
+        let leap = 1_709_164_800 * 1_000_000;
+        let (start, end) = Calendar::Month.window(leap);
+        assert_eq!(
+            (civil_from_days(start / day), (end - start) / day),
+            ((2024, 2, 1), 29)
+        );
+        // Weeks begin on Monday: 2024-01-01 was one; so was 1969-12-29.
+        let monday = 1_704_067_200 * 1_000_000;
+        for d in 0..7 {
+            assert_eq!(
+                Calendar::Week.window(monday + d * day + 5),
+                (monday, monday + 7 * day)
+            );
+        }
+        assert_eq!(
+            Calendar::Day.window(monday + day + 1),
+            (monday + day, monday + 2 * day)
+        );
     }
 
     #[test]

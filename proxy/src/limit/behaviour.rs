@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::algorithm::{Algorithm, Decision, Params};
+use super::algorithm::{Algorithm, Calendar::*, Decision, Params};
 use super::Rate;
 
 /// One call of a case.
@@ -202,9 +202,78 @@ pub(crate) fn cases() -> Vec<Case> {
             },
         ],
     });
+    // Any period: 10 s, 5 min and a week, in every algorithm. A burst of
+    // the limit at a window's start passes and the next call is refused
+    // with the wait the algorithm owes; two periods on, the whole limit
+    // passes again.
+    for period in [10, 300, 7 * 86_400] {
+        for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+            let p = period * S;
+            // A rolling window's start (a week from the epoch's Thursday).
+            let t0 = 10 * p + (p - ALIGNED_START % p) % p;
+            let mut steps: Vec<Step> = (0..4).map(|i| ok(t0 + i)).collect();
+            steps.push(match a {
+                FixedWindow | SlidingWindowLog => no_retry(t0 + 4, p - 4),
+                Gcra => no_retry(t0 + 4, p / 4 - 4),
+                _ => no(t0 + 4),
+            });
+            steps.push(no(t0 + p / 8));
+            steps.extend((0..4).map(|i| ok(t0 + 2 * p + i)));
+            steps.push(no(t0 + 2 * p + 4));
+            cases.push(Case {
+                name: "any period: 4 per 10 s, 5 min or week",
+                params: params(a, 4, period, None),
+                steps,
+            });
+        }
+    }
+    // Calendar windows. ALIGNED_START is Monday 2024-01-01, 00:00 UTC:
+    // January has 31 days and February (2024 is a leap year) 29.
+    const D: u64 = 86_400 * S;
+    const H: u64 = 3_600 * S;
+    cases.push(Case {
+        name: "a calendar day resets at UTC midnight",
+        params: params(Calendar(Day), 1, 86_400, None),
+        steps: vec![ok(23 * H), no_retry(23 * H + 59 * 60 * S, 60 * S), ok(D)],
+    });
+    cases.push(Case {
+        name: "a calendar week runs Monday to Sunday, not from the epoch's Thursday",
+        params: params(Calendar(Week), 2, 7 * 86_400, None),
+        steps: vec![
+            ok(0),
+            ok(3 * D - 1),
+            // A rolling week from the epoch would begin on this Thursday.
+            no_retry(3 * D + H, 4 * D - H),
+            no(7 * D - 1),
+            ok(7 * D),
+            ok(7 * D + 1),
+            no(7 * D + 2),
+        ],
+    });
+    cases.push(Case {
+        name: "a calendar month is the month, 31 days or a leap February's 29",
+        params: params(Calendar(Month), 1, 30 * 86_400, None),
+        steps: vec![
+            ok(0),
+            // 30 days on is still 31 January.
+            no_retry(30 * D, D),
+            ok(31 * D),
+            // 29 February 2024, then 1 March.
+            no_retry(59 * D + 23 * H, H),
+            ok(60 * D),
+            no(60 * D + 30 * D),
+            ok(60 * D + 31 * D),
+        ],
+    });
     // A client-chosen cost near 2^64 must be refused, never wrap around to
     // a small sum that passes; the calls after it see the state it left.
-    for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+    for a in [
+        FixedWindow,
+        SlidingWindowLog,
+        SlidingWindowCounter,
+        Gcra,
+        Calendar(Day),
+    ] {
         for huge in [u64::MAX, u64::MAX - 1, 1 << 63] {
             let mut steps: Vec<Step> = (0..3).map(|i| ok(10 * S + i)).collect();
             steps.push(Step {
@@ -216,7 +285,7 @@ pub(crate) fn cases() -> Vec<Case> {
             steps.push(no(10 * S + 4));
             cases.push(Case {
                 name: "a cost near 2^64 is refused and wraps nothing",
-                params: params(a, 3, 60, None),
+                params: params(a, 3, if a == Calendar(Day) { 86_400 } else { 60 }, None),
                 steps,
             });
         }
@@ -242,9 +311,10 @@ macro_rules! behaviour_table {
 }
 pub(crate) use behaviour_table;
 
-/// A time every period of the table divides (1 s and 60 s), far from the
-/// epoch: backends run each case from here.
-pub(crate) const ALIGNED_START: u64 = 1_700_000_040 * S;
+/// Monday 2024-01-01, 00:00 UTC: a time every rolling period of the table
+/// but the week divides, where calendar days, weeks and months all begin.
+/// Backends run each case from here.
+pub(crate) const ALIGNED_START: u64 = 1_704_067_200 * S;
 
 /// Whether a backend's decision for `step` (number `i` of `case`) is the
 /// one the table wants; the error says what differs.

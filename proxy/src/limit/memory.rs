@@ -27,6 +27,8 @@ impl Expiring for Entry {
 pub(crate) struct MemoryStore {
     shards: Shards<Arc<str>, Entry>,
     epoch: Instant,
+    /// Unix time at `epoch`, in µs: calendar windows need the real date.
+    unix_at_epoch: u64,
 }
 
 // === impl MemoryStore ===
@@ -37,6 +39,9 @@ impl MemoryStore {
         MemoryStore {
             shards: Shards::new(max_keys),
             epoch: Instant::now(),
+            unix_at_epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
         }
     }
 
@@ -45,11 +50,11 @@ impl MemoryStore {
         self.shards.set_max_keys(max_keys);
     }
 
-    /// Now, in microseconds on this store's clock (tokio's, so tests can
-    /// pause and advance it).
+    /// Now, in microseconds of Unix time as it was when the store was made,
+    /// advanced by a monotonic clock (tokio's, so tests can pause and
+    /// advance it): a step of the wall clock never moves a window.
     pub(crate) fn now(&self) -> u64 {
-        // Offset so that aligned windows do not all start at zero.
-        1_000_000_000 + self.epoch.elapsed().as_micros() as u64
+        self.unix_at_epoch + self.epoch.elapsed().as_micros() as u64
     }
 
     /// Decides every check at once; commits the new states only if no

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tollgate::config::Rate;
 use tollgate::config::{Backend, Dur, Limiter, RedisStore as RedisSettings};
-use tollgate::limit::algorithm::{self, Algorithm, Params};
+use tollgate::limit::algorithm::{self, Algorithm, Calendar, Params};
 use tollgate::limit::check::Check;
 use tollgate::limit::redis::{RedisStore, StoreError};
 
@@ -454,11 +454,17 @@ async fn across_cluster_slots_a_refused_call_is_refunded_for_every_algorithm() {
         Algorithm::SlidingWindowCounter,
         Algorithm::SlidingWindowLog,
         Algorithm::Gcra,
+        Algorithm::Calendar(Calendar::Week),
+        Algorithm::Calendar(Calendar::Month),
     ] {
         let params = Params {
             rate: Rate {
                 limit: 10,
-                period: Duration::from_secs(3600),
+                period: Duration::from_secs(match algorithm {
+                    Algorithm::Calendar(Calendar::Week) => 7 * 86_400,
+                    Algorithm::Calendar(_) => 30 * 86_400,
+                    _ => 3600,
+                }),
             },
             burst: None,
             algorithm,

@@ -8,7 +8,7 @@ use std::hash::BuildHasherDefault;
 use super::batcher::{Kind, Request};
 use super::keys::write_key;
 use super::Inner;
-use crate::limit::algorithm::{Algorithm, Decision, Params};
+use crate::limit::algorithm::{Algorithm, Calendar, Decision, Params};
 use crate::limit::check::Check;
 
 /// Identity hasher for keys already hashed ([`Check::hash`]).
@@ -96,7 +96,11 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     // reads the batch's states knowing each key's, without a pass over the
     // calls.
     for c in &unique {
-        msgpack::uint(&mut numbers, script_algorithm(c.params.algorithm));
+        let shape = match c.params.algorithm {
+            Algorithm::Calendar(_) => FIXED_WINDOW,
+            a => script_algorithm(a),
+        };
+        msgpack::uint(&mut numbers, shape);
     }
     msgpack::uint(&mut numbers, group.len() as u64);
     let mut refs = refs.into_iter();
@@ -140,11 +144,18 @@ const FIXED_WINDOW: u64 = 1;
 const SLIDING_COUNTER: u64 = 2;
 const SLIDING_LOG: u64 = 3;
 const GCRA: u64 = 4;
+/// Calendar windows (`CALENDAR_DAY, CALENDAR_WEEK, CALENDAR_MONTH`).
+const CALENDAR_DAY: u64 = 5;
+const CALENDAR_WEEK: u64 = 6;
+const CALENDAR_MONTH: u64 = 7;
 
 /// An algorithm as the scripts number it.
 fn script_algorithm(a: Algorithm) -> u64 {
     match a {
         Algorithm::FixedWindow => FIXED_WINDOW,
+        Algorithm::Calendar(Calendar::Day) => CALENDAR_DAY,
+        Algorithm::Calendar(Calendar::Week) => CALENDAR_WEEK,
+        Algorithm::Calendar(Calendar::Month) => CALENDAR_MONTH,
         Algorithm::SlidingWindowCounter => SLIDING_COUNTER,
         Algorithm::SlidingWindowLog => SLIDING_LOG,
         Algorithm::Gcra => GCRA,

@@ -4,8 +4,8 @@
 use http::HeaderName;
 
 use super::{Compiled, CostOf, Outcomes, Part, RouteLimits, Stores};
-use crate::config::{self, AlgorithmName, Cost, KeySource};
-use crate::limit::algorithm::{Algorithm, Params};
+use crate::config::{self, AlgorithmName, Cost, KeySource, Rate, Window, MONTH, WEEK};
+use crate::limit::algorithm::{Algorithm, Calendar, Params};
 use crate::metrics;
 
 /// The algorithm's name in its keys. The sliding log's state changed
@@ -14,14 +14,26 @@ use crate::metrics;
 fn key_label(a: Algorithm) -> &'static str {
     match a {
         Algorithm::FixedWindow => "FixedWindow",
+        Algorithm::Calendar(Calendar::Day) => "CalendarDay",
+        Algorithm::Calendar(Calendar::Week) => "CalendarWeek",
+        Algorithm::Calendar(Calendar::Month) => "CalendarMonth",
         Algorithm::SlidingWindowCounter => "SlidingWindowCounter",
         Algorithm::SlidingWindowLog => "SlidingWindowLog.2",
         Algorithm::Gcra => "Gcra",
     }
 }
 
-fn algorithm(a: AlgorithmName) -> Algorithm {
-    match a {
+/// A validated limit's algorithm: a calendar window is a fixed window of a
+/// day, a week or a month.
+fn algorithm(l: &config::Limit, rate: Rate) -> Algorithm {
+    if l.window == Window::Calendar {
+        return Algorithm::Calendar(match rate.period.as_secs() {
+            s if s == WEEK => Calendar::Week,
+            s if s == MONTH => Calendar::Month,
+            _ => Calendar::Day,
+        });
+    }
+    match l.algorithm {
         AlgorithmName::SlidingWindowLog => Algorithm::SlidingWindowLog,
         AlgorithmName::SlidingWindowCounter => Algorithm::SlidingWindowCounter,
         AlgorithmName::Gcra => Algorithm::Gcra,
@@ -49,7 +61,7 @@ impl RouteLimits {
             let params = Params {
                 rate,
                 burst: l.burst,
-                algorithm: algorithm(l.algorithm),
+                algorithm: algorithm(l, rate),
             };
             let overrides = l
                 .overrides
