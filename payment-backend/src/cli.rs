@@ -39,6 +39,16 @@ enum Command {
     /// Ask a running backend's grpc.health.v1 whether it serves: exit 0 when
     /// SERVING, 1 otherwise. For a container HEALTHCHECK or an exec probe.
     Health(HealthArgs),
+    /// Write the payments.v1 FileDescriptorSet (imports included), for a
+    /// proxy's or client's schema: `--out FILE`, or standard output.
+    DescriptorSet(DescriptorSetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DescriptorSetArgs {
+    /// The file to write (default: standard output).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -250,6 +260,23 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::DescriptorSet(args) => {
+            let bytes = tollgate_proto::PAYMENTS_V1_DESCRIPTOR_SET;
+            let written = match &args.out {
+                Some(path) => std::fs::write(path, bytes)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display())),
+                None => {
+                    use std::io::Write as _;
+                    std::io::stdout()
+                        .write_all(bytes)
+                        .map_err(|e| format!("cannot write to standard output: {e}"))
+                }
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_FAILURE, e),
+            }
+        }
         Command::Health(args) => {
             let address = crate::health::dial_address(args.address);
             match crate::health::check(address, &args.service, args.timeout).await {

@@ -10,6 +10,7 @@
 //! its own observer, the call's deadline, and the bookkeeping that counts
 //! the call once it ends (or is cancelled).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,6 +113,9 @@ pub(crate) enum BodyError {
 /// The client's request body on its way to the upstream.
 pub(crate) struct RequestBody {
     inner: Incoming,
+    /// Frames read before the call was forwarded (its limits read the
+    /// first message), sent first.
+    held: Option<VecDeque<Frame<Bytes>>>,
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<dyn RouteCounters>,
@@ -123,6 +127,7 @@ impl RequestBody {
     /// Observes `inner` for the call described by `state` and `route`.
     pub(crate) fn new(
         inner: Incoming,
+        held: Option<VecDeque<Frame<Bytes>>>,
         max: u32,
         compressed_ok: bool,
         state: Arc<CallState>,
@@ -130,6 +135,7 @@ impl RequestBody {
     ) -> Self {
         RequestBody {
             inner,
+            held: held.filter(|h| !h.is_empty()),
             observer: FrameObserver::new(max, compressed_ok),
             state,
             route,
@@ -151,7 +157,16 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let next = match this.held.as_mut().and_then(|h| h.pop_front()) {
+            Some(frame) => {
+                if this.held.as_ref().is_some_and(|h| h.is_empty()) {
+                    this.held = None;
+                }
+                Some(Ok(frame))
+            }
+            None => ready!(Pin::new(&mut this.inner).poll_frame(cx)),
+        };
+        match next {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.state.mark_moved();
@@ -172,11 +187,14 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         // Mid-frame, the end is not the end: hyper must poll once more so the
         // truncation is reported instead of forwarded.
-        self.inner.is_end_stream() && self.observer.finish().is_ok()
+        self.held.is_none() && self.inner.is_end_stream() && self.observer.finish().is_ok()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.held {
+            None => self.inner.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
     }
 }
 

@@ -26,7 +26,8 @@ use crate::call::CallState;
 use crate::grpc::frame::{compressed, FrameObserver};
 use crate::grpc::status::{parse_status, Code};
 use crate::grpc::{path, timeout};
-use crate::limit::CallInfo;
+use crate::hold::{first_message, Encoding, Held, HoldError};
+use crate::limit::{CallInfo, FirstMessage, Rejection};
 use crate::respond::CallError;
 use crate::state::{Conn, Worker};
 
@@ -54,7 +55,8 @@ pub(crate) async fn handle(
     if !is_grpc(&req) {
         return CallError::NotGrpc.into_response();
     }
-    let Some(call) = path::parse(req.uri().path()) else {
+    let (mut parts, mut body) = req.into_parts();
+    let Some(call) = path::parse(parts.uri.path()) else {
         return CallError::MalformedPath.into_response();
     };
 
@@ -71,29 +73,10 @@ pub(crate) async fn handle(
 
     // The client's deadline, read before any limit is charged: a malformed
     // or repeated grpc-timeout is refused, never forwarded.
-    let client_timeout = match client_timeout(req.headers()) {
+    let client_timeout = match client_timeout(&parts.headers) {
         Ok(t) => t,
         Err(why) => return CallError::BadTimeout(why).answer(Tally::start(stats, start)),
     };
-
-    // Limit.
-    let mut extra_headers = None;
-    if let Some(limits) = &route.limits {
-        let info = CallInfo {
-            service: call.service,
-            method: call.method,
-            headers: req.headers(),
-            peer,
-            tls_identity: conn.tls_identity.as_deref(),
-            worker: worker.index,
-        };
-        match limits.check(info).await {
-            Ok(h) => extra_headers = h,
-            Err(rejection) => {
-                return CallError::Limited(rejection).answer(Tally::start(stats, start));
-            }
-        }
-    }
 
     // Deadline: the client's grpc-timeout, capped by the route's timeout.
     let (budget, why) = match (client_timeout, route.timeout) {
@@ -104,8 +87,38 @@ pub(crate) async fn handle(
     };
     let deadline = budget.map(|b| start + b);
 
+    // Limit: those that read request fields see the first message, held
+    // until it has arrived.
+    let mut held = None;
+    let mut extra_headers = None;
+    if let Some(limits) = &route.limits {
+        if limits.reads_fields() {
+            let idle = active.config.listener.stream_idle_timeout.0;
+            let inspect = &active.config.limiter.inspect;
+            let hold = hold_first(&parts.headers, &mut body, inspect, deadline, idle, why);
+            match Box::pin(hold).await {
+                Ok(h) => held = Some(h),
+                Err(e) => return e.answer(Tally::start(stats, start)),
+            }
+        }
+        let info = CallInfo {
+            service: call.service,
+            method: call.method,
+            headers: &parts.headers,
+            peer,
+            tls_identity: conn.tls_identity.as_deref(),
+            worker: worker.index,
+            message: held.as_ref().map_or(FirstMessage::NotHeld, Held::message),
+        };
+        match limits.check(info).await {
+            Ok(h) => extra_headers = h,
+            Err(rejection) => {
+                return CallError::Limited(rejection).answer(Tally::start(stats, start));
+            }
+        }
+    }
+
     // Forward.
-    let (mut parts, body) = req.into_parts();
     let compressed_ok = compressed(&parts.headers);
     if let Some(d) = deadline {
         // The upstream gets what is left of the deadline, not the whole of
@@ -139,7 +152,14 @@ pub(crate) async fn handle(
     drop(active);
     let upstream_req = Request::from_parts(
         parts,
-        RequestBody::new(body, max, compressed_ok, state.clone(), route.clone()),
+        RequestBody::new(
+            body,
+            held.map(|h| h.frames),
+            max,
+            compressed_ok,
+            state.clone(),
+            route.clone(),
+        ),
     );
     let pool = worker.pool(spec);
     let mut tally = Tally::start(stats.clone(), start);
@@ -210,6 +230,45 @@ pub(crate) async fn handle(
         upstream_open,
     );
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
+}
+
+/// Holds the request `body` until its first message has arrived, within the call's
+/// deadline (or, without one, the stream idle timeout).
+async fn hold_first(
+    headers: &http::HeaderMap,
+    body: &mut Incoming,
+    inspect: &crate::config::Inspect,
+    deadline: Option<Instant>,
+    idle: Duration,
+    why: &'static str,
+) -> Result<Held, CallError> {
+    let gzip = headers
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip");
+    let encoding = if gzip && inspect.decompress {
+        Encoding::Gzip
+    } else {
+        Encoding::Opaque
+    };
+    let until = deadline.or_else(|| (!idle.is_zero()).then(|| Instant::now() + idle));
+    let max = usize::try_from(inspect.max_bytes).unwrap_or(usize::MAX);
+    first_message(body, max, encoding, until)
+        .await
+        .map_err(|e| match e {
+            HoldError::TooLarge { max, decompressed } => CallError::Limited(Box::new(Rejection {
+                code: Code::ResourceExhausted,
+                message: format!(
+                    "the first request message is larger{} than the {max} bytes limits read fields from (limiter.inspect.max_bytes)",
+                    if decompressed { " decompressed" } else { "" }
+                ),
+                headers: http::HeaderMap::new(),
+            })),
+            HoldError::TimedOut if deadline.is_some() => CallError::DeadlineExceeded(why.into()),
+            HoldError::TimedOut => CallError::DeadlineExceeded(
+                "no request message within the stream idle timeout".into(),
+            ),
+            HoldError::Client => CallError::Cancelled,
+        })
 }
 
 /// Whether a response says the upstream has the call's method: a gRPC

@@ -46,6 +46,8 @@ pub(crate) enum CallError {
     Upstream(UpstreamError),
     /// The upstream URI could not be built from the request's.
     UpstreamUri,
+    /// The client reset the call before tollgate forwarded it.
+    Cancelled,
 }
 
 // === impl CallError ===
@@ -63,6 +65,7 @@ impl CallError {
             CallError::Frame(e) => e.code(),
             CallError::Upstream(e) => e.code(),
             CallError::UpstreamUri => Code::Internal,
+            CallError::Cancelled => Code::Cancelled,
         })
     }
 
@@ -110,6 +113,7 @@ impl CallError {
             CallError::UpstreamUri => {
                 trailers_only(Code::Internal, "cannot build the upstream URI")
             }
+            CallError::Cancelled => trailers_only(Code::Cancelled, "the client cancelled the call"),
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Match};
-use crate::limit::step::{RouteLimits, Stores};
+use crate::limit::step::{Fields, RouteLimits, Stores};
 use crate::limit::LimitStep;
 use crate::metrics::RouteStats;
 use crate::upstream::UpstreamSpec;
@@ -99,6 +99,7 @@ impl RouteTable {
         cfg: &Config,
         upstreams: &HashMap<String, Arc<UpstreamSpec>>,
         stores: &Stores,
+        schemas: &crate::schema::Schemas,
     ) -> Result<Self, String> {
         let mut t = RouteTable::default();
         for r in &cfg.routes {
@@ -106,7 +107,17 @@ impl RouteTable {
                 continue; // validate() reported it
             };
             let name = r.display_name();
-            let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores)?
+            let (service, method) = (
+                Pattern::parse(r.matcher.service.as_deref()),
+                Pattern::parse(r.matcher.method.as_deref()),
+            );
+            let matches = |s: &str, m: &str| service.matches(s) && method.matches(m);
+            let fields = Fields {
+                upstream: &r.upstream,
+                schema: schemas.get(&r.upstream),
+                matches: &matches,
+            };
+            let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores, &fields)?
                 .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
             let i = t.routes.len();
             let own: Vec<&str> = r
@@ -197,6 +208,7 @@ mod tests {
                 memory: Arc::new(crate::limit::memory::MemoryStore::new(100)),
                 redis: None,
             },
+            &Default::default(),
         )
         .unwrap()
     }

@@ -93,10 +93,18 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
     if let Some(t) = &config.listener.tls {
         crate::tls::server_config(t, base).map_err(|m| setup(format!("listener.tls: {m}")))?;
     }
-    crate::routes::upstream_specs(&config, base).map_err(setup)?;
+    let upstreams = crate::routes::upstream_specs(&config, base).map_err(setup)?;
     if config.limiter.backend != crate::config::Backend::Memory {
         RedisStore::check(&config.limiter, base).map_err(setup)?;
     }
+    // Field paths are resolved as a load would (reflection is asked; an
+    // upstream that does not answer leaves its names unchecked).
+    let schemas = crate::schema::load(&config, base, None).map_err(setup)?;
+    let stores = crate::limit::step::Stores {
+        memory: Arc::new(crate::limit::memory::MemoryStore::new(1)),
+        redis: None,
+    };
+    crate::routes::RouteTable::build(&config, &upstreams, &stores, &schemas).map_err(setup)?;
     Ok(Checked {
         routes: config.routes.len(),
         upstreams: config.upstreams.len(),
@@ -144,7 +152,9 @@ pub(crate) fn load(
         redis,
     };
     let max_keys = config.limiter.max_keys;
-    let active = Active::build(config, base, stores).map_err(setup)?;
+    let schemas =
+        crate::schema::load(&config, base, previous.map(|p| &p.schemas)).map_err(setup)?;
+    let active = Active::build(config, base, stores, schemas).map_err(setup)?;
     // Only a config that will serve changes the live stores' bound.
     memory.set_max_keys(max_keys);
     if let Some(r) = &active.stores.redis {
@@ -304,6 +314,10 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// How often an upstream's schema is asked for again while reflection has
+/// not answered.
+const SCHEMA_RETRY: Duration = Duration::from_secs(2);
+
 /// The control thread: admin server, reloads (asked for by `watcher`'s
 /// events, SIGHUP or the tests), until `stop`.
 async fn control(
@@ -323,8 +337,17 @@ async fn control(
     }
     let mut drain = drain;
     loop {
+        // An upstream whose schema reflection has not given yet (it may
+        // start after tollgate) is asked again every few seconds.
+        let pending = shared.active.load().schema_pending();
         tokio::select! {
             _ = drain.wait_for(|d| *d) => return,
+            _ = tokio::time::sleep(SCHEMA_RETRY), if pending => {
+                if reload(&shared, &tls) {
+                    let fresh = watch_files(&shared, reload_tx.clone());
+                    drop(std::mem::replace(&mut watcher, fresh));
+                }
+            }
             r = reload_rx.recv() => {
                 if r.is_none() { return; }
                 // Editors and ConfigMap updates write in several steps:

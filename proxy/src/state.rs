@@ -28,21 +28,31 @@ pub(crate) struct Active {
     /// Where limits are decided; a reload with the same Redis settings
     /// keeps the Redis store (and its connections).
     pub(crate) stores: crate::limit::step::Stores,
+    /// The upstreams' request schemas (a reload keeps one reflection does
+    /// not answer for).
+    pub(crate) schemas: crate::schema::Schemas,
 }
 
 // === impl Active ===
 
 impl Active {
+    /// Whether an upstream's schema is still to be fetched by reflection.
+    pub(crate) fn schema_pending(&self) -> bool {
+        self.schemas.values().any(Result::is_err)
+    }
+
     /// Builds the serving state of a validated config.
     pub(crate) fn build(
         config: Config,
         base: Option<&std::path::Path>,
         stores: crate::limit::step::Stores,
+        schemas: crate::schema::Schemas,
     ) -> Result<Active, String> {
         let upstreams = routes::upstream_specs(&config, base)?;
-        let routes = RouteTable::build(&config, &upstreams, &stores)?;
+        let routes = RouteTable::build(&config, &upstreams, &stores, &schemas)?;
         Ok(Active {
             stores,
+            schemas,
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
             config,

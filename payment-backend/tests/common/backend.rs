@@ -52,6 +52,8 @@ pub(crate) struct Options {
     pub(crate) lock_timeout: Duration,
     pub(crate) shutdown_delay: Duration,
     pub(crate) drain_timeout: Duration,
+    /// Where to serve gRPC (default: a free loopback port).
+    pub(crate) listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -69,6 +71,7 @@ impl Default for Options {
             lock_timeout: Duration::from_secs(2),
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
+            listen: None,
         }
     }
 }
@@ -134,7 +137,9 @@ impl Backend {
             None => fresh_database(db),
         };
         let cfg = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: opts
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             store: StoreOptions {
                 acquire_timeout: opts.acquire_timeout,

@@ -27,6 +27,7 @@ mod common {
 mod conformance;
 mod drain;
 mod edges;
+mod field_limits;
 mod migrations;
 mod shutdown;
 mod through_tollgate;

@@ -189,6 +189,33 @@ pub struct Upstream {
     /// does not answer within `timeout` is dropped and reconnected.
     #[serde(default = "default_upstream_keepalive")]
     pub keepalive: Keepalive,
+    /// Where the names of its request fields come from, for limits that
+    /// key on or charge by fields named (not numbered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<SchemaSource>,
+}
+
+/// An upstream's schema: a descriptor set file, or gRPC server reflection
+/// asked of the upstream at each load (the last answer kept when it does
+/// not answer).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSource {
+    /// A `FileDescriptorSet` (`protoc --include_imports
+    /// --descriptor_set_out`, or `payment-backend descriptor-set`);
+    /// re-read on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_set: Option<PathBuf>,
+    /// Ask the upstream (`grpc.reflection.v1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reflection: bool,
+    /// Longest the reflection exchange may take at a load.
+    #[serde(default = "default_reflection_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_reflection_timeout() -> Dur {
+    Dur::from_secs(3)
 }
 
 /// TLS to an upstream.
@@ -301,6 +328,39 @@ pub struct Limiter {
     /// each limit divided by this in every replica.
     #[serde(default = "default_replicas")]
     pub replicas: u64,
+    /// How limits that read request fields read the first message.
+    #[serde(default)]
+    pub inspect: Inspect,
+}
+
+/// Limits that read request fields hold a call until its first message has
+/// arrived (within the call's deadline), read the fields from it, decide,
+/// then forward the held bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inspect {
+    /// Largest first message held and read (and, decompressed, the most it
+    /// may grow to); a larger one is refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_inspect_max_bytes")]
+    pub max_bytes: u64,
+    /// Read gzip-compressed messages (decompressed for reading only; the
+    /// upstream gets the bytes as sent). Off: a compressed message's fields
+    /// are missing, and `on_missing` applies.
+    #[serde(default)]
+    pub decompress: bool,
+}
+
+fn default_inspect_max_bytes() -> u64 {
+    64 * 1024
+}
+
+impl Default for Inspect {
+    fn default() -> Self {
+        Inspect {
+            max_bytes: default_inspect_max_bytes(),
+            decompress: false,
+        }
+    }
 }
 
 impl Default for Limiter {
@@ -314,6 +374,7 @@ impl Default for Limiter {
             redis: None,
             failure_mode: FailureMode::default(),
             replicas: default_replicas(),
+            inspect: Inspect::default(),
         }
     }
 }
@@ -478,6 +539,10 @@ pub enum KeySource {
     /// The client certificate's identity (mTLS): its first URI SAN, else
     /// its first DNS SAN, else its common name: `{ tls_identity: {} }`.
     TlsIdentity,
+    /// A field of the call's first request message: a path of names
+    /// (`amount.currency`, resolved with the upstream's `schema`) or of
+    /// field numbers (`"4.2"`, no schema needed).
+    Field(String),
 }
 
 /// A key part as the file spells it: one field per source.
@@ -494,6 +559,8 @@ struct KeyPartFields {
     constant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tls_identity: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     repeated: Option<Repeated>,
 }
@@ -526,6 +593,7 @@ impl TryFrom<KeyPartFields> for KeyPart {
             f.method.map(|_| KeySource::Method),
             f.constant.map(KeySource::Constant),
             f.tls_identity.map(|_| KeySource::TlsIdentity),
+            f.field.map(KeySource::Field),
         ]
         .into_iter()
         .flatten();
@@ -534,7 +602,7 @@ impl TryFrom<KeyPartFields> for KeyPart {
                 source,
                 repeated: f.repeated,
             }),
-            _ => Err("set exactly one of header, peer_ip, method, constant, tls_identity"),
+            _ => Err("set exactly one of header, peer_ip, method, constant, tls_identity, field"),
         }
     }
 }
@@ -551,6 +619,7 @@ impl From<KeyPart> for KeyPartFields {
             KeySource::Method => f.method = Some(Empty {}),
             KeySource::Constant(c) => f.constant = Some(c),
             KeySource::TlsIdentity => f.tls_identity = Some(Empty {}),
+            KeySource::Field(p) => f.field = Some(p),
         }
         f
     }
@@ -610,6 +679,24 @@ pub enum Cost {
     Constant(u64),
     /// The number in a header: `{ header: x-cost, max: 1000 }`.
     Header(HeaderCost),
+    /// A whole-number field of the first request message:
+    /// `{ field: amount.amount_minor }`.
+    Field(FieldCost),
+}
+
+/// A cost read from a request field (an integer type). Absent or 0, the
+/// limit's `on_missing` applies (`skip`: the limit does not apply;
+/// otherwise INVALID_ARGUMENT naming the field); negative, or above `max`,
+/// is INVALID_ARGUMENT naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldCost {
+    /// The field's path, as a key part's.
+    pub field: String,
+    /// The most one call may carry; default: what the limit can ever
+    /// admit (a call above it is refused as exhausted, with no retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
 }
 
 /// A cost the client states in a header. Absent, the call costs 1; a value
@@ -628,12 +715,13 @@ pub struct HeaderCost {
 }
 
 /// When a key part is missing: `skip` (the limit does not apply to the
-/// call) or `{ default: value }` (use the value instead).
+/// call), `reject` (INVALID_ARGUMENT naming the part) or
+/// `{ default: value }` (use the value instead).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum OnMissing {
-    /// `skip`.
-    Skip(SkipWord),
+    /// `skip` or `reject`.
+    Word(MissingWord),
     /// `{ default: value }`.
     Default {
         /// The value used when a part is missing.
@@ -641,17 +729,19 @@ pub enum OnMissing {
     },
 }
 
-/// The word `skip`.
+/// `skip` or `reject`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SkipWord {
+pub enum MissingWord {
     /// Skip the limit.
     Skip,
+    /// Refuse the call with INVALID_ARGUMENT.
+    Reject,
 }
 
 impl Default for OnMissing {
     fn default() -> Self {
-        OnMissing::Skip(SkipWord::Skip)
+        OnMissing::Word(MissingWord::Skip)
     }
 }
 

@@ -139,6 +139,7 @@ routes:
       - { name: w3, rate: 5/day, window: calendar }
       - { name: w4, rate: 5/10s, algorithm: fixed_window, window: calendar }
       - { name: w5, rate: 5/week, algorithm: fixed_window, window: calendar, key: [ { header: x-a } ], overrides: { a: 9/day } }
+      - { name: f1, rate: 5/s, key: [ { field: "a..b" }, { field: payer } ], cost: { field: "3.x", max: 0 } }
 "#,
     );
     for e in [
@@ -160,6 +161,10 @@ routes:
         "routes[0].limits[10].window: calendar windows are fixed windows: set algorithm: fixed_window",
         "routes[0].limits[11].window: a calendar window is a day, a week or a month: write the rate per day, per week or per month, not 5/10s",
         "routes[0].limits[12].overrides.a: a calendar window's overrides count over the same window: write it per week",
+        "routes[0].limits[13].key[0].field: \"a..b\" must be field names joined by '.'",
+        "routes[0].limits[13].key[1].field: \"payer\" names a field, and upstream \"a\" has no schema: set upstreams.a.schema",
+        "routes[0].limits[13].cost.field: \"3.x\" must be field names",
+        "routes[0].limits[13].cost.max: must be at least 1",
     ] {
         assert!(
             p.iter().any(|x| x.starts_with(e)),
@@ -240,4 +245,37 @@ fn redis_settings_are_checked() {
             .any(|x| x.contains("too large for sliding_window_counter")),
         "{p:?}"
     );
+}
+
+#[test]
+fn schema_and_inspect_settings_are_checked() {
+    let p = problems(
+        r#"
+limiter: { inspect: { max_bytes: 8 } }
+upstreams:
+  a: { addresses: ["h:1"], schema: { descriptor_set: /nonexistent/x.pb, reflection: true } }
+  b: { addresses: ["h:1"], schema: { descriptor_set: /nonexistent/y.pb } }
+  c: { addresses: ["h:1"], schema: { reflection: true, timeout: 0s } }
+  d: { addresses: ["h:1"], schema: {} }
+routes:
+  - match: {}
+    upstream: c
+    limits: [ { name: a, rate: 1/s, key: [ { field: payer_account_id } ] } ]
+"#,
+    );
+    for e in [
+        "upstreams.a.schema: set one of descriptor_set (a file) or reflection: true",
+        "upstreams.b.schema.descriptor_set: ",
+        "upstreams.c.schema.timeout: must be more than 0",
+        "upstreams.d.schema: set one of descriptor_set",
+        "limiter.inspect.max_bytes: must be between 16 and 1073741824 bytes",
+    ] {
+        assert!(
+            p.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
+    }
+    // A named field on an upstream with a schema is not a config problem
+    // (resolved at load).
+    assert!(!p.iter().any(|x| x.contains("names a field")), "{p:#?}");
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::error::Problems;
+use super::error::{shown, Problems};
 use super::net::resolve;
 use super::*;
 
@@ -91,6 +91,21 @@ impl Config {
             if let Some(tls) = &u.tls {
                 check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
             }
+            if let Some(s) = &u.schema {
+                match (&s.descriptor_set, s.reflection) {
+                    (Some(f), false) => {
+                        check_file(&mut p, &format!("{at}.schema.descriptor_set"), f, base)
+                    }
+                    (None, true) => {}
+                    _ => p.add(
+                        format!("{at}.schema"),
+                        "set one of descriptor_set (a file) or reflection: true",
+                    ),
+                }
+                if s.timeout.is_zero() {
+                    p.add(format!("{at}.schema.timeout"), "must be more than 0");
+                }
+            }
         }
         if self.routes.is_empty() {
             p.add(
@@ -169,12 +184,21 @@ impl Config {
                 &r.limits,
                 client_certs,
                 self.limiter.backend != Backend::Memory,
+                self.upstreams
+                    .get(&r.upstream)
+                    .map(|u| (r.upstream.as_str(), u.schema.is_some())),
             );
         }
         if self.limiter.max_keys == 0 {
             p.add("limiter.max_keys", "must be at least 1");
         }
         check_limiter(&mut p, &self.limiter, base);
+        if !(16..=1 << 30).contains(&self.limiter.inspect.max_bytes) {
+            p.add(
+                "limiter.inspect.max_bytes",
+                "must be between 16 and 1073741824 bytes (a first message above listener.max_message_bytes is refused anyway)",
+            );
+        }
         p.0
     }
 }
@@ -222,7 +246,21 @@ fn check_limits(
     limits: &[Limit],
     client_certs: bool,
     redis_backend: bool,
+    upstream: Option<(&str, bool)>,
 ) {
+    // A field path's problem, if any: its form, and names with no schema.
+    let field_problem = |path: &str| -> Option<String> {
+        if let Err(e) = crate::schema::check_path(path) {
+            return Some(format!("{} {e}", shown(path)));
+        }
+        match upstream {
+            Some((name, false)) if crate::schema::numeric(path).is_none() => Some(format!(
+                "{} names a field, and upstream {name:?} has no schema: set upstreams.{name}.schema (descriptor_set or reflection), or write the field's numbers (\"4.2\")",
+                shown(path)
+            )),
+            _ => None,
+        }
+    };
     let mut names = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let at = format!("{route}.limits[{i}]");
@@ -307,6 +345,11 @@ fn check_limits(
                     format!("{at}.key[{j}].tls_identity"),
                     "can never be present: the listener does not ask clients for certificates; set listener.tls.client_ca",
                 ),
+                KeySource::Field(f) => {
+                    if let Some(why) = field_problem(f) {
+                        p.add(format!("{at}.key[{j}].field"), why);
+                    }
+                }
                 KeySource::PeerIp(Some(m)) if *m > 128 => {
                     p.add(
                         format!("{at}.key[{j}].peer_ip.mask"),
@@ -337,6 +380,14 @@ fn check_limits(
                     format!("{at}.cost.header"),
                     format!("{header:?} can never be present: {why}"),
                 );
+            }
+            if *max == Some(0) {
+                p.add(format!("{at}.cost.max"), "must be at least 1 (or absent)");
+            }
+        }
+        if let Some(Cost::Field(FieldCost { field, max })) = &l.cost {
+            if let Some(why) = field_problem(field) {
+                p.add(format!("{at}.cost.field"), why);
             }
             if *max == Some(0) {
                 p.add(format!("{at}.cost.max"), "must be at least 1 (or absent)");

@@ -38,6 +38,20 @@ pub(crate) struct CallInfo<'a> {
     pub(crate) tls_identity: Option<&'a str>,
     /// The worker serving the call (picks its Redis connection).
     pub(crate) worker: usize,
+    /// The first request message, for limits that read its fields.
+    pub(crate) message: FirstMessage<'a>,
+}
+
+/// The first request message of a call, as limits that read fields see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FirstMessage<'a> {
+    /// Not held: the route's limits read no field.
+    NotHeld,
+    /// Its bytes (decompressed, if it was and the config allows it).
+    Held(&'a [u8]),
+    /// Not readable (compressed, and `limiter.inspect.decompress` is off)
+    /// or the request ended before one: every field is missing.
+    Unreadable,
 }
 
 /// A call refused by a limit: the gRPC status and the headers the client
@@ -61,4 +75,10 @@ pub(crate) trait LimitStep: Send + Sync {
     /// `Ok(headers)`: the call goes on (with headers to add to the response,
     /// if any); `Err`: the call is refused and nothing reaches the upstream.
     fn check<'a>(&'a self, call: CallInfo<'a>) -> Decision<'a>;
+
+    /// Whether a limit reads request fields: the call is held until its
+    /// first message has arrived, and checked with it.
+    fn reads_fields(&self) -> bool {
+        false
+    }
 }

@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod fields;
 mod hostile;
 mod limits;
 mod process;

@@ -14,14 +14,14 @@ use http::{HeaderMap, Request, Response};
 
 /// What a raw client got back.
 #[derive(Debug)]
-struct Raw {
-    headers: HeaderMap,
+pub(crate) struct Raw {
+    pub(crate) headers: HeaderMap,
     data: Vec<u8>,
     trailers: Option<HeaderMap>,
 }
 
 impl Raw {
-    fn grpc_status(&self) -> Option<&str> {
+    pub(crate) fn grpc_status(&self) -> Option<&str> {
         self.trailers
             .as_ref()
             .and_then(|t| t.get("grpc-status"))
@@ -29,7 +29,7 @@ impl Raw {
             .and_then(|v| v.to_str().ok())
     }
 
-    fn grpc_message(&self) -> String {
+    pub(crate) fn grpc_message(&self) -> String {
         self.trailers
             .as_ref()
             .and_then(|t| t.get("grpc-message"))
@@ -40,7 +40,7 @@ impl Raw {
     }
 }
 
-async fn raw_call(
+pub(crate) async fn raw_call(
     addr: SocketAddr,
     path: &str,
     extra: &[(&str, &str)],
@@ -78,7 +78,7 @@ async fn raw_call(
     })
 }
 
-fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
     let mut v = vec![flag];
     v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     v.extend_from_slice(payload);

@@ -1,7 +1,14 @@
 //! A route's limits compiled from its config, once per load: parameters,
-//! key parts, cost and metric handles for each.
+//! key parts, cost and metric handles for each; field paths resolved
+//! against the upstream's schema for each method the route takes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::HeaderName;
+
+use super::field::FieldRef;
+use crate::schema::{self, FieldPath, Schema};
 
 use super::{Compiled, CostOf, Outcomes, Part, RouteLimits, Stores};
 use crate::config::{self, AlgorithmName, Cost, KeySource, Rate, Window, MONTH, WEEK};
@@ -50,6 +57,7 @@ impl RouteLimits {
         limits: &[config::Limit],
         limiter: &config::Limiter,
         stores: &Stores,
+        fields: &Fields<'_>,
     ) -> Result<Option<Self>, String> {
         if limits.is_empty() {
             return Ok(None);
@@ -97,19 +105,35 @@ impl RouteLimits {
                     key_label(params.algorithm)
                 ),
                 rate,
-                key: l.key.iter().map(Part::new).collect::<Result<_, String>>()?,
+                key: l
+                    .key
+                    .iter()
+                    .map(|k| Part::new(k, fields))
+                    .collect::<Result<_, String>>()
+                    .map_err(|e| format!("route {route:?}, limit {:?}: {e}", l.name))?,
                 params,
                 overrides,
                 cost: match &l.cost {
                     None => CostOf::Constant(1),
                     Some(Cost::Constant(n)) => CostOf::Constant(*n),
                     Some(Cost::Header(h)) => CostOf::Header(header_name(&h.header)?, h.max),
+                    Some(Cost::Field(f)) => {
+                        let at = fields.resolve(&f.field, true).map_err(|e| {
+                            format!("route {route:?}, limit {:?}: cost: {e}", l.name)
+                        })?;
+                        CostOf::Field(f.field.clone(), at, f.max)
+                    }
                 },
                 shadow: l.shadow || limiter.shadow,
                 on_missing: l.on_missing.clone(),
             });
         }
+        let reads_fields = compiled.iter().any(|l| {
+            matches!(l.cost, CostOf::Field(..))
+                || l.key.iter().any(|p| matches!(p, Part::Field(..)))
+        });
         Ok(Some(RouteLimits {
+            reads_fields,
             limits: compiled,
             stores: stores.clone(),
             replicas: limiter.replicas.max(1),
@@ -123,14 +147,87 @@ fn header_name(h: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header name"))
 }
 
+/// The schema a route's limits resolve field names with, and which of its
+/// methods the route takes.
+pub(crate) struct Fields<'a> {
+    /// The route's upstream.
+    pub(crate) upstream: &'a str,
+    /// Its schema, if it has one: loaded, or why not yet.
+    pub(crate) schema: Option<&'a Result<Arc<Schema>, String>>,
+    /// Whether the route takes `(service, method)`.
+    pub(crate) matches: &'a dyn Fn(&str, &str) -> bool,
+}
+
+impl Fields<'_> {
+    /// `path` for every method of the route; `integer`: it must be a whole
+    /// number (a cost).
+    fn resolve(&self, path: &str, integer: bool) -> Result<FieldRef, String> {
+        schema::check_path(path).map_err(|e| format!("field {path:?} {e}"))?;
+        if let Some(p) = schema::numeric(path) {
+            return Ok(FieldRef::One(p));
+        }
+        let schema = match self.schema {
+            None => {
+                return Err(format!(
+                    "field {path:?} is named, and upstream {:?} has no schema: set upstreams.{}.schema (a descriptor set or reflection), or write the field's numbers",
+                    self.upstream, self.upstream
+                ))
+            }
+            Some(Err(_)) => {
+                return Ok(FieldRef::Pending(format!(
+                    "the schema of upstream {:?} has not been loaded",
+                    self.upstream
+                )))
+            }
+            Some(Ok(s)) => s,
+        };
+        let methods = schema.methods(self.matches);
+        if methods.is_empty() {
+            return Err(format!(
+                "field {path:?}: the schema of upstream {:?} has no method this route takes",
+                self.upstream
+            ));
+        }
+        let mut found: HashMap<String, HashMap<String, FieldPath>> = HashMap::new();
+        let mut lacking = Vec::new();
+        let mut resolved = 0;
+        for (service, method, types) in &methods {
+            match schema.resolve(&types.input, path) {
+                Ok(p) if integer && !p.kind.is_integer() => lacking.push(format!(
+                    "{} is not a whole-number field: a cost must be one",
+                    types.input.trim_start_matches('.')
+                )),
+                Ok(p) => {
+                    resolved += 1;
+                    found
+                        .entry((*service).to_owned())
+                        .or_default()
+                        .insert((*method).to_owned(), p);
+                }
+                Err(e) => lacking.push(e),
+            }
+        }
+        if resolved == 0 {
+            lacking.sort();
+            lacking.dedup();
+            return Err(format!("field {path:?}: {}", lacking.join("; ")));
+        }
+        // Per method even when they agree: a method the schema does not
+        // have (a wildcard route's) must not read some other field of the
+        // same number.
+        Ok(FieldRef::PerMethod(found))
+    }
+}
+
 impl Part {
-    pub(super) fn new(k: &config::KeyPart) -> Result<Part, String> {
+    pub(super) fn new(k: &config::KeyPart, fields: &Fields<'_>) -> Result<Part, String> {
         Ok(match &k.source {
             KeySource::Header(h) => Part::Header(header_name(h)?, k.repeated.unwrap_or_default()),
             KeySource::PeerIp(m) => Part::PeerIp(*m),
             KeySource::Method => Part::Method,
             KeySource::Constant(c) => Part::Constant(c.clone()),
             KeySource::TlsIdentity => Part::TlsIdentity,
+            KeySource::Field(p) => Part::Field(p.clone(), fields.resolve(p, false)?),
         })
     }
 }

@@ -1,18 +1,21 @@
-//! A call's key and cost for one limit, read from its metadata, peer and
-//! method: the per-call work of the step, so it writes into one buffer.
+//! A call's key and cost for one limit, read from its metadata, peer,
+//! method and first message: the per-call work of the step, so it writes
+//! into one buffer.
 
 use std::net::IpAddr;
 
 use http::HeaderValue;
 
-use super::reply::invalid_metadata;
+use super::field::{self, Read};
+use super::reply::{invalid_field, invalid_metadata, missing_part};
 use super::{Compiled, CostOf, Part};
-use crate::config::{OnMissing, Repeated};
+use crate::config::{MissingWord, OnMissing, Repeated};
 use crate::limit::{CallInfo, Rejection};
 
 /// Appends the key's value for a call to `out`; `Ok(false)`: a part is
-/// missing and the limit skips such calls; `Err`: the call's metadata
-/// cannot be used (a header the key reads is repeated).
+/// missing and the limit skips such calls; `Err`: the call cannot be used
+/// (a header the key reads is repeated, a field it reads is malformed, a
+/// part is missing and the limit rejects such calls).
 pub(super) fn value(
     l: &Compiled,
     call: &CallInfo<'_>,
@@ -75,27 +78,40 @@ pub(super) fn value(
                 out.push_str(c);
                 true
             }
+            Part::Field(path, at) => match at.read(l, path, call)? {
+                Read::Value(v, kind) => {
+                    field::push(out, v, kind);
+                    true
+                }
+                Read::Missing => false,
+            },
         };
         if !present {
             match &l.on_missing {
                 OnMissing::Default { default } => out.push_str(default),
-                OnMissing::Skip(_) => return Ok(false),
+                OnMissing::Word(MissingWord::Skip) => return Ok(false),
+                OnMissing::Word(MissingWord::Reject) => {
+                    return Err(Box::new(missing_part(l, part)));
+                }
             }
         }
     }
     Ok(true)
 }
 
-/// The units a call takes of `l`: a header's cost must be one whole
-/// number, at most the limit's `max`; absent, the call costs 1.
-pub(super) fn cost(l: &Compiled, call: &CallInfo<'_>) -> Result<u64, Box<Rejection>> {
+/// The units a call takes of `l` (`None`: the limit skips the call): a
+/// header's cost must be one whole number, at most the limit's `max`;
+/// absent, the call costs 1. A field's must be a whole number from 1 to
+/// `max`; absent or 0, the limit's `on_missing` says.
+pub(super) fn cost(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<u64>, Box<Rejection>> {
     let (h, max) = match &l.cost {
-        CostOf::Constant(n) => return Ok(*n),
+        CostOf::Constant(n) => return Ok(Some(*n)),
         CostOf::Header(h, max) => (h, *max),
+        CostOf::Field(path, at, max) => return field_cost(l, call, path, at, *max),
     };
     let mut values = call.headers.get_all(h).iter();
     let Some(v) = values.next() else {
-        return Ok(1);
+        return Ok(Some(1));
     };
     let refuse = |why: String| Err(Box::new(invalid_metadata(h, &why)));
     if values.next().is_some() {
@@ -106,13 +122,58 @@ pub(super) fn cost(l: &Compiled, call: &CallInfo<'_>) -> Result<u64, Box<Rejecti
     }
     let most = max.unwrap_or(u64::MAX);
     match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-        Some(n) if n <= most => Ok(n.max(1)),
+        Some(n) if n <= most => Ok(Some(n.max(1))),
         Some(_) => refuse(format!(
             "states a cost above the most a call may take for rate limit {:?} ({most})",
             l.name
         )),
         None => refuse(format!(
             "must be a whole number of units from 1 to {most} (the cost of the call for rate limit {:?})",
+            l.name
+        )),
+    }
+}
+
+fn field_cost(
+    l: &Compiled,
+    call: &CallInfo<'_>,
+    path: &str,
+    at: &field::FieldRef,
+    max: Option<u64>,
+) -> Result<Option<u64>, Box<Rejection>> {
+    let most = max.unwrap_or(u64::MAX);
+    let refuse = |why: String| Err(Box::new(invalid_field(path, &why)));
+    let n = match at.read(l, path, call)? {
+        Read::Missing => 0,
+        Read::Value(v, kind) => match field::integer(v, kind) {
+            Some(n) => n,
+            None => {
+                return refuse(format!(
+                    "is not a whole number; rate limit {:?} charges by it",
+                    l.name
+                ))
+            }
+        },
+    };
+    if n < 0 {
+        return refuse(format!(
+            "is negative; rate limit {:?} charges by it: send a whole number from 1 to {most}",
+            l.name
+        ));
+    }
+    if n == 0 {
+        return match l.on_missing {
+            OnMissing::Word(MissingWord::Skip) => Ok(None),
+            _ => refuse(format!(
+                "is absent or 0; rate limit {:?} charges by it: send a whole number from 1 to {most}",
+                l.name
+            )),
+        };
+    }
+    match u64::try_from(n) {
+        Ok(n) if n <= most => Ok(Some(n)),
+        _ => refuse(format!(
+            "is above the most a call may carry for rate limit {:?} ({most})",
             l.name
         )),
     }

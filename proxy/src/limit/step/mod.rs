@@ -12,6 +12,7 @@
 //! ```
 
 mod compile;
+mod field;
 mod key;
 mod reply;
 
@@ -21,6 +22,8 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use prometheus::{Histogram, IntCounter};
 
+pub(crate) use self::compile::Fields;
+pub(crate) use self::field::FieldRef;
 use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
 use super::algorithm::{Decision, Params};
 use super::check::{fnv1a, Answer, Check};
@@ -67,6 +70,8 @@ enum Part {
     Constant(String),
     /// The client certificate's identity.
     TlsIdentity,
+    /// A field of the first request message (its path as written).
+    Field(String, FieldRef),
 }
 
 /// What a call costs, ready to read from a call.
@@ -75,6 +80,9 @@ enum CostOf {
     Constant(u64),
     /// The number in a header, at most `max`.
     Header(HeaderName, Option<u64>),
+    /// A whole-number field of the first request message (its path as
+    /// written), at most `max`.
+    Field(String, FieldRef, Option<u64>),
 }
 
 struct Compiled {
@@ -115,6 +123,8 @@ enum Outcome {
 /// The limits of one route.
 pub(crate) struct RouteLimits {
     limits: Vec<Compiled>,
+    /// Whether any limit reads request fields.
+    reads_fields: bool,
     stores: Stores,
     replicas: u64,
     response_headers: bool,
@@ -150,7 +160,13 @@ impl RouteLimits {
                 Err(e) => Err(e),
             };
             let cost = match cost {
-                Ok(c) => c,
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    if count {
+                        l.outcomes.skipped.inc();
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if count {
                         l.outcomes.invalid.inc();
@@ -327,6 +343,10 @@ impl RouteLimits {
 }
 
 impl LimitStep for RouteLimits {
+    fn reads_fields(&self) -> bool {
+        self.reads_fields
+    }
+
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
         let start = std::time::Instant::now();
         let (checks, which) = match self.checks(&call, true) {

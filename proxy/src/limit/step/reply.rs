@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::Compiled;
+use super::{Compiled, Part};
 use crate::grpc::status::Code;
 use crate::limit::algorithm::{Decision, Params};
 use crate::limit::redis::StoreError;
@@ -50,6 +50,47 @@ pub(super) fn invalid_metadata(header: &HeaderName, why: &str) -> Rejection {
         code: Code::InvalidArgument,
         headers: details_header(Code::InvalidArgument, &message, details),
         message,
+    }
+}
+
+/// A call whose request field a limit cannot use: INVALID_ARGUMENT naming
+/// the field (never echoing its value), with a BadRequest field violation.
+pub(super) fn invalid_field(path: &str, why: &str) -> Rejection {
+    let message = format!("request field {path:?} {why}");
+    let details = tonic_types::ErrorDetails::with_bad_request_violation(path, &message);
+    Rejection {
+        code: Code::InvalidArgument,
+        headers: details_header(Code::InvalidArgument, &message, details),
+        message,
+    }
+}
+
+/// A call missing a key part of a limit with `on_missing: reject`.
+pub(super) fn missing_part(l: &Compiled, part: &Part) -> Rejection {
+    let why = format!("is missing; rate limit {:?} keys on it", l.name);
+    match part {
+        Part::Header(h, _) => invalid_metadata(h, &why),
+        Part::Field(path, _) => invalid_field(path, &why),
+        _ => Rejection {
+            code: Code::Unauthenticated,
+            message: format!(
+                "rate limit {:?} keys on the client certificate's identity: connect with a client certificate",
+                l.name
+            ),
+            headers: HeaderMap::new(),
+        },
+    }
+}
+
+/// A call of a limit whose field names are not resolved yet.
+pub(super) fn schema_pending(l: &Compiled, why: &str) -> Rejection {
+    Rejection {
+        code: Code::Unavailable,
+        message: format!(
+            "rate limit {:?} cannot read request fields yet: {why}; retry shortly",
+            l.name
+        ),
+        headers: HeaderMap::new(),
     }
 }
 
@@ -113,7 +154,10 @@ pub(super) fn rejection(l: &Compiled, d: Decision) -> Rejection {
     let mut details = tonic_types::ErrorDetails::with_retry_info(Some(retry));
     details.add_quota_failure_violation(
         format!("limits/{}", l.name),
-        format!("{} per key, {:?}", l.rate, l.params.algorithm),
+        format!(
+            "{} per key, {:?}: {} left, not enough for this call",
+            l.rate, l.params.algorithm, d.remaining
+        ),
     );
     let mut headers = details_header(Code::ResourceExhausted, &message, details);
     headers.extend(ratelimit_headers(&d));
