@@ -99,6 +99,11 @@ pub fn main() -> ExitCode {
                     checked.routes,
                     checked.upstreams
                 );
+                for (upstream, why) in &checked.unresolved {
+                    eprintln!(
+                        "tollgate: note: field names of upstream {upstream:?} are not checked: its reflection did not answer ({why}); check them with the upstream running, or name a schema.descriptor_set"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -213,6 +213,35 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn the_shipped_examples_field_paths_resolve_against_the_payments_schema() {
+        let schema = crate::schema::Schema::from_descriptor_set(
+            tollgate_proto::PAYMENTS_V1_DESCRIPTOR_SET,
+        )
+        .unwrap();
+        let schemas: crate::schema::Schemas =
+            [("payment-backend".to_owned(), Ok(Arc::new(schema)))].into();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        for example in ["dev", "redis", "redis-cluster"] {
+            let path = dir.join(format!("{example}.yaml"));
+            let mut cfg = Config::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            // In process: the Redis examples' stores are not what is checked.
+            cfg.limiter.backend = crate::config::Backend::Memory;
+            let ups = upstream_specs(&cfg, None).unwrap();
+            let stores = Stores {
+                memory: Arc::new(crate::limit::memory::MemoryStore::new(100)),
+                redis: None,
+            };
+            let t = RouteTable::build(&cfg, &ups, &stores, &schemas)
+                .unwrap_or_else(|e| panic!("{example}: {e}"));
+            let create = t.find("payments.v1.PaymentService", "CreatePayment").unwrap();
+            assert!(
+                create.limits.as_ref().is_some_and(|l| l.reads_fields()),
+                "{example}: CreatePayment has a money limit"
+            );
+        }
+    }
+
     const YAML: &str = r#"
 upstreams:
   a: { addresses: ["127.0.0.1:1"] }

@@ -72,12 +72,15 @@ pub fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// What `tollgate check` found in a usable file.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Checked {
     /// Routes.
     pub routes: usize,
     /// Upstreams.
     pub upstreams: usize,
+    /// Upstreams whose reflection did not answer, and why: their field
+    /// names were not resolved.
+    pub unresolved: Vec<(String, String)>,
 }
 
 /// Checks a config file as a start would read it: the file itself, the
@@ -105,9 +108,15 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
         redis: None,
     };
     crate::routes::RouteTable::build(&config, &upstreams, &stores, &schemas).map_err(setup)?;
+    let mut unresolved: Vec<(String, String)> = schemas
+        .into_iter()
+        .filter_map(|(name, s)| s.err().map(|why| (name, why)))
+        .collect();
+    unresolved.sort();
     Ok(Checked {
         routes: config.routes.len(),
         upstreams: config.upstreams.len(),
+        unresolved,
     })
 }
 
