@@ -28,6 +28,7 @@ pub(crate) mod call;
 pub mod cli;
 pub mod config;
 pub(crate) mod grpc;
+pub(crate) mod headers;
 pub(crate) mod health;
 pub(crate) mod hold;
 pub mod limit;

@@ -26,6 +26,7 @@ use crate::call::CallState;
 use crate::grpc::frame::{compressed, FrameObserver};
 use crate::grpc::status::{parse_status, Code};
 use crate::grpc::{path, timeout};
+use crate::headers::Facts;
 use crate::hold::{first_message, Encoding, Held, HoldError};
 use crate::limit::{CallInfo, FirstMessage, Rejection};
 use crate::respond::CallError;
@@ -77,6 +78,23 @@ pub(crate) async fn handle(
         Ok(t) => t,
         Err(why) => return CallError::BadTimeout(why).answer(Tally::start(stats, start)),
     };
+
+    // Who the client is, and the headers the listener and route set: both
+    // before limits, and forwarded.
+    let peer = match &active.client_ip {
+        Some(c) => std::net::SocketAddr::new(c.of(peer.ip(), &parts.headers), peer.port()),
+        None => peer,
+    };
+    for policy in [&active.request_headers, &route.request_headers]
+        .into_iter()
+        .flatten()
+    {
+        let facts = Facts {
+            tls_identity: conn.tls_identity.as_deref(),
+            peer_ip: peer.ip(),
+        };
+        policy.apply(&mut parts.headers, &facts);
+    }
 
     // Deadline: the client's grpc-timeout, capped by the route's timeout.
     let (budget, why) = match (client_timeout, route.timeout) {

@@ -27,6 +27,8 @@ pub(crate) struct Route {
     pub(crate) stats: RouteStats,
     /// The limits of this route; `None` costs nothing per call.
     pub(crate) limits: Option<Arc<dyn LimitStep>>,
+    /// Its request header policy (after the listener's).
+    pub(crate) request_headers: Option<crate::headers::HeaderPolicy>,
 }
 
 impl crate::body::RouteCounters for Route {
@@ -119,6 +121,8 @@ impl RouteTable {
             };
             let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores, &fields)?
                 .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
+            let request_headers = crate::headers::HeaderPolicy::build(r.request_headers.as_ref())
+                .map_err(|e| format!("route {name:?}: request_headers: {e}"))?;
             let i = t.routes.len();
             let own: Vec<&str> = r
                 .matcher
@@ -133,6 +137,7 @@ impl RouteTable {
                 upstream: upstream.clone(),
                 timeout: r.timeout.map(|d| d.0),
                 limits,
+                request_headers,
             }));
             t.insert(&r.matcher, i);
         }
@@ -215,10 +220,9 @@ mod tests {
 
     #[test]
     fn the_shipped_examples_field_paths_resolve_against_the_payments_schema() {
-        let schema = crate::schema::Schema::from_descriptor_set(
-            tollgate_proto::PAYMENTS_V1_DESCRIPTOR_SET,
-        )
-        .unwrap();
+        let schema =
+            crate::schema::Schema::from_descriptor_set(tollgate_proto::PAYMENTS_V1_DESCRIPTOR_SET)
+                .unwrap();
         let schemas: crate::schema::Schemas =
             [("payment-backend".to_owned(), Ok(Arc::new(schema)))].into();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
@@ -234,7 +238,9 @@ mod tests {
             };
             let t = RouteTable::build(&cfg, &ups, &stores, &schemas)
                 .unwrap_or_else(|e| panic!("{example}: {e}"));
-            let create = t.find("payments.v1.PaymentService", "CreatePayment").unwrap();
+            let create = t
+                .find("payments.v1.PaymentService", "CreatePayment")
+                .unwrap();
             assert!(
                 create.limits.as_ref().is_some_and(|l| l.reads_fields()),
                 "{example}: CreatePayment has a money limit"

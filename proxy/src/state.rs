@@ -31,6 +31,10 @@ pub(crate) struct Active {
     /// The upstreams' request schemas (a reload keeps one reflection does
     /// not answer for).
     pub(crate) schemas: crate::schema::Schemas,
+    /// The listener's request header policy.
+    pub(crate) request_headers: Option<crate::headers::HeaderPolicy>,
+    /// Who may name the client in `x-forwarded-for`.
+    pub(crate) client_ip: Option<crate::headers::ClientIp>,
 }
 
 // === impl Active ===
@@ -51,6 +55,13 @@ impl Active {
         let upstreams = routes::upstream_specs(&config, base)?;
         let routes = RouteTable::build(&config, &upstreams, &stores, &schemas)?;
         Ok(Active {
+            request_headers: crate::headers::HeaderPolicy::build(
+                config.listener.request_headers.as_ref(),
+            )
+            .map_err(|e| format!("listener.request_headers: {e}"))?,
+            client_ip: crate::headers::ClientIp::build(
+                config.listener.trust_forwarded_for.as_ref(),
+            ),
             stores,
             schemas,
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),

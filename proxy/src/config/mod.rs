@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 
 pub use self::duration::Dur;
 pub use self::env::{Env, ProcessEnv};
+pub(crate) use self::error::shown;
 pub use self::error::{ConfigError, Problem};
-pub use self::net::{resolve, HostPort};
+pub use self::net::{resolve, HostPort, Network};
 pub use self::parsed::{FromText, Parsed};
 pub use self::rate::{Rate, MONTH, WEEK};
 
@@ -126,6 +127,40 @@ pub struct Listener {
     /// hold every file descriptor).
     #[serde(default = "default_max_handshaking")]
     pub max_handshaking: usize,
+    /// Headers removed and set on every call, before routes' own and
+    /// before limits; forwarded upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<RequestHeaders>,
+    /// Read the client's IP (`peer_ip` keys, `%peer_ip%`) from
+    /// `x-forwarded-for` on connections from these proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_forwarded_for: Option<TrustForwardedFor>,
+}
+
+/// `request_headers`: names removed, then names set; a value may hold
+/// `%tls_identity%` (the client certificate's identity: without one the
+/// header is left absent) and `%peer_ip%` (`%%` is a percent sign).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestHeaders {
+    /// Removed from every call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    /// Set on every call (replacing any the client sent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+}
+
+/// Which connections may name the client in `x-forwarded-for`, and how
+/// many of its entries, from the right, are read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustForwardedFor {
+    /// The proxies' networks (`10.0.0.0/8`): only a connection from one of
+    /// them is believed, and the walk stops at the first entry outside them.
+    pub proxies: Vec<Parsed<Network>>,
+    /// Entries read from the right, at most (1: the one the proxy added).
+    pub hops: usize,
 }
 
 /// HTTP/2 keepalive: a PING every `interval` while the connection is open
@@ -248,6 +283,10 @@ pub struct Route {
     /// Rate limits, all checked together for every call of the route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<Limit>,
+    /// Headers removed and set on this route's calls, after the
+    /// listener's, before its limits; forwarded upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<RequestHeaders>,
 }
 
 /// Where limit state lives.
@@ -847,6 +886,8 @@ impl Default for Listener {
             max_connections: default_max_connections(),
             max_handshaking: default_max_handshaking(),
             max_pending_resets: default_max_pending_resets(),
+            request_headers: None,
+            trust_forwarded_for: None,
         }
     }
 }

@@ -173,6 +173,9 @@ impl Config {
                     format!("{name:?} is used by another route"),
                 );
             }
+            if let Some(h) = &r.request_headers {
+                check_request_headers(&mut p, &format!("{at}.request_headers"), h, client_certs);
+            }
             if let Some(t) = &r.timeout {
                 if t.is_zero() {
                     p.add(format!("{at}.timeout"), "must be more than 0 (or absent)");
@@ -193,6 +196,26 @@ impl Config {
             p.add("limiter.max_keys", "must be at least 1");
         }
         check_limiter(&mut p, &self.limiter, base);
+        if let Some(h) = &self.listener.request_headers {
+            check_request_headers(&mut p, "listener.request_headers", h, client_certs);
+        }
+        if let Some(t) = &self.listener.trust_forwarded_for {
+            let at = "listener.trust_forwarded_for";
+            if t.proxies.is_empty() {
+                p.add(
+                    format!("{at}.proxies"),
+                    "name at least one network (10.0.0.0/8)",
+                );
+            }
+            for (i, n) in t.proxies.iter().enumerate() {
+                if let Err(e) = n.value() {
+                    p.add(format!("{at}.proxies[{i}]"), e);
+                }
+            }
+            if !(1..=16).contains(&t.hops) {
+                p.add(format!("{at}.hops"), "must be between 1 and 16");
+            }
+        }
         if !(16..=1 << 30).contains(&self.limiter.inspect.max_bytes) {
             p.add(
                 "limiter.inspect.max_bytes",
@@ -237,6 +260,48 @@ fn header_never_present(h: &str) -> Option<&'static str> {
         Some("not a valid header name")
     } else {
         None
+    }
+}
+
+/// Headers a policy may not touch: HTTP/2 and gRPC own them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "te",
+    "host",
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "grpc-status",
+    "grpc-message",
+];
+
+fn check_request_headers(p: &mut Problems, at: &str, h: &RequestHeaders, client_certs: bool) {
+    let check_name = |p: &mut Problems, at: String, name: &str| {
+        if let Some(why) = header_never_present(name) {
+            p.add(at, format!("{} {why}", shown(name)));
+        } else if RESERVED_HEADERS.contains(&name) {
+            p.add(
+                at,
+                format!(
+                    "{} belongs to HTTP/2 and gRPC: a policy cannot change it",
+                    shown(name)
+                ),
+            );
+        }
+    };
+    for (i, name) in h.remove.iter().enumerate() {
+        check_name(p, format!("{at}.remove[{i}]"), name);
+    }
+    for (name, value) in &h.set {
+        check_name(p, format!("{at}.set.{name}"), name);
+        match crate::headers::Template::parse(value) {
+            Err(e) => p.add(format!("{at}.set.{name}"), format!("{} {e}", shown(value))),
+            Ok(t) if t.needs_tls_identity() && !client_certs => p.add(
+                format!("{at}.set.{name}"),
+                "%tls_identity% is never present: the listener does not ask clients for certificates; set listener.tls.client_ca",
+            ),
+            Ok(_) => {}
+        }
     }
 }
 

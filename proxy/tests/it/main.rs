@@ -10,6 +10,7 @@ mod common;
 
 mod fields;
 mod hostile;
+mod identity;
 mod limits;
 mod process;
 mod protocol;

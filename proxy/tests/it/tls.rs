@@ -227,6 +227,44 @@ async fn limits_can_key_on_the_client_certificate() {
     handle.begin_drain();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_set_from_the_client_certificate_replaces_the_clients_own() {
+    // x-client-id comes from the certificate, whatever the client sends:
+    // the limit keyed on it and the upstream both see the identity.
+    let up = crate::common::Upstream::start().await;
+    let m = Mtls::start(
+        up.addr,
+        "  - match: {}\n    upstream: echo\n    request_headers: { remove: [x-client-id], set: { x-client-id: \"%tls_identity%\", x-echo-client: \"id=%tls_identity%\" } }\n    limits: [ { name: per-client, key: [ { header: x-client-id } ], rate: 2/min, algorithm: fixed_window } ]\n",
+    );
+    let (server_ca, client_ca, handle) = (&m.server_ca, &m.client_ca, &m.handle);
+    let mut c = tls_client(
+        handle.listen_addr,
+        &server_ca.pem,
+        Some(spiffe_leaf(client_ca, "spiffe://payments/sa/checkout")),
+    )
+    .await
+    .unwrap();
+    for (i, claimed) in ["someone", "someone-else", "a-third"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = tonic::Request::new(req(b"x"));
+        r.metadata_mut()
+            .insert("x-client-id", claimed.parse().unwrap());
+        r.metadata_mut()
+            .insert("x-echo-client", "forged".parse().unwrap());
+        match c.unary(r).await {
+            Ok(resp) if i < 2 => assert_eq!(
+                resp.metadata().get("x-echo-client").unwrap(),
+                "id=spiffe://payments/sa/checkout"
+            ),
+            Err(e) if i == 2 => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}"),
+            other => panic!("call {i}: {other:?}"),
+        }
+    }
+    handle.begin_drain();
+}
+
 #[test]
 fn a_tls_identity_key_needs_client_certificates() {
     let c = tollgate::config::Config::parse(
