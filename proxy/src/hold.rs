@@ -143,7 +143,9 @@ fn readable(
         (0, _) => Ok(Some(payload)),
         (1, Encoding::Gzip) => {
             let mut out = Vec::new();
-            let mut d = flate2::read::GzDecoder::new(&payload[..]).take(max as u64 + 1);
+            // Every member, as gzip readers in gRPC libraries read them: a
+            // second member must not carry fields the limit never saw.
+            let mut d = flate2::read::MultiGzDecoder::new(&payload[..]).take(max as u64 + 1);
             if d.read_to_end(&mut out).is_err() {
                 // Not gzip after all: the upstream says so; its fields are
                 // missing here.
@@ -218,6 +220,20 @@ mod tests {
         assert_eq!(
             readable(1, Bytes::from_static(b"not gzip"), Encoding::Gzip, 99).unwrap(),
             None
+        );
+        // Two gzip members: both are read, as gRPC libraries read them.
+        let member = |b: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(b).unwrap();
+            gz.finish().unwrap()
+        };
+        let mut two = member(b"first ");
+        two.extend(member(b"second"));
+        assert_eq!(
+            readable(1, two.into(), Encoding::Gzip, 99)
+                .unwrap()
+                .unwrap(),
+            "first second"
         );
         assert_eq!(
             readable(0, Bytes::from_static(b"x"), Encoding::Opaque, 99)

@@ -113,7 +113,16 @@ pub(crate) async fn handle(
         if limits.reads_fields() {
             let idle = active.config.listener.stream_idle_timeout.0;
             let inspect = &active.config.limiter.inspect;
-            let hold = hold_first(&parts.headers, &mut body, inspect, deadline, idle, why);
+            let most = u64::from(active.max_message_bytes);
+            let hold = hold_first(
+                &parts.headers,
+                &mut body,
+                inspect,
+                deadline,
+                idle,
+                why,
+                most,
+            );
             match Box::pin(hold).await {
                 Ok(h) => held = Some(h),
                 Err(e) => return e.answer(Tally::start(stats, start)),
@@ -259,6 +268,7 @@ async fn hold_first(
     deadline: Option<Instant>,
     idle: Duration,
     why: &'static str,
+    max_message_bytes: u64,
 ) -> Result<Held, CallError> {
     let gzip = headers
         .get("grpc-encoding")
@@ -269,7 +279,7 @@ async fn hold_first(
         Encoding::Opaque
     };
     let until = deadline.or_else(|| (!idle.is_zero()).then(|| Instant::now() + idle));
-    let max = usize::try_from(inspect.max_bytes).unwrap_or(usize::MAX);
+    let max = usize::try_from(inspect.max_bytes.min(max_message_bytes)).unwrap_or(usize::MAX);
     first_message(body, max, encoding, until)
         .await
         .map_err(|e| match e {

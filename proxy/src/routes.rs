@@ -102,6 +102,7 @@ impl RouteTable {
         upstreams: &HashMap<String, Arc<UpstreamSpec>>,
         stores: &Stores,
         schemas: &crate::schema::Schemas,
+        strict: bool,
     ) -> Result<Self, String> {
         let mut t = RouteTable::default();
         for r in &cfg.routes {
@@ -118,6 +119,12 @@ impl RouteTable {
                 upstream: &r.upstream,
                 schema: schemas.get(&r.upstream),
                 matches: &matches,
+                lenient: !strict
+                    && cfg
+                        .upstreams
+                        .get(&r.upstream)
+                        .and_then(|u| u.schema.as_ref())
+                        .is_some_and(|s| s.reflection),
             };
             let limits = RouteLimits::build(&name, &r.limits, &cfg.limiter, stores, &fields)?
                 .map(|l| Arc::new(l) as Arc<dyn LimitStep>);
@@ -214,6 +221,7 @@ mod tests {
                 redis: None,
             },
             &Default::default(),
+            true,
         )
         .unwrap()
     }
@@ -236,7 +244,7 @@ mod tests {
                 memory: Arc::new(crate::limit::memory::MemoryStore::new(100)),
                 redis: None,
             };
-            let t = RouteTable::build(&cfg, &ups, &stores, &schemas)
+            let t = RouteTable::build(&cfg, &ups, &stores, &schemas, true)
                 .unwrap_or_else(|e| panic!("{example}: {e}"));
             let create = t
                 .find("payments.v1.PaymentService", "CreatePayment")

@@ -107,7 +107,8 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
         memory: Arc::new(crate::limit::memory::MemoryStore::new(1)),
         redis: None,
     };
-    crate::routes::RouteTable::build(&config, &upstreams, &stores, &schemas).map_err(setup)?;
+    crate::routes::RouteTable::build(&config, &upstreams, &stores, &schemas, true)
+        .map_err(setup)?;
     let mut unresolved: Vec<(String, String)> = schemas
         .into_iter()
         .filter_map(|(name, s)| s.err().map(|why| (name, why)))
@@ -352,10 +353,8 @@ async fn control(
         tokio::select! {
             _ = drain.wait_for(|d| *d) => return,
             _ = tokio::time::sleep(SCHEMA_RETRY), if pending => {
-                if reload(&shared, &tls) {
-                    let fresh = watch_files(&shared, reload_tx.clone());
-                    drop(std::mem::replace(&mut watcher, fresh));
-                }
+                // The same file: the watcher stays as it is.
+                reload_off_thread(&shared, &tls).await;
             }
             r = reload_rx.recv() => {
                 if r.is_none() { return; }
@@ -363,7 +362,7 @@ async fn control(
                 // wait for them to settle, then reload once.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while reload_rx.try_recv().is_ok() {}
-                if reload(&shared, &tls) {
+                if reload_off_thread(&shared, &tls).await {
                     // The new config may name other files: watch those. The
                     // old watcher goes only once the new one watches, so a
                     // write in between is not missed.
@@ -373,6 +372,15 @@ async fn control(
             }
         }
     }
+}
+
+/// [`reload`] on a blocking thread: reading files and asking upstreams for
+/// their schemas never holds up the admin server on this thread.
+async fn reload_off_thread(shared: &Arc<Shared>, tls: &TlsState) -> bool {
+    let (shared, tls) = (shared.clone(), tls.clone());
+    tokio::task::spawn_blocking(move || reload(&shared, &tls))
+        .await
+        .unwrap_or(false)
 }
 
 /// Loads the config file again; a valid one replaces the running config for

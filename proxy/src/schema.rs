@@ -19,24 +19,34 @@ use crate::config::Config;
 pub(crate) const MAX_PATH: usize = 8;
 
 /// How a field's value is read, from its declared type (or, for a path of
-/// numbers, from its wire type alone).
+/// numbers, from its wire type alone). Widths matter: a parser keeps the
+/// low 32 bits of an int32's varint, so a key must too, or one account
+/// number would have 2^32 budgets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     /// UTF-8 text.
     String,
     /// Bytes (shown in a key as hex).
     Bytes,
-    /// int32, int64, enum: two's complement in a varint.
-    Int,
-    /// uint32, uint64: a varint.
-    Uint,
-    /// sint32, sint64: a zigzag varint.
-    Sint,
-    /// A varint 0 or 1.
+    /// int32 and enum: the varint's low 32 bits, two's complement.
+    Int32,
+    /// int64: two's complement in a varint.
+    Int64,
+    /// uint32: the varint's low 32 bits.
+    Uint32,
+    /// uint64.
+    Uint64,
+    /// sint32: zigzag, low 32 bits.
+    Sint32,
+    /// sint64: zigzag.
+    Sint64,
+    /// Any varint but 0 is true.
     Bool,
-    /// fixed32, fixed64.
-    Fixed,
-    /// sfixed32, sfixed64.
+    /// fixed32.
+    Fixed32,
+    /// fixed64.
+    Fixed64,
+    /// sfixed32.
     SFixed32,
     /// sfixed64.
     SFixed64,
@@ -62,11 +72,15 @@ impl Kind {
         Some(match t {
             Type::String => Kind::String,
             Type::Bytes => Kind::Bytes,
-            Type::Int32 | Type::Int64 | Type::Enum => Kind::Int,
-            Type::Uint32 | Type::Uint64 => Kind::Uint,
-            Type::Sint32 | Type::Sint64 => Kind::Sint,
+            Type::Int32 | Type::Enum => Kind::Int32,
+            Type::Int64 => Kind::Int64,
+            Type::Uint32 => Kind::Uint32,
+            Type::Uint64 => Kind::Uint64,
+            Type::Sint32 => Kind::Sint32,
+            Type::Sint64 => Kind::Sint64,
             Type::Bool => Kind::Bool,
-            Type::Fixed32 | Type::Fixed64 => Kind::Fixed,
+            Type::Fixed32 => Kind::Fixed32,
+            Type::Fixed64 => Kind::Fixed64,
             Type::Sfixed32 => Kind::SFixed32,
             Type::Sfixed64 => Kind::SFixed64,
             Type::Float => Kind::Float,
@@ -514,12 +528,12 @@ mod tests {
             s.resolve(input, "amount.amount_minor"),
             Ok(FieldPath {
                 numbers: vec![4, 1],
-                kind: Kind::Int
+                kind: Kind::Int64
             })
         );
         assert_eq!(
             s.resolve(input, "capture_method").map(|p| p.kind),
-            Ok(Kind::Int)
+            Ok(Kind::Int32)
         );
         for (path, why) in [
             (

@@ -53,7 +53,7 @@ impl Active {
         schemas: crate::schema::Schemas,
     ) -> Result<Active, String> {
         let upstreams = routes::upstream_specs(&config, base)?;
-        let routes = RouteTable::build(&config, &upstreams, &stores, &schemas)?;
+        let routes = RouteTable::build(&config, &upstreams, &stores, &schemas, false)?;
         Ok(Active {
             request_headers: crate::headers::HeaderPolicy::build(
                 config.listener.request_headers.as_ref(),

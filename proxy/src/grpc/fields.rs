@@ -34,6 +34,8 @@ pub(crate) enum WireError {
     Unsupported,
     /// The field on the path holds a scalar where a message must be.
     NotAMessage,
+    /// The field comes more than once with different wire types.
+    MixedWireTypes,
 }
 
 impl std::fmt::Display for WireError {
@@ -45,41 +47,55 @@ impl std::fmt::Display for WireError {
                 "uses protobuf groups, field number 0 or an unknown wire type"
             }
             WireError::NotAMessage => "holds a scalar where the field path needs a message",
+            WireError::MixedWireTypes => {
+                "carries the field more than once with different wire types"
+            }
         })
     }
 }
 
 /// The value at `path` in `message`, as a parser would keep it; `None`
-/// when the field is absent. `path` is not empty.
+/// when the field is absent. Occurrences of the field with different wire
+/// types are an error: parsers disagree on them (prost refuses the
+/// message; others skip the ones that do not match the declared type), so
+/// no one value is the one the upstream reads.
 pub(crate) fn find<'a>(
     message: &'a [u8],
     path: &[u32],
 ) -> Result<Option<WireValue<'a>>, WireError> {
-    let Some((&number, rest)) = path.split_first() else {
-        return Ok(None);
-    };
     let mut found = None;
+    walk(message, path, &mut found)?;
+    Ok(found)
+}
+
+fn walk<'a>(
+    message: &'a [u8],
+    path: &[u32],
+    found: &mut Option<WireValue<'a>>,
+) -> Result<(), WireError> {
+    let Some((&number, rest)) = path.split_first() else {
+        return Ok(());
+    };
     let mut r = Reader(message);
     while let Some((n, value)) = r.field()? {
         if n != number {
             continue;
         }
         if rest.is_empty() {
-            found = Some(value);
+            if found.is_some_and(|f| std::mem::discriminant(&f) != std::mem::discriminant(&value)) {
+                return Err(WireError::MixedWireTypes);
+            }
+            *found = Some(value);
             continue;
         }
         match value {
             // Each occurrence merges into the message: what a later one
             // carries replaces what an earlier one did.
-            WireValue::Len(inner) => {
-                if let Some(v) = find(inner, rest)? {
-                    found = Some(v);
-                }
-            }
+            WireValue::Len(inner) => walk(inner, rest, found)?,
             _ => return Err(WireError::NotAMessage),
         }
     }
-    Ok(found)
+    Ok(())
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -227,6 +243,14 @@ mod tests {
         assert_eq!(find(&[0x0f], &[1]), Err(WireError::Unsupported));
         // A scalar where the path goes on into a message.
         assert_eq!(find(&[0x08, 0x01], &[1, 1]), Err(WireError::NotAMessage));
+        // Field 1 as a varint, then as a fixed64: which one an upstream
+        // keeps depends on its parser, so neither is read.
+        let mut mixed = vec![0x08, 0x05, 0x09];
+        mixed.extend(1u64.to_le_bytes());
+        assert_eq!(find(&mixed, &[1]), Err(WireError::MixedWireTypes));
+        // Across merged occurrences of a message too.
+        let nested = [0x22, 0x02, 0x08, 0x05, 0x22, 0x05, 0x0d, 1, 0, 0, 0];
+        assert_eq!(find(&nested, &[4, 1]), Err(WireError::MixedWireTypes));
         // Fixed-width values.
         let mut f = vec![0x09];
         f.extend(7u64.to_le_bytes());

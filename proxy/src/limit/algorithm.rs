@@ -54,7 +54,7 @@ impl Calendar {
         let (first, len) = match self {
             Calendar::Day => (days, 1),
             // 1970-01-01 was a Thursday: Monday is three days on from it.
-            Calendar::Week => (days - (days + 3) % 7, 7),
+            Calendar::Week => (days.saturating_sub((days + 3) % 7), 7),
             Calendar::Month => {
                 let (y, m, d) = civil_from_days(days);
                 (days - (d - 1), days_in_month(y, m))

@@ -396,3 +396,44 @@ fn check_says_which_message_lacks_which_field() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_reads_as_the_upstreams_parser_reads_it() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(
+        up.addr,
+        &descriptor_set(dir.path()),
+        "",
+        "      - { name: per-count, key: [ { field: count } ], rate: 1/min, algorithm: fixed_window, on_missing: reject }",
+    ));
+    let addr = proxy.addr();
+    let call =
+        |body: Vec<u8>| async move { raw_call(addr, UNARY, &[], &frame(0, &body)).await.unwrap() };
+    // count is a uint32: 7 and 7 + 2^32 are both 7 to a parser, so one
+    // budget.
+    let varint = |mut n: u64| {
+        let mut v = vec![0x10];
+        while n >= 0x80 {
+            v.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        v.push(n as u8);
+        v
+    };
+    let r = call(varint(7)).await;
+    assert_eq!(r.grpc_status(), Some("0"), "{r:?}");
+    let r = call(varint(7 + (1 << 32))).await;
+    assert_eq!(r.grpc_status(), Some("8"), "the same account: {r:?}");
+    // The field twice, as a varint and as a fixed32: parsers disagree on
+    // which they keep, so the call is refused rather than guessed.
+    let mut mixed = varint(8);
+    mixed.extend([0x15, 9, 0, 0, 0]);
+    let r = call(mixed).await;
+    assert_eq!(r.grpc_status(), Some("3"), "{r:?}");
+    assert!(
+        r.grpc_message()
+            .contains("more than once with different wire types"),
+        "{r:?}"
+    );
+}

@@ -156,12 +156,30 @@ pub(crate) struct Fields<'a> {
     pub(crate) schema: Option<&'a Result<Arc<Schema>, String>>,
     /// Whether the route takes `(service, method)`.
     pub(crate) matches: &'a dyn Fn(&str, &str) -> bool,
+    /// The schema came by reflection at a load (not `tollgate check`): a
+    /// path it does not resolve refuses that limit's calls (UNAVAILABLE)
+    /// instead of the whole config, since the upstream, not the file,
+    /// changed.
+    pub(crate) lenient: bool,
 }
 
 impl Fields<'_> {
     /// `path` for every method of the route; `integer`: it must be a whole
     /// number (a cost).
     fn resolve(&self, path: &str, integer: bool) -> Result<FieldRef, String> {
+        match self.resolve_strictly(path, integer) {
+            Err(e) if self.lenient && schema::numeric(path).is_none() => {
+                tracing::error!(upstream = %self.upstream, "{e}; its limit refuses calls (UNAVAILABLE) until the config or the upstream's schema is fixed");
+                Ok(FieldRef::Pending(format!(
+                    "the schema upstream {:?} gives by reflection lacks field {path:?}",
+                    self.upstream
+                )))
+            }
+            r => r,
+        }
+    }
+
+    fn resolve_strictly(&self, path: &str, integer: bool) -> Result<FieldRef, String> {
         schema::check_path(path).map_err(|e| format!("field {path:?} {e}"))?;
         if let Some(p) = schema::numeric(path) {
             return Ok(FieldRef::One(p));

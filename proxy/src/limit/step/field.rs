@@ -81,10 +81,15 @@ fn fits(v: WireValue<'_>, kind: Kind) -> bool {
     match kind {
         Kind::Wire => true,
         Kind::String | Kind::Bytes => matches!(v, WireValue::Len(_)),
-        Kind::Int | Kind::Uint | Kind::Sint | Kind::Bool => matches!(v, WireValue::Varint(_)),
-        Kind::Fixed => matches!(v, WireValue::Fixed32(_) | WireValue::Fixed64(_)),
-        Kind::SFixed32 | Kind::Float => matches!(v, WireValue::Fixed32(_)),
-        Kind::SFixed64 | Kind::Double => matches!(v, WireValue::Fixed64(_)),
+        Kind::Int32
+        | Kind::Int64
+        | Kind::Uint32
+        | Kind::Uint64
+        | Kind::Sint32
+        | Kind::Sint64
+        | Kind::Bool => matches!(v, WireValue::Varint(_)),
+        Kind::Fixed32 | Kind::SFixed32 | Kind::Float => matches!(v, WireValue::Fixed32(_)),
+        Kind::Fixed64 | Kind::SFixed64 | Kind::Double => matches!(v, WireValue::Fixed64(_)),
     }
 }
 
@@ -116,17 +121,23 @@ pub(super) fn push(out: &mut String, v: WireValue<'_>, kind: Kind) {
     }
 }
 
-/// A field's value as a whole number, signed as its type reads (`Wire`:
-/// unsigned); `None` for text, bytes and floating point.
+/// A field's value as a whole number, as a parser reads its type (32-bit
+/// types from the low 32 bits; `Wire`: unsigned); `None` for text, bytes
+/// and floating point.
 pub(super) fn integer(v: WireValue<'_>, kind: Kind) -> Option<i128> {
+    let zigzag32 = |n: u32| i128::from((n >> 1) as i32 ^ -((n & 1) as i32));
     Some(match (v, kind) {
-        (WireValue::Varint(n), Kind::Int) => i128::from(n as i64),
-        (WireValue::Varint(n), Kind::Sint) => i128::from((n >> 1) as i64 ^ -((n & 1) as i64)),
-        (WireValue::Varint(n), _) => i128::from(n),
+        (WireValue::Varint(n), Kind::Int32) => i128::from(n as u32 as i32),
+        (WireValue::Varint(n), Kind::Int64) => i128::from(n as i64),
+        (WireValue::Varint(n), Kind::Uint32) => i128::from(n as u32),
+        (WireValue::Varint(n), Kind::Sint32) => zigzag32(n as u32),
+        (WireValue::Varint(n), Kind::Sint64) => i128::from((n >> 1) as i64 ^ -((n & 1) as i64)),
+        (WireValue::Varint(n), Kind::Bool) => i128::from(n != 0),
+        (WireValue::Varint(n), Kind::Uint64 | Kind::Wire) => i128::from(n),
         (WireValue::Fixed32(n), Kind::SFixed32) => i128::from(n as i32),
-        (WireValue::Fixed32(n), Kind::Fixed | Kind::Wire) => i128::from(n),
+        (WireValue::Fixed32(n), Kind::Fixed32 | Kind::Wire) => i128::from(n),
         (WireValue::Fixed64(n), Kind::SFixed64) => i128::from(n as i64),
-        (WireValue::Fixed64(n), Kind::Fixed | Kind::Wire) => i128::from(n),
+        (WireValue::Fixed64(n), Kind::Fixed64 | Kind::Wire) => i128::from(n),
         _ => return None,
     })
 }
@@ -144,13 +155,20 @@ mod tests {
         };
         assert_eq!(shown(WireValue::Len(b"acc-1"), Kind::String), "acc-1");
         assert_eq!(shown(WireValue::Len(&[0, 0xab]), Kind::Bytes), "00ab");
-        assert_eq!(shown(WireValue::Varint(-5i64 as u64), Kind::Int), "-5");
+        assert_eq!(shown(WireValue::Varint(-5i64 as u64), Kind::Int64), "-5");
+        assert_eq!(shown(WireValue::Varint(-5i64 as u64), Kind::Int32), "-5");
+        // A parser keeps an int32's and a uint32's low 32 bits: so does a
+        // key, or 7 + k * 2^32 would be 2^32 budgets for account 7.
+        assert_eq!(shown(WireValue::Varint(7 + (3 << 32)), Kind::Uint32), "7");
+        assert_eq!(shown(WireValue::Varint(7 + (3 << 32)), Kind::Int32), "7");
+        assert_eq!(shown(WireValue::Varint(2), Kind::Bool), "1");
         assert_eq!(
             shown(WireValue::Varint(-5i64 as u64), Kind::Wire),
             "18446744073709551611"
         );
-        assert_eq!(shown(WireValue::Varint(3), Kind::Sint), "-2");
-        assert_eq!(shown(WireValue::Varint(4), Kind::Sint), "2");
+        assert_eq!(shown(WireValue::Varint(3), Kind::Sint64), "-2");
+        assert_eq!(shown(WireValue::Varint(4), Kind::Sint32), "2");
+        assert_eq!(shown(WireValue::Varint(3 + (1 << 32)), Kind::Sint32), "-2");
         assert_eq!(
             shown(WireValue::Fixed32(1.5f32.to_bits()), Kind::Float),
             "1.5"
@@ -162,5 +180,6 @@ mod tests {
         assert_eq!(integer(WireValue::Len(b"1"), Kind::String), None);
         assert!(!fits(WireValue::Varint(1), Kind::String));
         assert!(fits(WireValue::Len(b"x"), Kind::Wire));
+        assert!(!fits(WireValue::Fixed64(1), Kind::Fixed32));
     }
 }
