@@ -211,7 +211,7 @@ def main():
             print(f"{name} {shape[0]}x{shape[1]}: Redis commands in the last run: {cmds[-1][2]}")
     finally:
         stop_all(procs)
-        subprocess.run([f"{ROOT}/scripts/redis.sh", "stop", redis_dir], capture_output=True)
+        subprocess.run([f"{ROOT}/scripts/redis.sh", "stop", f"{work}/redis"], capture_output=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ use tokio::time::{Instant, Sleep};
 use crate::call::{CallState, OpenCall, Watch};
 use crate::grpc::frame::{FrameError, FrameObserver};
 use crate::grpc::status::{parse_status, status_headers, Code};
+use crate::limit::meter::{Meters, Verdict};
 use crate::metrics::{self, MethodStats, RouteStats};
 
 /// What a body needs of its call's route: the counters its messages go to,
@@ -108,6 +109,67 @@ pub(crate) enum BodyError {
     /// The client's framing was refused.
     #[error("{0}")]
     Frame(FrameError),
+    /// The client's messages went over a message limit.
+    #[error("{0}")]
+    Limited(String),
+}
+
+/// Messages held back by a message limit (`action: delay`) until it
+/// allows them.
+pub(crate) struct Waiting {
+    frame: Frame<Bytes>,
+    messages: u64,
+    sleep: Pin<Box<Sleep>>,
+}
+
+/// What a data chunk's messages get from a direction's meters: `Ok(None)`
+/// to go on now, `Ok(Some(..))` to wait, `Err` to end the stream.
+fn meter(
+    meters: &mut Option<Box<Meters>>,
+    frame: Frame<Bytes>,
+    messages: u64,
+) -> Result<Result<Frame<Bytes>, Box<Waiting>>, String> {
+    let Some(m) = meters.as_mut().filter(|_| messages > 0) else {
+        return Ok(Ok(frame));
+    };
+    match m.admit(messages) {
+        Verdict::Pass => Ok(Ok(frame)),
+        Verdict::Refuse(why) => Err(why),
+        Verdict::Wait(d) => Ok(Err(Box::new(Waiting {
+            frame,
+            messages,
+            sleep: Box::pin(tokio::time::sleep(d)),
+        }))),
+    }
+}
+
+/// Polls held-back messages: ready with their frame once every meter
+/// allows them.
+fn poll_waiting(
+    waiting: &mut Option<Box<Waiting>>,
+    meters: &mut Option<Box<Meters>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Frame<Bytes>, String>> {
+    loop {
+        let Some(w) = waiting.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(w.sleep.as_mut().poll(cx));
+        let verdict = meters
+            .as_mut()
+            .map_or(Verdict::Pass, |m| m.admit(w.messages));
+        match verdict {
+            Verdict::Pass => {
+                let w = waiting.take().map(|w| w.frame);
+                return Poll::Ready(w.ok_or_else(String::new));
+            }
+            Verdict::Refuse(why) => {
+                *waiting = None;
+                return Poll::Ready(Err(why));
+            }
+            Verdict::Wait(d) => w.sleep.as_mut().reset(Instant::now() + d),
+        }
+    }
 }
 
 /// The client's request body on its way to the upstream.
@@ -116,6 +178,9 @@ pub(crate) struct RequestBody {
     /// Frames read before the call was forwarded (its limits read the
     /// first message), sent first.
     held: Option<VecDeque<Frame<Bytes>>>,
+    /// Message limits on the client's messages, and messages they hold.
+    meters: Option<Box<Meters>>,
+    waiting: Option<Box<Waiting>>,
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<dyn RouteCounters>,
@@ -128,6 +193,7 @@ impl RequestBody {
     pub(crate) fn new(
         inner: Incoming,
         held: Option<VecDeque<Frame<Bytes>>>,
+        meters: Option<Box<Meters>>,
         max: u32,
         compressed_ok: bool,
         state: Arc<CallState>,
@@ -136,10 +202,19 @@ impl RequestBody {
         RequestBody {
             inner,
             held: held.filter(|h| !h.is_empty()),
+            meters,
+            waiting: None,
             observer: FrameObserver::new(max, compressed_ok),
             state,
             route,
         }
+    }
+
+    /// Ends the request over a message limit: the upstream stream is
+    /// reset, the client told why by the response side.
+    fn refuse(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state.set_limited(why.clone());
+        Poll::Ready(Some(Err(BodyError::Limited(why))))
     }
 
     fn fail(&mut self, e: FrameError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -157,6 +232,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if this.waiting.is_some() {
+            return match ready!(poll_waiting(&mut this.waiting, &mut this.meters, cx)) {
+                Ok(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(why) => this.refuse(why),
+            };
+        }
         let next = match this.held.as_mut().and_then(|h| h.pop_front()) {
             Some(frame) => {
                 if this.held.as_ref().is_some_and(|h| h.is_empty()) {
@@ -168,13 +249,26 @@ impl Body for RequestBody {
         };
         match next {
             Some(Ok(frame)) => {
+                let mut messages = 0;
                 if let Some(data) = frame.data_ref() {
                     this.state.mark_moved();
+                    let before = this.observer.messages();
                     if let Err(e) = this.observer.observe(data) {
                         return this.fail(e);
                     }
+                    messages = this.observer.messages() - before;
                 }
-                Poll::Ready(Some(Ok(frame)))
+                match meter(&mut this.meters, frame, messages) {
+                    Ok(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Ok(Err(w)) => {
+                        this.waiting = Some(w);
+                        match ready!(poll_waiting(&mut this.waiting, &mut this.meters, cx)) {
+                            Ok(frame) => Poll::Ready(Some(Ok(frame))),
+                            Err(why) => this.refuse(why),
+                        }
+                    }
+                    Err(why) => this.refuse(why),
+                }
             }
             Some(Err(e)) => Poll::Ready(Some(Err(BodyError::Client(e)))),
             None => match this.observer.finish() {
@@ -187,7 +281,10 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         // Mid-frame, the end is not the end: hyper must poll once more so the
         // truncation is reported instead of forwarded.
-        self.held.is_none() && self.inner.is_end_stream() && self.observer.finish().is_ok()
+        self.held.is_none()
+            && self.waiting.is_none()
+            && self.inner.is_end_stream()
+            && self.observer.finish().is_ok()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -257,6 +354,9 @@ pub(crate) struct Proxied {
     /// All DATA frames were read; trailers (if any) come next.
     data_done: bool,
     observer: FrameObserver,
+    /// Message limits on the upstream's messages, and messages they hold.
+    meters: Option<Box<Meters>>,
+    waiting: Option<Box<Waiting>>,
     state: Arc<CallState>,
     route: Arc<dyn RouteCounters>,
     timer: CallTimer,
@@ -297,6 +397,8 @@ impl Proxied {
             inner: Some(inner),
             data_done: false,
             observer,
+            meters: None,
+            waiting: None,
             state,
             route,
             timer,
@@ -305,6 +407,12 @@ impl Proxied {
             open: None,
             _upstream_open: upstream_open,
         }
+    }
+
+    /// With message limits on the upstream's messages.
+    pub(crate) fn with_meters(mut self, meters: Option<Box<Meters>>) -> Self {
+        self.meters = meters;
+        self
     }
 
     /// Ends the client's stream with tollgate's own status, dropping the
@@ -378,6 +486,12 @@ impl Proxied {
             self.done = true;
             return Poll::Ready(None);
         };
+        if self.waiting.is_some() {
+            return match ready!(poll_waiting(&mut self.waiting, &mut self.meters, cx)) {
+                Ok(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(why) => self.end_with(Code::ResourceExhausted, &why),
+            };
+        }
         if !self.data_done {
             match ready!(inner.poll_data(cx)) {
                 Some(Ok(data)) => {
@@ -385,10 +499,22 @@ impl Proxied {
                     // Pulled only when the client can take more, so giving
                     // the window back now keeps the two sides in step.
                     let _ = inner.flow_control().release_capacity(data.len());
+                    let before = self.observer.messages();
                     if let Err(e) = self.observer.observe(&data) {
                         return self.end_with(e.code(), &format!("upstream response: {e}"));
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                    let messages = self.observer.messages() - before;
+                    return match meter(&mut self.meters, Frame::data(data), messages) {
+                        Ok(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                        Ok(Err(w)) => {
+                            self.waiting = Some(w);
+                            match ready!(poll_waiting(&mut self.waiting, &mut self.meters, cx)) {
+                                Ok(frame) => Poll::Ready(Some(Ok(frame))),
+                                Err(why) => self.end_with(Code::ResourceExhausted, &why),
+                            }
+                        }
+                        Err(why) => self.end_with(Code::ResourceExhausted, &why),
+                    };
                 }
                 Some(Err(e)) => return self.upstream_failed(e),
                 None => self.data_done = true,
@@ -417,6 +543,9 @@ impl Proxied {
     }
 
     fn upstream_failed(&mut self, e: h2::Error) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(why) = self.state.limited() {
+            return self.end_with(Code::ResourceExhausted, &why);
+        }
         if let Some(fe) = self.state.request_error() {
             return self.end_with(fe.code(), &fe.to_string());
         }

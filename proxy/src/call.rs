@@ -25,6 +25,8 @@ const QUIET_LOOKS: u8 = 4;
 #[derive(Debug, Default)]
 pub(crate) struct CallState {
     request_error: OnceLock<FrameError>,
+    /// Why a message limit ended the request side.
+    limited: OnceLock<String>,
     /// Set whenever data passes either way; the watcher clears it when it
     /// looks.
     moved: AtomicBool,
@@ -47,6 +49,16 @@ impl CallState {
     /// Keeps the request side's framing problem (the first one).
     pub(crate) fn set_request_error(&self, e: FrameError) {
         let _ = self.request_error.set(e);
+    }
+
+    /// Why a message limit ended the request side, if one did.
+    pub(crate) fn limited(&self) -> Option<String> {
+        self.limited.get().cloned()
+    }
+
+    /// Keeps why a message limit ended the request side (the first).
+    pub(crate) fn set_limited(&self, why: String) {
+        let _ = self.limited.set(why);
     }
 
     /// Data passed (either way).

@@ -109,6 +109,8 @@ pub(crate) async fn handle(
     // until it has arrived.
     let mut held = None;
     let mut extra_headers = None;
+    // Boxed, and only with message limits: the call's future stays small.
+    let mut meters: Option<Box<crate::limit::Meters2>> = None;
     if let Some(limits) = &route.limits {
         if limits.reads_fields() {
             let idle = active.config.listener.stream_idle_timeout.0;
@@ -124,7 +126,7 @@ pub(crate) async fn handle(
                 most,
             );
             match Box::pin(hold).await {
-                Ok(h) => held = Some(h),
+                Ok(h) => held = Some(Box::new(h)),
                 Err(e) => return e.answer(Tally::start(stats, start)),
             }
         }
@@ -135,8 +137,15 @@ pub(crate) async fn handle(
             peer,
             tls_identity: conn.tls_identity.as_deref(),
             worker: worker.index,
-            message: held.as_ref().map_or(FirstMessage::NotHeld, Held::message),
+            message: held.as_deref().map_or(FirstMessage::NotHeld, Held::message),
         };
+        // The meters first: the call's facts need not outlive the await.
+        match limits.meters(&info) {
+            Ok(m) => meters = (m.0.is_some() || m.1.is_some()).then(|| Box::new(m)),
+            Err(rejection) => {
+                return CallError::Limited(rejection).answer(Tally::start(stats, start));
+            }
+        }
         match limits.check(info).await {
             Ok(h) => extra_headers = h,
             Err(rejection) => {
@@ -182,6 +191,7 @@ pub(crate) async fn handle(
         RequestBody::new(
             body,
             held.map(|h| h.frames),
+            meters.as_mut().and_then(|m| m.0.take()),
             max,
             compressed_ok,
             state.clone(),
@@ -216,7 +226,16 @@ pub(crate) async fn handle(
         Ok(Ok(r)) => r,
         Err(message) => return CallError::DeadlineExceeded(message.into()).answer(tally),
         Ok(Err(e)) => {
-            // The client's own framing, refused on the way, is what ended it.
+            // A message limit, or the client's own framing, refused on the
+            // way, is what ended it.
+            if let Some(why) = state.limited() {
+                return CallError::Limited(Box::new(Rejection {
+                    code: Code::ResourceExhausted,
+                    message: why,
+                    headers: http::HeaderMap::new(),
+                }))
+                .answer(tally);
+            }
             if let Some(fe) = state.request_error() {
                 return CallError::Frame(fe).answer(tally);
             }
@@ -255,7 +274,8 @@ pub(crate) async fn handle(
         timer,
         tally,
         upstream_open,
-    );
+    )
+    .with_meters(meters.and_then(|m| m.1));
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
 }
 

@@ -549,6 +549,70 @@ pub struct Limit {
     /// When its key finds no place (default: `limiter.over_capacity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over_capacity: Option<OverCapacity>,
+    /// What it counts: calls (default), or the messages of a stream.
+    #[serde(default, skip_serializing_if = "Per::is_call")]
+    pub per: Per,
+    /// `per: message`: whose messages (default the client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    /// `per: message`: one budget per stream (default) or per key across
+    /// streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// `per: message`: over the rate, end the stream (default) or hold the
+    /// next message until it is allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// Calls (at their start).
+    #[default]
+    Call,
+    /// Messages of streaming calls, as they pass.
+    Message,
+}
+
+impl Per {
+    fn is_call(&self) -> bool {
+        *self == Per::Call
+    }
+}
+
+/// Whose messages a message limit counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The client's (requests).
+    #[default]
+    Client,
+    /// The upstream's (responses).
+    Server,
+}
+
+/// Where a message limit's budget lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Each stream has its own.
+    #[default]
+    Stream,
+    /// Streams with the same key share one (in this process).
+    Key,
+}
+
+/// What a message over a message limit gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// The stream ends with RESOURCE_EXHAUSTED (the upstream's is reset).
+    #[default]
+    Reject,
+    /// The message waits until the rate allows it (within the deadline).
+    Delay,
 }
 
 /// A part of a limit's key: the one thing it reads, e.g.

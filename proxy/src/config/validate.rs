@@ -466,6 +466,39 @@ fn check_limits(
                 }
             }
         }
+        if l.per == Per::Message {
+            if l.cost.is_some() {
+                p.add(
+                    format!("{at}.cost"),
+                    "a message limit counts each message as 1; remove cost",
+                );
+            }
+            if l.scope == Some(Scope::Key) && redis_backend {
+                p.add(
+                    format!("{at}.scope"),
+                    "per-key message limits are counted in this process only, not in Redis; use scope: stream, or the memory backend",
+                );
+            }
+            if l.shadow {
+                p.add(
+                    format!("{at}.shadow"),
+                    "message limits have no shadow mode yet; remove it",
+                );
+            }
+        } else {
+            for (what, set) in [
+                ("direction", l.direction.is_some()),
+                ("scope", l.scope.is_some()),
+                ("action", l.action.is_some()),
+            ] {
+                if set {
+                    p.add(
+                        format!("{at}.{what}"),
+                        "only a message limit has it: set per: message",
+                    );
+                }
+            }
+        }
         if l.over_capacity == Some(OverCapacity::Local) && !redis_backend {
             p.add(
                 format!("{at}.over_capacity"),

@@ -8,6 +8,7 @@ mod behaviour;
 pub(crate) mod breaker;
 pub mod check;
 pub(crate) mod memory;
+pub(crate) mod meter;
 pub mod redis;
 mod shards;
 pub(crate) mod step;
@@ -66,6 +67,10 @@ pub(crate) struct Rejection {
     pub(crate) headers: HeaderMap,
 }
 
+/// The meters of a call's two directions: the client's messages, then the
+/// upstream's.
+pub(crate) type Meters2 = (Option<Box<meter::Meters>>, Option<Box<meter::Meters>>);
+
 /// The decision of a route's limits.
 pub(crate) type Decision<'a> =
     Pin<Box<dyn Future<Output = Result<Option<HeaderMap>, Box<Rejection>>> + Send + 'a>>;
@@ -80,5 +85,11 @@ pub(crate) trait LimitStep: Send + Sync {
     /// first message has arrived, and checked with it.
     fn reads_fields(&self) -> bool {
         false
+    }
+
+    /// The message limits of a call that went on: the client's messages'
+    /// meters, then the upstream's (`None`: none that apply).
+    fn meters(&self, _call: &CallInfo<'_>) -> Result<Meters2, Box<Rejection>> {
+        Ok((None, None))
     }
 }

@@ -12,6 +12,7 @@ mod fields;
 mod hostile;
 mod identity;
 mod limits;
+mod messages;
 mod process;
 mod protocol;
 mod redis_limits;

@@ -10,9 +10,10 @@ use http::HeaderName;
 use super::field::FieldRef;
 use crate::schema::{self, FieldPath, Schema};
 
-use super::{Compiled, CostOf, Outcomes, Part, RouteLimits, Stores};
-use crate::config::{self, AlgorithmName, Cost, KeySource, Rate, Window, MONTH, WEEK};
+use super::{Compiled, CostOf, Outcomes, Part, PerMessage, RouteLimits, Stores};
+use crate::config::{self, AlgorithmName, Cost, KeySource, Per, Rate, Window, MONTH, WEEK};
 use crate::limit::algorithm::{Algorithm, Calendar, Params};
+use crate::limit::meter::MeterCounters;
 use crate::metrics;
 
 /// The algorithm's name in its keys. The sliding log's state changed
@@ -84,7 +85,19 @@ impl RouteLimits {
                     ))
                 })
                 .collect::<Result<_, String>>()?;
+            let per_message = (l.per == Per::Message).then(|| PerMessage {
+                direction: l.direction.unwrap_or_default(),
+                scope: l.scope.unwrap_or_default(),
+                action: l.action.unwrap_or_default(),
+                name: l.name.as_str().into(),
+                counters: MeterCounters {
+                    allowed: m.limit_decision(route, &l.name, "allowed"),
+                    limited: m.limit_decision(route, &l.name, "limited"),
+                    delayed: m.limit_decision(route, &l.name, "delayed"),
+                },
+            });
             compiled.push(Compiled {
+                per_message,
                 outcomes: Outcomes {
                     allowed: m.limit_decision(route, &l.name, "allowed"),
                     limited: m.limit_decision(route, &l.name, "limited"),
@@ -132,7 +145,9 @@ impl RouteLimits {
             matches!(l.cost, CostOf::Field(..))
                 || l.key.iter().any(|p| matches!(p, Part::Field(..)))
         });
+        let meters = compiled.iter().any(|l| l.per_message.is_some());
         Ok(Some(RouteLimits {
+            meters,
             reads_fields,
             limits: compiled,
             stores: stores.clone(),

@@ -28,9 +28,12 @@ use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavai
 use super::algorithm::{Decision, Params};
 use super::check::{fnv1a, Answer, Check};
 use super::memory::MemoryStore;
+use super::meter::{Meter, MeterCounters, Meters};
 use super::redis::{RedisStore, StoreError};
-use super::{CallInfo, LimitStep, Rejection};
-use crate::config::{FailureMode, OnMissing, OverCapacity, Rate, Repeated};
+use super::{CallInfo, LimitStep, Meters2, Rejection};
+use crate::config::{
+    Action, Direction, FailureMode, OnMissing, OverCapacity, Rate, Repeated, Scope,
+};
 
 /// Longest key kept as written; longer ones are shortened to a hash, so a
 /// client cannot make the store hold huge keys.
@@ -99,6 +102,17 @@ struct Compiled {
     failure_mode: FailureMode,
     over_capacity: OverCapacity,
     outcomes: Outcomes,
+    /// A message limit: counted per message by meters, not per call.
+    per_message: Option<PerMessage>,
+}
+
+/// How a message limit counts.
+struct PerMessage {
+    direction: Direction,
+    scope: Scope,
+    action: Action,
+    name: Arc<str>,
+    counters: MeterCounters,
 }
 
 /// What became of one limit of a call.
@@ -123,6 +137,8 @@ enum Outcome {
 /// The limits of one route.
 pub(crate) struct RouteLimits {
     limits: Vec<Compiled>,
+    /// Whether any limit counts messages.
+    meters: bool,
     /// Whether any limit reads request fields.
     reads_fields: bool,
     stores: Stores,
@@ -146,6 +162,9 @@ impl RouteLimits {
         let mut checks = Vec::with_capacity(self.limits.len());
         let mut which = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
+            if l.per_message.is_some() {
+                continue;
+            }
             // The key: route, limit and algorithm, then the value.
             let mut key = String::with_capacity(l.key_prefix.len() + 48);
             key.push_str(&l.key_prefix);
@@ -345,6 +364,44 @@ impl RouteLimits {
 impl LimitStep for RouteLimits {
     fn reads_fields(&self) -> bool {
         self.reads_fields
+    }
+
+    fn meters(&self, call: &CallInfo<'_>) -> Result<Meters2, Box<Rejection>> {
+        if !self.meters {
+            return Ok((None, None));
+        }
+        let (mut client, mut server) = (Vec::new(), Vec::new());
+        for l in &self.limits {
+            let Some(m) = &l.per_message else { continue };
+            let mut key = String::with_capacity(l.key_prefix.len() + 48);
+            key.push_str(&l.key_prefix);
+            if !key::value(l, call, &mut key)? {
+                l.outcomes.skipped.inc();
+                continue;
+            }
+            let params = l
+                .overrides
+                .get(&key[l.key_prefix.len()..])
+                .copied()
+                .unwrap_or(l.params);
+            if key.len() > MAX_KEY_BYTES {
+                key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
+            }
+            let meter = Meter::new(
+                m.name.clone(),
+                params,
+                m.action,
+                l.shadow,
+                (m.scope == Scope::Key).then_some(key),
+                self.stores.memory.clone(),
+                m.counters.clone(),
+            );
+            match m.direction {
+                Direction::Client => client.push(meter),
+                Direction::Server => server.push(meter),
+            }
+        }
+        Ok((Meters::new(client), Meters::new(server)))
     }
 
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {

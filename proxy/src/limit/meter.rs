@@ -1,0 +1,274 @@
+//! Message limits (`per: message`): each message a stream carries in one
+//! direction is a unit of the limit, counted as it passes. A stream's own
+//! budget lives in the stream (no store, no lock); a budget per key across
+//! streams lives in the in-process store. Over the rate a stream either
+//! ends (RESOURCE_EXHAUSTED) or, with `action: delay`, its next message
+//! waits until the rate allows it: the stream is paced, within its
+//! deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+
+use super::algorithm::{Params, State};
+use super::check::{Answer, Check};
+use super::memory::MemoryStore;
+use crate::config::Action;
+
+/// Where a meter's budget is.
+enum Place {
+    /// This stream's alone.
+    Stream(Option<State>),
+    /// Shared by the streams with this key.
+    Key(String),
+}
+
+/// Counters of a message limit's outcomes, per message.
+#[derive(Clone)]
+pub(crate) struct MeterCounters {
+    pub(crate) allowed: IntCounter,
+    pub(crate) limited: IntCounter,
+    pub(crate) delayed: IntCounter,
+}
+
+/// One message limit of one direction of one call.
+pub(crate) struct Meter {
+    name: Arc<str>,
+    params: Params,
+    action: Action,
+    /// Counted, never refused nor delayed (`limiter.shadow`).
+    shadow: bool,
+    place: Place,
+    store: Arc<MemoryStore>,
+    counters: MeterCounters,
+}
+
+/// What the next messages get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// They go on.
+    Pass,
+    /// They wait this long, then ask again.
+    Wait(Duration),
+    /// The stream ends with RESOURCE_EXHAUSTED and this message.
+    Refuse(String),
+}
+
+/// The message limits of one direction of a call.
+pub(crate) struct Meters {
+    list: Vec<Meter>,
+    /// Meters that admitted the messages still waiting (a waiting chunk is
+    /// not counted twice by the meters it passed).
+    passed: usize,
+    /// Of the meter after them, the messages it admitted so far: a chunk
+    /// with more messages than a burst holds is admitted a burst at a time.
+    admitted: u64,
+}
+
+// === impl Meter ===
+
+impl Meter {
+    /// A meter of `params`; `key`: shared by the streams with this key,
+    /// else the stream's own.
+    pub(crate) fn new(
+        name: Arc<str>,
+        params: Params,
+        action: Action,
+        shadow: bool,
+        key: Option<String>,
+        store: Arc<MemoryStore>,
+        counters: MeterCounters,
+    ) -> Meter {
+        Meter {
+            name,
+            params,
+            action,
+            shadow,
+            place: key.map_or(Place::Stream(None), Place::Key),
+            store,
+            counters,
+        }
+    }
+
+    fn admit(&mut self, n: u64) -> Verdict {
+        let now = self.store.now();
+        let d = match &mut self.place {
+            Place::Stream(state) => {
+                let (d, next) = self.params.decide(state.as_mut(), now, n);
+                if d.allowed {
+                    self.params.keep(state, next);
+                }
+                d
+            }
+            Place::Key(key) => {
+                let check = Check::new(key.clone(), self.params, n, false);
+                match self.store.decide_at(&[check], now).first() {
+                    Some(Answer::Decided(d)) => *d,
+                    // No room for the key: counted as nothing, let through.
+                    _ => return Verdict::Pass,
+                }
+            }
+        };
+        if d.allowed || self.shadow {
+            self.counters.allowed.inc_by(n);
+            return Verdict::Pass;
+        }
+        match self.action {
+            Action::Reject => {
+                self.counters.limited.inc_by(n);
+                Verdict::Refuse(self.message())
+            }
+            Action::Delay => {
+                self.counters.delayed.inc_by(n);
+                Verdict::Wait(Duration::from_micros(d.retry_after_micros.max(1)))
+            }
+        }
+    }
+
+    fn message(&self) -> String {
+        format!(
+            "message rate limit {:?} exceeded ({} per {}); the stream ends",
+            &*self.name,
+            self.params.rate,
+            match self.place {
+                Place::Stream(_) => "stream",
+                Place::Key(_) => "key",
+            }
+        )
+    }
+}
+
+// === impl Meters ===
+
+impl Meters {
+    /// The meters of one direction; `None` when there are none.
+    pub(crate) fn new(list: Vec<Meter>) -> Option<Box<Meters>> {
+        (!list.is_empty()).then(|| {
+            Box::new(Meters {
+                list,
+                passed: 0,
+                admitted: 0,
+            })
+        })
+    }
+
+    /// Counts `n` messages (or asks again for the ones waiting) against
+    /// every meter in turn.
+    pub(crate) fn admit(&mut self, n: u64) -> Verdict {
+        while self.passed < self.list.len() {
+            let meter = &mut self.list[self.passed];
+            let step = (n - self.admitted).min(meter.params.capacity());
+            match meter.admit(step) {
+                Verdict::Pass => {
+                    self.admitted += step;
+                    if self.admitted == n {
+                        self.passed += 1;
+                        self.admitted = 0;
+                    }
+                }
+                other => {
+                    if matches!(other, Verdict::Refuse(_)) {
+                        self.passed = 0;
+                        self.admitted = 0;
+                    }
+                    return other;
+                }
+            }
+        }
+        self.passed = 0;
+        Verdict::Pass
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Rate;
+    use crate::limit::algorithm::Algorithm;
+
+    fn counters() -> MeterCounters {
+        let c = || IntCounter::new("c", "c").unwrap();
+        MeterCounters {
+            allowed: c(),
+            limited: c(),
+            delayed: c(),
+        }
+    }
+
+    fn meter(action: Action, key: Option<&str>, store: &Arc<MemoryStore>) -> Meter {
+        meter_of(10, 2, action, key, store)
+    }
+
+    fn meter_of(
+        per_second: u64,
+        burst: u64,
+        action: Action,
+        key: Option<&str>,
+        store: &Arc<MemoryStore>,
+    ) -> Meter {
+        let params = Params {
+            rate: Rate {
+                limit: per_second,
+                period: Duration::from_secs(1),
+            },
+            burst: Some(burst),
+            algorithm: Algorithm::Gcra,
+        };
+        Meter::new(
+            "m".into(),
+            params,
+            action,
+            false,
+            key.map(str::to_owned),
+            store.clone(),
+            counters(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_meter_refuses_or_paces_past_its_burst() {
+        let store = Arc::new(MemoryStore::new(100));
+        let mut reject = Meters::new(vec![meter(Action::Reject, None, &store)]).unwrap();
+        assert_eq!(reject.admit(1), Verdict::Pass);
+        assert_eq!(reject.admit(1), Verdict::Pass);
+        assert!(matches!(reject.admit(1), Verdict::Refuse(m) if m.contains("per stream")));
+        let mut delay = Meters::new(vec![meter(Action::Delay, None, &store)]).unwrap();
+        delay.admit(2);
+        let Verdict::Wait(d) = delay.admit(1) else {
+            panic!()
+        };
+        assert_eq!(d, Duration::from_millis(100));
+        tokio::time::advance(d).await;
+        assert_eq!(delay.admit(1), Verdict::Pass);
+        // More messages at once than the burst: a burst at a time.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let Verdict::Wait(d) = delay.admit(3) else {
+            panic!()
+        };
+        tokio::time::advance(d).await;
+        assert_eq!(delay.admit(3), Verdict::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_with_one_key_share_a_budget_and_waiting_counts_once() {
+        let store = Arc::new(MemoryStore::new(100));
+        let mut a = Meters::new(vec![meter(Action::Reject, Some("k"), &store)]).unwrap();
+        let mut b = Meters::new(vec![meter(Action::Reject, Some("k"), &store)]).unwrap();
+        assert_eq!(a.admit(1), Verdict::Pass);
+        assert_eq!(b.admit(1), Verdict::Pass);
+        assert!(matches!(a.admit(1), Verdict::Refuse(m) if m.contains("per key")));
+        // Two meters: the first passes, the second makes the chunk wait;
+        // asking again does not count it in the first a second time (it
+        // has room for exactly 3 and refuses a 4th).
+        let mut two = Meters::new(vec![
+            meter_of(1, 3, Action::Reject, Some("x"), &store),
+            meter(Action::Delay, None, &store),
+        ])
+        .unwrap();
+        assert_eq!(two.admit(2), Verdict::Pass);
+        assert!(matches!(two.admit(1), Verdict::Wait(_)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(two.admit(1), Verdict::Pass);
+    }
+}
