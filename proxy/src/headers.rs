@@ -190,19 +190,26 @@ impl ClientIp {
             return peer;
         }
         let mut client = peer;
-        let values: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let entries = values.iter().rev().flat_map(|v| v.rsplit(','));
-        for entry in entries.take(self.hops) {
-            let Some(ip) = parse_forwarded(entry.trim()) else {
-                break;
+        let mut hops = self.hops;
+        // From the last value back; a value that is not text stops the
+        // walk like an entry that is not an address: skipping it would
+        // read what the client wrote further left.
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return client;
             };
-            client = ip;
-            if !self.trusted(ip) {
-                break;
+            for entry in value.rsplit(',') {
+                if hops == 0 {
+                    return client;
+                }
+                hops -= 1;
+                let Some(ip) = parse_forwarded(entry.trim()) else {
+                    return client;
+                };
+                client = ip;
+                if !self.trusted(ip) {
+                    return client;
+                }
             }
         }
         client
@@ -283,6 +290,17 @@ mod tests {
             two.of(ip("::ffff:10.1.1.1"), &xff(&["198.51.100.7:1234"])),
             ip("198.51.100.7")
         );
+        // A value that is not text stops the walk: what lies left of it
+        // is the client's own writing.
+        let mut h = xff(&["6.6.6.6"]);
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff, 192.0.2.5").unwrap(),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("192.0.2.9"));
+        let three = trusting(&["10.0.0.0/8", "192.0.2.0/24"], 3);
+        assert_eq!(three.of(ip("10.1.1.1"), &h), ip("192.0.2.9"));
+        assert_eq!(two.of(ip("10.1.1.1"), &xff(&[""])), ip("10.1.1.1"));
     }
 
     #[test]

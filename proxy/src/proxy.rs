@@ -141,7 +141,12 @@ pub(crate) async fn handle(
         };
         // The meters first: the call's facts need not outlive the await.
         match limits.meters(&info) {
-            Ok(m) => meters = (m.0.is_some() || m.1.is_some()).then(|| Box::new(m)),
+            Ok(mut m) => {
+                for side in [&mut m.0, &mut m.1].into_iter().flatten() {
+                    side.set_deadline(deadline);
+                }
+                meters = (m.0.is_some() || m.1.is_some()).then(|| Box::new(m));
+            }
             Err(rejection) => {
                 return CallError::Limited(rejection).answer(Tally::start(stats, start));
             }

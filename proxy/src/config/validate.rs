@@ -266,6 +266,7 @@ fn header_never_present(h: &str) -> Option<&'static str> {
 /// Headers a policy may not touch: HTTP/2 and gRPC own them.
 const RESERVED_HEADERS: &[&str] = &[
     "content-type",
+    "content-length",
     "te",
     "host",
     "grpc-timeout",
@@ -294,6 +295,12 @@ fn check_request_headers(p: &mut Problems, at: &str, h: &RequestHeaders, client_
     }
     for (name, value) in &h.set {
         check_name(p, format!("{at}.set.{name}"), name);
+        if name.ends_with("-bin") {
+            p.add(
+                format!("{at}.set.{name}"),
+                "a -bin header carries base64 bytes; a policy sets text headers only",
+            );
+        }
         match crate::headers::Template::parse(value) {
             Err(e) => p.add(format!("{at}.set.{name}"), format!("{} {e}", shown(value))),
             Ok(t) if t.needs_tls_identity() && !client_certs => p.add(

@@ -70,6 +70,10 @@ pub(crate) struct Meters {
     /// would lose that much of the rate at every message (11 % at 100/s,
     /// half at 1,000/s, measured).
     due: Option<u64>,
+    /// The call's deadline: a message that would wait past it is refused
+    /// at once (it would never leave, and must not reach the upstream after
+    /// the client was told the call ended).
+    deadline: Option<tokio::time::Instant>,
 }
 
 // === impl Meter ===
@@ -156,8 +160,14 @@ impl Meters {
                 passed: 0,
                 admitted: 0,
                 due: None,
+                deadline: None,
             })
         })
+    }
+
+    /// Sets the call's deadline.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<tokio::time::Instant>) {
+        self.deadline = deadline;
     }
 
     /// Counts `n` messages (or asks again for the ones waiting) against
@@ -166,7 +176,13 @@ impl Meters {
         while self.passed < self.list.len() {
             let meter = &mut self.list[self.passed];
             let now = meter.store.now();
-            let at = self.due.map_or(now, |due| due.min(now));
+            // A stream's own budget is decided as of when the messages were
+            // due; a shared key's as of now (others may have moved its
+            // window on since).
+            let at = match (&meter.place, self.due) {
+                (Place::Stream(_), Some(due)) => due.min(now),
+                _ => now,
+            };
             let step = (n - self.admitted).min(meter.params.capacity());
             match meter.admit(step, at) {
                 Verdict::Pass => {
@@ -178,8 +194,22 @@ impl Meters {
                 }
                 Verdict::Wait(d) => {
                     let due = at.saturating_add(d.as_micros() as u64);
+                    let wait = Duration::from_micros(due.saturating_sub(now).max(1));
+                    if self
+                        .deadline
+                        .is_some_and(|end| tokio::time::Instant::now() + wait > end)
+                    {
+                        let why = format!(
+                            "message rate limit {:?} ({}): the next message cannot go before the call's deadline",
+                            &*meter.name, meter.params.rate
+                        );
+                        self.passed = 0;
+                        self.admitted = 0;
+                        self.due = None;
+                        return Verdict::Refuse(why);
+                    }
                     self.due = Some(due);
-                    return Verdict::Wait(Duration::from_micros(due.saturating_sub(now).max(1)));
+                    return Verdict::Wait(wait);
                 }
                 refused => {
                     self.passed = 0;
@@ -255,6 +285,15 @@ mod tests {
         assert_eq!(d, Duration::from_millis(100));
         tokio::time::advance(d).await;
         assert_eq!(delay.admit(1), Verdict::Pass);
+        // A wait past the call's deadline is refused at once.
+        let mut late = Meters::new(vec![meter(Action::Delay, None, &store)]).unwrap();
+        late.set_deadline(Some(
+            tokio::time::Instant::now() + Duration::from_millis(50),
+        ));
+        late.admit(2);
+        assert!(
+            matches!(late.admit(1), Verdict::Refuse(m) if m.contains("before the call's deadline"))
+        );
         // More messages at once than the burst: a burst at a time.
         tokio::time::advance(Duration::from_millis(200)).await;
         let Verdict::Wait(d) = delay.admit(3) else {

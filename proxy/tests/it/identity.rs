@@ -110,7 +110,7 @@ async fn forwarded_for_names_the_client_only_through_trusted_proxies() {
 #[test]
 fn header_policies_are_checked() {
     let c = tollgate::config::Config::parse(
-        "listener: { request_headers: { set: { x-id: \"%tls_identity%\" } }, trust_forwarded_for: { proxies: [10.0.0.0/33], hops: 0 } }\nupstreams: { echo: { addresses: [\"127.0.0.1:1\"] } }\nroutes:\n  - match: {}\n    upstream: echo\n    request_headers: { remove: [\"grpc-timeout\", X-Up], set: { x-a: \"%who%\", x-b: \"50%\" } }\n",
+        "listener: { request_headers: { set: { x-id: \"%tls_identity%\" } }, trust_forwarded_for: { proxies: [10.0.0.0/33], hops: 0 } }\nupstreams: { echo: { addresses: [\"127.0.0.1:1\"] } }\nroutes:\n  - match: {}\n    upstream: echo\n    request_headers: { remove: [\"grpc-timeout\", X-Up, content-length], set: { x-a: \"%who%\", x-b: \"50%\", x-c-bin: \"%peer_ip%\" } }\n",
     )
     .unwrap();
     let p: Vec<String> = c.validate(None).iter().map(|p| p.to_string()).collect();
@@ -122,6 +122,8 @@ fn header_policies_are_checked() {
         "routes[0].request_headers.remove[1]: \"X-Up\" HTTP/2 header names are lower case",
         "routes[0].request_headers.set.x-a: \"%who%\" has an unknown placeholder \"who\"",
         "routes[0].request_headers.set.x-b: \"50%\" has a '%' that opens no placeholder",
+        "routes[0].request_headers.remove[2]: \"content-length\" belongs to HTTP/2 and gRPC",
+        "routes[0].request_headers.set.x-c-bin: a -bin header carries base64 bytes",
     ] {
         assert!(p.iter().any(|x| x.starts_with(e)), "missing {e:?} in {p:#?}");
     }
