@@ -6,7 +6,8 @@
 # batches back to back; `INFO commandstats` gives the script's time.
 #
 # Usage: load-tests/bench-script.sh    (CALLS=31 BATCHES=3000 REPS=5 REDIS_CPU=1)
-# SCRIPT=path measures another version of the script (same wire contract),
+# SCRIPT=path measures another version of the script (same wire contract;
+# windows.lua is put in front, as tollgate does),
 # e.g. one from `git show REV:path` to compare with the build before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ work=$(mktemp -d)
 trap 'scripts/redis.sh stop "$work/redis" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 port=$(scripts/redis.sh start "$work/redis" --owner $$ | sed -n 's/^PORT=//p')
 taskset -a -p -c "$REDIS_CPU" "$(cat "$work/redis/redis.pid")" >/dev/null
-sha=$(redis-cli -p "$port" SCRIPT LOAD "$(cat "$SCRIPT")")
+sha=$(redis-cli -p "$port" SCRIPT LOAD "$(cat proxy/src/limit/redis/windows.lua "$SCRIPT")")
 python3 - "$sha" "$CALLS" "$BATCHES" > "$work/batches.resp" <<'PY'
 import struct
 import sys

@@ -537,7 +537,10 @@ async fn a_sliding_log_refund_finds_its_entry_behind_many_newer_ones() {
     let admin = redis::Client::open(redis.url()).unwrap();
     let mut con = admin.get_multiplexed_async_connection().await.unwrap();
     let changed: Vec<i64> = redis::cmd("EVAL")
-        .arg(include_str!("../../src/limit/redis/refund.lua"))
+        .arg(concat!(
+            include_str!("../../src/limit/redis/windows.lua"),
+            include_str!("../../src/limit/redis/refund.lua")
+        ))
         .arg(1)
         .arg(&key)
         .arg(t)

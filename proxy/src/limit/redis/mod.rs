@@ -158,8 +158,8 @@ pub struct RedisStore {
     pub settings: (Backend, config::RedisStore, u64),
 }
 
-pub(super) const SCRIPT: &str = include_str!("decide.lua");
-pub(super) const REFUND: &str = include_str!("refund.lua");
+pub(super) const SCRIPT: &str = concat!(include_str!("windows.lua"), include_str!("decide.lua"));
+pub(super) const REFUND: &str = concat!(include_str!("windows.lua"), include_str!("refund.lua"));
 
 /// Reads a CA bundle for `rediss://`.
 fn tls_certs(ca: Option<&std::path::Path>) -> Result<Option<redis::TlsCertificates>, String> {
