@@ -31,6 +31,7 @@ pub use self::duration::Dur;
 pub use self::env::{Env, ProcessEnv};
 pub(crate) use self::error::shown;
 pub use self::error::{ConfigError, Problem};
+pub(crate) use self::net::mask;
 pub use self::net::{resolve, HostPort, Network};
 pub use self::parsed::{FromText, Parsed};
 pub use self::rate::{Rate, MONTH, WEEK};

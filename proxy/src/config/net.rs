@@ -99,7 +99,9 @@ impl Network {
     }
 }
 
-fn mask(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
+/// `ip` with the bits past its first `prefix` cleared (a prefix past the
+/// address's length keeps it whole).
+pub(crate) fn mask(ip: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
     use std::net::IpAddr;
     match ip {
         IpAddr::V4(v4) => {

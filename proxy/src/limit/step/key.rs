@@ -185,11 +185,12 @@ fn field_cost(
 /// written digit by digit: it is on every call of a per-IP limit.
 fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
     use std::fmt::Write as _;
-    match ip.to_canonical() {
+    let ip = ip.to_canonical();
+    let most = if ip.is_ipv4() { 32 } else { 128 };
+    let m = mask.unwrap_or(most).min(most);
+    match crate::config::mask(ip, m) {
         IpAddr::V4(v4) => {
-            let m = u32::from(mask.unwrap_or(32).min(32));
-            let bits = if m == 0 { 0 } else { u32::MAX << (32 - m) };
-            for (i, octet) in (u32::from(v4) & bits).to_be_bytes().into_iter().enumerate() {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
                     out.push('.');
                 }
@@ -197,21 +198,13 @@ fn masked(out: &mut String, ip: IpAddr, mask: Option<u8>) {
             }
             if mask.is_some() {
                 out.push('/');
-                push_decimal(out, m);
+                push_decimal(out, m.into());
             }
         }
         IpAddr::V6(v6) => {
             let _ = match mask {
                 None => write!(out, "{v6}"),
-                Some(m) => {
-                    let m = u32::from(m.min(128));
-                    let bits = if m == 0 { 0 } else { u128::MAX << (128 - m) };
-                    write!(
-                        out,
-                        "{}/{m}",
-                        std::net::Ipv6Addr::from(u128::from(v6) & bits)
-                    )
-                }
+                Some(_) => write!(out, "{v6}/{m}"),
             };
         }
     }
