@@ -38,6 +38,23 @@ fn descriptor_set(dir: &std::path::Path) -> String {
     format!(", schema: {{ descriptor_set: \"{}\" }}", path.display())
 }
 
+/// tollgate in front of `up` with the test proto's schema from a
+/// descriptor set (kept in the returned folder).
+fn with_schema(
+    up: std::net::SocketAddr,
+    limiter: &str,
+    limits: &str,
+) -> (Proxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(up, &descriptor_set(dir.path()), limiter, limits));
+    (proxy, dir)
+}
+
+/// A unary call carrying `body` as its one plain message.
+async fn unary(addr: std::net::SocketAddr, body: Vec<u8>) -> crate::protocol::Raw {
+    raw_call(addr, UNARY, &[], &frame(0, &body)).await.unwrap()
+}
+
 fn echo(who: &str, cost: u32) -> EchoRequest {
     EchoRequest {
         fail_message: who.into(),
@@ -99,16 +116,13 @@ async fn field_numbers_key_and_charge_with_no_schema() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_names_resolve_from_a_descriptor_set_and_bad_fields_are_refused_clearly() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&config(
+    let (proxy, _dir) = with_schema(
         up.addr,
-        &descriptor_set(dir.path()),
         "inspect: { max_bytes: 1024 }",
         "      - { name: by-name, key: [ { field: fail_message } ], cost: { field: reply_bytes, max: 50 }, rate: 100/min, algorithm: sliding_window_log, on_missing: reject }\n      - { name: signed, key: [ { constant: all } ], cost: { field: fail_code }, rate: 100/min, on_missing: skip }",
-    ));
+    );
     let addr = proxy.addr();
-    let call =
-        |body: Vec<u8>| async move { raw_call(addr, UNARY, &[], &frame(0, &body)).await.unwrap() };
+    let call = |body: Vec<u8>| unary(addr, body);
 
     let ok = call(echo("m-1", 30).encode_to_vec()).await;
     assert_eq!(ok.grpc_status(), Some("0"), "{ok:?}");
@@ -188,13 +202,11 @@ async fn field_names_resolve_from_a_descriptor_set_and_bad_fields_are_refused_cl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_messages_are_read_when_the_config_allows() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&config(
+    let (proxy, _dir) = with_schema(
         up.addr,
-        &descriptor_set(dir.path()),
         "inspect: { decompress: true }",
         "      - { name: gz, key: [ { field: fail_message } ], cost: { field: reply_bytes }, rate: 10/min, algorithm: fixed_window, on_missing: reject }",
-    ));
+    );
     let gz = |m: EchoRequest| {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&m.encode_to_vec()).unwrap();
@@ -226,13 +238,11 @@ async fn gzip_messages_are_read_when_the_config_allows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_call_is_forwarded_whole_across_frames_and_streams() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&config(
+    let (proxy, _dir) = with_schema(
         up.addr,
-        &descriptor_set(dir.path()),
         "",
         "      - { name: per-who, key: [ { field: fail_message } ], rate: 2/min, algorithm: fixed_window }",
-    ));
+    );
     // A first message split over many DATA frames, then more messages on
     // a client stream: the limit reads the first, the upstream gets all.
     let first = frame(0, &echo("streamer", 0).encode_to_vec());
@@ -400,16 +410,13 @@ fn check_says_which_message_lacks_which_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_reads_as_the_upstreams_parser_reads_it() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&config(
+    let (proxy, _dir) = with_schema(
         up.addr,
-        &descriptor_set(dir.path()),
         "",
         "      - { name: per-count, key: [ { field: count } ], rate: 1/min, algorithm: fixed_window, on_missing: reject }",
-    ));
+    );
     let addr = proxy.addr();
-    let call =
-        |body: Vec<u8>| async move { raw_call(addr, UNARY, &[], &frame(0, &body)).await.unwrap() };
+    let call = |body: Vec<u8>| unary(addr, body);
     // count is a uint32: 7 and 7 + 2^32 are both 7 to a parser, so one
     // budget.
     let varint = |mut n: u64| {
