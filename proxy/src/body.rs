@@ -26,6 +26,7 @@ use crate::call::{CallState, OpenCall, Watch};
 use crate::grpc::frame::{FrameError, FrameObserver};
 use crate::grpc::status::{parse_status, status_headers, Code};
 use crate::limit::meter::{Meters, Verdict};
+use crate::limit::step::Charges;
 use crate::metrics::{self, MethodStats, RouteStats};
 
 /// What a body needs of its call's route: the counters its messages go to,
@@ -357,6 +358,8 @@ pub(crate) struct Proxied {
     /// Message limits on the upstream's messages, and messages they hold.
     meters: Option<Box<Meters>>,
     waiting: Option<Box<Waiting>>,
+    /// Limits charged when the call ends.
+    charges: Option<Box<Charges>>,
     state: Arc<CallState>,
     route: Arc<dyn RouteCounters>,
     timer: CallTimer,
@@ -399,6 +402,7 @@ impl Proxied {
             observer,
             meters: None,
             waiting: None,
+            charges: None,
             state,
             route,
             timer,
@@ -412,6 +416,12 @@ impl Proxied {
     /// With message limits on the upstream's messages.
     pub(crate) fn with_meters(mut self, meters: Option<Box<Meters>>) -> Self {
         self.meters = meters;
+        self
+    }
+
+    /// With limits charged when the call ends.
+    pub(crate) fn with_charges(mut self, charges: Option<Box<Charges>>) -> Self {
+        self.charges = charges;
         self
     }
 
@@ -526,6 +536,9 @@ impl Proxied {
                     return self.end_with(Code::Internal, &format!("upstream response: {e}"));
                 }
                 let status = trailers.get("grpc-status").and_then(parse_status);
+                if let Some(c) = self.charges.as_mut() {
+                    c.settle(Some(&trailers), self.observer.messages());
+                }
                 self.done = true;
                 self.tally.finish(status);
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
@@ -570,6 +583,10 @@ impl Proxied {
 
 impl Drop for Proxied {
     fn drop(&mut self) {
+        if let Some(c) = self.charges.as_mut() {
+            // Ended without trailers: what the upstream sent still counts.
+            c.settle(None, self.observer.messages());
+        }
         self.route
             .stats()
             .messages_out

@@ -42,6 +42,8 @@ pub(crate) struct Metrics {
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
     limit_decisions: IntCounterVec,
+    limit_charges: IntCounterVec,
+    limit_charged_units: IntCounterVec,
     limit_decision_duration: HistogramVec,
     limit_store_errors: IntCounterVec,
     limit_store_breaker: IntGaugeVec,
@@ -150,6 +152,16 @@ impl Metrics {
             "Rate-limit decisions, by route, limit and outcome (allowed, limited, shadow_limited, failed_open, failed_closed, local_fallback, skipped, invalid, over_capacity).",
             &["route", "limit", "outcome"],
         );
+        let limit_charges = counter(
+            "tollgate_limit_charges_total",
+            "Calls charged after they ended, by route, limit and outcome (charged: the cost the upstream gave; default: it gave none, the limit's default was charged; failed: Redis could not be told; local_fallback: charged in process instead).",
+            &["route", "limit", "outcome"],
+        );
+        let limit_charged_units = counter(
+            "tollgate_limit_charged_units_total",
+            "Units charged after calls ended, by route and limit.",
+            &["route", "limit"],
+        );
         let limit_decision_duration = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_limit_decision_duration_seconds",
@@ -205,6 +217,8 @@ impl Metrics {
             config_last_success,
             non_grpc,
             limit_decisions,
+            limit_charges,
+            limit_charged_units,
             limit_decision_duration,
             limit_store_errors,
             limit_store_breaker,
@@ -235,6 +249,17 @@ impl Metrics {
     pub(crate) fn limit_decision(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
         self.limit_decisions
             .with_label_values(&[route, limit, outcome])
+    }
+
+    /// The counter of one outcome of a limit's charges after calls.
+    pub(crate) fn limit_charge(&self, route: &str, limit: &str, outcome: &str) -> IntCounter {
+        self.limit_charges
+            .with_label_values(&[route, limit, outcome])
+    }
+
+    /// The counter of the units a limit charged after calls.
+    pub(crate) fn limit_charged_units(&self, route: &str, limit: &str) -> IntCounter {
+        self.limit_charged_units.with_label_values(&[route, limit])
     }
 
     /// The decision-latency histogram of a backend.

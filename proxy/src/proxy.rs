@@ -109,8 +109,9 @@ pub(crate) async fn handle(
     // until it has arrived.
     let mut held = None;
     let mut extra_headers = None;
-    // Boxed, and only with message limits: the call's future stays small.
-    let mut meters: Option<Box<crate::limit::Meters2>> = None;
+    // Boxed, and only with message limits or charges: the call's future
+    // stays small.
+    let mut ongoing: Option<Box<crate::limit::Ongoing>> = None;
     if let Some(limits) = &route.limits {
         if limits.reads_fields() {
             let idle = active.config.listener.stream_idle_timeout.0;
@@ -139,13 +140,14 @@ pub(crate) async fn handle(
             worker: worker.index,
             message: held.as_deref().map_or(FirstMessage::NotHeld, Held::message),
         };
-        // The meters first: the call's facts need not outlive the await.
-        match limits.meters(&info) {
-            Ok(mut m) => {
-                for side in [&mut m.0, &mut m.1].into_iter().flatten() {
+        // The meters and charges first: the call's facts need not outlive
+        // the await.
+        match limits.ongoing(&info) {
+            Ok(mut o) => {
+                for side in [&mut o.client, &mut o.server].into_iter().flatten() {
                     side.set_deadline(deadline);
                 }
-                meters = (m.0.is_some() || m.1.is_some()).then(|| Box::new(m));
+                ongoing = (!o.is_empty()).then(|| Box::new(o));
             }
             Err(rejection) => {
                 return CallError::Limited(rejection).answer(Tally::start(stats, start));
@@ -156,6 +158,10 @@ pub(crate) async fn handle(
             Err(rejection) => {
                 return CallError::Limited(rejection).answer(Tally::start(stats, start));
             }
+        }
+        // It goes on: charged when it ends, however it ends.
+        if let Some(c) = ongoing.as_mut().and_then(|o| o.charges.as_mut()) {
+            c.arm();
         }
     }
 
@@ -196,7 +202,7 @@ pub(crate) async fn handle(
         RequestBody::new(
             body,
             held.map(|h| h.frames),
-            meters.as_mut().and_then(|m| m.0.take()),
+            ongoing.as_mut().and_then(|o| o.client.take()),
             max,
             compressed_ok,
             state.clone(),
@@ -265,10 +271,17 @@ pub(crate) async fn handle(
         parts.headers.extend(h);
     }
     let resp_compressed_ok = compressed(&parts.headers);
+    let mut charges = ongoing.as_mut().and_then(|o| o.charges.take());
+    if let Some(c) = charges.as_mut() {
+        c.response_headers(&parts.headers);
+    }
     if let Some(status) = parts.headers.get("grpc-status") {
         // Trailers-only response from the upstream.
         let mut tally = tally;
         tally.finish(parse_status(status));
+        if let Some(c) = charges.as_mut() {
+            c.settle(Some(&parts.headers), 0);
+        }
         return Response::from_parts(parts, ResponseBody::Empty);
     }
     let proxied = Proxied::new(
@@ -280,7 +293,8 @@ pub(crate) async fn handle(
         tally,
         upstream_open,
     )
-    .with_meters(meters.and_then(|m| m.1));
+    .with_meters(ongoing.and_then(|o| o.server))
+    .with_charges(charges);
     Response::from_parts(parts, ResponseBody::Proxied(Box::new(proxied)))
 }
 

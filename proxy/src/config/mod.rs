@@ -564,6 +564,38 @@ pub struct Limit {
     /// next message until it is allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
+    /// Charge the call's cost when it ends, from what the upstream answers
+    /// (`{ trailer: x-cost }`, `{ header: x-cost }`) or from the number of
+    /// its response messages (`{ response_messages: true }`). Up front the
+    /// call is refused only once its key has nothing left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<Charge>,
+}
+
+/// Where a limit charged after the call reads its cost: exactly one of
+/// `trailer`, `header` and `response_messages`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// A response trailer holding a whole number (or the header of a
+    /// trailers-only response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trailer: Option<String>,
+    /// A response header holding a whole number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The number of messages the upstream sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub response_messages: bool,
+    /// Units charged when the call ends without that number (it failed,
+    /// was cancelled, or the upstream did not set it or set no whole
+    /// number). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub default: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a limit counts.

@@ -186,6 +186,48 @@ routes:
 }
 
 #[test]
+fn charges_after_the_call_are_checked() {
+    let p = problems(
+        r#"
+upstreams: { a: { addresses: ["h:1"] } }
+routes:
+  - match: {}
+    upstream: a
+    limits:
+      - { name: ok1, rate: 5/s, charge: { trailer: x-cost, default: 5 } }
+      - { name: ok2, rate: 5/s, charge: { response_messages: true } }
+      - { name: two, rate: 5/s, charge: { trailer: x-cost, header: x-cost } }
+      - { name: none, rate: 5/s, charge: {} }
+      - { name: both, rate: 5/s, cost: 2, charge: { header: X-Cost } }
+      - { name: grpc, rate: 5/s, charge: { trailer: grpc-status } }
+      - { name: msgs, rate: 5/s, per: message, charge: { response_messages: true } }
+      - { name: big, rate: 5/s, algorithm: gcra, burst: 2, charge: { trailer: x-cost, default: 3 } }
+"#,
+    );
+    for e in [
+        "routes[0].limits[2].charge: names 2 sources: give exactly one of trailer, header or response_messages: true",
+        "routes[0].limits[3].charge: names 0 sources",
+        "routes[0].limits[4].cost: a limit charged after the call takes its cost from charge; remove cost",
+        "routes[0].limits[4].charge.header: \"X-Cost\" can never be present: HTTP/2 header names are lower case",
+        "routes[0].limits[5].charge.trailer: \"grpc-status\" is gRPC's own",
+        "routes[0].limits[6].charge: a message limit counts messages as they pass",
+        "routes[0].limits[7].charge.default: 3 is more than the limit can hold (2)",
+    ] {
+        assert!(
+            p.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
+    }
+    assert!(
+        !p.iter()
+            .any(|x| x.contains("limits[0]") || x.contains("limits[1]")),
+        "{p:#?}"
+    );
+    let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/s, charge: { trailers: x-cost } } ]\n").unwrap_err();
+    assert!(err.contains("unknown field `trailers`"), "{err}");
+}
+
+#[test]
 fn redis_settings_are_checked() {
     let problems = |yaml: &str| -> Vec<String> {
         Config::parse(yaml)

@@ -506,6 +506,9 @@ fn check_limits(
                 }
             }
         }
+        if let Some(charge) = &l.charge {
+            check_charge(p, &at, l, charge);
+        }
         if l.over_capacity == Some(OverCapacity::Local) && !redis_backend {
             p.add(
                 format!("{at}.over_capacity"),
@@ -516,6 +519,64 @@ fn check_limits(
             p.add(
                 format!("{at}.overrides"),
                 "overrides pick keys; this limit has no key",
+            );
+        }
+    }
+}
+
+/// A limit charged after the call: one source, a name that can be
+/// present, and a limit that counts calls.
+fn check_charge(p: &mut Problems, at: &str, l: &Limit, c: &Charge) {
+    let sources = usize::from(c.trailer.is_some())
+        + usize::from(c.header.is_some())
+        + usize::from(c.response_messages);
+    if sources != 1 {
+        p.add(
+            format!("{at}.charge"),
+            format!("names {sources} sources: give exactly one of trailer, header or response_messages: true"),
+        );
+    }
+    for (what, name) in [("trailer", &c.trailer), ("header", &c.header)] {
+        let Some(name) = name else { continue };
+        if let Some(why) = header_never_present(name) {
+            p.add(
+                format!("{at}.charge.{what}"),
+                format!("{} can never be present: {why}", shown(name)),
+            );
+        } else if name.starts_with("grpc-") {
+            p.add(
+                format!("{at}.charge.{what}"),
+                format!(
+                    "{} is gRPC's own; have the upstream set a header of its own (e.g. x-cost)",
+                    shown(name)
+                ),
+            );
+        }
+    }
+    if l.cost.is_some() {
+        p.add(
+            format!("{at}.cost"),
+            "a limit charged after the call takes its cost from charge; remove cost",
+        );
+    }
+    if l.per == Per::Message {
+        p.add(
+            format!("{at}.charge"),
+            "a message limit counts messages as they pass; charge is for limits per call",
+        );
+    }
+    if let Ok(rate) = l.rate.value() {
+        let capacity = match l.algorithm {
+            AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
+            _ => rate.limit,
+        };
+        if c.default > capacity {
+            p.add(
+                format!("{at}.charge.default"),
+                format!(
+                    "{} is more than the limit can hold ({capacity}); a charge counts at most that",
+                    c.default
+                ),
             );
         }
     }

@@ -211,16 +211,41 @@ impl Params {
     /// on ([`Params::keep`]); a rejected call changes nothing that matters
     /// (the log drops the admissions that have left its window, in place).
     pub fn decide(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
+        self.decide_as(state, now, cost, false)
+    }
+
+    /// Charges `cost` units at `now` whether or not they fit: the cost of a
+    /// call known only once it has ended. The decision always allows (its
+    /// figures count the charge); what it returns is always kept. A key
+    /// charged over its limit refuses until enough has left its window (a
+    /// GCRA key owes the time its excess takes to drain).
+    pub fn charge(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
+        self.decide_as(state, now, cost, true)
+    }
+
+    fn decide_as(
+        &self,
+        state: Option<&mut State>,
+        now: u64,
+        cost: u64,
+        force: bool,
+    ) -> (Decision, Next) {
         match self.algorithm {
             Algorithm::FixedWindow => {
                 let period = self.rate.period_micros();
                 let window = now - now % period;
-                self.fixed(state.as_deref(), now, cost, (window, window + period))
+                self.fixed(
+                    state.as_deref(),
+                    now,
+                    cost,
+                    (window, window + period),
+                    force,
+                )
             }
-            Algorithm::Calendar(c) => self.fixed(state.as_deref(), now, cost, c.window(now)),
-            Algorithm::SlidingWindowCounter => self.counter(state.as_deref(), now, cost),
-            Algorithm::SlidingWindowLog => return self.log(state, now, cost),
-            Algorithm::Gcra => self.gcra(state.as_deref(), now, cost),
+            Algorithm::Calendar(c) => self.fixed(state.as_deref(), now, cost, c.window(now), force),
+            Algorithm::SlidingWindowCounter => self.counter(state.as_deref(), now, cost, force),
+            Algorithm::SlidingWindowLog => return self.log(state, now, cost, force),
+            Algorithm::Gcra => self.gcra(state.as_deref(), now, cost, force),
         }
         .map_next()
     }
@@ -236,7 +261,7 @@ impl Params {
                     match entries.back_mut() {
                         Some(newest) if at.saturating_sub(newest.0) < grain => {
                             newest.0 = newest.0.max(at);
-                            newest.1 += cost;
+                            newest.1 = newest.1.saturating_add(cost);
                         }
                         _ => entries.push_back((at, cost)),
                     }
@@ -265,13 +290,16 @@ impl Params {
         }
     }
 
-    /// A fixed window: `(window, end)` is the one `now` is in.
+    /// A fixed window: `(window, end)` is the one `now` is in. `force`: the
+    /// cost is taken whether or not it fits (a charge), in this and the
+    /// other algorithms.
     fn fixed(
         &self,
         state: Option<&State>,
         now: u64,
         cost: u64,
         (window, end): (u64, u64),
+        force: bool,
     ) -> (Decision, State) {
         let limit = self.rate.limit;
         let count = match state {
@@ -279,8 +307,12 @@ impl Params {
             _ => 0,
         };
         let reset = end - now;
-        let allowed = count.saturating_add(cost) <= limit;
-        let count = if allowed { count + cost } else { count };
+        let allowed = force || count.saturating_add(cost) <= limit;
+        let count = if allowed {
+            count.saturating_add(cost)
+        } else {
+            count
+        };
         (
             Decision {
                 allowed,
@@ -293,7 +325,13 @@ impl Params {
         )
     }
 
-    fn counter(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+    fn counter(
+        &self,
+        state: Option<&State>,
+        now: u64,
+        cost: u64,
+        force: bool,
+    ) -> (Decision, State) {
         let period = self.rate.period_micros();
         let limit = self.rate.limit;
         let window = now - now % period;
@@ -319,8 +357,12 @@ impl Params {
         // moments would have refused may pass (sliding_window_log is exact).
         let carried =
             (u128::from(previous) * u128::from(period - elapsed) / u128::from(period)) as u64;
-        let allowed = carried.saturating_add(current).saturating_add(cost) <= limit;
-        let current = if allowed { current + cost } else { current };
+        let allowed = force || carried.saturating_add(current).saturating_add(cost) <= limit;
+        let current = if allowed {
+            current.saturating_add(cost)
+        } else {
+            current
+        };
         let remaining = limit.saturating_sub(carried.saturating_add(current));
         let reset = window + period - now;
         let retry = if allowed {
@@ -358,7 +400,7 @@ impl Params {
         )
     }
 
-    fn log(&self, state: Option<&mut State>, now: u64, cost: u64) -> (Decision, Next) {
+    fn log(&self, state: Option<&mut State>, now: u64, cost: u64, force: bool) -> (Decision, Next) {
         let period = self.rate.period_micros();
         let limit = self.rate.limit;
         let mut none = VecDeque::new();
@@ -375,7 +417,7 @@ impl Params {
             *used = used.saturating_sub(c);
         }
         let used = *used;
-        let allowed = used.saturating_add(cost) <= limit;
+        let allowed = force || used.saturating_add(cost) <= limit;
         let retry = if allowed {
             0
         } else if cost > limit {
@@ -386,7 +428,7 @@ impl Params {
             let mut at = now + period;
             for (t, c) in entries.iter() {
                 freed += c;
-                if used - freed + cost <= limit {
+                if (used - freed).saturating_add(cost) <= limit {
                     at = t + period;
                     break;
                 }
@@ -394,7 +436,11 @@ impl Params {
             at - now
         };
         let oldest = entries.front().map(|(t, _)| *t);
-        let used = if allowed { used + cost } else { used };
+        let used = if allowed {
+            used.saturating_add(cost)
+        } else {
+            used
+        };
         let reset = match (oldest, allowed) {
             (Some(t), _) => t + period - now,
             (None, true) => period,
@@ -412,7 +458,7 @@ impl Params {
         )
     }
 
-    fn gcra(&self, state: Option<&State>, now: u64, cost: u64) -> (Decision, State) {
+    fn gcra(&self, state: Option<&State>, now: u64, cost: u64, force: bool) -> (Decision, State) {
         let t = self.rate.emission_interval_micros();
         let capacity = self.capacity();
         let tau = t.saturating_mul(capacity);
@@ -422,7 +468,7 @@ impl Params {
         };
         let new_tat = tat.saturating_add(t.saturating_mul(cost));
         let allow_at = new_tat.saturating_sub(tau);
-        let allowed = now >= allow_at && cost <= capacity;
+        let allowed = force || (now >= allow_at && cost <= capacity);
         let kept = if allowed { new_tat } else { tat };
         let remaining = (now + tau).saturating_sub(kept) / t;
         (
@@ -448,6 +494,7 @@ impl Params {
 mod tests {
     use super::*;
     use crate::limit::behaviour::{behaviour_table, cases, check_step, params, ALIGNED_START, S};
+    use crate::limit::check::Use;
 
     #[test]
     fn the_pure_algorithms_pass_the_table() {
@@ -456,8 +503,11 @@ mod tests {
         behaviour_table!(|n, case, step| {
             let state = &mut states[n];
             let now = ALIGNED_START + step.at;
-            let (d, next) = case.params.decide(state.as_mut(), now, step.cost);
-            if d.allowed {
+            let (d, next) = match step.mode {
+                Use::Charge => case.params.charge(state.as_mut(), now, step.cost),
+                Use::Take | Use::Peek => case.params.decide(state.as_mut(), now, step.cost),
+            };
+            if d.allowed && step.mode != Use::Peek {
                 case.params.keep(state, next);
             }
             d

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use super::algorithm::{Algorithm, Calendar::*, Decision, Params};
+use super::check::Use;
 use super::Rate;
 
 /// One call of a case.
@@ -24,6 +25,8 @@ pub(crate) struct Step {
     pub(crate) allowed: bool,
     /// If set: the retry-after (µs) a rejection must give, within 1%.
     pub(crate) retry_after: Option<u64>,
+    /// A call's check, a peek (charged after the call) or a charge.
+    pub(crate) mode: Use,
 }
 
 /// A named case.
@@ -63,24 +66,40 @@ fn ok(at: u64) -> Step {
         cost: 1,
         allowed: true,
         retry_after: None,
+        mode: Use::Take,
     }
 }
 
 fn no(at: u64) -> Step {
     Step {
-        at,
-        cost: 1,
         allowed: false,
-        retry_after: None,
+        ..ok(at)
     }
 }
 
 fn no_retry(at: u64, retry_after: u64) -> Step {
     Step {
-        at,
-        cost: 1,
-        allowed: false,
         retry_after: Some(retry_after),
+        ..no(at)
+    }
+}
+
+fn costs(cost: u64, step: Step) -> Step {
+    Step { cost, ..step }
+}
+
+fn peek(step: Step) -> Step {
+    Step {
+        mode: Use::Peek,
+        ..step
+    }
+}
+
+/// A charge of `cost` at `at`: always allowed.
+fn charge(at: u64, cost: u64) -> Step {
+    Step {
+        mode: Use::Charge,
+        ..costs(cost, ok(at))
     }
 }
 
@@ -182,24 +201,72 @@ pub(crate) fn cases() -> Vec<Case> {
         name: "cost counts as that many calls",
         params: params(FixedWindow, 10, 60, None),
         steps: vec![
-            Step {
-                at: 10 * S,
-                cost: 7,
-                allowed: true,
-                retry_after: None,
-            },
-            Step {
-                at: 10 * S + 1,
-                cost: 4,
-                allowed: false,
-                retry_after: None,
-            },
-            Step {
-                at: 10 * S + 2,
-                cost: 3,
-                allowed: true,
-                retry_after: None,
-            },
+            costs(7, ok(10 * S)),
+            costs(4, no(10 * S + 1)),
+            costs(3, ok(10 * S + 2)),
+        ],
+    });
+    // Charged after the call: peeks ask whether a unit is left and take
+    // nothing; charges take their cost even past the limit, which then
+    // refuses until enough has left its window.
+    for a in [FixedWindow, SlidingWindowLog, SlidingWindowCounter, Gcra] {
+        let t0 = 10 * S;
+        cases.push(Case {
+            name: "peeks take nothing; a charge takes its cost, past the limit",
+            params: params(a, 5, 60, None),
+            steps: vec![
+                peek(ok(t0)),
+                peek(ok(t0 + 1)),
+                peek(ok(t0 + 2)),
+                charge(t0 + 3, 4),
+                peek(ok(t0 + 4)),
+                charge(t0 + 5, 3),
+                peek(no(t0 + 6)),
+                no(t0 + 7),
+                costs(5, peek(ok(t0 + 120 * S))),
+                ok(t0 + 120 * S + 1),
+                costs(4, ok(t0 + 120 * S + 2)),
+                peek(no(t0 + 120 * S + 3)),
+            ],
+        });
+    }
+    // A charge past the limit refuses until it has drained: a fixed
+    // window's next window, the log's entry leaving, GCRA's debt paid.
+    // (One charge is at most the limit's capacity: tollgate charges no
+    // more, and a store need count no further.)
+    cases.push(Case {
+        name: "a fixed window charged past its limit opens in the next window",
+        params: params(FixedWindow, 5, 60, None),
+        steps: vec![
+            charge(10 * S, 5),
+            charge(10 * S, 3),
+            no_retry(10 * S + 1, 50 * S - 1),
+            ok(60 * S),
+        ],
+    });
+    cases.push(Case {
+        name: "a sliding log charged past its limit opens when the charge leaves",
+        params: params(SlidingWindowLog, 5, 60, None),
+        steps: vec![
+            charge(10 * S, 5),
+            charge(10 * S, 3),
+            no_retry(10 * S + 1, 60 * S - 1),
+            ok(70 * S),
+        ],
+    });
+    cases.push(Case {
+        name: "gcra charged past its burst owes the time the excess takes",
+        // 5 per minute: a unit every 12 s. 10 units at 10 s: arrival time
+        // 130 s; one more fits once 130 + 12 - 60 = 82 s, later than the
+        // minute a key's state lasts when nothing is owed.
+        params: params(Gcra, 5, 60, None),
+        steps: vec![
+            charge(10 * S, 5),
+            charge(10 * S, 5),
+            no_retry(10 * S + 1, 72 * S - 1),
+            no_retry(75 * S, 7 * S),
+            ok(82 * S),
+            no(82 * S + 1),
         ],
     });
     // Any period: 10 s, 5 min and a week, in every algorithm. A burst of
@@ -276,12 +343,7 @@ pub(crate) fn cases() -> Vec<Case> {
     ] {
         for huge in [u64::MAX, u64::MAX - 1, 1 << 63] {
             let mut steps: Vec<Step> = (0..3).map(|i| ok(10 * S + i)).collect();
-            steps.push(Step {
-                at: 10 * S + 3,
-                cost: huge,
-                allowed: false,
-                retry_after: None,
-            });
+            steps.push(costs(huge, no(10 * S + 3)));
             steps.push(no(10 * S + 4));
             cases.push(Case {
                 name: "a cost near 2^64 is refused and wraps nothing",

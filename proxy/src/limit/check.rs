@@ -19,6 +19,23 @@ pub struct Check {
     pub cost: u64,
     /// Shadow: decided and reported, never blocks the others' commit.
     pub shadow: bool,
+    /// What the check does with the key's state.
+    pub mode: Use,
+}
+
+/// What a check does with its key's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Use {
+    /// Takes the cost if it fits (and the call's other limits allow it):
+    /// a call's check.
+    Take,
+    /// Only asks whether the cost would fit, keeping nothing: a limit
+    /// charged after the call, asked before it.
+    Peek,
+    /// Takes the cost whether or not it fits and never refuses: the
+    /// charge of a call that has ended (the key may go over its limit and
+    /// refuse until enough has left its window).
+    Charge,
 }
 
 impl Check {
@@ -33,7 +50,14 @@ impl Check {
             params,
             cost,
             shadow,
+            mode: Use::Take,
         }
+    }
+
+    /// The same check, used as `mode` says.
+    pub fn with_mode(mut self, mode: Use) -> Check {
+        self.mode = mode;
+        self
     }
 }
 

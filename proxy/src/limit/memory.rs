@@ -7,7 +7,7 @@ use std::sync::{Arc, MutexGuard};
 use tokio::time::Instant;
 
 use super::algorithm::{Decision, Next, State};
-use super::check::{Answer, Check};
+use super::check::{Answer, Check, Use};
 use super::shards::{Expiring, Shard, Shards};
 
 type Map = Shard<Arc<str>, Entry>;
@@ -58,7 +58,8 @@ impl MemoryStore {
     }
 
     /// Decides every check at once; commits the new states only if no
-    /// non-shadow check rejects.
+    /// non-shadow check rejects (a peek commits nothing, a charge never
+    /// rejects).
     pub(crate) fn decide(&self, checks: &[Check]) -> Vec<Answer> {
         self.decide_at(checks, self.now())
     }
@@ -98,7 +99,7 @@ impl MemoryStore {
                 commit = false;
             }
             answers.push(Answer::Decided(d));
-            next_states.push(d.allowed.then_some(next));
+            next_states.push((d.allowed && c.mode != Use::Peek).then_some(next));
         }
         if commit {
             for (c, next) in checks.iter().zip(next_states) {
@@ -119,7 +120,7 @@ impl MemoryStore {
         };
         match self.decide_in(&mut map, c, now) {
             Some((d, next)) => {
-                if d.allowed {
+                if d.allowed && c.mode != Use::Peek {
                     store(&mut map, c, next, now);
                 }
                 Answer::Decided(d)
@@ -138,7 +139,10 @@ impl MemoryStore {
             .get_mut(c.key.as_str())
             .filter(|e| e.expires > now)
             .map(|e| &mut e.state);
-        Some(c.params.decide(current, now, c.cost))
+        Some(match c.mode {
+            Use::Take | Use::Peek => c.params.decide(current, now, c.cost),
+            Use::Charge => c.params.charge(current, now, c.cost),
+        })
     }
 }
 
@@ -151,7 +155,12 @@ fn store(map: &mut Map, c: &Check, next: Next, now: u64) {
         .map(|e| std::mem::replace(&mut e.state, State::Gcra { tat: 0 }));
     c.params.keep(&mut state, next);
     let Some(state) = state else { return };
-    let expires = now + c.params.ttl_micros();
+    // A GCRA key charged past its burst owes more than its usual lifetime.
+    let ttl = match &state {
+        State::Gcra { tat } => c.params.ttl_micros().max(tat.saturating_sub(now)),
+        _ => c.params.ttl_micros(),
+    };
+    let expires = now.saturating_add(ttl);
     map.put(
         c.key.as_str(),
         || Arc::from(c.key.as_str()),
@@ -173,7 +182,8 @@ mod tests {
     fn the_memory_store_passes_the_table() {
         let store = MemoryStore::new(10_000);
         behaviour_table!(|n, case, step| {
-            let check = Check::new(format!("case-{n}"), case.params, step.cost, false);
+            let check =
+                Check::new(format!("case-{n}"), case.params, step.cost, false).with_mode(step.mode);
             match store.decide_at(&[check], ALIGNED_START + step.at)[0] {
                 Answer::Decided(d) => d,
                 Answer::OverCapacity => panic!("over capacity"),

@@ -67,9 +67,24 @@ pub(crate) struct Rejection {
     pub(crate) headers: HeaderMap,
 }
 
-/// The meters of a call's two directions: the client's messages, then the
-/// upstream's.
-pub(crate) type Meters2 = (Option<Box<meter::Meters>>, Option<Box<meter::Meters>>);
+/// What a call's limits still do once it has gone on: meter its messages
+/// each way, and charge it when it ends.
+#[derive(Default)]
+pub(crate) struct Ongoing {
+    /// Message limits on the client's messages.
+    pub(crate) client: Option<Box<meter::Meters>>,
+    /// Message limits on the upstream's messages.
+    pub(crate) server: Option<Box<meter::Meters>>,
+    /// Limits charged when the call ends.
+    pub(crate) charges: Option<Box<step::Charges>>,
+}
+
+impl Ongoing {
+    /// Whether there is nothing to do.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.client.is_none() && self.server.is_none() && self.charges.is_none()
+    }
+}
 
 /// The decision of a route's limits.
 pub(crate) type Decision<'a> =
@@ -87,9 +102,11 @@ pub(crate) trait LimitStep: Send + Sync {
         false
     }
 
-    /// The message limits of a call that went on: the client's messages'
-    /// meters, then the upstream's (`None`: none that apply).
-    fn meters(&self, _call: &CallInfo<'_>) -> Result<Meters2, Box<Rejection>> {
-        Ok((None, None))
+    /// What the limits do once the call has gone on: its message limits'
+    /// meters and the charges due when it ends. Asked before
+    /// [`check`](Self::check): charges are made only once
+    /// [`armed`](step::Charges::arm).
+    fn ongoing(&self, _call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {
+        Ok(Ongoing::default())
     }
 }

@@ -174,3 +174,81 @@ impl Echo for EchoService {
         )))
     }
 }
+
+/// A service behind a layer that reports what each call cost, as an
+/// upstream of limits charged after the call does: a call sent with
+/// `x-charge: N` ends with trailer `x-cost: N` (success or failure).
+#[derive(Clone)]
+pub(crate) struct CostTrailer<S>(pub(crate) S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CostTrailer<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for CostTrailer<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let cost = req.headers().get("x-charge").cloned();
+        let answer = self.0.call(req);
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(match cost {
+                None => response,
+                Some(cost) => response.map(|inner| {
+                    tonic::body::Body::new(WithCost {
+                        inner,
+                        cost: Some(cost),
+                    })
+                }),
+            })
+        })
+    }
+}
+
+/// A response body whose trailers gain `x-cost`.
+struct WithCost {
+    inner: tonic::body::Body,
+    cost: Option<http::HeaderValue>,
+}
+
+impl http_body::Body for WithCost {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        std::task::Poll::Ready(frame.map(|f| {
+            f.map(|f| match f.into_trailers() {
+                Ok(mut trailers) => {
+                    if let Some(cost) = self.cost.take() {
+                        trailers.insert("x-cost", cost);
+                    }
+                    http_body::Frame::trailers(trailers)
+                }
+                Err(f) => f,
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}

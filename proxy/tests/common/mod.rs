@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub(crate) use echo::{EchoService, Seen};
+pub(crate) use echo::{CostTrailer, EchoService, Seen};
 pub(crate) use testkit::{eventually, http_get};
 use tollgate::runtime::{self, Handle};
 use tollgate_proto::test::v1::echo_client::EchoClient;
@@ -52,7 +52,7 @@ impl Upstream {
         );
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(svc)
+                .add_service(CostTrailer(svc))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
                 }),

@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod charges;
 mod fields;
 mod hostile;
 mod identity;

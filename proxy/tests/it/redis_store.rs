@@ -10,7 +10,7 @@ use std::time::Duration;
 use tollgate::config::Rate;
 use tollgate::config::{Backend, Dur, Limiter, RedisStore as RedisSettings};
 use tollgate::limit::algorithm::{self, Algorithm, Calendar, Params};
-use tollgate::limit::check::Check;
+use tollgate::limit::check::{self, Check};
 use tollgate::limit::redis::{RedisStore, StoreError};
 
 /// The table every limit backend passes; it reads `super::algorithm` and
@@ -92,7 +92,7 @@ fn fixed(limit: u64) -> Params {
 async fn run_table(store: &RedisStore) {
     behaviour_table!(|n, case, step| {
         let key = format!("case-{n}");
-        let c = check(&key, n as u64, case.params, step.cost, false);
+        let c = check(&key, n as u64, case.params, step.cost, false).with_mode(step.mode);
         let d = store
             .decide(0, vec![c], Some(ALIGNED_START + step.at), true)
             .await

@@ -11,7 +11,7 @@ use super::batcher::{submit, Kind, Part, Request};
 use super::StoreError;
 use crate::limit::algorithm::Decision;
 use crate::limit::breaker::Probe;
-use crate::limit::check::Check;
+use crate::limit::check::{Check, Use};
 
 /// Decides a call's parts, one per slot, at once; refunds the committed
 /// parts when another refused or failed. See [`RedisStore::ask_slots`].
@@ -72,11 +72,12 @@ pub(super) async fn decide_parts(
         if refuses {
             refused = true;
         } else {
-            // This part committed what its allowed limits took.
+            // This part committed what its allowed limits took (a peek
+            // took nothing).
             let back: Vec<Check> = at
                 .iter()
                 .zip(&d)
-                .filter(|(_, d)| d.allowed)
+                .filter(|(&i, d)| d.allowed && checks[i].mode != Use::Peek)
                 .map(|(&i, _)| checks[i].clone())
                 .collect();
             if !back.is_empty() {

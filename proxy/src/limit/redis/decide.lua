@@ -26,7 +26,11 @@
 --          capacity   gcra: the burst; others: the limit
 --          emission   gcra: microseconds per unit (period / limit, >= 1)
 --          ttl        microseconds after which an untouched state is moot
---          shadow     1: decided and reported, never blocks the commit
+--          flags      1 for shadow (decided and reported, never blocks
+--                     the commit), plus 2 for a peek (decided, never
+--                     written: a limit charged after the call, asked
+--                     before it) or 4 for a charge (taken whether or not
+--                     it fits, never refused: a call's cost once it ended)
 --          then, per key in KEYS order, its algorithm (as above, a
 --          calendar window's as 1: its state is a fixed window's);
 --          then the number of calls, and per call: the number of its
@@ -84,7 +88,8 @@ local v = cmsgpack.unpack(ARGV[2])
 local defs = {}
 local a = 2
 for d = 1, v[1] do
-  defs[d] = { v[a], v[a + 1], v[a + 2], v[a + 3], v[a + 4], v[a + 5], v[a + 6] == 1 }
+  local flags = v[a + 6]
+  defs[d] = { v[a], v[a + 1], v[a + 2], v[a + 3], v[a + 4], v[a + 5], flags % 2 == 1, flags % 4 >= 2, flags >= 4 }
   a = a + 7
 end
 
@@ -158,8 +163,8 @@ for _ = 1, calls do
     local def = defs[v[a + 1]]
     local cost = v[a + 2]
     a = a + 3
-    local algorithm, limit, period, capacity, emission, ttl, shadow =
-      def[1], def[2], def[3], def[4], def[5], def[6], def[7]
+    local algorithm, limit, period, capacity, emission, ttl, shadow, peek, charge =
+      def[1], def[2], def[3], def[4], def[5], def[6], def[7], def[8], def[9]
     local allowed, shown, remaining, reset, retry
 
     if algorithm == FIXED_WINDOW or algorithm >= CALENDAR_DAY then
@@ -169,11 +174,13 @@ for _ = 1, calls do
         count = st_count[ki]
       end
       reset = ends - now
-      allowed = count + cost <= limit
+      allowed = charge or count + cost <= limit
       if allowed then
         count = count + cost
-        np = np + 1
-        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, count, 0, ttl
+        if not peek then
+          np = np + 1
+          put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, count, 0, ttl
+        end
       end
       shown = limit
       remaining = math.max(0, limit - count)
@@ -195,11 +202,13 @@ for _ = 1, calls do
       -- remainder are whole doubles.
       local carried = previous * (period - elapsed)
       carried = (carried - carried % period) / period
-      allowed = carried + current + cost <= limit
+      allowed = charge or carried + current + cost <= limit
       if allowed then
         current = current + cost
-        np = np + 1
-        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, current, previous, ttl
+        if not peek then
+          np = np + 1
+          put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, current, previous, ttl
+        end
       end
       shown = limit
       remaining = math.max(0, limit - (carried + current))
@@ -250,7 +259,7 @@ for _ = 1, calls do
         ncum = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
         used = ncum - fcum + fcost
       end
-      allowed = used + cost <= limit
+      allowed = charge or used + cost <= limit
       if allowed then
         retry = 0
       elseif cost > limit then
@@ -262,8 +271,10 @@ for _ = 1, calls do
         retry = tonumber(string.match(m[1], ':(%d+)$')) + period - now
       end
       if allowed then
-        np = np + 1
-        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, 0, cost, 0, ttl
+        if not peek then
+          np = np + 1
+          put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, 0, cost, 0, ttl
+        end
         used = used + cost
       end
       shown = limit
@@ -284,11 +295,12 @@ for _ = 1, calls do
       end
       local new_tat = tat + emission * cost
       local allow_at = math.max(0, new_tat - tau)
-      allowed = now >= allow_at and cost <= capacity
+      allowed = charge or (now >= allow_at and cost <= capacity)
       local kept = allowed and new_tat or tat
-      if allowed then
+      if allowed and not peek then
         np = np + 1
-        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, kept, 0, 0, ttl
+        -- A charge past the burst owes more than the usual lifetime.
+        put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, kept, 0, 0, math.max(ttl, kept - now)
       end
       shown = capacity
       remaining = math.floor(math.max(0, now + tau - kept) / emission)

@@ -9,7 +9,7 @@ use super::batcher::{Kind, Request};
 use super::keys::write_key;
 use super::Inner;
 use crate::limit::algorithm::{Algorithm, Calendar, Decision, Params};
-use crate::limit::check::Check;
+use crate::limit::check::{Check, Use};
 
 /// Identity hasher for keys already hashed ([`Check::hash`]).
 #[derive(Default)]
@@ -53,7 +53,8 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     let mut keys: HashMap<KeyRef<'_>, usize, BuildHasherDefault<Prehashed>> =
         HashMap::with_capacity_and_hasher(limits, Default::default());
     let mut unique: Vec<&Check> = Vec::new();
-    let mut defs: Vec<(Params, bool)> = Vec::new();
+    // Each definition with its flags (shadow, peek, charge).
+    let mut defs: Vec<(Params, u64)> = Vec::new();
     // Per limit of every call: its key and definition (1-based).
     let mut refs: Vec<(usize, usize)> = Vec::with_capacity(limits);
     for r in group {
@@ -62,10 +63,11 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
                 unique.push(c);
                 unique.len()
             });
-            let d = match defs.iter().position(|d| *d == (c.params, c.shadow)) {
+            let def = (c.params, flags(c));
+            let d = match defs.iter().position(|d| *d == def) {
                 Some(d) => d + 1,
                 None => {
-                    defs.push((c.params, c.shadow));
+                    defs.push(def);
                     defs.len()
                 }
             };
@@ -79,7 +81,7 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     let mut numbers = Vec::with_capacity(5 + 9 * count);
     msgpack::array(&mut numbers, count);
     msgpack::uint(&mut numbers, defs.len() as u64);
-    for (p, shadow) in &defs {
+    for (p, flags) in &defs {
         for n in [
             script_algorithm(p.algorithm),
             p.rate.limit,
@@ -87,7 +89,7 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
             p.capacity(),
             p.rate.emission_interval_micros(),
             p.ttl_micros(),
-            u64::from(*shadow),
+            *flags,
         ] {
             msgpack::uint(&mut numbers, n);
         }
@@ -112,11 +114,13 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
             msgpack::uint(&mut numbers, d as u64);
             // Lua reads integers above 2^63 as negative (and is exact only
             // below 2^53): any cost above the capacity is refused alike, so
-            // one more than the capacity stands for them all.
-            msgpack::uint(
-                &mut numbers,
-                c.cost.min(c.params.capacity().saturating_add(1)),
-            );
+            // one more than the capacity stands for them all; a charge
+            // counts at most the capacity.
+            let most = match c.mode {
+                Use::Charge => c.params.capacity(),
+                Use::Take | Use::Peek => c.params.capacity().saturating_add(1),
+            };
+            msgpack::uint(&mut numbers, c.cost.min(most));
         }
     }
     let mut cmd = redis::Cmd::with_capacity(5 + unique.len(), 64 * unique.len() + numbers.len());
@@ -135,6 +139,16 @@ pub(super) fn command(inner: &Inner, group: &[Request]) -> redis::Cmd {
     };
     cmd.arg(numbers);
     cmd
+}
+
+/// A check's flags on the wire: 1 shadow, plus 2 peek or 4 charge.
+fn flags(c: &Check) -> u64 {
+    u64::from(c.shadow)
+        + match c.mode {
+            Use::Take => 0,
+            Use::Peek => 2,
+            Use::Charge => 4,
+        }
 }
 
 /// The algorithms' numbers on the wire, as both scripts name them

@@ -10,7 +10,10 @@ use http::HeaderName;
 use super::field::FieldRef;
 use crate::schema::{self, FieldPath, Schema};
 
-use super::{Compiled, CostOf, Outcomes, Part, PerMessage, RouteLimits, Stores};
+use super::charge::ChargeCounters;
+use super::{
+    ChargeFrom, ChargeOf, Compiled, CostOf, Outcomes, Part, PerMessage, RouteLimits, Stores,
+};
 use crate::config::{self, AlgorithmName, Cost, KeySource, Per, Rate, Window, MONTH, WEEK};
 use crate::limit::algorithm::{Algorithm, Calendar, Params};
 use crate::limit::meter::MeterCounters;
@@ -96,8 +99,33 @@ impl RouteLimits {
                     delayed: m.limit_decision(route, &l.name, "delayed"),
                 },
             });
+            let failure_mode = l.failure_mode.unwrap_or(limiter.failure_mode);
+            let charge = match &l.charge {
+                None => None,
+                Some(c) => {
+                    let from = match (&c.trailer, &c.header) {
+                        (Some(t), _) => ChargeFrom::Trailer(header_name(t)?),
+                        (None, Some(h)) => ChargeFrom::Header(header_name(h)?),
+                        (None, None) => ChargeFrom::ResponseMessages,
+                    };
+                    let counter = |outcome| m.limit_charge(route, &l.name, outcome);
+                    Some(Arc::new(ChargeOf {
+                        from,
+                        default: c.default,
+                        failure_mode,
+                        counters: ChargeCounters {
+                            charged: counter("charged"),
+                            defaulted: counter("default"),
+                            failed: counter("failed"),
+                            local_fallback: counter("local_fallback"),
+                            units: m.limit_charged_units(route, &l.name),
+                        },
+                    }))
+                }
+            };
             compiled.push(Compiled {
                 per_message,
+                charge,
                 outcomes: Outcomes {
                     allowed: m.limit_decision(route, &l.name, "allowed"),
                     limited: m.limit_decision(route, &l.name, "limited"),
@@ -109,7 +137,7 @@ impl RouteLimits {
                     failed_closed: m.limit_decision(route, &l.name, "failed_closed"),
                     local_fallback: m.limit_decision(route, &l.name, "local_fallback"),
                 },
-                failure_mode: l.failure_mode.unwrap_or(limiter.failure_mode),
+                failure_mode,
                 over_capacity: l.over_capacity.unwrap_or(limiter.over_capacity),
                 name: l.name.clone(),
                 key_prefix: format!(
@@ -145,9 +173,11 @@ impl RouteLimits {
             matches!(l.cost, CostOf::Field(..))
                 || l.key.iter().any(|p| matches!(p, Part::Field(..)))
         });
-        let meters = compiled.iter().any(|l| l.per_message.is_some());
+        let ongoing = compiled
+            .iter()
+            .any(|l| l.per_message.is_some() || l.charge.is_some());
         Ok(Some(RouteLimits {
-            meters,
+            ongoing,
             reads_fields,
             limits: compiled,
             stores: stores.clone(),

@@ -9,8 +9,10 @@
 //! mod.rs      the step: one store decision for all of them (memory or Redis,
 //!             with the failure and over-capacity modes), then the verdict
 //! reply.rs    ratelimit-* headers, or the refusal with its google.rpc details
+//! charge.rs   limits charged after the call: peeked before, charged at its end
 //! ```
 
+mod charge;
 mod compile;
 mod field;
 mod key;
@@ -22,15 +24,17 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use prometheus::{Histogram, IntCounter};
 
+pub(crate) use self::charge::Charges;
+use self::charge::{ChargeFrom, ChargeOf};
 pub(crate) use self::compile::Fields;
 pub(crate) use self::field::FieldRef;
 use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
 use super::algorithm::{Decision, Params};
-use super::check::{fnv1a, Answer, Check};
+use super::check::{fnv1a, Answer, Check, Use};
 use super::memory::MemoryStore;
 use super::meter::{Meter, MeterCounters, Meters};
 use super::redis::{RedisStore, StoreError};
-use super::{CallInfo, LimitStep, Meters2, Rejection};
+use super::{CallInfo, LimitStep, Ongoing, Rejection};
 use crate::config::{
     Action, Direction, FailureMode, OnMissing, OverCapacity, Rate, Repeated, Scope,
 };
@@ -104,6 +108,8 @@ struct Compiled {
     outcomes: Outcomes,
     /// A message limit: counted per message by meters, not per call.
     per_message: Option<PerMessage>,
+    /// Charged after the call: peeked before it, charged when it ends.
+    charge: Option<Arc<ChargeOf>>,
 }
 
 /// How a message limit counts.
@@ -137,8 +143,8 @@ enum Outcome {
 /// The limits of one route.
 pub(crate) struct RouteLimits {
     limits: Vec<Compiled>,
-    /// Whether any limit counts messages.
-    meters: bool,
+    /// Whether any limit counts messages or is charged after the call.
+    ongoing: bool,
     /// Whether any limit reads request fields.
     reads_fields: bool,
     stores: Stores,
@@ -165,18 +171,25 @@ impl RouteLimits {
             if l.per_message.is_some() {
                 continue;
             }
-            // The key: route, limit and algorithm, then the value.
-            let mut key = String::with_capacity(l.key_prefix.len() + 48);
-            key.push_str(&l.key_prefix);
-            let cost = match key::value(l, call, &mut key) {
-                Ok(false) => {
+            let (key, params) = match keyed(l, call) {
+                Ok(Some(k)) => k,
+                Ok(None) => {
                     if count {
                         l.outcomes.skipped.inc();
                     }
                     continue;
                 }
-                Ok(true) => key::cost(l, call),
-                Err(e) => Err(e),
+                Err(e) => {
+                    if count {
+                        l.outcomes.invalid.inc();
+                    }
+                    return Err(e);
+                }
+            };
+            // Charged after the call: is a unit left?
+            let cost = match l.charge {
+                Some(_) => Ok(Some(1)),
+                None => key::cost(l, call),
             };
             let cost = match cost {
                 Ok(Some(c)) => c,
@@ -193,14 +206,6 @@ impl RouteLimits {
                     return Err(e);
                 }
             };
-            let params = if l.overrides.is_empty() {
-                l.params
-            } else {
-                l.overrides
-                    .get(&key[l.key_prefix.len()..])
-                    .copied()
-                    .unwrap_or(l.params)
-            };
             if cost > params.capacity() {
                 // No wait would let it pass: refused here, with no retry
                 // delay, and no store is asked.
@@ -215,13 +220,15 @@ impl RouteLimits {
                 }
                 return Err(Box::new(beyond_capacity(l, &params, cost)));
             }
-            if key.len() > MAX_KEY_BYTES {
-                key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
-            }
             // Each key is its own Cluster hash tag: the same whatever other
             // limits its route has, so adding one resets no counts; a call's
             // keys on several slots are decided per slot (redis/cluster.rs).
-            checks.push(Check::new(key, params, cost, l.shadow));
+            let mode = if l.charge.is_some() {
+                Use::Peek
+            } else {
+                Use::Take
+            };
+            checks.push(Check::new(key, params, cost, l.shadow).with_mode(mode));
             which.push(i);
         }
         Ok((checks, which))
@@ -247,7 +254,7 @@ impl RouteLimits {
                 FailureMode::Open => Outcome::FailedOpen,
                 FailureMode::Closed => Outcome::FailedClosed,
                 FailureMode::Local => {
-                    local.push(self.local_check(&checks[j]));
+                    local.push(local_share(&checks[j], self.replicas));
                     local_at.push(j);
                     Outcome::OverCapacity
                 }
@@ -257,17 +264,6 @@ impl RouteLimits {
             out[j] = d.map_or(Outcome::OverCapacity, Outcome::Local);
         }
         out
-    }
-
-    /// `c` as this replica counts it alone: its share of the limit, under a
-    /// key of its own.
-    fn local_check(&self, c: &Check) -> Check {
-        let mut params = c.params;
-        params.rate.limit = (params.rate.limit / self.replicas).max(1);
-        if let Some(b) = params.burst {
-            params.burst = Some((b / self.replicas).max(1));
-        }
-        Check::new(format!("local\u{1f}{}", c.key), params, c.cost, c.shadow)
     }
 
     /// Decides `checks` in process; `None` for one that found no place.
@@ -361,32 +357,63 @@ impl RouteLimits {
     }
 }
 
+/// A limit's key for a call (route, limit and algorithm, then the values)
+/// and the parameters it takes there; `None`: the limit skips the call.
+fn keyed(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<(String, Params)>, Box<Rejection>> {
+    let mut key = String::with_capacity(l.key_prefix.len() + 48);
+    key.push_str(&l.key_prefix);
+    if !key::value(l, call, &mut key)? {
+        return Ok(None);
+    }
+    let params = if l.overrides.is_empty() {
+        l.params
+    } else {
+        l.overrides
+            .get(&key[l.key_prefix.len()..])
+            .copied()
+            .unwrap_or(l.params)
+    };
+    if key.len() > MAX_KEY_BYTES {
+        key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
+    }
+    Ok(Some((key, params)))
+}
+
+/// `c` as this replica counts it alone, one of `replicas`: its share of the
+/// limit, under a key of its own.
+fn local_share(c: &Check, replicas: u64) -> Check {
+    let mut params = c.params;
+    params.rate.limit = (params.rate.limit / replicas).max(1);
+    if let Some(b) = params.burst {
+        params.burst = Some((b / replicas).max(1));
+    }
+    Check::new(format!("local\u{1f}{}", c.key), params, c.cost, c.shadow).with_mode(c.mode)
+}
+
 impl LimitStep for RouteLimits {
     fn reads_fields(&self) -> bool {
         self.reads_fields
     }
 
-    fn meters(&self, call: &CallInfo<'_>) -> Result<Meters2, Box<Rejection>> {
-        if !self.meters {
-            return Ok((None, None));
+    fn ongoing(&self, call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {
+        if !self.ongoing {
+            return Ok(Ongoing::default());
         }
         let (mut client, mut server) = (Vec::new(), Vec::new());
+        let mut charges = Charges::new(self.stores.clone(), call.worker, self.replicas);
         for l in &self.limits {
-            let Some(m) = &l.per_message else { continue };
-            let mut key = String::with_capacity(l.key_prefix.len() + 48);
-            key.push_str(&l.key_prefix);
-            if !key::value(l, call, &mut key)? {
-                l.outcomes.skipped.inc();
+            if let Some(of) = &l.charge {
+                // Skipped (or refused) already, by the call's checks.
+                if let Ok(Some((key, params))) = keyed(l, call) {
+                    charges.push(key, params, l.shadow, of.clone());
+                }
                 continue;
             }
-            let params = l
-                .overrides
-                .get(&key[l.key_prefix.len()..])
-                .copied()
-                .unwrap_or(l.params);
-            if key.len() > MAX_KEY_BYTES {
-                key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
-            }
+            let Some(m) = &l.per_message else { continue };
+            let Some((key, params)) = keyed(l, call)? else {
+                l.outcomes.skipped.inc();
+                continue;
+            };
             let meter = Meter::new(
                 m.name.clone(),
                 params,
@@ -401,7 +428,11 @@ impl LimitStep for RouteLimits {
                 Direction::Server => server.push(meter),
             }
         }
-        Ok((Meters::new(client), Meters::new(server)))
+        Ok(Ongoing {
+            client: Meters::new(client),
+            server: Meters::new(server),
+            charges: (!charges.is_empty()).then(|| Box::new(charges)),
+        })
     }
 
     fn check<'a>(&'a self, call: CallInfo<'a>) -> super::Decision<'a> {
@@ -438,7 +469,7 @@ impl LimitStep for RouteLimits {
             beyond_at.push(which[j]);
             match self.limits[which[j]].over_capacity {
                 OverCapacity::Local => {
-                    local.push(self.local_check(&checks[j]));
+                    local.push(local_share(&checks[j], self.replicas));
                     beyond.push(Outcome::OverCapacity);
                 }
                 OverCapacity::Open | OverCapacity::Closed => beyond.push(Outcome::OverCapacity),
