@@ -247,10 +247,14 @@ impl PaymentService for PaymentApi {
                 };
                 let (payments, next_page_token) =
                     self.store.list_payments(&filter).await.map_err(status)?;
-                Ok(Response::new(pb::ListPaymentsResponse {
-                    payments,
-                    next_page_token,
-                }))
+                let count = payments.len();
+                Ok(counted(
+                    Response::new(pb::ListPaymentsResponse {
+                        payments,
+                        next_page_token,
+                    }),
+                    count,
+                ))
             })
             .await
     }
@@ -271,11 +275,25 @@ impl PaymentService for PaymentApi {
                     .list_refunds(&r.payment_id, size, &r.page_token)
                     .await
                     .map_err(status)?;
-                Ok(Response::new(pb::ListRefundsResponse {
-                    refunds,
-                    next_page_token,
-                }))
+                let count = refunds.len();
+                Ok(counted(
+                    Response::new(pb::ListRefundsResponse {
+                        refunds,
+                        next_page_token,
+                    }),
+                    count,
+                ))
             })
             .await
     }
+}
+
+/// A list's response with header `x-result-count`: how many items it
+/// holds, for a sidecar that charges reads by what they return
+/// (tollgate's `charge: { header: x-result-count }`).
+fn counted<T>(mut response: Response<T>, count: usize) -> Response<T> {
+    response
+        .metadata_mut()
+        .insert("x-result-count", (count as u64).into());
+    response
 }

@@ -3,7 +3,8 @@
 //! the backend's reflection, from a descriptor set file, or as numbers with
 //! no schema; in process, in Redis and in Redis Cluster, with concurrent
 //! payments across three tollgate replicas never admitting more money than
-//! the limit.
+//! the limit. And reads charged after the call by the items the backend
+//! says a list returned (`x-result-count`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -313,5 +314,71 @@ async fn field_limits_wait_for_a_backend_that_starts_after_tollgate() {
     }
     let e = pay(&mut c, &payer, &payee, 600).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    proxy.begin_drain();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_charged_the_items_the_backend_says_they_returned() {
+    let mut b = Backend::start_with(Db::Sqlite, Options::default()).await;
+    let payer = b.account("USD", 50_000).await;
+    let payee = b.account("USD", 0).await;
+    for amount in [1, 2, 3] {
+        b.payments
+            .create_payment(create_req(&payer, &payee, amount, false))
+            .await
+            .unwrap();
+    }
+    let addr = b.running.as_ref().unwrap().grpc_addr;
+    let yaml = format!(
+        r#"listener: {{ address: 127.0.0.1:0, workers: 1 }}
+admin: {{ address: 127.0.0.1:0 }}
+upstreams:
+  payment-backend: {{ addresses: ["{addr}"] }}
+routes:
+  - match: {{ service: payments.v1.PaymentService }}
+    upstream: payment-backend
+    name: reads
+    limits:
+      - name: items-read
+        rate: 8/h
+        algorithm: sliding_window_log
+        charge: {{ header: x-result-count, default: 1 }}
+"#
+    );
+    let (proxy, _dir) = start_tollgate_with(&yaml);
+    let mut c = through(&proxy).await;
+    let list = pb::ListPaymentsRequest {
+        account_id: payer.clone(),
+        page_size: 10,
+        ..Default::default()
+    };
+    // 3 items, then 3 more (2 left after them), then a call that returns
+    // none: 6 of 8 charged.
+    for _ in 0..2 {
+        let r = c.list_payments(list.clone()).await.unwrap();
+        assert_eq!(r.metadata().get("x-result-count").unwrap(), "3");
+        assert_eq!(r.into_inner().payments.len(), 3);
+    }
+    let none = pb::ListPaymentsRequest {
+        account_id: payee.clone(),
+        created_before: Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..list.clone()
+    };
+    assert!(c
+        .list_payments(none)
+        .await
+        .unwrap()
+        .into_inner()
+        .payments
+        .is_empty());
+    // A unit is left: this list passes, and its 3 items put the reader
+    // over (9 of 8); the next read of any kind is refused.
+    c.list_payments(list.clone()).await.unwrap();
+    let e = c.list_payments(list).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("items-read"), "{}", e.message());
     proxy.begin_drain();
 }
