@@ -115,33 +115,38 @@ pub(crate) enum BodyError {
     Limited(String),
 }
 
-/// Messages held back by a message limit (`action: delay`) until it
-/// allows them.
+/// Messages held back by a message limit until it allows them: waiting
+/// for the rate (`action: delay`), or for Redis's decision.
 pub(crate) struct Waiting {
     frame: Frame<Bytes>,
     messages: u64,
-    sleep: Pin<Box<Sleep>>,
+    /// Until the rate allows them (`None`: no wait, a decision pending).
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
-/// What a data chunk's messages get from a direction's meters: `Ok(None)`
-/// to go on now, `Ok(Some(..))` to wait, `Err` to end the stream.
+/// What a data chunk's messages get from a direction's meters: `Ok(Ok)`
+/// to go on now, `Ok(Err(..))` to wait (then [`poll_waiting`]), `Err` to
+/// end the stream.
 fn meter(
     meters: &mut Option<Box<Meters>>,
     frame: Frame<Bytes>,
     messages: u64,
+    cx: &mut Context<'_>,
 ) -> Result<Result<Frame<Bytes>, Box<Waiting>>, String> {
     let Some(m) = meters.as_mut().filter(|_| messages > 0) else {
         return Ok(Ok(frame));
     };
-    match m.admit(messages) {
-        Verdict::Pass => Ok(Ok(frame)),
-        Verdict::Refuse(why) => Err(why),
-        Verdict::Wait(d) => Ok(Err(Box::new(Waiting {
-            frame,
-            messages,
-            sleep: Box::pin(tokio::time::sleep(d)),
-        }))),
-    }
+    let sleep = match m.poll_admit(messages, cx) {
+        Poll::Ready(Verdict::Pass) => return Ok(Ok(frame)),
+        Poll::Ready(Verdict::Refuse(why)) => return Err(why),
+        Poll::Ready(Verdict::Wait(d)) => Some(Box::pin(tokio::time::sleep(d))),
+        Poll::Pending => None,
+    };
+    Ok(Err(Box::new(Waiting {
+        frame,
+        messages,
+        sleep,
+    })))
 }
 
 /// Polls held-back messages: ready with their frame once every meter
@@ -155,10 +160,13 @@ fn poll_waiting(
         let Some(w) = waiting.as_mut() else {
             return Poll::Pending;
         };
-        ready!(w.sleep.as_mut().poll(cx));
-        let verdict = meters
-            .as_mut()
-            .map_or(Verdict::Pass, |m| m.admit(w.messages));
+        if let Some(sleep) = w.sleep.as_mut() {
+            ready!(sleep.as_mut().poll(cx));
+        }
+        let verdict = match meters.as_mut() {
+            Some(m) => ready!(m.poll_admit(w.messages, cx)),
+            None => Verdict::Pass,
+        };
         match verdict {
             Verdict::Pass => {
                 let w = waiting.take().map(|w| w.frame);
@@ -168,7 +176,10 @@ fn poll_waiting(
                 *waiting = None;
                 return Poll::Ready(Err(why));
             }
-            Verdict::Wait(d) => w.sleep.as_mut().reset(Instant::now() + d),
+            Verdict::Wait(d) => match w.sleep.as_mut() {
+                Some(sleep) => sleep.as_mut().reset(Instant::now() + d),
+                None => w.sleep = Some(Box::pin(tokio::time::sleep(d))),
+            },
         }
     }
 }
@@ -259,7 +270,7 @@ impl Body for RequestBody {
                     }
                     messages = this.observer.messages() - before;
                 }
-                match meter(&mut this.meters, frame, messages) {
+                match meter(&mut this.meters, frame, messages, cx) {
                     Ok(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
                     Ok(Err(w)) => {
                         this.waiting = Some(w);
@@ -514,7 +525,7 @@ impl Proxied {
                         return self.end_with(e.code(), &format!("upstream response: {e}"));
                     }
                     let messages = self.observer.messages() - before;
-                    return match meter(&mut self.meters, Frame::data(data), messages) {
+                    return match meter(&mut self.meters, Frame::data(data), messages, cx) {
                         Ok(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
                         Ok(Err(w)) => {
                             self.waiting = Some(w);

@@ -480,12 +480,6 @@ fn check_limits(
                     "a message limit counts each message as 1; remove cost",
                 );
             }
-            if l.scope == Some(Scope::Key) && redis_backend {
-                p.add(
-                    format!("{at}.scope"),
-                    "per-key message limits are counted in this process only, not in Redis; use scope: stream, or the memory backend",
-                );
-            }
             if l.shadow {
                 p.add(
                     format!("{at}.shadow"),

@@ -54,6 +54,23 @@ impl Check {
         }
     }
 
+    /// This check as one replica of `replicas` counts it alone: its share
+    /// of the limit, under a key of its own (the `local` failure mode).
+    pub fn local_share(&self, replicas: u64) -> Check {
+        let mut params = self.params;
+        params.rate.limit = (params.rate.limit / replicas).max(1);
+        if let Some(b) = params.burst {
+            params.burst = Some((b / replicas).max(1));
+        }
+        Check::new(
+            format!("local\u{1f}{}", self.key),
+            params,
+            self.cost,
+            self.shadow,
+        )
+        .with_mode(self.mode)
+    }
+
     /// The same check, used as `mode` says.
     pub fn with_mode(mut self, mode: Use) -> Check {
         self.mode = mode;

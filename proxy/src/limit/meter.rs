@@ -1,28 +1,51 @@
 //! Message limits (`per: message`): each message a stream carries in one
 //! direction is a unit of the limit, counted as it passes. A stream's own
 //! budget lives in the stream (no store, no lock); a budget per key across
-//! streams lives in the in-process store. Over the rate a stream either
-//! ends (RESOURCE_EXHAUSTED) or, with `action: delay`, its next message
-//! waits until the rate allows it: the stream is paced, within its
-//! deadline.
+//! streams lives in the limiter's store: in process, or in Redis (a
+//! decision per DATA frame, batched with the calls' decisions). Over the
+//! rate a stream either ends (RESOURCE_EXHAUSTED) or, with `action:
+//! delay`, its next message waits until the rate allows it: the stream is
+//! paced, within its deadline.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 
-use super::algorithm::{Params, State};
+use super::algorithm::{Decision, Params, State};
 use super::check::{Answer, Check};
 use super::memory::MemoryStore;
-use crate::config::Action;
+use super::redis::{RedisStore, StoreError};
+use crate::config::{Action, FailureMode, OverCapacity};
 
 /// Where a meter's budget is.
-enum Place {
+pub(crate) enum Place {
     /// This stream's alone.
     Stream(Option<State>),
-    /// Shared by the streams with this key.
+    /// Shared by the streams with this key, in this process.
     Key(String),
+    /// Shared by the streams with this key on every replica, in Redis.
+    Redis(Box<InRedis>),
 }
+
+/// A budget per key in Redis, and what a meter does when Redis cannot
+/// decide.
+pub(crate) struct InRedis {
+    pub(crate) key: String,
+    pub(crate) redis: Arc<RedisStore>,
+    /// The worker serving the call (its batcher).
+    pub(crate) worker: usize,
+    /// `limiter.replicas`: a `local` fallback counts this replica's share.
+    pub(crate) replicas: u64,
+    pub(crate) failure_mode: FailureMode,
+    pub(crate) over_capacity: OverCapacity,
+}
+
+/// A decision Redis is making for a meter.
+type Asking = Pin<Box<dyn Future<Output = Result<Vec<Decision>, StoreError>> + Send>>;
 
 /// Counters of a message limit's outcomes, per message.
 #[derive(Clone)]
@@ -74,19 +97,21 @@ pub(crate) struct Meters {
     /// at once (it would never leave, and must not reach the upstream after
     /// the client was told the call ended).
     deadline: Option<tokio::time::Instant>,
+    /// The decision Redis is making for the meter at `passed`.
+    asking: Option<Asking>,
 }
 
 // === impl Meter ===
 
 impl Meter {
-    /// A meter of `params`; `key`: shared by the streams with this key,
-    /// else the stream's own.
+    /// A meter of `params` whose budget is at `place`; `store`: the
+    /// in-process store (its clock, and the budgets it keeps).
     pub(crate) fn new(
         name: Arc<str>,
         params: Params,
         action: Action,
         shadow: bool,
-        key: Option<String>,
+        place: Place,
         store: Arc<MemoryStore>,
         counters: MeterCounters,
     ) -> Meter {
@@ -95,14 +120,27 @@ impl Meter {
             params,
             action,
             shadow,
-            place: key.map_or(Place::Stream(None), Place::Key),
+            place,
             store,
             counters,
         }
     }
 
-    /// Decides `n` messages at `now`.
-    fn admit(&mut self, n: u64, now: u64) -> Verdict {
+    /// Decides `n` messages at `now` (`asking`: the meter's decision in
+    /// Redis, if one is being made).
+    fn admit(
+        &mut self,
+        n: u64,
+        now: u64,
+        asking: &mut Option<Asking>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Verdict> {
+        if matches!(self.place, Place::Redis(_)) {
+            return Poll::Ready(match ready!(self.ask_redis(n, asking, cx)) {
+                Ok(d) => self.verdict(d, n),
+                Err(v) => v,
+            });
+        }
         let d = match &mut self.place {
             Place::Stream(state) => {
                 let (d, next) = self.params.decide(state.as_mut(), now, n);
@@ -116,10 +154,86 @@ impl Meter {
                 match self.store.decide_at(&[check], now).first() {
                     Some(Answer::Decided(d)) => *d,
                     // No room for the key: counted as nothing, let through.
-                    _ => return Verdict::Pass,
+                    _ => return Poll::Ready(Verdict::Pass),
                 }
             }
+            Place::Redis(_) => return Poll::Ready(Verdict::Pass),
         };
+        Poll::Ready(self.verdict(d, n))
+    }
+
+    /// Redis's decision for `n` messages (asked once, then polled), or the
+    /// verdict the meter comes to without one.
+    fn ask_redis(
+        &self,
+        n: u64,
+        asking: &mut Option<Asking>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Decision, Verdict>> {
+        let Place::Redis(at) = &self.place else {
+            return Poll::Ready(Err(Verdict::Pass));
+        };
+        let check = Check::new(at.key.clone(), self.params, n, false);
+        if asking.is_none() {
+            if !at.redis.admit(&check, at.redis.key_clock()) {
+                // No room for another key of this replica's.
+                let mode = match at.over_capacity {
+                    OverCapacity::Open => FailureMode::Open,
+                    OverCapacity::Closed => FailureMode::Closed,
+                    OverCapacity::Local => FailureMode::Local,
+                };
+                return Poll::Ready(self.fall_back(mode, at, &check));
+            }
+            let (redis, worker) = (at.redis.clone(), at.worker);
+            let checks = vec![check.clone()];
+            *asking = Some(Box::pin(async move {
+                redis.decide(worker, checks, None, true).await
+            }));
+        }
+        let answer = match asking.as_mut() {
+            Some(a) => ready!(a.as_mut().poll(cx)),
+            None => return Poll::Ready(Err(Verdict::Pass)),
+        };
+        *asking = None;
+        Poll::Ready(match answer.ok().and_then(|d| d.first().copied()) {
+            Some(d) => Ok(d),
+            None => self.fall_back(at.failure_mode, at, &check),
+        })
+    }
+
+    /// Redis could not decide `check` (or has no room for its key): the
+    /// decision `mode` gives, or the verdict it comes to at once.
+    fn fall_back(
+        &self,
+        mode: FailureMode,
+        at: &InRedis,
+        check: &Check,
+    ) -> Result<Decision, Verdict> {
+        match mode {
+            FailureMode::Open => {
+                self.counters.allowed.inc_by(check.cost);
+                Err(Verdict::Pass)
+            }
+            FailureMode::Closed if self.shadow => Err(Verdict::Pass),
+            FailureMode::Closed => {
+                self.counters.limited.inc_by(check.cost);
+                Err(Verdict::Refuse(format!(
+                    "message rate limit {:?} cannot be checked (its store is unavailable); the stream ends",
+                    &*self.name
+                )))
+            }
+            FailureMode::Local => {
+                let local = check.local_share(at.replicas);
+                match self.store.decide(&[local]).first() {
+                    Some(Answer::Decided(d)) => Ok(*d),
+                    _ => Err(Verdict::Pass),
+                }
+            }
+        }
+    }
+
+    /// What decision `d` for `n` messages comes to.
+    fn verdict(&self, d: Decision, n: u64) -> Verdict {
         if d.allowed || self.shadow {
             self.counters.allowed.inc_by(n);
             return Verdict::Pass;
@@ -143,7 +257,7 @@ impl Meter {
             self.params.rate,
             match self.place {
                 Place::Stream(_) => "stream",
-                Place::Key(_) => "key",
+                Place::Key(_) | Place::Redis(_) => "key",
             }
         )
     }
@@ -161,6 +275,7 @@ impl Meters {
                 admitted: 0,
                 due: None,
                 deadline: None,
+                asking: None,
             })
         })
     }
@@ -170,9 +285,19 @@ impl Meters {
         self.deadline = deadline;
     }
 
-    /// Counts `n` messages (or asks again for the ones waiting) against
-    /// every meter in turn.
+    /// Counts `n` messages against every meter in turn, in process only
+    /// (tests).
+    #[cfg(test)]
     pub(crate) fn admit(&mut self, n: u64) -> Verdict {
+        match self.poll_admit(n, &mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(v) => v,
+            Poll::Pending => panic!("a meter in process decided later"),
+        }
+    }
+
+    /// Counts `n` messages (or asks again for the ones waiting) against
+    /// every meter in turn; pending while Redis decides for one.
+    pub(crate) fn poll_admit(&mut self, n: u64, cx: &mut Context<'_>) -> Poll<Verdict> {
         while self.passed < self.list.len() {
             let meter = &mut self.list[self.passed];
             let now = meter.store.now();
@@ -184,7 +309,7 @@ impl Meters {
                 _ => now,
             };
             let step = (n - self.admitted).min(meter.params.capacity());
-            match meter.admit(step, at) {
+            match ready!(meter.admit(step, at, &mut self.asking, cx)) {
                 Verdict::Pass => {
                     self.admitted += step;
                     if self.admitted == n {
@@ -206,22 +331,22 @@ impl Meters {
                         self.passed = 0;
                         self.admitted = 0;
                         self.due = None;
-                        return Verdict::Refuse(why);
+                        return Poll::Ready(Verdict::Refuse(why));
                     }
                     self.due = Some(due);
-                    return Verdict::Wait(wait);
+                    return Poll::Ready(Verdict::Wait(wait));
                 }
                 refused => {
                     self.passed = 0;
                     self.admitted = 0;
                     self.due = None;
-                    return refused;
+                    return Poll::Ready(refused);
                 }
             }
         }
         self.passed = 0;
         self.due = None;
-        Verdict::Pass
+        Poll::Ready(Verdict::Pass)
     }
 }
 
@@ -264,7 +389,7 @@ mod tests {
             params,
             action,
             false,
-            key.map(str::to_owned),
+            key.map_or(Place::Stream(None), |k| Place::Key(k.to_owned())),
             store.clone(),
             counters(),
         )

@@ -174,7 +174,6 @@ fn message_limit_settings_are_checked() {
     let p: Vec<String> = c.validate(None).iter().map(|p| p.to_string()).collect();
     for e in [
         "routes[0].limits[0].cost: a message limit counts each message as 1",
-        "routes[0].limits[0].scope: per-key message limits are counted in this process only",
         "routes[0].limits[1].direction: only a message limit has it: set per: message",
         "routes[0].limits[1].action: only a message limit has it",
     ] {
@@ -183,4 +182,82 @@ fn message_limit_settings_are_checked() {
             "missing {e:?} in {p:#?}"
         );
     }
+    assert!(
+        !p.iter().any(|x| x.contains("scope")),
+        "per-key message limits are counted in Redis too: {p:#?}"
+    );
+}
+
+fn redis_config(up: std::net::SocketAddr, limiter: &str, limit: &str) -> String {
+    format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 1 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter:\n{limiter}\nupstreams:\n  echo: {{ addresses: [\"{up}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    name: msgs-{}\n    limits:\n      - {limit}\n",
+        up.port()
+    )
+}
+
+/// Two replicas share one key's message budget through Redis: what one
+/// stream spent, the other's stream cannot; and a paced key holds its
+/// pace through Redis.
+async fn a_key_shares_its_message_budget_through(limiter: String) {
+    let up = Upstream::start().await;
+    let merchant: &'static str =
+        Box::leak(format!("m-{}-{}", std::process::id(), up.addr.port()).into_boxed_str());
+    let shared = "{ name: per-merchant, per: message, scope: key, key: [ { header: x-merchant-id } ], rate: 5/h, algorithm: sliding_window_log, failure_mode: closed }";
+    let a = Proxy::start(&redis_config(up.addr, &limiter, shared));
+    let b = Proxy::start(&redis_config(up.addr, &limiter, shared));
+    let r = a
+        .client()
+        .await
+        .client_stream(messages(3, Some(merchant)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.received, 3);
+    let e = b
+        .client()
+        .await
+        .client_stream(messages(3, Some(merchant)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("per key"), "{}", e.message());
+    drop((a, b));
+
+    let paced = "{ name: paced, per: message, scope: key, action: delay, key: [ { header: x-merchant-id } ], rate: 20/s, algorithm: gcra, burst: 1 }";
+    let p = Proxy::start(&redis_config(up.addr, &limiter, paced));
+    let start = Instant::now();
+    let r = p
+        .client()
+        .await
+        .client_stream(messages(6, Some(merchant)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.received, 6, "every message arrives");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_shares_its_message_budget_through_redis() {
+    let redis = testkit::Redis::shared();
+    a_key_shares_its_message_budget_through(format!(
+        "  backend: redis\n  redis: {{ url: \"{}\", timeout: 2s }}",
+        redis.url()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_shares_its_message_budget_through_redis_cluster() {
+    let cluster = testkit::RedisCluster::shared();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    a_key_shares_its_message_budget_through(format!(
+        "  backend: redis-cluster\n  redis: {{ urls: [{}], timeout: 2s }}",
+        urls.join(", ")
+    ))
+    .await;
 }

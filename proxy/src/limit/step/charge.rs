@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use prometheus::IntCounter;
 
-use super::{local_share, Stores};
+use super::Stores;
 use crate::config::FailureMode;
 use crate::limit::check::{Check, Use};
 
@@ -171,7 +171,7 @@ impl Charges {
             for (c, of) in checks.iter().zip(&of) {
                 if of.failure_mode == FailureMode::Local {
                     of.counters.local_fallback.inc();
-                    local.push(local_share(c, replicas));
+                    local.push(c.local_share(replicas));
                 } else {
                     of.counters.failed.inc();
                 }

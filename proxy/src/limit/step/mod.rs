@@ -32,7 +32,7 @@ use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavai
 use super::algorithm::{Decision, Params};
 use super::check::{fnv1a, Answer, Check, Use};
 use super::memory::MemoryStore;
-use super::meter::{Meter, MeterCounters, Meters};
+use super::meter::{InRedis, Meter, MeterCounters, Meters, Place};
 use super::redis::{RedisStore, StoreError};
 use super::{CallInfo, LimitStep, Ongoing, Rejection};
 use crate::config::{
@@ -254,7 +254,7 @@ impl RouteLimits {
                 FailureMode::Open => Outcome::FailedOpen,
                 FailureMode::Closed => Outcome::FailedClosed,
                 FailureMode::Local => {
-                    local.push(local_share(&checks[j], self.replicas));
+                    local.push(checks[j].local_share(self.replicas));
                     local_at.push(j);
                     Outcome::OverCapacity
                 }
@@ -379,17 +379,6 @@ fn keyed(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<(String, Params)>, 
     Ok(Some((key, params)))
 }
 
-/// `c` as this replica counts it alone, one of `replicas`: its share of the
-/// limit, under a key of its own.
-fn local_share(c: &Check, replicas: u64) -> Check {
-    let mut params = c.params;
-    params.rate.limit = (params.rate.limit / replicas).max(1);
-    if let Some(b) = params.burst {
-        params.burst = Some((b / replicas).max(1));
-    }
-    Check::new(format!("local\u{1f}{}", c.key), params, c.cost, c.shadow).with_mode(c.mode)
-}
-
 impl LimitStep for RouteLimits {
     fn reads_fields(&self) -> bool {
         self.reads_fields
@@ -414,12 +403,24 @@ impl LimitStep for RouteLimits {
                 l.outcomes.skipped.inc();
                 continue;
             };
+            let place = match (m.scope, &self.stores.redis) {
+                (Scope::Stream, _) => Place::Stream(None),
+                (Scope::Key, None) => Place::Key(key),
+                (Scope::Key, Some(redis)) => Place::Redis(Box::new(InRedis {
+                    key,
+                    redis: redis.clone(),
+                    worker: call.worker,
+                    replicas: self.replicas,
+                    failure_mode: l.failure_mode,
+                    over_capacity: l.over_capacity,
+                })),
+            };
             let meter = Meter::new(
                 m.name.clone(),
                 params,
                 m.action,
                 l.shadow,
-                (m.scope == Scope::Key).then_some(key),
+                place,
                 self.stores.memory.clone(),
                 m.counters.clone(),
             );
@@ -469,7 +470,7 @@ impl LimitStep for RouteLimits {
             beyond_at.push(which[j]);
             match self.limits[which[j]].over_capacity {
                 OverCapacity::Local => {
-                    local.push(local_share(&checks[j], self.replicas));
+                    local.push(checks[j].local_share(self.replicas));
                     beyond.push(Outcome::OverCapacity);
                 }
                 OverCapacity::Open | OverCapacity::Closed => beyond.push(Outcome::OverCapacity),
