@@ -154,12 +154,12 @@ impl Metrics {
         );
         let limit_charges = counter(
             "tollgate_limit_charges_total",
-            "Calls charged after they ended, by route, limit and outcome (charged: the cost the upstream gave; default: it gave none, the limit's default was charged; failed: Redis could not be told; local_fallback: charged in process instead).",
+            "Calls charged after they ended, by route, limit and outcome: where the cost came from (charged: the upstream gave it; default: it gave none, the limit's default was taken), and, for charges Redis did not take, what became of them (failed: lost; local_fallback: charged in process instead).",
             &["route", "limit", "outcome"],
         );
         let limit_charged_units = counter(
             "tollgate_limit_charged_units_total",
-            "Units charged after calls ended, by route and limit.",
+            "Units charged after calls ended, by route and limit, once the store has taken them.",
             &["route", "limit"],
         );
         let limit_decision_duration = HistogramVec::new(

@@ -159,10 +159,6 @@ pub(crate) async fn handle(
                 return CallError::Limited(rejection).answer(Tally::start(stats, start));
             }
         }
-        // It goes on: charged when it ends, however it ends.
-        if let Some(c) = ongoing.as_mut().and_then(|o| o.charges.as_mut()) {
-            c.arm();
-        }
     }
 
     // Forward.
@@ -209,6 +205,10 @@ pub(crate) async fn handle(
             route.clone(),
         ),
     );
+    // Sent on: charged when it ends, however it ends.
+    if let Some(c) = ongoing.as_mut().and_then(|o| o.charges.as_mut()) {
+        c.arm();
+    }
     let pool = worker.pool(spec);
     let mut tally = Tally::start(stats.clone(), start);
     // Boxed: the send future is large, and a call's whole future is copied

@@ -202,11 +202,15 @@ routes:
       - { name: grpc, rate: 5/s, charge: { trailer: grpc-status } }
       - { name: msgs, rate: 5/s, per: message, charge: { response_messages: true } }
       - { name: big, rate: 5/s, algorithm: gcra, burst: 2, charge: { trailer: x-cost, default: 3 } }
+      - { name: msgd, rate: 5/s, charge: { response_messages: true, default: 1 } }
+      - { name: bin, rate: 5/s, charge: { header: x-cost-bin } }
 "#,
     );
     for e in [
         "routes[0].limits[2].charge: names 2 sources: give exactly one of trailer, header or response_messages: true",
-        "routes[0].limits[3].charge: names 0 sources",
+        "routes[0].limits[3].charge: names no source: give exactly one",
+        "routes[0].limits[8].charge.default: response_messages always has a number",
+        "routes[0].limits[9].charge.header: \"x-cost-bin\" is binary metadata, never a number",
         "routes[0].limits[4].cost: a limit charged after the call takes its cost from charge; remove cost",
         "routes[0].limits[4].charge.header: \"X-Cost\" can never be present: HTTP/2 header names are lower case",
         "routes[0].limits[5].charge.trailer: \"grpc-status\" is gRPC's own",

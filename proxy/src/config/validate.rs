@@ -525,9 +525,20 @@ fn check_charge(p: &mut Problems, at: &str, l: &Limit, c: &Charge) {
         + usize::from(c.header.is_some())
         + usize::from(c.response_messages);
     if sources != 1 {
+        let named = if sources == 0 {
+            "names no source".to_owned()
+        } else {
+            format!("names {sources} sources")
+        };
         p.add(
             format!("{at}.charge"),
-            format!("names {sources} sources: give exactly one of trailer, header or response_messages: true"),
+            format!("{named}: give exactly one of trailer, header or response_messages: true"),
+        );
+    }
+    if c.response_messages && c.default != 0 {
+        p.add(
+            format!("{at}.charge.default"),
+            "response_messages always has a number (0 when the upstream sent none); remove default",
         );
     }
     for (what, name) in [("trailer", &c.trailer), ("header", &c.header)] {
@@ -536,6 +547,14 @@ fn check_charge(p: &mut Problems, at: &str, l: &Limit, c: &Charge) {
             p.add(
                 format!("{at}.charge.{what}"),
                 format!("{} can never be present: {why}", shown(name)),
+            );
+        } else if name.ends_with("-bin") {
+            p.add(
+                format!("{at}.charge.{what}"),
+                format!(
+                    "{} is binary metadata, never a number; use a text header (without -bin)",
+                    shown(name)
+                ),
             );
         } else if name.starts_with("grpc-") {
             p.add(

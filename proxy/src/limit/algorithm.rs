@@ -308,8 +308,10 @@ impl Params {
         };
         let reset = end - now;
         let allowed = force || count.saturating_add(cost) <= limit;
+        // A charge past the limit fills the window: counting further would
+        // change nothing in it.
         let count = if allowed {
-            count.saturating_add(cost)
+            count.saturating_add(cost).min(limit.max(count))
         } else {
             count
         };
@@ -358,8 +360,11 @@ impl Params {
         let carried =
             (u128::from(previous) * u128::from(period - elapsed) / u128::from(period)) as u64;
         let allowed = force || carried.saturating_add(current).saturating_add(cost) <= limit;
+        // A charge past the limit fills the window, no further: the next
+        // window weighs at most a full one (and the scripts' products stay
+        // below 2^53).
         let current = if allowed {
-            current.saturating_add(cost)
+            current.saturating_add(cost).min(limit.max(current))
         } else {
             current
         };

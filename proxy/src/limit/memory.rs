@@ -231,6 +231,29 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_peek_keeps_the_others_and_a_charge_never_refuses() {
+        let s = MemoryStore::new(1000);
+        let charged = |mode| check("charged", 2, false).with_mode(mode);
+        for _ in 0..3 {
+            assert!(allowed(&s.decide(&[charged(Use::Charge)])[0]));
+        }
+        let wide = check("wide", 10, false);
+        let a = s.decide(&[wide.clone(), charged(Use::Peek)]);
+        assert!(allowed(&a[0]) && !allowed(&a[1]));
+        match s.decide(&[wide])[0] {
+            Answer::Decided(d) => assert_eq!(d.remaining, 9, "the refused call took nothing"),
+            Answer::OverCapacity => panic!(),
+        }
+        let peeked = check("peeked", 1, false).with_mode(Use::Peek);
+        for _ in 0..3 {
+            assert!(
+                allowed(&s.decide(&[peeked.clone()])[0]),
+                "a peek takes nothing"
+            );
+        }
+    }
+
+    #[test]
     fn shadow_limits_never_block_the_others() {
         let s = MemoryStore::new(1000);
         s.decide(&[check("shadow", 1, true)]);

@@ -223,7 +223,9 @@ impl Meter {
                 )))
             }
             FailureMode::Local => {
-                let local = check.local_share(at.replicas);
+                // This replica's share, the messages at most what it holds.
+                let mut local = check.local_share(at.replicas);
+                local.cost = local.cost.min(local.params.capacity());
                 match self.store.decide(&[local]).first() {
                     Some(Answer::Decided(d)) => Ok(*d),
                     _ => Err(Verdict::Pass),

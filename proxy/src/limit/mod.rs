@@ -105,7 +105,7 @@ pub(crate) trait LimitStep: Send + Sync {
     /// What the limits do once the call has gone on: its message limits'
     /// meters and the charges due when it ends. Asked before
     /// [`check`](Self::check): charges are made only once
-    /// [`armed`](step::Charges::arm).
+    /// [`armed`](step::Charges::arm), as the call is sent upstream.
     fn ongoing(&self, _call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {
         Ok(Ongoing::default())
     }

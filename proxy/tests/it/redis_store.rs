@@ -152,6 +152,57 @@ async fn a_refused_call_consumes_no_other_limit_in_redis_cluster() {
     all_or_nothing(&cluster(testkit::RedisCluster::shared().urls())).await;
 }
 
+/// A limit charged after the call, beside a call's other limit: a peek
+/// that refuses keeps the other limit's units (refunded from another slot
+/// in a cluster: `other_tag`), a peek that passes takes nothing, and a
+/// charge never refuses.
+async fn peeks_and_charges(store: &RedisStore, other_tag: u64) {
+    let tag = 11;
+    let run = format!("{}-{}", std::process::id(), other_tag);
+    let charged = |mode| check(&format!("charged-{run}"), tag, fixed(2), 1, false).with_mode(mode);
+    for _ in 0..3 {
+        let d = store
+            .decide(0, vec![charged(check::Use::Charge)], None, true)
+            .await
+            .unwrap();
+        assert!(d[0].allowed, "a charge never refuses: {d:?}");
+    }
+    let wide = check(&format!("wide-{run}"), other_tag, fixed(10), 1, false);
+    let d = store
+        .decide(0, vec![wide.clone(), charged(check::Use::Peek)], None, true)
+        .await
+        .unwrap();
+    assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+    let d = store.decide(0, vec![wide], None, true).await.unwrap();
+    assert_eq!(d[0].remaining, 9, "the refused call took nothing");
+    let peeked =
+        check(&format!("peeked-{run}"), tag, fixed(1), 1, false).with_mode(check::Use::Peek);
+    for _ in 0..3 {
+        let d = store
+            .decide(0, vec![peeked.clone()], None, true)
+            .await
+            .unwrap();
+        assert!(d[0].allowed, "a peek takes nothing: {d:?}");
+    }
+}
+
+#[tokio::test]
+async fn peeks_and_charges_keep_a_call_all_or_nothing_in_redis() {
+    peeks_and_charges(
+        &single(testkit::Redis::shared().url(), Duration::from_secs(2)),
+        11,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn peeks_and_charges_keep_a_call_all_or_nothing_in_redis_cluster() {
+    let store = cluster(testkit::RedisCluster::shared().urls());
+    // The same slot, then another slot (the take refunded).
+    peeks_and_charges(&store, 11).await;
+    peeks_and_charges(&store, 12_345).await;
+}
+
 #[tokio::test]
 async fn cost_larger_than_the_log_window_and_big_costs_work() {
     let store = single(testkit::Redis::shared().url(), Duration::from_secs(2));

@@ -176,7 +176,8 @@ for _ = 1, calls do
       reset = ends - now
       allowed = charge or count + cost <= limit
       if allowed then
-        count = count + cost
+        -- A charge past the limit fills the window, no further (algorithm.rs).
+        count = math.min(count + cost, math.max(limit, count))
         if not peek then
           np = np + 1
           put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, count, 0, ttl
@@ -204,7 +205,7 @@ for _ = 1, calls do
       carried = (carried - carried % period) / period
       allowed = charge or carried + current + cost <= limit
       if allowed then
-        current = current + cost
+        current = math.min(current + cost, math.max(limit, current))
         if not peek then
           np = np + 1
           put_key[np], put_time[np], put_count[np], put_previous[np], put_ttl[np] = ki, window, current, previous, ttl

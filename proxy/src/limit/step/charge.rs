@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName};
 use prometheus::IntCounter;
 
 use super::Stores;
-use crate::config::FailureMode;
+use crate::config::{FailureMode, OverCapacity};
 use crate::limit::check::{Check, Use};
 
 /// Where a limit charged after the call reads its cost.
@@ -32,6 +32,7 @@ pub(super) struct ChargeOf {
     /// Charged when the call ends without its number.
     pub(super) default: u64,
     pub(super) failure_mode: FailureMode,
+    pub(super) over_capacity: OverCapacity,
     pub(super) counters: ChargeCounters,
 }
 
@@ -144,7 +145,6 @@ impl Charges {
             if cost == 0 {
                 continue;
             }
-            c.units.inc_by(cost);
             let mut check = p.check;
             check.cost = cost;
             checks.push(check);
@@ -155,32 +155,72 @@ impl Charges {
         }
         let Some(redis) = self.stores.redis.clone() else {
             self.stores.memory.decide(&checks);
+            for (c, of) in checks.iter().zip(&of) {
+                of.counters.units.inc_by(c.cost);
+            }
             return;
         };
+        // Charged where the call's peek was decided: a key this replica may
+        // not write to Redis was peeked in process (`over_capacity: local`)
+        // or not at all.
+        let now = redis.key_clock();
+        let (mut remote, mut remote_of, mut local) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, of) in checks.into_iter().zip(of) {
+            if redis.admit(&c, now) {
+                remote.push(c);
+                remote_of.push(of);
+            } else if of.over_capacity == OverCapacity::Local {
+                local.push(in_process(&c, self.replicas, &of));
+            }
+        }
+        if !local.is_empty() {
+            self.stores.memory.decide(&local);
+        }
+        if remote.is_empty() {
+            return;
+        }
         // Told to Redis in the background: the client has its answer.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            for of in &remote_of {
+                of.counters.failed.inc();
+            }
             return;
         };
         let (memory, worker, replicas) = (self.stores.memory.clone(), self.worker, self.replicas);
         runtime.spawn(async move {
-            let Err(e) = redis.decide(worker, checks.clone(), None, false).await else {
-                return;
-            };
-            tracing::debug!(error = %e, "a charge after the call did not reach Redis");
-            let mut local = Vec::new();
-            for (c, of) in checks.iter().zip(&of) {
-                if of.failure_mode == FailureMode::Local {
-                    of.counters.local_fallback.inc();
-                    local.push(c.local_share(replicas));
-                } else {
-                    of.counters.failed.inc();
+            match redis.decide(worker, remote.clone(), None, false).await {
+                Ok(_) => {
+                    for (c, of) in remote.iter().zip(&remote_of) {
+                        of.counters.units.inc_by(c.cost);
+                    }
                 }
-            }
-            if !local.is_empty() {
-                memory.decide(&local);
+                Err(e) => {
+                    tracing::debug!(error = %e, "a charge after the call did not reach Redis");
+                    let mut local = Vec::new();
+                    for (c, of) in remote.iter().zip(&remote_of) {
+                        if of.failure_mode == FailureMode::Local {
+                            local.push(in_process(c, replicas, of));
+                        } else {
+                            of.counters.failed.inc();
+                        }
+                    }
+                    if !local.is_empty() {
+                        memory.decide(&local);
+                    }
+                }
             }
         });
     }
+}
+
+/// `c` charged in process instead of Redis: this replica's share of the
+/// limit, the cost at most what that share holds.
+fn in_process(c: &Check, replicas: u64, of: &ChargeOf) -> Check {
+    of.counters.local_fallback.inc();
+    let mut local = c.local_share(replicas);
+    local.cost = local.cost.min(local.params.capacity());
+    of.counters.units.inc_by(local.cost);
+    local
 }
 
 impl Drop for Charges {

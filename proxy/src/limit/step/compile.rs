@@ -100,6 +100,7 @@ impl RouteLimits {
                 },
             });
             let failure_mode = l.failure_mode.unwrap_or(limiter.failure_mode);
+            let over_capacity = l.over_capacity.unwrap_or(limiter.over_capacity);
             let charge = match &l.charge {
                 None => None,
                 Some(c) => {
@@ -113,6 +114,7 @@ impl RouteLimits {
                         from,
                         default: c.default,
                         failure_mode,
+                        over_capacity,
                         counters: ChargeCounters {
                             charged: counter("charged"),
                             defaulted: counter("default"),
@@ -138,7 +140,7 @@ impl RouteLimits {
                     local_fallback: m.limit_decision(route, &l.name, "local_fallback"),
                 },
                 failure_mode,
-                over_capacity: l.over_capacity.unwrap_or(limiter.over_capacity),
+                over_capacity,
                 name: l.name.clone(),
                 key_prefix: format!(
                     "{route}\u{1f}{}\u{1f}{}\u{1f}",

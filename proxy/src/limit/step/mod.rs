@@ -324,6 +324,15 @@ impl RouteLimits {
                 }
                 Outcome::Decided(d) => d,
             };
+            // A peek's figures count the unit it asked about, which it did
+            // not take: what is left is one more.
+            let d = match l.charge {
+                Some(_) if d.allowed => Decision {
+                    remaining: d.remaining.saturating_add(1).min(d.limit),
+                    ..d
+                },
+                _ => d,
+            };
             match (d.allowed, l.shadow) {
                 (true, _) => {
                     if matches!(outcome, Outcome::Decided(_)) {
