@@ -247,7 +247,7 @@ mod tests {
         let peeked = check("peeked", 1, false).with_mode(Use::Peek);
         for _ in 0..3 {
             assert!(
-                allowed(&s.decide(&[peeked.clone()])[0]),
+                allowed(&s.decide(std::slice::from_ref(&peeked))[0]),
                 "a peek takes nothing"
             );
         }
