@@ -8,6 +8,16 @@ fn problems(yaml: &str) -> Vec<String> {
     cfg.validate(None).iter().map(ToString::to_string).collect()
 }
 
+/// Every one of `wanted` begins one of the problems `p`.
+fn assert_reported(p: &[String], wanted: &[&str]) {
+    for e in wanted {
+        assert!(
+            p.iter().any(|x| x.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
+    }
+}
+
 const GOOD: &str = r#"
 listener: { address: 127.0.0.1:10000 }
 upstreams:
@@ -142,35 +152,33 @@ routes:
       - { name: f1, rate: 5/s, key: [ { field: "a..b" }, { field: payer } ], cost: { field: "3.x", max: 0 } }
 "#,
     );
-    for e in [
-        "routes[0].limits[0].rate: \"0/s\": the rate must be more than 0",
-        "routes[0].limits[1].name: \"x\" is used by another limit",
-        "routes[0].limits[1].rate: \"10/fortnight\": unknown period unit; write one of ms, s, min, h, day, week, month, year",
-        "routes[0].limits[1].key[0].header: \"X-Merchant\" can never be present",
-        "routes[0].limits[2].key[0].header: \":path\" can never be present",
-        "routes[0].limits[2].burst: only the gcra algorithm has a burst",
-        "routes[0].limits[3].overrides: overrides pick keys",
-        "routes[0].limits[4].key[0].repeated: only a header key part can be repeated",
-        "routes[0].limits[4].cost: 6 is more than the limit can ever admit (5)",
-        "routes[0].limits[5].rate: 9007199254740992 per period is more than tollgate counts exactly",
-        "routes[0].limits[5].cost.max: must be at least 1",
-        "routes[0].limits[6].cost: 3 is more than the limit can ever admit (2)",
-        "routes[0].limits[7].burst: 1000000000 at 1/day takes more than 2^53 µs",
-        "routes[0].limits[8].rate: \"5/0s\": the period is zero; use a period of at least 1ms",
-        "routes[0].limits[9].rate: \"5/400d\": the period is longer than a year; use a period of at most 365 days",
-        "routes[0].limits[10].window: calendar windows are fixed windows: set algorithm: fixed_window",
-        "routes[0].limits[11].window: a calendar window is a day, a week or a month: write the rate per day, per week or per month, not 5/10s",
-        "routes[0].limits[12].overrides.a: a calendar window's overrides count over the same window: write it per week",
-        "routes[0].limits[13].key[0].field: \"a..b\" must be field names joined by '.'",
-        "routes[0].limits[13].key[1].field: \"payer\" names a field, and upstream \"a\" has no schema: set upstreams.a.schema",
-        "routes[0].limits[13].cost.field: \"3.x\" must be field names",
-        "routes[0].limits[13].cost.max: must be at least 1",
-    ] {
-        assert!(
-            p.iter().any(|x| x.starts_with(e)),
-            "missing {e:?} in {p:#?}"
-        );
-    }
+    assert_reported(
+        &p,
+        &[
+            "routes[0].limits[0].rate: \"0/s\": the rate must be more than 0",
+            "routes[0].limits[1].name: \"x\" is used by another limit",
+            "routes[0].limits[1].rate: \"10/fortnight\": unknown period unit; write one of ms, s, min, h, day, week, month, year",
+            "routes[0].limits[1].key[0].header: \"X-Merchant\" can never be present",
+            "routes[0].limits[2].key[0].header: \":path\" can never be present",
+            "routes[0].limits[2].burst: only the gcra algorithm has a burst",
+            "routes[0].limits[3].overrides: overrides pick keys",
+            "routes[0].limits[4].key[0].repeated: only a header key part can be repeated",
+            "routes[0].limits[4].cost: 6 is more than the limit can ever admit (5)",
+            "routes[0].limits[5].rate: 9007199254740992 per period is more than tollgate counts exactly",
+            "routes[0].limits[5].cost.max: must be at least 1",
+            "routes[0].limits[6].cost: 3 is more than the limit can ever admit (2)",
+            "routes[0].limits[7].burst: 1000000000 at 1/day takes more than 2^53 µs",
+            "routes[0].limits[8].rate: \"5/0s\": the period is zero; use a period of at least 1ms",
+            "routes[0].limits[9].rate: \"5/400d\": the period is longer than a year; use a period of at most 365 days",
+            "routes[0].limits[10].window: calendar windows are fixed windows: set algorithm: fixed_window",
+            "routes[0].limits[11].window: a calendar window is a day, a week or a month: write the rate per day, per week or per month, not 5/10s",
+            "routes[0].limits[12].overrides.a: a calendar window's overrides count over the same window: write it per week",
+            "routes[0].limits[13].key[0].field: \"a..b\" must be field names joined by '.'",
+            "routes[0].limits[13].key[1].field: \"payer\" names a field, and upstream \"a\" has no schema: set upstreams.a.schema",
+            "routes[0].limits[13].cost.field: \"3.x\" must be field names",
+            "routes[0].limits[13].cost.max: must be at least 1",
+        ],
+    );
     let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/s, algorithm: leaky } ]\n").unwrap_err();
     assert!(err.contains("unknown variant `leaky`"), "{err}");
     let err = Config::parse("routes:\n  - match: {}\n    upstream: a\n    limits: [ { name: a, rate: 1/day, window: sideways } ]\n").unwrap_err();
@@ -206,22 +214,20 @@ routes:
       - { name: bin, rate: 5/s, charge: { header: x-cost-bin } }
 "#,
     );
-    for e in [
-        "routes[0].limits[2].charge: names 2 sources: give exactly one of trailer, header or response_messages: true",
-        "routes[0].limits[3].charge: names no source: give exactly one",
-        "routes[0].limits[8].charge.default: response_messages always has a number",
-        "routes[0].limits[9].charge.header: \"x-cost-bin\" is binary metadata, never a number",
-        "routes[0].limits[4].cost: a limit charged after the call takes its cost from charge; remove cost",
-        "routes[0].limits[4].charge.header: \"X-Cost\" can never be present: HTTP/2 header names are lower case",
-        "routes[0].limits[5].charge.trailer: \"grpc-status\" is gRPC's own",
-        "routes[0].limits[6].charge: a message limit counts messages as they pass",
-        "routes[0].limits[7].charge.default: 3 is more than the limit can hold (2)",
-    ] {
-        assert!(
-            p.iter().any(|x| x.starts_with(e)),
-            "missing {e:?} in {p:#?}"
-        );
-    }
+    assert_reported(
+        &p,
+        &[
+            "routes[0].limits[2].charge: names 2 sources: give exactly one of trailer, header or response_messages: true",
+            "routes[0].limits[3].charge: names no source: give exactly one",
+            "routes[0].limits[8].charge.default: response_messages always has a number",
+            "routes[0].limits[9].charge.header: \"x-cost-bin\" is binary metadata, never a number",
+            "routes[0].limits[4].cost: a limit charged after the call takes its cost from charge; remove cost",
+            "routes[0].limits[4].charge.header: \"X-Cost\" can never be present: HTTP/2 header names are lower case",
+            "routes[0].limits[5].charge.trailer: \"grpc-status\" is gRPC's own",
+            "routes[0].limits[6].charge: a message limit counts messages as they pass",
+            "routes[0].limits[7].charge.default: 3 is more than the limit can hold (2)",
+        ],
+    );
     assert!(
         !p.iter()
             .any(|x| x.contains("limits[0]") || x.contains("limits[1]")),
@@ -309,18 +315,16 @@ routes:
     limits: [ { name: a, rate: 1/s, key: [ { field: payer_account_id } ] } ]
 "#,
     );
-    for e in [
-        "upstreams.a.schema: set one of descriptor_set (a file) or reflection: true",
-        "upstreams.b.schema.descriptor_set: ",
-        "upstreams.c.schema.timeout: must be more than 0",
-        "upstreams.d.schema: set one of descriptor_set",
-        "limiter.inspect.max_bytes: must be between 16 and 1073741824 bytes",
-    ] {
-        assert!(
-            p.iter().any(|x| x.starts_with(e)),
-            "missing {e:?} in {p:#?}"
-        );
-    }
+    assert_reported(
+        &p,
+        &[
+            "upstreams.a.schema: set one of descriptor_set (a file) or reflection: true",
+            "upstreams.b.schema.descriptor_set: ",
+            "upstreams.c.schema.timeout: must be more than 0",
+            "upstreams.d.schema: set one of descriptor_set",
+            "limiter.inspect.max_bytes: must be between 16 and 1073741824 bytes",
+        ],
+    );
     // A named field on an upstream with a schema is not a config problem
     // (resolved at load).
     assert!(!p.iter().any(|x| x.contains("names a field")), "{p:#?}");
