@@ -129,6 +129,27 @@ async fn a_call_that_ends_without_its_cost_is_charged_the_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratelimit_remaining_is_what_is_left_before_the_calls_own_cost() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "  backend: memory\n  response_headers: true",
+        "remaining",
+        "{ name: cost, rate: 10/h, algorithm: sliding_window_log, charge: { trailer: x-cost } }",
+    ));
+    let mut c = proxy.client().await;
+    for (left, total) in [("10", 4), ("6", 8)] {
+        let r = c.unary(costing("m-1", Some(4))).await.unwrap();
+        assert_eq!(
+            r.metadata().get("ratelimit-remaining").unwrap(),
+            left,
+            "the peek took nothing"
+        );
+        charged(&proxy, "remaining", total).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_can_be_charged_from_a_response_header() {
     let up = Upstream::start().await;
     // The echo upstream answers x-echo-* request metadata in its headers.
