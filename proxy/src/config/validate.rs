@@ -434,11 +434,7 @@ fn check_limits(
         if let Some(Cost::Constant(0)) = &l.cost {
             p.add(format!("{at}.cost"), "must be at least 1");
         }
-        if let (Some(Cost::Constant(n)), Ok(rate)) = (&l.cost, l.rate.value()) {
-            let capacity = match l.algorithm {
-                AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
-                _ => rate.limit,
-            };
+        if let (Some(Cost::Constant(n)), Some(capacity)) = (&l.cost, capacity(l)) {
             if *n > capacity {
                 p.add(
                     format!("{at}.cost"),
@@ -518,6 +514,16 @@ fn check_limits(
     }
 }
 
+/// The most units `l` can ever admit at once (`None`: its rate is
+/// invalid, reported apart).
+fn capacity(l: &Limit) -> Option<u64> {
+    let rate = l.rate.value().ok()?;
+    Some(match l.algorithm {
+        AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
+        _ => rate.limit,
+    })
+}
+
 /// A limit charged after the call: one source, a name that can be
 /// present, and a limit that counts calls.
 fn check_charge(p: &mut Problems, at: &str, l: &Limit, c: &Charge) {
@@ -578,11 +584,7 @@ fn check_charge(p: &mut Problems, at: &str, l: &Limit, c: &Charge) {
             "a message limit counts messages as they pass; charge is for limits per call",
         );
     }
-    if let Ok(rate) = l.rate.value() {
-        let capacity = match l.algorithm {
-            AlgorithmName::Gcra => l.burst.unwrap_or(rate.limit),
-            _ => rate.limit,
-        };
+    if let Some(capacity) = capacity(l) {
         if c.default > capacity {
             p.add(
                 format!("{at}.charge.default"),
