@@ -231,21 +231,12 @@ fn unique(what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_are_shared_through_redis() {
-    let redis = testkit::Redis::shared();
-    let limiter = format!(
-        "  backend: redis\n  redis: {{ url: \"{}\", timeout: 2s }}",
-        redis.url()
-    );
+    let limiter = crate::redis_limits::single(testkit::Redis::shared().url());
     charged_in_redis(limiter, &unique("charged-redis")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_are_shared_through_redis_cluster() {
-    let cluster = testkit::RedisCluster::shared();
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let limiter = format!(
-        "  backend: redis-cluster\n  redis: {{ urls: [{}], timeout: 2s }}",
-        urls.join(", ")
-    );
+    let limiter = crate::redis_limits::cluster(testkit::RedisCluster::shared().urls());
     charged_in_redis(limiter, &unique("charged-cluster")).await;
 }

@@ -243,21 +243,16 @@ async fn a_key_shares_its_message_budget_through(limiter: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_shares_its_message_budget_through_redis() {
-    let redis = testkit::Redis::shared();
-    a_key_shares_its_message_budget_through(format!(
-        "  backend: redis\n  redis: {{ url: \"{}\", timeout: 2s }}",
-        redis.url()
+    a_key_shares_its_message_budget_through(crate::redis_limits::single(
+        testkit::Redis::shared().url(),
     ))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_shares_its_message_budget_through_redis_cluster() {
-    let cluster = testkit::RedisCluster::shared();
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    a_key_shares_its_message_budget_through(format!(
-        "  backend: redis-cluster\n  redis: {{ urls: [{}], timeout: 2s }}",
-        urls.join(", ")
+    a_key_shares_its_message_budget_through(crate::redis_limits::cluster(
+        testkit::RedisCluster::shared().urls(),
     ))
     .await;
 }

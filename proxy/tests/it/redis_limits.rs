@@ -40,13 +40,13 @@ fn config(up: std::net::SocketAddr, redis: &str) -> String {
     )
 }
 
-fn single(url: &str) -> String {
+pub(crate) fn single(url: &str) -> String {
     // A generous timeout: these tests count, and a timeout would fail the
     // call closed rather than let it through.
     format!("  backend: redis\n  redis: {{ url: \"{url}\", timeout: 2s }}")
 }
 
-fn cluster(urls: &[String]) -> String {
+pub(crate) fn cluster(urls: &[String]) -> String {
     format!(
         "  backend: redis-cluster\n  redis: {{ urls: [{}], timeout: 2s }}",
         urls.iter()
