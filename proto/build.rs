@@ -25,7 +25,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tollgate_test_v1_descriptor.bin"))
         .compile_protos(&["tollgate/test/v1/echo.proto"], &["."])?;
-    for p in protos.iter().chain(&["tollgate/test/v1/echo.proto"]) {
+    // Envoy's rate limit service API, for tollgate's `rls` listener and the
+    // tests that call it.
+    let envoy = [
+        "envoy/service/ratelimit/v3/rls.proto",
+        "envoy/extensions/common/ratelimit/v3/ratelimit.proto",
+        "envoy/config/core/v3/base.proto",
+        "envoy/type/v3/ratelimit_unit.proto",
+    ];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("envoy_rls_v3_descriptor.bin"))
+        .compile_protos(&envoy, &["."])?;
+    for p in protos
+        .iter()
+        .chain(&["tollgate/test/v1/echo.proto"])
+        .chain(&envoy)
+    {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

@@ -93,8 +93,12 @@ pub fn main() -> ExitCode {
         } => health(admin, config, timeout),
         Command::Check { config } => match runtime::check(&config, &ProcessEnv) {
             Ok(checked) => {
+                let rls = checked
+                    .rls_domains
+                    .map(|n| format!(", {n} rate limit service domains"))
+                    .unwrap_or_default();
                 println!(
-                    "{}: OK ({} routes, {} upstreams)",
+                    "{}: OK ({} routes, {} upstreams{rls})",
                     config.display(),
                     checked.routes,
                     checked.upstreams

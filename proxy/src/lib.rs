@@ -9,6 +9,8 @@
 //!                                    connection; the bodies on their way through
 //!   → tls, limit, upstream           certificates; the limiter step; the
 //!                                    connections to the services behind
+//!   → rls                            Envoy's rate limit service, from
+//!                                    envoyproxy/ratelimit config files
 //!   → routes → state                 the route table; the config in force and
 //!                                    each worker's state
 //!   → respond → proxy                one answer for every way a call ends early;
@@ -36,6 +38,7 @@ pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub mod redact;
 pub(crate) mod respond;
+pub(crate) mod rls;
 pub(crate) mod routes;
 pub mod runtime;
 pub(crate) mod schema;

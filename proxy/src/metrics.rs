@@ -47,6 +47,8 @@ pub(crate) struct Metrics {
     limit_decision_duration: HistogramVec,
     limit_store_errors: IntCounterVec,
     limit_store_breaker: IntGaugeVec,
+    rls_requests: IntCounterVec,
+    rls_duration: HistogramVec,
     info: IntGaugeVec,
 }
 
@@ -193,6 +195,26 @@ impl Metrics {
         registry
             .register(Box::new(limit_store_breaker.clone()))
             .expect("unique metric");
+        let rls_requests = counter(
+            "tollgate_rls_requests_total",
+            "ShouldRateLimit requests answered on the rls listener, by domain (unknown: not configured) and code (ok, over_limit, invalid, unavailable).",
+            &["domain", "code"],
+        );
+        let rls_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_rls_request_duration_seconds",
+                "Time to answer a ShouldRateLimit request, by backend (memory, redis, redis-cluster); failure modes included.",
+            )
+            .buckets(vec![
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.02, 0.03, 0.05, 0.1,
+            ]),
+            &["backend"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rls_duration.clone()))
+            .expect("unique metric");
         let info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; the version is a label."),
             &["version"],
@@ -222,6 +244,8 @@ impl Metrics {
             limit_decision_duration,
             limit_store_errors,
             limit_store_breaker,
+            rls_requests,
+            rls_duration,
             info,
         }
     }
@@ -260,6 +284,16 @@ impl Metrics {
     /// The counter of the units a limit charged after calls.
     pub(crate) fn limit_charged_units(&self, route: &str, limit: &str) -> IntCounter {
         self.limit_charged_units.with_label_values(&[route, limit])
+    }
+
+    /// The counter of ShouldRateLimit answers of one domain and code.
+    pub(crate) fn rls_request(&self, domain: &str, code: &str) -> IntCounter {
+        self.rls_requests.with_label_values(&[domain, code])
+    }
+
+    /// The ShouldRateLimit latency histogram of a backend.
+    pub(crate) fn rls_duration(&self, backend: &str) -> Histogram {
+        self.rls_duration.with_label_values(&[backend])
     }
 
     /// The decision-latency histogram of a backend.

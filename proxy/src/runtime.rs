@@ -53,6 +53,8 @@ pub struct Handle {
     pub listen_addr: SocketAddr,
     /// Where the admin endpoints are.
     pub admin_addr: SocketAddr,
+    /// Where Envoy's rate limit service listens, when `rls` is set.
+    pub rls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     drain: watch::Sender<bool>,
     /// Stops the control thread (admin server) once the workers are done,
@@ -78,6 +80,8 @@ pub struct Checked {
     pub routes: usize,
     /// Upstreams.
     pub upstreams: usize,
+    /// Domains of the rate limit service's config files (`rls`).
+    pub rls_domains: Option<usize>,
     /// Upstreams whose reflection did not answer, and why: their field
     /// names were not resolved.
     pub unresolved: Vec<(String, String)>,
@@ -109,6 +113,14 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
     };
     crate::routes::RouteTable::build(&config, &upstreams, &stores, &schemas, true)
         .map_err(setup)?;
+    let rls_domains = match &config.rls {
+        Some(r) => Some(
+            crate::rls::Rls::build(r, &config.limiter, base)
+                .map_err(setup)?
+                .domains(),
+        ),
+        None => None,
+    };
     let mut unresolved: Vec<(String, String)> = schemas
         .into_iter()
         .filter_map(|(name, s)| s.err().map(|why| (name, why)))
@@ -117,6 +129,7 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
     Ok(Checked {
         routes: config.routes.len(),
         upstreams: config.upstreams.len(),
+        rls_domains,
         unresolved,
     })
 }
@@ -229,6 +242,23 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
                 .map_err(bind_err("listener.address", listen_addr))?,
         );
     }
+    let mut rls_listeners = Vec::new();
+    let mut rls_addr = None;
+    if let Some(r) = &active.config.rls {
+        let addr: SocketAddr = r.address.parse().map_err(|_| StartError::Setup {
+            path: path.to_owned(),
+            message: "rls.address is not an address".into(),
+        })?;
+        let first = server::bind_reuseport(addr).map_err(bind_err("rls.address", addr))?;
+        let bound = first.local_addr().map_err(bind_err("rls.address", addr))?;
+        rls_listeners.push(first);
+        for _ in 1..n {
+            rls_listeners
+                .push(server::bind_reuseport(bound).map_err(bind_err("rls.address", bound))?);
+        }
+        rls_addr = Some(bound);
+    }
+    let rls_tls = active.config.rls.as_ref().is_some_and(|r| r.tls.is_some());
     let admin_listener =
         std::net::TcpListener::bind(admin).map_err(bind_err("admin.address", admin))?;
     admin_listener
@@ -256,13 +286,26 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
 
     let mut threads = Vec::new();
+    let mut rls_listeners = rls_listeners.into_iter();
     for (i, l) in listeners.into_iter().enumerate() {
         let (shared, tls, drain) = (shared.clone(), tls.clone(), drain_rx.clone());
+        let rls = rls_listeners.next();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("tollgate-worker-{i}"))
                 .spawn(move || match current_thread() {
-                    Ok(rt) => rt.block_on(server::run_worker(i, l, shared, tls, drain)),
+                    Ok(rt) => rt.block_on(async move {
+                        if let Some(r) = rls {
+                            tokio::spawn(crate::rls::serve(
+                                i,
+                                r,
+                                shared.clone(),
+                                rls_tls,
+                                drain.clone(),
+                            ));
+                        }
+                        server::run_worker(i, l, shared, tls, drain).await
+                    }),
                     Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
                 })
                 .map_err(|e| StartError::Setup {
@@ -305,10 +348,11 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         )
     };
     shared.listening.store(true, Ordering::SeqCst);
-    tracing::info!(%listen_addr, %admin_addr, workers = n, config = %path.display(), "tollgate listening");
+    tracing::info!(%listen_addr, %admin_addr, rls = ?rls_addr, workers = n, config = %path.display(), "tollgate listening");
     Ok(Handle {
         listen_addr,
         admin_addr,
+        rls_addr,
         shared,
         drain: drain_tx,
         stop: stop_tx,
@@ -432,6 +476,15 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
             o.tls.is_some() != n.tls.is_some(),
         ),
         ("admin.address", old.admin.address != new.admin.address),
+        (
+            "rls (on or off), rls.address",
+            old.rls.as_ref().map(|r| &r.address) != new.rls.as_ref().map(|r| &r.address),
+        ),
+        (
+            "rls.tls (on or off)",
+            old.rls.as_ref().is_some_and(|r| r.tls.is_some())
+                != new.rls.as_ref().is_some_and(|r| r.tls.is_some()),
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -467,27 +520,51 @@ fn watch_files(
     if let Some(ca) = config.limiter.redis.as_ref().and_then(|r| r.ca.as_ref()) {
         files.push(crate::config::resolve(ca, base));
     }
+    // The rate limit service's files; in a folder of them, any change
+    // counts (a file added or removed too).
+    let mut folders = Vec::new();
+    if let Some(r) = &config.rls {
+        if let Some(t) = &r.tls {
+            files.push(crate::config::resolve(&t.cert, base));
+            files.push(crate::config::resolve(&t.key, base));
+            if let Some(ca) = &t.client_ca {
+                files.push(crate::config::resolve(ca, base));
+            }
+        }
+        for c in &r.configs {
+            let full = crate::config::resolve(c, base);
+            if full.is_dir() {
+                folders.push(full);
+            } else {
+                files.push(full);
+            }
+        }
+    }
+    if let Some(rls) = &shared.active.load().rls {
+        files.extend(rls.files().iter().cloned());
+    }
     let names: Vec<std::ffi::OsString> = files
         .iter()
         .filter_map(|f| f.file_name().map(|n| n.to_owned()))
         .chain(std::iter::once(std::ffi::OsString::from("..data")))
         .collect();
+    let watched = folders.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         let Ok(ev) = ev else { return };
         if ev.kind.is_access() {
             return;
         }
-        let relevant = ev
-            .paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
+        let relevant = ev.paths.iter().any(|p| {
+            p.file_name().is_some_and(|n| names.iter().any(|w| w == n))
+                || p.parent().is_some_and(|d| watched.iter().any(|f| f == d))
+        });
         if relevant {
             let _ = reload.send(());
         }
     })
     .map_err(|e| tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"))
     .ok()?;
-    let mut dirs: Vec<PathBuf> = files.iter().map(|f| folder(f)).collect();
+    let mut dirs: Vec<PathBuf> = files.iter().map(|f| folder(f)).chain(folders).collect();
     dirs.sort();
     dirs.dedup();
     for d in dirs {

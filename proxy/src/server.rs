@@ -158,14 +158,14 @@ pub(crate) async fn run_worker(
 }
 
 /// A connection counted against `listener.max_connections` while it lives.
-struct Admitted {
+pub(crate) struct Admitted {
     shared: Arc<Shared>,
 }
 
 impl Admitted {
     /// Counts a new connection, or `None` (counted as refused) when the
     /// listener is full.
-    fn new(shared: &Arc<Shared>) -> Option<Self> {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Option<Self> {
         let max = shared.active.load().config.listener.max_connections;
         if shared.connections.fetch_add(1, Ordering::AcqRel) >= max {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
@@ -180,7 +180,7 @@ impl Admitted {
 
     /// A place among the connections still handshaking, or `None` (counted
     /// as refused) when `listener.max_handshaking` are.
-    fn handshake(&self, max: usize) -> Option<Handshaking<'_>> {
+    pub(crate) fn handshake(&self, max: usize) -> Option<Handshaking<'_>> {
         let n = &self.shared.handshaking;
         if n.fetch_add(1, Ordering::AcqRel) >= max {
             n.fetch_sub(1, Ordering::AcqRel);
@@ -200,7 +200,7 @@ impl Drop for Admitted {
 
 /// A connection counted against `listener.max_handshaking` until its
 /// handshake ends.
-struct Handshaking<'a>(&'a AtomicUsize);
+pub(crate) struct Handshaking<'a>(&'a AtomicUsize);
 
 impl Drop for Handshaking<'_> {
     fn drop(&mut self) {

@@ -35,6 +35,8 @@ pub(crate) struct Active {
     pub(crate) request_headers: Option<crate::headers::HeaderPolicy>,
     /// Who may name the client in `x-forwarded-for`.
     pub(crate) client_ip: Option<crate::headers::ClientIp>,
+    /// Envoy's rate limit service, when `rls` is set.
+    pub(crate) rls: Option<crate::rls::Rls>,
 }
 
 // === impl Active ===
@@ -54,7 +56,12 @@ impl Active {
     ) -> Result<Active, String> {
         let upstreams = routes::upstream_specs(&config, base)?;
         let routes = RouteTable::build(&config, &upstreams, &stores, &schemas, false)?;
+        let rls = match &config.rls {
+            Some(r) => Some(crate::rls::Rls::build(r, &config.limiter, base)?),
+            None => None,
+        };
         Ok(Active {
+            rls,
             request_headers: crate::headers::HeaderPolicy::build(
                 config.listener.request_headers.as_ref(),
             )

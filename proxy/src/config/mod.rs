@@ -62,6 +62,69 @@ pub struct Config {
     /// Routes; the most specific match wins, order does not matter.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// tollgate as Envoy's rate limit service (`envoy.service.ratelimit.v3`
+    /// on a listener of its own), deciding from envoyproxy/ratelimit config
+    /// files with this file's limiter; off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rls: Option<Rls>,
+}
+
+/// The rate limit service Envoy's `rate_limit_service` points at.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rls {
+    /// `host:port` of its gRPC listener (a restart applies a change).
+    pub address: String,
+    /// Serve TLS (ALPN h2) instead of cleartext HTTP/2; `client_ca` asks
+    /// Envoy for a certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+    /// envoyproxy/ratelimit config files, or folders of them (their
+    /// `*.yaml` and `*.yml` files); reloaded when they change.
+    pub configs: Vec<PathBuf>,
+    /// Add `RateLimit-Limit`, `-Remaining` and `-Reset` to each answer's
+    /// `response_headers_to_add`, as envoyproxy/ratelimit does with
+    /// `LIMIT_RESPONSE_HEADERS_ENABLED`.
+    #[serde(default)]
+    pub response_headers: bool,
+    /// Other names for those three headers.
+    #[serde(default)]
+    pub header_names: RlsHeaderNames,
+}
+
+/// The names of the headers `rls.response_headers` adds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlsHeaderNames {
+    /// The limit's requests per unit.
+    #[serde(default = "default_limit_header")]
+    pub limit: String,
+    /// What is left of it.
+    #[serde(default = "default_remaining_header")]
+    pub remaining: String,
+    /// Seconds until its window resets.
+    #[serde(default = "default_reset_header")]
+    pub reset: String,
+}
+
+fn default_limit_header() -> String {
+    "RateLimit-Limit".into()
+}
+fn default_remaining_header() -> String {
+    "RateLimit-Remaining".into()
+}
+fn default_reset_header() -> String {
+    "RateLimit-Reset".into()
+}
+
+impl Default for RlsHeaderNames {
+    fn default() -> Self {
+        RlsHeaderNames {
+            limit: default_limit_header(),
+            remaining: default_remaining_header(),
+            reset: default_reset_header(),
+        }
+    }
 }
 
 /// The gRPC listener.

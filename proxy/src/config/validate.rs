@@ -18,6 +18,9 @@ impl Config {
         let mut p = Problems::default();
         check_listen(&mut p, "listener.address", &self.listener.address);
         check_listen(&mut p, "admin.address", &self.admin.address);
+        if let Some(rls) = &self.rls {
+            check_rls(&mut p, rls, self, base);
+        }
         if self.listener.max_message_bytes == 0
             || self.listener.max_message_bytes > u64::from(u32::MAX)
         {
@@ -107,7 +110,8 @@ impl Config {
                 }
             }
         }
-        if self.routes.is_empty() {
+        // Only Envoy's rate limit service may run with nothing to proxy.
+        if self.routes.is_empty() && self.rls.is_none() {
             p.add(
                 "routes",
                 "no routes: every call would be UNIMPLEMENTED; add at least `- match: {}` with an upstream",
@@ -725,6 +729,47 @@ fn check_keepalive(p: &mut Problems, at: &str, k: &Keepalive) {
             format!("{at}.timeout"),
             "must be more than 0 (or set interval: 0s for no keepalive)",
         );
+    }
+}
+
+fn check_rls(p: &mut Problems, rls: &super::Rls, config: &Config, base: Option<&Path>) {
+    check_listen(p, "rls.address", &rls.address);
+    if [&config.listener.address, &config.admin.address].contains(&&rls.address)
+        && !rls.address.ends_with(":0")
+    {
+        p.add(
+            "rls.address",
+            "is the address of the listener or the admin server: give the rate limit service a port of its own",
+        );
+    }
+    if let Some(tls) = &rls.tls {
+        check_file(p, "rls.tls.cert", &tls.cert, base);
+        check_file(p, "rls.tls.key", &tls.key, base);
+        if let Some(ca) = &tls.client_ca {
+            check_file(p, "rls.tls.client_ca", ca, base);
+        }
+    }
+    if rls.configs.is_empty() {
+        p.add(
+            "rls.configs",
+            "names no file: list envoyproxy/ratelimit config files or folders of them",
+        );
+    }
+    for (i, c) in rls.configs.iter().enumerate() {
+        check_file(p, &format!("rls.configs[{i}]"), c, base);
+    }
+    let names = &rls.header_names;
+    for (what, name) in [
+        ("limit", &names.limit),
+        ("remaining", &names.remaining),
+        ("reset", &names.reset),
+    ] {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            p.add(
+                format!("rls.header_names.{what}"),
+                format!("{} is not a header name", shown(name)),
+            );
+        }
     }
 }
 

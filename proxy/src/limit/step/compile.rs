@@ -22,7 +22,7 @@ use crate::metrics;
 /// The algorithm's name in its keys. The sliding log's state changed
 /// shape (one entry per admission, not per unit): its keys carry a version,
 /// so a replica of an older build never reads a log of the new shape.
-fn key_label(a: Algorithm) -> &'static str {
+pub(crate) fn key_label(a: Algorithm) -> &'static str {
     match a {
         Algorithm::FixedWindow => "FixedWindow",
         Algorithm::Calendar(Calendar::Day) => "CalendarDay",
@@ -128,17 +128,7 @@ impl RouteLimits {
             compiled.push(Compiled {
                 per_message,
                 charge,
-                outcomes: Outcomes {
-                    allowed: m.limit_decision(route, &l.name, "allowed"),
-                    limited: m.limit_decision(route, &l.name, "limited"),
-                    shadow_limited: m.limit_decision(route, &l.name, "shadow_limited"),
-                    skipped: m.limit_decision(route, &l.name, "skipped"),
-                    invalid: m.limit_decision(route, &l.name, "invalid"),
-                    over_capacity: m.limit_decision(route, &l.name, "over_capacity"),
-                    failed_open: m.limit_decision(route, &l.name, "failed_open"),
-                    failed_closed: m.limit_decision(route, &l.name, "failed_closed"),
-                    local_fallback: m.limit_decision(route, &l.name, "local_fallback"),
-                },
+                outcomes: Outcomes::new(route, &l.name),
                 failure_mode,
                 over_capacity,
                 name: l.name.clone(),

@@ -26,6 +26,7 @@ use prometheus::{Histogram, IntCounter};
 
 pub(crate) use self::charge::Charges;
 use self::charge::{ChargeFrom, ChargeOf};
+pub(crate) use self::compile::key_label;
 pub(crate) use self::compile::Fields;
 pub(crate) use self::field::FieldRef;
 use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
@@ -41,18 +42,38 @@ use crate::config::{
 
 /// Longest key kept as written; longer ones are shortened to a hash, so a
 /// client cannot make the store hold huge keys.
-const MAX_KEY_BYTES: usize = 256;
+pub(crate) const MAX_KEY_BYTES: usize = 256;
 
-struct Outcomes {
-    allowed: IntCounter,
-    limited: IntCounter,
-    shadow_limited: IntCounter,
-    skipped: IntCounter,
-    invalid: IntCounter,
-    over_capacity: IntCounter,
-    failed_open: IntCounter,
-    failed_closed: IntCounter,
-    local_fallback: IntCounter,
+/// A limit's outcome counters (`tollgate_limit_decisions_total`).
+pub(crate) struct Outcomes {
+    pub(crate) allowed: IntCounter,
+    pub(crate) limited: IntCounter,
+    pub(crate) shadow_limited: IntCounter,
+    pub(crate) skipped: IntCounter,
+    pub(crate) invalid: IntCounter,
+    pub(crate) over_capacity: IntCounter,
+    pub(crate) failed_open: IntCounter,
+    pub(crate) failed_closed: IntCounter,
+    pub(crate) local_fallback: IntCounter,
+}
+
+impl Outcomes {
+    /// The counters of limit `limit` of `route`.
+    pub(crate) fn new(route: &str, limit: &str) -> Outcomes {
+        let m = crate::metrics::get();
+        let c = |outcome| m.limit_decision(route, limit, outcome);
+        Outcomes {
+            allowed: c("allowed"),
+            limited: c("limited"),
+            shadow_limited: c("shadow_limited"),
+            skipped: c("skipped"),
+            invalid: c("invalid"),
+            over_capacity: c("over_capacity"),
+            failed_open: c("failed_open"),
+            failed_closed: c("failed_closed"),
+            local_fallback: c("local_fallback"),
+        }
+    }
 }
 
 /// Where a route's limits are decided: the in-process store (the memory
@@ -123,7 +144,7 @@ struct PerMessage {
 
 /// What became of one limit of a call.
 #[derive(Debug, Clone, Copy)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// The store decided.
     Decided(Decision),
     /// Redis could not; decided in process at the limit / replicas.
@@ -151,6 +172,99 @@ pub(crate) struct RouteLimits {
     replicas: u64,
     response_headers: bool,
     memory_duration: Histogram,
+}
+
+// === impl Stores ===
+
+impl Stores {
+    /// Decides `checks` in process; `None` for one that found no place.
+    pub(crate) fn decide_local(&self, checks: &[Check]) -> Vec<Option<Decision>> {
+        if checks.is_empty() {
+            return Vec::new();
+        }
+        self.memory
+            .decide(checks)
+            .into_iter()
+            .map(|a| match a {
+                Answer::Decided(d) => Some(d),
+                Answer::OverCapacity => None,
+            })
+            .collect()
+    }
+
+    /// Redis could not decide `checks`: each takes its failure mode
+    /// (`mode(j)` for `checks[j]`). The `local` ones are decided together
+    /// in process, at the limit divided by the replica count, under keys of
+    /// their own.
+    pub(crate) fn fail_over(
+        &self,
+        replicas: u64,
+        checks: &[Check],
+        mode: impl Fn(usize) -> FailureMode,
+    ) -> Vec<Outcome> {
+        let mut local = Vec::new();
+        let mut local_at = Vec::new();
+        let mut out: Vec<Outcome> = (0..checks.len())
+            .map(|j| match mode(j) {
+                FailureMode::Open => Outcome::FailedOpen,
+                FailureMode::Closed => Outcome::FailedClosed,
+                FailureMode::Local => {
+                    local.push(checks[j].local_share(replicas));
+                    local_at.push(j);
+                    Outcome::OverCapacity
+                }
+            })
+            .collect();
+        for (j, d) in local_at.into_iter().zip(self.decide_local(&local)) {
+            out[j] = d.map_or(Outcome::OverCapacity, Outcome::Local);
+        }
+        out
+    }
+
+    /// Keys this replica may not write to Redis take their limit's
+    /// over-capacity policy (`over(which[j])` for `checks[j]`): decided in
+    /// process now (`local`), or left to the caller (`open`, `closed`).
+    /// `checks` and `which` keep the others; returned: the outcomes of the
+    /// keys taken out, and their entries of `which`.
+    pub(crate) fn gate(
+        &self,
+        redis: &RedisStore,
+        replicas: u64,
+        checks: &mut Vec<Check>,
+        which: &mut Vec<usize>,
+        over: impl Fn(usize) -> OverCapacity,
+    ) -> (Vec<Outcome>, Vec<usize>) {
+        let now = redis.key_clock();
+        let mut kept = 0;
+        let (mut beyond, mut beyond_at) = (Vec::new(), Vec::new());
+        let mut local = Vec::new();
+        for j in 0..checks.len() {
+            if redis.admit(&checks[j], now) {
+                checks.swap(kept, j);
+                which.swap(kept, j);
+                kept += 1;
+                continue;
+            }
+            beyond_at.push(which[j]);
+            if over(which[j]) == OverCapacity::Local {
+                local.push(checks[j].local_share(replicas));
+            }
+            beyond.push(Outcome::OverCapacity);
+        }
+        checks.truncate(kept);
+        which.truncate(kept);
+        if !local.is_empty() {
+            let mut decided = self.decide_local(&local).into_iter();
+            for (o, &i) in beyond.iter_mut().zip(&beyond_at) {
+                if over(i) == OverCapacity::Local {
+                    if let Some(Some(d)) = decided.next() {
+                        *o = Outcome::OverCapacityLocal(d);
+                    }
+                }
+            }
+        }
+        (beyond, beyond_at)
+    }
 }
 
 // === impl RouteLimits ===
@@ -239,47 +353,6 @@ impl RouteLimits {
             Answer::Decided(d) => Outcome::Decided(d),
             Answer::OverCapacity => Outcome::OverCapacity,
         }
-    }
-
-    /// Redis could not decide: each limit takes its failure mode. The
-    /// `local` ones are decided together in process, at the limit divided
-    /// by the replica count, under keys of their own.
-    fn fail_over(&self, checks: &[Check], which: &[usize]) -> Vec<Outcome> {
-        let mut local = Vec::new();
-        let mut local_at = Vec::new();
-        let mut out: Vec<Outcome> = which
-            .iter()
-            .enumerate()
-            .map(|(j, &i)| match self.limits[i].failure_mode {
-                FailureMode::Open => Outcome::FailedOpen,
-                FailureMode::Closed => Outcome::FailedClosed,
-                FailureMode::Local => {
-                    local.push(checks[j].local_share(self.replicas));
-                    local_at.push(j);
-                    Outcome::OverCapacity
-                }
-            })
-            .collect();
-        for (j, d) in local_at.into_iter().zip(self.decide_local(&local)) {
-            out[j] = d.map_or(Outcome::OverCapacity, Outcome::Local);
-        }
-        out
-    }
-
-    /// Decides `checks` in process; `None` for one that found no place.
-    fn decide_local(&self, checks: &[Check]) -> Vec<Option<Decision>> {
-        if checks.is_empty() {
-            return Vec::new();
-        }
-        self.stores
-            .memory
-            .decide(checks)
-            .into_iter()
-            .map(|a| match a {
-                Answer::Decided(d) => Some(d),
-                Answer::OverCapacity => None,
-            })
-            .collect()
     }
 
     /// The call's fate from its limits' outcomes (in the order of `which`).
@@ -462,41 +535,11 @@ impl LimitStep for RouteLimits {
             return Box::pin(std::future::ready(r));
         };
         let (mut checks, mut which) = (checks, which);
-        // Keys this replica may not write to Redis take their limit's
-        // over-capacity policy: decided in process now (`local`), or
-        // concluded with the others (`open`, `closed`).
-        let now = redis.key_clock();
-        let mut kept = 0;
-        let (mut beyond, mut beyond_at) = (Vec::new(), Vec::new());
-        let mut local = Vec::new();
-        for j in 0..checks.len() {
-            if redis.admit(&checks[j], now) {
-                checks.swap(kept, j);
-                which.swap(kept, j);
-                kept += 1;
-                continue;
-            }
-            beyond_at.push(which[j]);
-            match self.limits[which[j]].over_capacity {
-                OverCapacity::Local => {
-                    local.push(checks[j].local_share(self.replicas));
-                    beyond.push(Outcome::OverCapacity);
-                }
-                OverCapacity::Open | OverCapacity::Closed => beyond.push(Outcome::OverCapacity),
-            }
-        }
-        checks.truncate(kept);
-        which.truncate(kept);
-        if !local.is_empty() {
-            let mut decided = self.decide_local(&local).into_iter();
-            for (o, &i) in beyond.iter_mut().zip(&beyond_at) {
-                if self.limits[i].over_capacity == OverCapacity::Local {
-                    if let Some(Some(d)) = decided.next() {
-                        *o = Outcome::OverCapacityLocal(d);
-                    }
-                }
-            }
-        }
+        let (beyond, beyond_at) =
+            self.stores
+                .gate(redis, self.replicas, &mut checks, &mut which, |i| {
+                    self.limits[i].over_capacity
+                });
         if checks.is_empty() {
             return Box::pin(std::future::ready(self.conclude(&beyond_at, beyond, None)));
         }
@@ -522,7 +565,9 @@ impl LimitStep for RouteLimits {
                         .filter(|(_, i)| asked.contains(i))
                         .map(|(c, _)| c)
                         .collect();
-                    let outcomes = self.fail_over(&checks, asked);
+                    let outcomes = self.stores.fail_over(self.replicas, &checks, |j| {
+                        self.limits[asked[j]].failure_mode
+                    });
                     self.conclude(&which, outcomes.into_iter().chain(beyond), Some(&e))
                 }
             };
