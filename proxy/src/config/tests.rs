@@ -329,3 +329,37 @@ routes:
     // (resolved at load).
     assert!(!p.iter().any(|x| x.contains("names a field")), "{p:#?}");
 }
+
+#[test]
+fn the_rate_limit_service_section_is_checked() {
+    let p = problems(
+        r#"
+listener: { address: 127.0.0.1:10000 }
+rls:
+  address: 127.0.0.1:10000
+  configs: []
+  tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }
+  header_names: { limit: "bad header" }
+"#,
+    );
+    assert_reported(
+        &p,
+        &[
+            "rls.address: is the address of the listener or the admin server",
+            "rls.configs: names no file",
+            "rls.tls.cert: cannot read /nonexistent/tls.crt",
+            "rls.tls.key: cannot read",
+            "rls.header_names.limit: \"bad header\" is not a header name",
+        ],
+    );
+    // A tollgate that is only a rate limit service needs no routes.
+    assert!(!p.iter().any(|x| x.starts_with("routes")), "{p:#?}");
+    let p = problems("rls: { address: nowhere, configs: [/nonexistent/ratelimit] }\n");
+    assert_reported(
+        &p,
+        &[
+            "rls.address: \"nowhere\" is not an address",
+            "rls.configs[0]: cannot read /nonexistent/ratelimit",
+        ],
+    );
+}

@@ -957,4 +957,22 @@ descriptors:
         .unwrap_or_default();
         assert!(p[0].contains("missing.yaml: cannot read"), "{p:?}");
     }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/ratelimit");
+        let r = Rules::load(&[dir], None, &Limiter::default()).unwrap_or_else(|p| panic!("{p:?}"));
+        let rule = |entries: &[(&str, &str)]| match r.find("payments", entries) {
+            Found::Rule(rule, _) => Some(rule.id.clone()),
+            Found::NoLimit => None,
+        };
+        assert_eq!(
+            rule(&[("generic_key", "create-payment"), ("merchant", "m1")]).as_deref(),
+            Some("generic_key_create-payment.merchant")
+        );
+        assert_eq!(
+            rule(&[("remote_address", "10.0.3.4")]).as_deref(),
+            Some("remote_address_10.0.*")
+        );
+    }
 }

@@ -20,6 +20,7 @@ mod redis_limits;
 mod redis_security;
 mod redis_store;
 mod reload;
+mod rls;
 mod tls;
 mod transparency;
 

@@ -14,12 +14,12 @@ use tollgate_proto::test::v1::echo_client::EchoClient;
 use tollgate_proto::test::v1::echo_server::EchoServer;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
+pub(crate) struct Ca {
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) pem: String,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params
@@ -34,7 +34,7 @@ fn ca(name: &str) -> Ca {
 }
 
 /// A certificate for `names`, signed by `ca`: (cert PEM, key PEM).
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+pub(crate) fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
     let params =
         CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -42,7 +42,7 @@ fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-fn write(dir: &Path, name: &str, text: &str) {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) {
     // Write then rename, as a ConfigMap update or a cert manager would.
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).unwrap();
