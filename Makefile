@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help build run demo test helm-check monitoring-check images up down lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions load-test chaos-test
+.PHONY: help build run demo test helm-check monitoring-check images up down lint fmt clean bench-proxy bench-ab bench-limits bench-script bench-payments bench-rapid-reset bench-instructions bench-rls load-test chaos-test
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ bench-ab: ## two tollgate builds side by side, runs interleaved: make bench-ab A
 
 bench-limits: ## the limiter: no limits vs in-process vs Redis (1 and 3 limits) vs mostly rejected (see BENCHMARKS.md)
 	bash load-tests/bench-limits.sh
+
+bench-rls: ## Envoy's ShouldRateLimit (1 and 3 descriptors) beside the sidecar path, on Redis, p50/p99 (see BENCHMARKS.md)
+	bash load-tests/bench-rls.sh
 
 bench-script: ## Redis CPU per call of the decision script, batches of 31 calls x 3 limits (see BENCHMARKS.md)
 	bash load-tests/bench-script.sh

@@ -16,6 +16,8 @@ WARMUP = int(os.environ.get("WARMUP", "2"))
 SERVER_CPU = ["taskset", "-c", "0"]
 LOAD_CPU = ["taskset", "-c", "1"]
 PATH = "/tollgate.test.v1.Echo/Unary"
+# h2load's per-request logs: never beside a config tollgate watches.
+LOG_DIR = tempfile.mkdtemp(prefix="h2load-")
 
 
 def free_port():
@@ -82,7 +84,11 @@ def ticks_us(pids):
 def h2load(port, conns, streams, data_file, log, pids, extra=(), cpu_us=ticks_us, duration=None, warmup=None):
     """Runs one measurement; returns (rps, p50 µs, calls, proxy CPU µs per call or None).
     The proxy's CPU (`cpu_us(pids)`, cumulative µs) is read at the end of the
-    warm-up and at the end, so it covers exactly the measured calls."""
+    warm-up and at the end, so it covers exactly the measured calls.
+    The per-request log is written to a folder of its own, whatever `log`
+    says: tollgate watches its config's folder, and a log written there
+    makes every request an inotify event for tollgate to handle."""
+    log = os.path.join(LOG_DIR, os.path.basename(log))
     duration = DURATION if duration is None else duration
     warmup = WARMUP if warmup is None else warmup
     # A per-request log costs the load generator time: keep it for the

@@ -1,5 +1,6 @@
-//! The command line: `tollgate run --config FILE`,
-//! `tollgate check --config FILE` and `tollgate health`.
+//! The command line: `tollgate run --config FILE`, `tollgate check
+//! --config FILE`, `tollgate health`, and the policy tools `explain` and
+//! `test`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,51 @@ enum Command {
         /// The YAML config file.
         #[arg(long, short, env = "TOLLGATE_CONFIG")]
         config: PathBuf,
+    },
+    /// Explain a call without sending it: the route it matches and why
+    /// (and the routes it beat), and each of the route's limits: its key as
+    /// the store holds it, rate, algorithm, cost, failure mode and shadow
+    /// state. Reads the config only; asks no store, upstream or network.
+    Explain {
+        /// The YAML config file.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// The call's method: /package.Service/Method.
+        method: String,
+        /// A request header (gRPC metadata), 'name: value'; repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The client's IP, as the listener sees it.
+        #[arg(long, default_value = "127.0.0.1")]
+        peer: std::net::IpAddr,
+        /// The identity of the client's TLS certificate (mTLS).
+        #[arg(long)]
+        tls_identity: Option<String>,
+        /// A field of the first request message, path=value (names need
+        /// the upstream's schema.descriptor_set; numbers such as 4.1 do
+        /// not); repeatable.
+        #[arg(long = "field")]
+        fields: Vec<String>,
+        /// An upstream's request schema from a FileDescriptorSet file,
+        /// UPSTREAM=FILE, instead of its reflection (not asked); repeatable.
+        #[arg(long = "schema")]
+        schemas: Vec<String>,
+    },
+    /// Run policy tests: each test of TESTS is a timeline of calls and the
+    /// outcome each must have (allowed, limited with its retry delay,
+    /// skipped…), run against the config's routes and limits on a virtual
+    /// clock. Exit 0 when all pass, 1 with a diff of each that fails, 2 when
+    /// a file cannot be used.
+    Test {
+        /// The YAML config file.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// The tests file (YAML).
+        tests: PathBuf,
+        /// An upstream's request schema from a FileDescriptorSet file,
+        /// UPSTREAM=FILE, instead of its reflection (not asked); repeatable.
+        #[arg(long = "schema")]
+        schemas: Vec<String>,
     },
     /// Ask a running tollgate whether it is ready (its admin `/ready`): exit
     /// 0 when it is, 1 otherwise. For a container HEALTHCHECK or an exec
@@ -91,6 +137,57 @@ pub fn main() -> ExitCode {
             config,
             timeout,
         } => health(admin, config, timeout),
+        Command::Explain {
+            config,
+            method,
+            headers,
+            peer,
+            tls_identity,
+            fields,
+            schemas,
+        } => {
+            let call = crate::tools::explain::Call {
+                path: method,
+                headers,
+                peer,
+                tls_identity,
+                fields,
+            };
+            let explained = crate::tools::explain::schema_args(&schemas)
+                .and_then(|s| crate::tools::explain::explain(&config, &ProcessEnv, &s, &call));
+            match explained {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Test {
+            config,
+            tests,
+            schemas,
+        } => {
+            let ran = crate::tools::explain::schema_args(&schemas)
+                .and_then(|s| crate::tools::test::run(&config, &tests, &s, &ProcessEnv));
+            match ran {
+                Ok((report, passed)) => {
+                    print!("{report}");
+                    if passed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Check { config } => match runtime::check(&config, &ProcessEnv) {
             Ok(checked) => {
                 let rls = checked

@@ -17,6 +17,7 @@
 //!                                    the call path, `proxy::handle`
 //!   → server → admin → runtime       listeners and connections; the admin
 //!                                    endpoints; start, reload, drain
+//!   → tools                          explain, test, inspect, convert
 //!   → cli, health                    the command line
 //! ```
 //!
@@ -46,4 +47,5 @@ pub(crate) mod server;
 pub(crate) mod state;
 mod tcp;
 pub(crate) mod tls;
+pub(crate) mod tools;
 pub(crate) mod upstream;

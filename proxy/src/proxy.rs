@@ -244,6 +244,7 @@ pub(crate) async fn handle(
                     code: Code::ResourceExhausted,
                     message: why,
                     headers: http::HeaderMap::new(),
+                    by: None,
                 }))
                 .answer(tally);
             }
@@ -329,6 +330,7 @@ async fn hold_first(
                     if decompressed { " decompressed" } else { "" }
                 ),
                 headers: http::HeaderMap::new(),
+                by: None,
             })),
             HoldError::TimedOut if deadline.is_some() => CallError::DeadlineExceeded(why.into()),
             HoldError::TimedOut => CallError::DeadlineExceeded(

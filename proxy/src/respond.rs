@@ -99,6 +99,7 @@ impl CallError {
                     code,
                     message,
                     headers,
+                    ..
                 } = *rejection;
                 let mut r: Response<ResponseBody> = trailers_only(code, &message);
                 r.headers_mut().extend(headers);

@@ -84,6 +84,37 @@ struct ServiceRoutes {
     patterns: Vec<(Pattern, usize)>,
 }
 
+/// The routes of `cfg` that `service`/`method` matches, most specific
+/// first (the first is the one the call takes), with how each matched.
+pub(crate) fn matching(cfg: &Config, service: &str, method: &str) -> Vec<(usize, String)> {
+    let how = |p: &Pattern, what: &str| match p {
+        Pattern::Any => format!("any {what}"),
+        Pattern::Prefix(x) => format!("{what} prefix {x:?}"),
+        Pattern::Exact(x) => format!("exact {what} {x:?}"),
+    };
+    // (service rank, method rank, index, how): higher ranks are more specific.
+    type Found = ((u8, usize), (u8, usize), usize, String);
+    let mut found: Vec<Found> = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let s = Pattern::parse(r.matcher.service.as_deref());
+            let m = Pattern::parse(r.matcher.method.as_deref());
+            (s.matches(service) && m.matches(method)).then(|| {
+                (
+                    s.rank(),
+                    m.rank(),
+                    i,
+                    format!("{}, {}", how(&s, "service"), how(&m, "method")),
+                )
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)).then(a.2.cmp(&b.2)));
+    found.into_iter().map(|(_, _, i, h)| (i, h)).collect()
+}
+
 /// Every route of one config.
 #[derive(Default)]
 pub(crate) struct RouteTable {

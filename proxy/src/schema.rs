@@ -295,6 +295,45 @@ impl Schema {
 /// up yet).
 pub(crate) type Schemas = HashMap<String, Result<Arc<Schema>, String>>;
 
+/// The schemas a tool reads with no network: descriptor set files; an
+/// upstream whose schema is asked by reflection has none (its field names
+/// stay unresolved, and say why).
+/// `given`: upstream name → a descriptor set file to use instead.
+pub(crate) fn load_offline(
+    config: &Config,
+    base: Option<&Path>,
+    given: &[(String, std::path::PathBuf)],
+) -> Result<Schemas, String> {
+    let mut out = Schemas::new();
+    for (name, file) in given {
+        if !config.upstreams.contains_key(name) {
+            return Err(format!(
+                "--schema {name}=…: the config has no upstream named {name:?}"
+            ));
+        }
+        let s =
+            Schema::read(file).map_err(|e| format!("--schema {name}={}: {e}", file.display()))?;
+        out.insert(name.clone(), Ok(Arc::new(s)));
+    }
+    for (name, u) in &config.upstreams {
+        let Some(source) = &u.schema else { continue };
+        if out.contains_key(name) {
+            continue;
+        }
+        let entry = match &source.descriptor_set {
+            Some(file) => Ok(Arc::new(
+                Schema::read(&crate::config::resolve(file, base))
+                    .map_err(|e| format!("upstreams.{name}.schema.descriptor_set: {e}"))?,
+            )),
+            None => Err(format!(
+                "upstream {name:?} gives its schema by reflection, which this tool does not ask: give it with --schema {name}=FILE (a FileDescriptorSet), or use field numbers"
+            )),
+        };
+        out.insert(name.clone(), entry);
+    }
+    Ok(out)
+}
+
 /// Loads the schema of every upstream that names one: its descriptor set
 /// file, or reflection asked of its addresses in turn. When reflection does
 /// not answer, `previous` (the config in force) keeps its last answer.

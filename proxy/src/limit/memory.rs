@@ -29,6 +29,9 @@ pub(crate) struct MemoryStore {
     epoch: Instant,
     /// Unix time at `epoch`, in µs: calendar windows need the real date.
     unix_at_epoch: u64,
+    /// A clock the caller sets instead (µs of Unix time): `tollgate test`
+    /// steps through a timeline with it.
+    clock: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 // === impl MemoryStore ===
@@ -42,6 +45,15 @@ impl MemoryStore {
             unix_at_epoch: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
+            clock: None,
+        }
+    }
+
+    /// A store whose time is what `clock` holds (µs of Unix time).
+    pub(crate) fn with_clock(max_keys: usize, clock: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        MemoryStore {
+            clock: Some(clock),
+            ..MemoryStore::new(max_keys)
         }
     }
 
@@ -54,6 +66,9 @@ impl MemoryStore {
     /// advanced by a monotonic clock (tokio's, so tests can pause and
     /// advance it): a step of the wall clock never moves a window.
     pub(crate) fn now(&self) -> u64 {
+        if let Some(c) = &self.clock {
+            return c.load(std::sync::atomic::Ordering::Relaxed);
+        }
         self.unix_at_epoch + self.epoch.elapsed().as_micros() as u64
     }
 

@@ -65,6 +65,9 @@ pub(crate) struct Rejection {
     pub(crate) message: String,
     /// Extra headers (retry-after, ratelimit-*, status details).
     pub(crate) headers: HeaderMap,
+    /// The limit that refused, and its retry delay in µs (0: none would
+    /// help), when a limit's rate or store refused (`tollgate test`).
+    pub(crate) by: Option<(String, u64)>,
 }
 
 /// What a call's limits still do once it has gone on: meter its messages
@@ -108,5 +111,11 @@ pub(crate) trait LimitStep: Send + Sync {
     /// [`armed`](step::Charges::arm), as the call is sent upstream.
     fn ongoing(&self, _call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {
         Ok(Ongoing::default())
+    }
+
+    /// Each limit's key, rate and modes for `call`, asking no store
+    /// (`tollgate explain`).
+    fn explain(&self, _call: &CallInfo<'_>) -> Vec<step::Report> {
+        Vec::new()
     }
 }

@@ -14,6 +14,7 @@
 
 mod charge;
 mod compile;
+mod explain;
 mod field;
 mod key;
 mod reply;
@@ -28,6 +29,7 @@ pub(crate) use self::charge::Charges;
 use self::charge::{ChargeFrom, ChargeOf};
 pub(crate) use self::compile::key_label;
 pub(crate) use self::compile::Fields;
+pub(crate) use self::explain::{Keyed, Report};
 pub(crate) use self::field::FieldRef;
 use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
 use super::algorithm::{Decision, Params};
@@ -464,6 +466,10 @@ fn keyed(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<(String, Params)>, 
 impl LimitStep for RouteLimits {
     fn reads_fields(&self) -> bool {
         self.reads_fields
+    }
+
+    fn explain(&self, call: &CallInfo<'_>) -> Vec<Report> {
+        self.reports(call)
     }
 
     fn ongoing(&self, call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {

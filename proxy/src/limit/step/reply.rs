@@ -38,6 +38,7 @@ pub(super) fn unavailable(l: &Compiled, error: Option<&StoreError>) -> Rejection
             l.name
         ),
         headers: HeaderMap::new(),
+        by: Some((l.name.clone(), 0)),
     }
 }
 
@@ -50,6 +51,7 @@ pub(super) fn invalid_metadata(header: &HeaderName, why: &str) -> Rejection {
         code: Code::InvalidArgument,
         headers: details_header(Code::InvalidArgument, &message, details),
         message,
+        by: None,
     }
 }
 
@@ -62,6 +64,7 @@ pub(super) fn invalid_field(path: &str, why: &str) -> Rejection {
         code: Code::InvalidArgument,
         headers: details_header(Code::InvalidArgument, &message, details),
         message,
+        by: None,
     }
 }
 
@@ -78,6 +81,7 @@ pub(super) fn missing_part(l: &Compiled, part: &Part) -> Rejection {
                 l.name
             ),
             headers: HeaderMap::new(),
+            by: None,
         },
     }
 }
@@ -91,6 +95,7 @@ pub(super) fn schema_pending(l: &Compiled, why: &str) -> Rejection {
             l.name
         ),
         headers: HeaderMap::new(),
+        by: None,
     }
 }
 
@@ -116,6 +121,7 @@ pub(super) fn beyond_capacity(l: &Compiled, params: &Params, cost: u64) -> Rejec
         code: Code::ResourceExhausted,
         message,
         headers,
+        by: Some((l.name.clone(), 0)),
     }
 }
 
@@ -140,6 +146,7 @@ pub(super) fn no_room(l: &Compiled) -> Rejection {
             l.name
         ),
         headers: HeaderMap::new(),
+        by: Some((l.name.clone(), 0)),
     }
 }
 
@@ -169,5 +176,6 @@ pub(super) fn rejection(l: &Compiled, d: Decision) -> Rejection {
         code: Code::ResourceExhausted,
         message,
         headers,
+        by: Some((l.name.clone(), d.retry_after_micros)),
     }
 }
