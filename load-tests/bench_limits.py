@@ -113,20 +113,26 @@ def scenario_config(port, admin, upstream, scenario, redis_port=None):
             f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{upstream}\"] }}\n{limiter}routes:\n{route}")
 
 
-def main():
-    work = tempfile.mkdtemp()
-    procs = []
-
+def start_servers(work, procs):
+    """redis-server and the Echo upstream of a run: (spawn, Redis port,
+    upstream port). `spawn(cmd)` starts a server on SERVER_CPU, in `procs`."""
     def spawn(cmd):
         p = subprocess.Popen(SERVER_CPU + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(p)
         return p
 
+    redis_port = start_redis(work)
+    up = free_port()
+    spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
+    wait_port(up)
+    return spawn, redis_port, up
+
+
+def main():
+    work = tempfile.mkdtemp()
+    procs = []
     try:
-        redis_port = start_redis(work)
-        up = free_port()
-        spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
-        wait_port(up)
+        spawn, redis_port, up = start_servers(work, procs)
         targets = {}
         for name, (backend, _) in SCENARIOS.items():
             if ONLY and name not in ONLY and name != "pass-through (no limits)":

@@ -81,6 +81,15 @@ def ticks_us(pids):
     return cpu_ticks(pids) * 10_000
 
 
+def request_counts(out):
+    """(succeeded, failed) from h2load's summary."""
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            parts = line.replace(",", "").split()
+            return int(parts[parts.index("succeeded") - 1]), int(parts[parts.index("failed") - 1])
+    return 0, 0
+
+
 def h2load(port, conns, streams, data_file, log, pids, extra=(), cpu_us=ticks_us, duration=None, warmup=None):
     """Runs one measurement; returns (rps, p50 µs, calls, proxy CPU µs per call or None).
     The proxy's CPU (`cpu_us(pids)`, cumulative µs) is read at the end of the
@@ -105,14 +114,9 @@ def h2load(port, conns, streams, data_file, log, pids, extra=(), cpu_us=ticks_us
     before = cpu_us(pids) if pids else 0
     out = p.communicate()[0]
     after = cpu_us(pids) if pids else 0
-    succeeded = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            parts = line.replace(",", "").split()
-            succeeded = int(parts[parts.index("succeeded") - 1])
-            failed = int(parts[parts.index("failed") - 1])
-            if failed:
-                print(f"warning: {failed} failed requests on port {port}", file=sys.stderr)
+    succeeded, failed = request_counts(out)
+    if failed:
+        print(f"warning: {failed} failed requests on port {port}", file=sys.stderr)
     p50 = 0
     if os.path.exists(log):
         durations = []

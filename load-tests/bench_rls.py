@@ -31,9 +31,9 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_limits import start_redis  # noqa: E402
+from bench_limits import start_servers  # noqa: E402
 from bench_proxy import (  # noqa: E402
-    DURATION, LOAD_CPU, REPS, ROOT, SERVER_CPU, WARMUP, frame, free_port, stop_all, wait_port,
+    DURATION, LOAD_CPU, REPS, ROOT, WARMUP, frame, free_port, request_counts, stop_all, wait_port,
 )
 
 RATE = int(os.environ.get("RATE", "10000"))
@@ -126,11 +126,7 @@ def run_h2load(port, path, data, log, extra, script=None):
     else:
         cmd += ["--timing-script-file", script]
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
-    failed = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            parts = line.replace(",", "").split()
-            failed = int(parts[parts.index("failed") - 1])
+    _, failed = request_counts(out)
     rows = []
     with open(log) as f:
         for line in f:
@@ -167,17 +163,8 @@ def main():
     # its config's folder, and a log written there is a stream of events.
     logs = tempfile.mkdtemp()
     procs = []
-
-    def spawn(cmd):
-        p = subprocess.Popen(SERVER_CPU + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        return p
-
     try:
-        redis_port = start_redis(work)
-        up = free_port()
-        spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
-        wait_port(up)
+        spawn, redis_port, up = start_servers(work, procs)
         os.makedirs(f"{work}/ratelimit")
         with open(f"{work}/ratelimit/bench.yaml", "w") as f:
             f.write(RULES)

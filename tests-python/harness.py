@@ -4,6 +4,7 @@ keeps going after a failure."""
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -53,3 +54,16 @@ def http_get(url, timeout=2):
         return e.code, e.read().decode()
     except Exception:  # refused, reset, cut short: nothing usable answered
         return 0, ""
+
+
+def wait_ready(admin, proc):
+    """Waits until tollgate's admin `/ready` answers 200; raises with its
+    stderr if it exits first, or after 30 s."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tollgate exited with {proc.returncode}: {proc.stderr.read().decode()}")
+        if http_get(f"http://{admin}/ready", timeout=1)[0] == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("tollgate never became ready")

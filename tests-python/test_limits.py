@@ -15,7 +15,7 @@ import tempfile
 import time
 
 import grpc
-from harness import check, free_port, http_get, stop, summary
+from harness import check, free_port, http_get, stop, summary, wait_ready
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -32,17 +32,6 @@ def start_redis(tmp):
         check=True, capture_output=True, text=True,
     ).stdout
     return dict(line.split("=", 1) for line in out.split())["URL"]
-
-
-def wait_ready(admin, proc):
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tollgate exited with {proc.returncode}: {proc.stderr.read().decode()}")
-        if http_get(f"http://{admin}/ready", timeout=1)[0] == 200:
-            return
-        time.sleep(0.05)
-    raise RuntimeError("tollgate never became ready")
 
 
 def main():

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from harness import check, free_port, http_get, stop, summary
+from harness import check, free_port, http_get, stop, summary, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLLGATE = os.path.join(ROOT, "target", "debug", "tollgate")
@@ -61,17 +61,6 @@ def start(cmd, what):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     env = dict(line.split("=", 1) for line in out.split())
     return env[what]
-
-
-def wait_ready(admin, proc):
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tollgate exited with {proc.returncode}: {proc.stderr.read().decode()}")
-        if http_get(f"http://{admin}/ready", timeout=1)[0] == 200:
-            return
-        time.sleep(0.05)
-    raise RuntimeError("tollgate never became ready")
 
 
 def away_from_midnight():
@@ -184,6 +173,12 @@ def cases(r):
         expect(r.ask(d(("tenant", "ta")), d(("cost", "atomic"), hits=11)), OVER,
                [(OK, 3, 5), (OVER, 0, 10)])
 
+    def the_same_descriptor_twice_counts_twice():
+        expect(r.ask(d(("database", "twice")), d(("database", "twice"))), OVER,
+               [(OVER, 0, 1), (OVER, 0, 1)])
+        # Refused, it took nothing.
+        expect(r.ask(d(("database", "twice"))), OK, [(OK, 0, 1)])
+
     def the_requests_own_limit():
         # envoy.type.v3.RateLimitUnit DAY is 4.
         expect(r.ask(d(("database", "ovr"), limit=(2, 4))), OK, [(OK, 1, 2)])
@@ -224,6 +219,8 @@ def cases(r):
             (r.pb.RateLimitRequest(domain="rls-test"), "descriptors is empty"),
             (r.pb.RateLimitRequest(domain="rls-test", descriptors=[d(("a", "b"), limit=(1, 0))]),
              "limit.unit"),
+            (r.pb.RateLimitRequest(domain="rls-test", descriptors=[d(("a", "b" * 2000))]),
+             "longer than 1024 bytes"),
         ):
             try:
                 r.stub.ShouldRateLimit(req, timeout=5)
@@ -241,6 +238,7 @@ def cases(r):
         ("replaces drops the replaced limit", replaces),
         ("hits_addend of the request and of a descriptor", hits_addend),
         ("a refused request takes nothing from its other descriptors", a_refused_request_takes_nothing),
+        ("the same descriptor twice in a request counts twice", the_same_descriptor_twice_counts_twice),
         ("a descriptor's own limit", the_requests_own_limit),
         ("tollgate's extension picks another algorithm", the_extensions_algorithm),
         ("several files and domains; an unknown domain", domains),

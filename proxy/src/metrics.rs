@@ -164,21 +164,25 @@ impl Metrics {
             "Units charged after calls ended, by route and limit, once the store has taken them.",
             &["route", "limit"],
         );
-        let limit_decision_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_limit_decision_duration_seconds",
-                "Time to decide a call's limits, by backend (memory, redis, redis-cluster); failure modes included.",
+        // Decision times, by backend: microseconds to a tenth of a second.
+        let by_backend = |name: &str, help: &str| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(vec![
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                    0.01, 0.02, 0.03, 0.05, 0.1,
+                ]),
+                &["backend"],
             )
-            .buckets(vec![
-                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                0.02, 0.03, 0.05, 0.1,
-            ]),
-            &["backend"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(limit_decision_duration.clone()))
-            .expect("unique metric");
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let limit_decision_duration = by_backend(
+            "tollgate_limit_decision_duration_seconds",
+            "Time to decide a call's limits, by backend (memory, redis, redis-cluster); failure modes included.",
+        );
         let limit_store_errors = counter(
             "tollgate_limit_store_errors_total",
             "Limit decisions Redis did not answer, by backend and kind (timeout, connection, response, breaker_open).",
@@ -197,24 +201,13 @@ impl Metrics {
             .expect("unique metric");
         let rls_requests = counter(
             "tollgate_rls_requests_total",
-            "ShouldRateLimit requests answered on the rls listener, by domain (unknown: not configured) and code (ok, over_limit, invalid, unavailable).",
+            "ShouldRateLimit requests answered on the rls listener, by domain (\"(not configured)\" for domains no file has) and code (ok, over_limit, invalid).",
             &["domain", "code"],
         );
-        let rls_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_rls_request_duration_seconds",
-                "Time to answer a ShouldRateLimit request, by backend (memory, redis, redis-cluster); failure modes included.",
-            )
-            .buckets(vec![
-                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                0.02, 0.03, 0.05, 0.1,
-            ]),
-            &["backend"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(rls_duration.clone()))
-            .expect("unique metric");
+        let rls_duration = by_backend(
+            "tollgate_rls_request_duration_seconds",
+            "Time to answer a ShouldRateLimit request, by backend (memory, redis, redis-cluster); failure modes included.",
+        );
         let info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; the version is a label."),
             &["version"],

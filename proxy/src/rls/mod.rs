@@ -19,6 +19,7 @@ pub(crate) mod rules;
 mod serve;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +43,8 @@ use crate::limit::step::{key_label, Outcome, Outcomes, Stores, MAX_KEY_BYTES};
 const MAX_DESCRIPTORS: usize = 64;
 /// Most entries one descriptor may carry.
 const MAX_ENTRIES: usize = 32;
+/// Longest key or value of an entry.
+const MAX_ENTRY_BYTES: usize = 1024;
 
 /// A `ShouldRateLimit` request that cannot be answered: the gRPC status
 /// Envoy gets (its `failure_mode_deny` then decides).
@@ -61,6 +64,9 @@ pub(crate) struct Rls {
     /// `limiter.shadow`: nothing is over the limit overall.
     shadow: bool,
     replicas: u64,
+    /// The limiter's modes, for limits the request itself sets.
+    failure_mode: config::FailureMode,
+    over_capacity: OverCapacity,
     /// The outcome counters of limits the request itself sets.
     overrides: Outcomes,
 }
@@ -148,7 +154,7 @@ impl Rls {
                 );
             }
         }
-        answers.insert(String::new(), Answers::new("unknown"));
+        answers.insert(String::new(), Answers::new("(not configured)"));
         let n = &rls.header_names;
         Ok(Rls {
             rules,
@@ -160,6 +166,8 @@ impl Rls {
             tls,
             shadow: limiter.shadow,
             replicas: limiter.replicas.max(1),
+            failure_mode: limiter.failure_mode,
+            over_capacity: limiter.over_capacity,
             overrides: Outcomes::new("rls", "(request limit)"),
         })
     }
@@ -244,6 +252,15 @@ impl Rls {
                     "descriptors[{i}].entries[{e}].key is empty"
                 )));
             }
+            if let Some(e) = d
+                .entries
+                .iter()
+                .position(|e| e.key.len() > MAX_ENTRY_BYTES || e.value.len() > MAX_ENTRY_BYTES)
+            {
+                return Err(Refusal::invalid_argument(format!(
+                    "descriptors[{i}].entries[{e}]: a key or value is longer than {MAX_ENTRY_BYTES} bytes"
+                )));
+            }
             if !known {
                 found.push(None);
                 continue;
@@ -273,7 +290,7 @@ impl Rls {
             .flatten()
             .collect();
         let mut parts = Vec::with_capacity(found.len());
-        let mut checks = Vec::new();
+        let mut checks: Vec<Check> = Vec::new();
         for (d, f) in request.descriptors.iter().zip(&found) {
             let Some((wanted, shared)) = f else {
                 parts.push(Part::Free);
@@ -298,8 +315,8 @@ impl Rls {
                         unit: *unit,
                         name: "",
                         shadow: false,
-                        failure_mode: config::FailureMode::default(),
-                        over_capacity: OverCapacity::default(),
+                        failure_mode: self.failure_mode,
+                        over_capacity: self.over_capacity,
                         outcomes: &self.overrides,
                         cost: 0,
                     },
@@ -314,16 +331,38 @@ impl Rls {
                         None => u64::from(request.hits_addend.max(1)),
                     };
                     let key = key(domain, params, d, shared);
-                    checks.push(Check::new(key, *params, cost, limit.shadow));
-                    parts.push(Part::Checked(Limit { cost, ..limit }, checks.len() - 1));
+                    // The same key twice in a request counts both: one
+                    // check, their costs added.
+                    let at = match checks.iter().position(|c| c.key == key) {
+                        Some(at) => {
+                            checks[at].cost = checks[at].cost.saturating_add(cost);
+                            at
+                        }
+                        None => {
+                            // `limiter.shadow` too: a descriptor over its
+                            // limit then refuses nothing in the store.
+                            let shadow = limit.shadow || self.shadow;
+                            checks.push(Check::new(key, *params, cost, shadow));
+                            checks.len() - 1
+                        }
+                    };
+                    parts.push(Part::Checked(Limit { cost, ..limit }, at));
                 }
+            }
+        }
+        // A refused request gives back what it asked of a key: all its
+        // descriptors' costs there.
+        for p in &mut parts {
+            if let Part::Checked(l, at) = p {
+                l.cost = checks[*at].cost;
             }
         }
         // A descriptor that is always over the limit refuses the request:
         // the others are only asked, nothing is taken.
-        if parts
-            .iter()
-            .any(|p| matches!(p, Part::Blocked(l) if !l.shadow))
+        if !self.shadow
+            && parts
+                .iter()
+                .any(|p| matches!(p, Part::Blocked(l) if !l.shadow))
         {
             checks = checks.into_iter().map(|c| c.with_mode(Use::Peek)).collect();
         }
@@ -373,13 +412,15 @@ impl Rls {
         if checks.is_empty() {
             return Vec::new();
         }
-        let limits: Vec<&Limit<'_>> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Checked(l, _) => Some(l),
-                _ => None,
-            })
-            .collect();
+        // Each check's limit (descriptors of the same key share a check).
+        let mut limit_of: Vec<Option<&Limit<'_>>> = vec![None; checks.len()];
+        for p in parts {
+            if let Part::Checked(l, at) = p {
+                limit_of[*at].get_or_insert(l);
+            }
+        }
+        let over = |i: usize| limit_of[i].map_or(OverCapacity::Open, |l| l.over_capacity);
+        let mode = |i: usize| limit_of[i].map_or(config::FailureMode::Open, |l| l.failure_mode);
         let Some(redis) = &stores.redis else {
             return stores
                 .memory
@@ -392,17 +433,22 @@ impl Rls {
                 .collect();
         };
         let n = checks.len();
+        let shadow: Vec<bool> = checks.iter().map(|c| c.shadow).collect();
         let mut checks = checks;
         let mut which: Vec<usize> = (0..n).collect();
-        let (beyond, beyond_at) = stores.gate(redis, self.replicas, &mut checks, &mut which, |i| {
-            limits[i].over_capacity
-        });
+        let (beyond, beyond_at) = stores.gate(redis, self.replicas, &mut checks, &mut which, over);
         let mut out = vec![Outcome::OverCapacity; n];
+        let mut refused = false;
         for (o, i) in beyond.into_iter().zip(beyond_at) {
+            refused |= !shadow[i] && o.refuses(over(i));
             out[i] = o;
         }
         if checks.is_empty() {
             return out;
+        }
+        // A key with no room refuses the request: the others only ask.
+        if refused {
+            checks = checks.into_iter().map(|c| c.with_mode(Use::Peek)).collect();
         }
         let asked = checks.clone();
         match redis.decide(worker, checks, None, true).await {
@@ -413,8 +459,16 @@ impl Rls {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "rls: Redis did not decide; limits take their failure modes");
-                let failed =
-                    stores.fail_over(self.replicas, &asked, |j| limits[which[j]].failure_mode);
+                // One that fails closed refuses the request: the `local`
+                // ones then only ask.
+                let closed = (0..asked.len())
+                    .any(|j| !asked[j].shadow && mode(which[j]) == config::FailureMode::Closed);
+                let asked: Vec<Check> = if closed {
+                    asked.into_iter().map(|c| c.with_mode(Use::Peek)).collect()
+                } else {
+                    asked
+                };
+                let failed = stores.fail_over(self.replicas, &asked, |j| mode(which[j]));
                 for (o, &i) in failed.into_iter().zip(&which) {
                     out[i] = o;
                 }
@@ -428,12 +482,16 @@ impl Rls {
         let ok = response::Code::Ok as i32;
         let over = response::Code::OverLimit as i32;
         // A descriptor over its limit refuses the request: the others'
-        // counts were not taken, and their statuses say what is left.
-        let refused = parts.iter().any(|p| match p {
+        // counts were not taken, and their statuses say what is left. With
+        // `limiter.shadow` every descriptor is decided as a shadow one (the
+        // store took what fitted), statuses still say OVER_LIMIT, and the
+        // request is OK.
+        let over_limit = parts.iter().any(|p| match p {
             Part::Blocked(l) => !l.shadow,
             Part::Checked(l, c) => !l.shadow && outcomes[*c].refuses(l.over_capacity),
             Part::Free | Part::Unlimited => false,
         });
+        let refused = over_limit && !self.shadow;
         let statuses: Vec<DescriptorStatus> = parts
             .iter()
             .map(|p| match p {
@@ -447,15 +505,14 @@ impl Rls {
                     ..Default::default()
                 },
                 Part::Blocked(l) => {
-                    if l.shadow {
+                    if l.shadow || self.shadow {
                         l.outcomes.shadow_limited.inc();
-                        l.status(ok, 0, None)
                     } else {
                         l.outcomes.limited.inc();
-                        l.status(over, 0, None)
                     }
+                    l.status(if l.shadow { ok } else { over }, 0, None)
                 }
-                Part::Checked(l, c) => l.judge(outcomes[*c], refused, ok, over),
+                Part::Checked(l, c) => l.judge(outcomes[*c], refused, self.shadow, ok, over),
             })
             .collect();
         let response_headers_to_add = match &self.headers {
@@ -463,7 +520,7 @@ impl Rls {
             None => Vec::new(),
         };
         RateLimitResponse {
-            overall_code: if refused && !self.shadow { over } else { ok },
+            overall_code: if refused { over } else { ok },
             statuses,
             response_headers_to_add,
             ..Default::default()
@@ -511,8 +568,16 @@ impl<'a> Limit<'a> {
     }
 
     /// The status of a checked descriptor, counted in its rule's metrics;
-    /// `refused`: the request is refused, and took nothing.
-    fn judge(&self, outcome: Outcome, refused: bool, ok: i32, over: i32) -> DescriptorStatus {
+    /// `refused`: the request is refused, and took nothing; `global`:
+    /// `limiter.shadow` (over the limit is counted as shadow).
+    fn judge(
+        &self,
+        outcome: Outcome,
+        refused: bool,
+        global: bool,
+        ok: i32,
+        over: i32,
+    ) -> DescriptorStatus {
         let o = self.outcomes;
         let d = match outcome {
             Outcome::Decided(d) => d,
@@ -553,7 +618,11 @@ impl<'a> Limit<'a> {
             o.shadow_limited.inc();
             return self.status(ok, 0, Some(d.reset_micros));
         }
-        o.limited.inc();
+        if global {
+            o.shadow_limited.inc();
+        } else {
+            o.limited.inc();
+        }
         self.status(over, 0, Some(reset_of(&d)))
     }
 }
@@ -591,6 +660,10 @@ fn key(domain: &str, params: &Params, d: &RateLimitDescriptor, shared: &[(usize,
     key.push('\u{1f}');
     key.push_str(key_label(params.algorithm));
     key.push('\u{1f}');
+    // The window's length: a descriptor's own limit of another unit, or a
+    // rule whose unit changed, counts apart (a window of one length read
+    // as another's would reset it).
+    let _ = write!(key, "{}ms\u{1f}", params.rate.period.as_millis());
     let prefix = key.len();
     for (i, e) in d.entries.iter().enumerate() {
         key.push_str(&e.key);
@@ -604,7 +677,7 @@ fn key(domain: &str, params: &Params, d: &RateLimitDescriptor, shared: &[(usize,
     if key.len() > MAX_KEY_BYTES {
         let hash = fnv1a(key.as_bytes());
         key.truncate(prefix);
-        key.push_str(&format!("#{hash:016x}"));
+        let _ = write!(key, "#{hash:016x}");
     }
     key
 }

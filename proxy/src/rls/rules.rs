@@ -195,14 +195,22 @@ pub(crate) struct Rule {
 
 #[derive(Debug, Default)]
 struct Node {
-    /// `key_value`, or `key` for a descriptor without a value.
-    children: HashMap<String, usize>,
-    /// Wildcard `key_value` patterns, in file order.
-    wildcards: Vec<(String, usize)>,
+    /// Children with a value: key → value → node.
+    exact: HashMap<String, HashMap<String, usize>>,
+    /// Children with a wildcard value, in file order: (key, pattern, node).
+    wildcards: Vec<(String, String, usize)>,
+    /// Children without a value: key → node.
+    defaults: HashMap<String, usize>,
     /// The descriptor's own limit.
     rule: Option<Arc<Rule>>,
-    /// Its `key_value` as written (a wildcard's pattern).
-    composite: String,
+    /// A wildcard's value pattern (`share_threshold` keys hold it).
+    pattern: Option<String>,
+}
+
+impl Node {
+    fn is_leaf(&self) -> bool {
+        self.exact.is_empty() && self.wildcards.is_empty() && self.defaults.is_empty()
+    }
 }
 
 /// One domain's tree; node 0 is the root.
@@ -317,25 +325,24 @@ impl Rules {
         let mut node = &d.nodes[0];
         let mut shared = Vec::new();
         for (i, (key, value)) in entries.iter().enumerate() {
-            let composite = format!("{key}_{value}");
             let next = node
-                .children
-                .get(&composite)
+                .exact
+                .get(*key)
+                .and_then(|values| values.get(*value))
                 .or_else(|| {
                     node.wildcards
                         .iter()
-                        .find(|(pattern, _)| glob(pattern, &composite))
-                        .map(|(_, n)| n)
+                        .find(|(k, pattern, _)| k == key && glob(pattern, value))
+                        .map(|(_, _, n)| n)
                 })
-                .or_else(|| node.children.get(*key));
+                .or_else(|| node.defaults.get(*key));
             let Some(&next) = next else {
                 return Found::NoLimit;
             };
             node = &d.nodes[next];
-            if let Some(r) = &node.rule {
-                if r.share && node.composite.contains('*') {
-                    let pattern = &node.composite[key.len() + 1..];
-                    shared.push((i, pattern));
+            if let (Some(r), Some(pattern)) = (&node.rule, &node.pattern) {
+                if r.share {
+                    shared.push((i, pattern.as_str()));
                 }
             }
             if i + 1 == entries.len() {
@@ -344,7 +351,7 @@ impl Rules {
                     None => Found::NoLimit,
                 };
             }
-            if node.children.is_empty() && node.wildcards.is_empty() {
+            if node.is_leaf() {
                 return Found::NoLimit;
             }
         }
@@ -487,12 +494,14 @@ impl Domain {
             } else {
                 format!("{id}.{composite}")
             };
-            let wildcard = y.value.as_deref().is_some_and(|v| v.contains('*'));
-            let taken = self.nodes[at].children.contains_key(&composite)
-                || self.nodes[at]
-                    .wildcards
-                    .iter()
-                    .any(|(w, _)| *w == composite);
+            let value = y.value.as_deref().unwrap_or("");
+            let wildcard = value.contains('*');
+            let here = &self.nodes[at];
+            let taken = match value {
+                "" => here.defaults.contains_key(&y.key),
+                v if wildcard => here.wildcards.iter().any(|(k, p, _)| *k == y.key && p == v),
+                v => here.exact.get(&y.key).is_some_and(|m| m.contains_key(v)),
+            };
             if taken {
                 problems.push(format!(
                     "{path}: a sibling has the same key and value ({}): each must differ",
@@ -514,13 +523,21 @@ impl Domain {
             let n = self.nodes.len();
             self.nodes.push(Node {
                 rule: rule.map(Arc::new),
-                composite: composite.clone(),
+                pattern: wildcard.then(|| value.to_owned()),
                 ..Node::default()
             });
-            if wildcard {
-                self.nodes[at].wildcards.push((composite, n));
-            } else {
-                self.nodes[at].children.insert(composite, n);
+            let here = &mut self.nodes[at];
+            match value {
+                "" => {
+                    here.defaults.insert(y.key.clone(), n);
+                }
+                v if wildcard => here.wildcards.push((y.key.clone(), v.to_owned(), n)),
+                v => {
+                    here.exact
+                        .entry(y.key.clone())
+                        .or_default()
+                        .insert(v.to_owned(), n);
+                }
             }
             self.add(
                 n,
@@ -813,17 +830,31 @@ descriptors:
     }
 
     #[test]
+    fn a_wildcard_matches_its_own_key_only() {
+        let r = rules(
+            "domain: d\ndescriptors:\n  - key: a\n    value: \"*\"\n    share_threshold: true\n    rate_limit: { unit: second, requests_per_unit: 1 }\n",
+        );
+        // `a_long` + `_v` would match the pattern `a_*` as one string.
+        assert_eq!(found(&r, &[("a_long", "v")]), None);
+        assert_eq!(found(&r, &[("a", "")]).as_deref(), Some("a_*"));
+        let Found::Rule(_, shared) = r.find("d", &[("a", "x")]) else {
+            panic!("no rule");
+        };
+        assert_eq!(shared, vec![(0, "*")]);
+    }
+
+    #[test]
     fn wildcards_match_any_run_of_characters() {
-        assert!(glob("k_bar*b", "k_barab"));
-        assert!(glob("k_bar*b", "k_barb"));
-        assert!(!glob("k_bar*b", "k_bara"));
-        assert!(!glob("k_bar*b", "k_xbarb"));
-        assert!(glob("k_foo*bar*baz", "k_foo1bar2baz"));
-        assert!(!glob("k_foo*bar*baz", "k_foo123baz"));
-        assert!(glob("k_*", "k_"));
+        assert!(glob("bar*b", "barab"));
+        assert!(glob("bar*b", "barb"));
+        assert!(!glob("bar*b", "bara"));
+        assert!(!glob("bar*b", "xbarb"));
+        assert!(glob("foo*bar*baz", "foo1bar2baz"));
+        assert!(!glob("foo*bar*baz", "foo123baz"));
+        assert!(glob("*", ""));
         // The parts may not overlap.
-        assert!(!glob("k_ab*ab", "k_ab"));
-        assert!(glob("k_ab*ab", "k_abab"));
+        assert!(!glob("ab*ab", "ab"));
+        assert!(glob("ab*ab", "abab"));
     }
 
     #[test]
@@ -851,10 +882,18 @@ descriptors:
                 "descriptors[0].key: is missing or empty".to_owned()
             ]
         );
-        let p = problems("domain: d\ndescriptors:\n  - key: a\n    value: b\n  - key: a_b\n");
+        let p = problems(
+            "domain: d\ndescriptors:\n  - key: a\n    value: b\n  - key: a\n    value: b\n",
+        );
         assert!(
             p[0].starts_with("descriptors[1]: a sibling has the same key and value"),
             "{p:?}"
+        );
+        // Only the same key and value clash (envoyproxy/ratelimit joins them
+        // with `_`, so there these two would).
+        assert!(
+            problems("domain: d\ndescriptors:\n  - key: a\n    value: b\n  - key: a_b\n")
+                .is_empty()
         );
         let p = problems("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n");
         assert!(

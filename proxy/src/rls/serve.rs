@@ -144,9 +144,34 @@ async fn accept(
             }
         },
     };
-    let admitted = Admitted::new(shared)?;
+    // A full listener closes this connection, and goes on accepting.
+    let Some(admitted) = Admitted::new(shared) else {
+        return Some(None);
+    };
     crate::tcp::tune(&stream, Duration::from_secs(60));
     Some(Some((stream, admitted)))
+}
+
+/// The HTTP/2 client preface every h2c client sends first.
+const PREFACE_LEN: usize = 24;
+
+/// Whether the client sent its HTTP/2 preface within `within` (peeked,
+/// so the server still reads it): a connection that sends nothing does
+/// not hold a place among `listener.max_connections`.
+async fn preface(stream: &TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; PREFACE_LEN];
+    let waited = tokio::time::timeout(within, async {
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n >= PREFACE_LEN => return true,
+                // Part of it: wait for more to arrive.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or(false)
 }
 
 async fn accept_plain(
@@ -159,13 +184,28 @@ async fn accept_plain(
         let Some((io, admitted)) = accepted else {
             continue;
         };
-        let counted = Counted {
-            io,
-            _admitted: admitted,
+        let limits = {
+            let l = &shared.active.load().config.listener;
+            (l.max_handshaking, l.header_read_timeout.0)
         };
-        if tx.send(Ok(counted)).await.is_err() {
-            return;
-        }
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Some(place) = admitted.handshake(limits.0) else {
+                return;
+            };
+            let ready = preface(&io, limits.1).await;
+            drop(place);
+            if !ready {
+                crate::metrics::get().connection_refused("handshake");
+                return;
+            }
+            let _ = tx
+                .send(Ok(Counted {
+                    io,
+                    _admitted: admitted,
+                }))
+                .await;
+        });
     }
 }
 

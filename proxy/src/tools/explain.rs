@@ -357,11 +357,22 @@ fn encode_value(number: u32, kind: Kind, value: &str) -> Result<Vec<u8>, String>
     let mut out = Vec::new();
     let bad = |what: &str| format!("{} is not {what}", crate::config::shown(value));
     let tag = |out: &mut Vec<u8>, wire: u64| varint(out, (u64::from(number) << 3) | wire);
-    // No schema: a whole number is a varint, anything else text.
+    // No schema: a whole number is a varint (a negative one as int64
+    // writes it), anything else text.
     let kind = match kind {
         Kind::Wire if value.parse::<u64>().is_ok() => Kind::Uint64,
+        Kind::Wire if value.parse::<i64>().is_ok() => Kind::Int64,
         k => k,
     };
+    // A 32-bit field's value must fit it, as a client's would.
+    let fits = match kind {
+        Kind::Int32 | Kind::Sint32 => value.parse::<i32>().is_ok(),
+        Kind::Uint32 => value.parse::<u32>().is_ok(),
+        _ => true,
+    };
+    if !fits {
+        return Err(bad("a 32-bit whole number"));
+    }
     match kind {
         Kind::String | Kind::Bytes | Kind::Wire => {
             let bytes = if kind == Kind::Bytes {

@@ -19,7 +19,6 @@ use serde::Deserialize;
 use super::explain::{load, method_of, prepare, Call};
 use crate::config::{Dur, Env};
 use crate::grpc::status::Code;
-use crate::limit::step::Keyed;
 
 /// Most calls one test may make (its `repeat`s added up).
 const MAX_CALLS: u64 = 1_000_000;
@@ -355,7 +354,7 @@ fn run_test(
                         let skipped: Vec<String> = limits
                             .explain(&info)
                             .into_iter()
-                            .filter(|r| matches!(r.key, Keyed::Skipped))
+                            .filter(|r| r.skips)
                             .map(|r| r.name)
                             .collect();
                         let mut ongoing = limits.ongoing(&info);

@@ -171,6 +171,22 @@ descriptors:
                 .into_inner()
         }
     };
+    // One descriptor failing closed refuses the request: the `local` one
+    // beside it only asks, and keeps its share.
+    let mut both = request("outage", &[("closed", "y")]);
+    both.descriptors
+        .extend(request("outage", &[("local", "x")]).descriptors);
+    let r = c
+        .clone()
+        .should_rate_limit(both)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code(), Code::OverLimit);
+    assert_eq!(
+        statuses(&r),
+        vec![(Code::OverLimit, 0, Some(7)), (Code::Ok, 2, Some(4))]
+    );
     let r = ask(&[("open", "x")]).await;
     assert_eq!(r.overall_code(), Code::Ok);
     assert_eq!(statuses(&r), vec![(Code::Ok, 7, Some(7))]);
@@ -187,8 +203,8 @@ descriptors:
     let metrics = proxy.metrics().await;
     for want in [
         r#"tollgate_limit_decisions_total{limit="open",outcome="failed_open",route="rls:outage"} 1"#,
-        r#"tollgate_limit_decisions_total{limit="closed",outcome="failed_closed",route="rls:outage"} 1"#,
-        r#"tollgate_limit_decisions_total{limit="local",outcome="local_fallback",route="rls:outage"} 3"#,
+        r#"tollgate_limit_decisions_total{limit="closed",outcome="failed_closed",route="rls:outage"} 2"#,
+        r#"tollgate_limit_decisions_total{limit="local",outcome="local_fallback",route="rls:outage"} 4"#,
     ] {
         assert!(metrics.contains(want), "{want} not in\n{metrics}");
     }
@@ -238,4 +254,94 @@ async fn the_listener_serves_tls() {
             .is_err(),
     };
     assert!(refused, "a cleartext client must not be answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_limiter_shadow_a_descriptor_over_its_limit_takes_nothing_from_the_others() {
+    let proxy = start(
+        "{ backend: memory, shadow: true }",
+        "domain: dry\ndescriptors:\n  - key: a\n    rate_limit: { unit: day, requests_per_unit: 1 }\n  - key: b\n    rate_limit: { unit: day, requests_per_unit: 5 }\n",
+        "",
+    );
+    let c = client(rls_addr(&proxy)).await;
+    let mut both = request("dry", &[("a", "x")]);
+    both.descriptors
+        .extend(request("dry", &[("b", "x")]).descriptors);
+    let first = c
+        .clone()
+        .should_rate_limit(both.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        statuses(&first),
+        vec![(Code::Ok, 0, Some(1)), (Code::Ok, 4, Some(5))]
+    );
+    // a is over: its status says so, the request is OK, and b is counted.
+    let second = c
+        .clone()
+        .should_rate_limit(both)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.overall_code(), Code::Ok);
+    assert_eq!(
+        statuses(&second),
+        vec![(Code::OverLimit, 0, Some(1)), (Code::Ok, 3, Some(5))]
+    );
+    let metrics = proxy.metrics().await;
+    let want =
+        r#"tollgate_limit_decisions_total{limit="a",outcome="shadow_limited",route="rls:dry"} 1"#;
+    assert!(metrics.contains(want), "{want} not in\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_refuses_a_connection_and_goes_on_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), RULES).unwrap();
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        "listener: { address: 127.0.0.1:0, workers: 1, max_connections: 1 }\nadmin: { address: 127.0.0.1:0 }\nrls: { address: 127.0.0.1:0, configs: [rules.yaml] }\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start_file(dir, config, &[]);
+    let addr = rls_addr(&proxy);
+    let mut first = client(addr).await;
+    first
+        .should_rate_limit(request("reload", &[("k", "1")]))
+        .await
+        .unwrap();
+    // The one place is taken: a second connection is closed on accept.
+    let second = tokio::time::timeout(Duration::from_secs(5), async {
+        match RateLimitServiceClient::connect(format!("http://{addr}")).await {
+            Ok(mut c) => c
+                .should_rate_limit(request("reload", &[("k", "2")]))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        !second,
+        "a connection beyond max_connections must not be served"
+    );
+    drop(first);
+    // Once the first has gone, the listener serves new connections.
+    eventually(
+        Duration::from_secs(10),
+        "a new connection is served",
+        || async move {
+            let mut c = RateLimitServiceClient::connect(format!("http://{addr}"))
+                .await
+                .ok()?;
+            c.should_rate_limit(request("reload", &[("k", "3")]))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
 }

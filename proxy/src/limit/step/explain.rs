@@ -30,6 +30,9 @@ pub(crate) struct Report {
     pub(crate) over_capacity: String,
     /// Evaluated and counted, never refusing.
     pub(crate) shadow: bool,
+    /// The limit does not count this call: a key part or its cost is
+    /// missing, and it skips such calls.
+    pub(crate) skips: bool,
 }
 
 /// A limit's key for a call.
@@ -96,6 +99,7 @@ fn report(l: &Compiled, call: &CallInfo<'_>) -> Report {
             format!("{whose}, {scope}; {action}")
         }
     };
+    let mut skips = matches!(key, Keyed::Skipped);
     let cost = match &l.charge {
         Some(c) => {
             let from = match &c.from {
@@ -110,7 +114,10 @@ fn report(l: &Compiled, call: &CallInfo<'_>) -> Report {
         }
         None => match key::cost(l, call) {
             Ok(Some(n)) => n.to_string(),
-            Ok(None) => "none: the cost is missing and the limit skips the call".to_owned(),
+            Ok(None) => {
+                skips = true;
+                "none: the cost is missing and the limit skips the call".to_owned()
+            }
             Err(r) => format!("refused: {}: {}", r.code.name(), r.message),
         },
     };
@@ -128,6 +135,7 @@ fn report(l: &Compiled, call: &CallInfo<'_>) -> Report {
         failure_mode: format!("{:?}", l.failure_mode).to_lowercase(),
         over_capacity: format!("{:?}", l.over_capacity).to_lowercase(),
         shadow: l.shadow,
+        skips,
     }
 }
 
