@@ -76,16 +76,22 @@ def redis_commands(port):
     return stats
 
 
-def decisions(admin):
-    """Limit decisions tollgate has made (every outcome), from its metrics."""
+def metric_sum(admin, *wanted):
+    """The sum of tollgate's metric samples (at admin port `admin`) whose
+    line starts with `family{` and holds `label`, for each (family, label)."""
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("tollgate_limit_decisions_total{") and 'limit="per-client"' in line:
+        if any(line.startswith(f"{family}{{") and label in line for family, label in wanted):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def decisions(admin):
+    """Limit decisions tollgate has made (every outcome), from its metrics."""
+    return metric_sum(admin, ("tollgate_limit_decisions_total", 'limit="per-client"'))
 
 
 def start_redis(work):

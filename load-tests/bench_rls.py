@@ -28,10 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_limits import start_servers  # noqa: E402
+from bench_limits import metric_sum, start_servers  # noqa: E402
 from bench_proxy import (  # noqa: E402
     DURATION, LOAD_CPU, REPS, ROOT, WARMUP, frame, free_port, request_counts, stop_all, wait_port,
 )
@@ -100,15 +99,8 @@ SCENARIOS = {
 
 def answered(admin):
     """Calls tollgate answered OK: RLS answers, or limited sidecar calls allowed."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    ok = 0.0
-    for line in text.splitlines():
-        if line.startswith("tollgate_rls_requests_total{") and 'code="ok"' in line:
-            ok += float(line.rsplit(" ", 1)[1])
-        if line.startswith("tollgate_requests_total{") and 'grpc_status="OK"' in line:
-            ok += float(line.rsplit(" ", 1)[1])
-    return ok
+    return metric_sum(admin, ("tollgate_rls_requests_total", 'code="ok"'),
+                      ("tollgate_requests_total", 'grpc_status="OK"'))
 
 
 def run_h2load(port, path, data, log, extra, script=None):
