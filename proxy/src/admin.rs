@@ -1,7 +1,10 @@
 //! The admin server (default 127.0.0.1:9901), on its own port away from
-//! traffic: `/metrics`, `/live`, `/ready`, `/config`.
+//! traffic: `/metrics`, `/live`, `/ready`, `/config`, and `/limits` (a
+//! key's state in the store in use, changing nothing; loopback clients
+//! only, whatever address the server is bound to).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,7 +70,145 @@ pub(crate) fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found; admin endpoints: /metrics /live /ready /config\n",
+            "not found; admin endpoints: /metrics /live /ready /config /limits\n",
+        ),
+    }
+}
+
+/// Longest query `/limits` reads.
+const MAX_QUERY_BYTES: usize = 4096;
+
+/// `GET /limits`: with no `route`, every route with limits and its limits;
+/// with `route` (a route's name, or a call's `/package.Service/Method`),
+/// that route's limits; with `limit` and `key` too, that key's state in
+/// the store in use (JSON), changing nothing.
+async fn limits(shared: &Shared, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let refuse = |status, why: String| reply(status, TEXT, why + "\n");
+    if !peer.ip().is_loopback() {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "/limits answers loopback clients only: ask from tollgate's own host or pod (tollgate inspect, kubectl exec or kubectl port-forward)".into(),
+        );
+    }
+    if query.len() > MAX_QUERY_BYTES {
+        return refuse(
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the query is {} bytes; /limits reads at most {MAX_QUERY_BYTES}",
+                query.len()
+            ),
+        );
+    }
+    let (mut route, mut limit, mut key) = (None, None, None);
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let slot = match name.as_ref() {
+            "route" => &mut route,
+            "limit" => &mut limit,
+            "key" => &mut key,
+            other => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown parameter {}; /limits takes route, limit and key",
+                        crate::config::shown(other)
+                    ),
+                )
+            }
+        };
+        if slot.replace(value.into_owned()).is_some() {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("parameter {name} is given twice: give it once"),
+            );
+        }
+    }
+    let active = shared.active.load_full();
+    let store = match &active.stores.redis {
+        Some(r) => r.backend(),
+        None => "memory",
+    };
+    let with_limits = || {
+        active
+            .routes
+            .iter()
+            .filter_map(|r| r.limits.as_ref().map(|l| (r, l)))
+    };
+    let Some(route) = route else {
+        let routes: Vec<serde_json::Value> = with_limits()
+            .map(|(r, l)| serde_json::json!({ "route": &*r.name, "limits": l.describe() }))
+            .collect();
+        return json_reply(
+            StatusCode::OK,
+            &serde_json::json!({ "store": store, "routes": routes }),
+        );
+    };
+    if route.starts_with("rls:") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the rate limit service's keys are asked with ShouldRateLimit itself: a descriptor with hits_addend 0 takes nothing and answers what is left".into(),
+        );
+    }
+    let found = match route.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((service, method)) => active.routes.find(service, method),
+        None => active.routes.iter().find(|r| *r.name == *route),
+    };
+    let Some(found) = found else {
+        let names: Vec<&str> = with_limits().map(|(r, _)| &*r.name).collect();
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route {}; routes with limits: {}",
+                crate::config::shown(&route),
+                names.join(", ")
+            ),
+        );
+    };
+    let Some(step) = &found.limits else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("route {:?} has no limits", &*found.name),
+        );
+    };
+    let (Some(limit), Some(key)) = (limit, key) else {
+        return json_reply(
+            StatusCode::OK,
+            &serde_json::json!({ "store": store, "route": &*found.name, "limits": step.describe() }),
+        );
+    };
+    let asked = match step.ask(&limit, &key) {
+        Ok(a) => a,
+        Err(why) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("route {:?}: {why}", &*found.name),
+            )
+        }
+    };
+    let worker = active
+        .stores
+        .redis
+        .as_ref()
+        .map_or(0, |r| r.control_worker());
+    match crate::limit::step::state(&active.stores, worker, asked).await {
+        Ok(mut state) => {
+            state["route"] = (*found.name).into();
+            json_reply(StatusCode::OK, &state)
+        }
+        Err(why) => refuse(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(v) {
+        Ok(mut json) => {
+            json.push('\n');
+            reply(status, "application/json", json)
+        }
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            e.to_string(),
         ),
     }
 }
@@ -82,7 +223,7 @@ pub(crate) async fn serve(
         return;
     }
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.changed() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -96,8 +237,15 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = respond(&shared, &req);
-                async move { Ok::<_, Infallible>(r) }
+                let shared = shared.clone();
+                async move {
+                    let r = if req.uri().path() == "/limits" && req.method() == Method::GET {
+                        limits(&shared, peer, req.uri().query().unwrap_or("")).await
+                    } else {
+                        respond(&shared, &req)
+                    };
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

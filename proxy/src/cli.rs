@@ -1,6 +1,6 @@
 //! The command line: `tollgate run --config FILE`, `tollgate check
-//! --config FILE`, `tollgate health`, and the policy tools `explain` and
-//! `test`.
+//! --config FILE`, `tollgate health`, and the policy tools `explain`,
+//! `test` and `inspect`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,6 +86,43 @@ enum Command {
         #[arg(long = "schema")]
         schemas: Vec<String>,
     },
+    /// Convert another rate limiter's config into tollgate's.
+    Convert {
+        #[command(subcommand)]
+        from: ConvertFrom,
+    },
+    /// Show a key's state in the store a running tollgate uses (its admin
+    /// `/limits`, which changes nothing): what is used and left of the limit,
+    /// and when it is whole again. Without --limit and --key, the routes
+    /// with limits (or --route's limits).
+    Inspect {
+        /// A route's name (as in the metrics), or a call's
+        /// /package.Service/Method (the route it takes).
+        #[arg(long)]
+        route: Option<String>,
+        /// A limit's name.
+        #[arg(long, requires = "key", requires = "route")]
+        limit: Option<String>,
+        /// The key's values as the limit reads them from a call, joined by
+        /// '/' (as `tollgate explain` prints them), e.g. merchant-7 or
+        /// acct-1/EUR.
+        #[arg(long, requires = "limit")]
+        key: Option<String>,
+        /// Print the admin server's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
+        /// The admin server's address (a wildcard bind is asked on
+        /// loopback). Default: the config's admin.address, else
+        /// 127.0.0.1:9901.
+        #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+        admin: Option<String>,
+        /// The config file to read admin.address from.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Ask a running tollgate whether it is ready (its admin `/ready`): exit
     /// 0 when it is, 1 otherwise. For a container HEALTHCHECK or an exec
     /// probe; needs no curl.
@@ -101,6 +138,36 @@ enum Command {
         /// How long to wait for the answer.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConvertFrom {
+    /// Print the tollgate config (routes and limits) that does what
+    /// envoyproxy/ratelimit config files did behind Envoy's ratelimit
+    /// filter. Exit 0 when every rule is converted; 1 when some are not
+    /// (each listed, with why); 2 when a file cannot be used.
+    EnvoyRatelimit {
+        /// envoyproxy/ratelimit config files, or folders of them.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The calls a generic_key value was sent with, VALUE=MATCH
+        /// (MATCH: /package.Service/Method, package.Service or package.*);
+        /// repeatable, one per generic_key value.
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// The request header a descriptor key was read from (Envoy's
+        /// request_headers action), KEY=HEADER; default: the header of
+        /// the key's own name.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// The address of the service behind tollgate.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        upstream: String,
+        /// Count in this Redis (redis://HOST:PORT), shared by every
+        /// replica as behind the rate limit service; default: in memory.
+        #[arg(long)]
+        redis: Option<String>,
     },
 }
 
@@ -136,7 +203,62 @@ pub fn main() -> ExitCode {
             admin,
             config,
             timeout,
-        } => health(admin, config, timeout),
+        } => match admin_address(admin, config) {
+            Ok(dial) => health(dial, timeout),
+            Err(code) => code,
+        },
+        Command::Convert {
+            from:
+                ConvertFrom::EnvoyRatelimit {
+                    files,
+                    routes,
+                    headers,
+                    upstream,
+                    redis,
+                },
+        } => {
+            let options = crate::tools::convert::Options {
+                files,
+                routes,
+                headers,
+                upstream,
+                redis,
+            };
+            match crate::tools::convert::convert(&options) {
+                Ok(c) => {
+                    print!("{}", c.yaml);
+                    for l in &c.left {
+                        eprintln!("tollgate: not converted: {l}");
+                    }
+                    if c.left.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Inspect {
+            route,
+            limit,
+            key,
+            json,
+            admin,
+            config,
+            timeout,
+        } => match admin_address(admin, config) {
+            Ok(dial) => inspect(
+                dial,
+                &crate::tools::inspect::Query { route, limit, key },
+                json,
+                timeout,
+            ),
+            Err(code) => code,
+        },
         Command::Explain {
             config,
             method,
@@ -248,27 +370,24 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// `tollgate health`: 0 when `/ready` answers 200, else 1 with the reason.
-fn health(
+/// The admin server to dial: `admin`, else the config's admin.address,
+/// else the default; `Err`: the exit for an unusable address or config.
+fn admin_address(
     admin: Option<String>,
     config: Option<PathBuf>,
-    timeout: std::time::Duration,
-) -> ExitCode {
+) -> Result<std::net::SocketAddr, ExitCode> {
     let address = match (admin.filter(|a| !a.is_empty()), config) {
         (Some(a), _) => a,
         (None, Some(path)) => {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("tollgate: cannot read {}: {e}", path.display());
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                eprintln!("tollgate: cannot read {}: {e}", path.display());
+                ExitCode::from(EXIT_FAILURE)
+            })?;
             match crate::config::Config::parse(&text) {
                 Ok(c) => c.admin.address,
                 Err(e) => {
                     eprintln!("tollgate: {}: {e}", path.display());
-                    return ExitCode::from(EXIT_CONFIG);
+                    return Err(ExitCode::from(EXIT_CONFIG));
                 }
             }
         }
@@ -276,12 +395,16 @@ fn health(
     };
     let Ok(listen) = address.parse::<std::net::SocketAddr>() else {
         eprintln!(
-            "tollgate: the admin address {:?} is not an address like 127.0.0.1:9901",
-            address.chars().take(64).collect::<String>()
+            "tollgate: the admin address {} is not an address like 127.0.0.1:9901",
+            crate::config::shown(&address)
         );
-        return ExitCode::from(EXIT_CONFIG);
+        return Err(ExitCode::from(EXIT_CONFIG));
     };
-    let dial = crate::health::dial_address(listen);
+    Ok(crate::health::dial_address(listen))
+}
+
+/// `tollgate health`: 0 when `/ready` answers 200, else 1 with the reason.
+fn health(dial: std::net::SocketAddr, timeout: std::time::Duration) -> ExitCode {
     let answer = runtime::current_thread()
         .map_err(|e| format!("cannot start a runtime: {e}"))
         .and_then(|rt| rt.block_on(crate::health::check_ready(dial, timeout)));
@@ -295,6 +418,40 @@ fn health(
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// `tollgate inspect`: `/limits`'s answer, for a person (or as JSON); 1
+/// with the server's reason when it cannot answer.
+fn inspect(
+    dial: std::net::SocketAddr,
+    query: &crate::tools::inspect::Query,
+    json: bool,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let answer = runtime::current_thread()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+        .and_then(|rt| rt.block_on(crate::health::get(dial, &query.path(), timeout)));
+    let (status, body) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if status != http::StatusCode::OK {
+        let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+        eprintln!("tollgate: /limits answered {status}: {}", text.trim_end());
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(_) if json => print!("{}", String::from_utf8_lossy(&body)),
+        Ok(v) => print!("{}", crate::tools::inspect::render(&v)),
+        Err(e) => {
+            eprintln!("tollgate: /limits answered something that is not JSON ({e}): is {dial} tollgate's admin server?");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// The stop signals (SIGTERM, SIGINT), once installed.

@@ -1,5 +1,6 @@
 //! `tollgate health`: asks a running tollgate's admin `/ready`, for a
-//! container's HEALTHCHECK or an exec probe, so an image needs no curl.
+//! container's HEALTHCHECK or an exec probe, so an image needs no curl;
+//! and the admin client `tollgate inspect` shares.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -31,16 +32,36 @@ pub(crate) fn dial_address(listen: SocketAddr) -> SocketAddr {
 /// `GET /ready` on the admin server at `admin`: `Ok` with the answer's
 /// first line when it is 200, otherwise what went wrong, in words.
 pub(crate) async fn check_ready(admin: SocketAddr, timeout: Duration) -> Result<String, String> {
-    match tokio::time::timeout(timeout, ask(admin)).await {
+    let (status, body) = get(admin, "/ready", timeout).await?;
+    let text = String::from_utf8_lossy(&body[..body.len().min(SHOWN_BODY)]);
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    if status == http::StatusCode::OK {
+        Ok(line)
+    } else {
+        Err(format!(
+            "tollgate is not ready: /ready answered {status}: {line}"
+        ))
+    }
+}
+
+/// `GET path` on the admin server at `admin`, within `timeout`: the
+/// answer's status and body, or what went wrong, in words.
+pub(crate) async fn get(
+    admin: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let endpoint = path.split('?').next().unwrap_or(path);
+    match tokio::time::timeout(timeout, ask(admin, path)).await {
         Ok(answer) => answer,
         Err(_) => Err(format!(
-            "tollgate admin at {admin} did not answer /ready within {}",
+            "tollgate admin at {admin} did not answer {endpoint} within {}",
             humantime::format_duration(timeout)
         )),
     }
 }
 
-async fn ask(admin: SocketAddr) -> Result<String, String> {
+async fn ask(admin: SocketAddr, path: &str) -> Result<(http::StatusCode, Bytes), String> {
     let tcp = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach tollgate's admin server at {admin}: {e} (is tollgate running, and is admin.address or TOLLGATE_ADMIN_LISTEN this address?)")
     })?;
@@ -48,7 +69,7 @@ async fn ask(admin: SocketAddr) -> Result<String, String> {
         .await
         .map_err(|e| format!("tollgate admin at {admin}: {e}"))?;
     tokio::spawn(conn);
-    let request = http::Request::get("/ready")
+    let request = http::Request::get(path)
         .header(http::header::HOST, admin.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -62,16 +83,8 @@ async fn ask(admin: SocketAddr) -> Result<String, String> {
         .collect()
         .await
         .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&body[..body.len().min(SHOWN_BODY)]);
-    let line = text.lines().next().unwrap_or("").trim().to_owned();
-    if status == http::StatusCode::OK {
-        Ok(line)
-    } else {
-        Err(format!(
-            "tollgate is not ready: /ready answered {status}: {line}"
-        ))
-    }
+        .map_err(|e| format!("tollgate admin at {admin}: the answer broke off: {e}"))?;
+    Ok((status, body))
 }
 
 #[cfg(test)]

@@ -204,6 +204,11 @@ impl RouteTable {
         }
     }
 
+    /// Every route, in the config's order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+
     /// The route for a call, if any.
     pub(crate) fn find(&self, service: &str, method: &str) -> Option<&Arc<Route>> {
         if let Some(s) = self.exact_services.get(service) {

@@ -118,4 +118,19 @@ pub(crate) trait LimitStep: Send + Sync {
     fn explain(&self, _call: &CallInfo<'_>) -> Vec<step::Report> {
         Vec::new()
     }
+
+    /// Each limit, as the admin server's `/limits` lists it.
+    fn describe(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
+
+    /// What to ask the store of key `value` (the key's values joined by
+    /// `/`, as `tollgate explain` prints them) of limit `limit`
+    /// (`/limits`); `Err`: no such key to look at.
+    fn ask(&self, limit: &str, _value: &str) -> Result<step::Asked, String> {
+        Err(format!(
+            "the route has no limit {}",
+            crate::config::shown(limit)
+        ))
+    }
 }

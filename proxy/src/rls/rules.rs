@@ -359,6 +359,97 @@ impl Rules {
     }
 }
 
+/// A descriptor entry of the config, as a path to a rule holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    /// The descriptor key.
+    pub(crate) key: String,
+    /// What its value must be.
+    pub(crate) value: Value,
+}
+
+/// What a config entry's value matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Value {
+    /// No value in the config: any.
+    Any,
+    /// This value.
+    Exact(String),
+    /// A wildcard pattern (`*`).
+    Pattern(String),
+}
+
+impl Rules {
+    /// Every rule of `domain` with the entries that lead to it, in a
+    /// stable order (a level's keys alone, then its exact values, both in
+    /// name order, then its wildcards in file order).
+    pub(crate) fn paths(&self, domain: &str) -> Vec<(Vec<Entry>, &Arc<Rule>)> {
+        let mut out = Vec::new();
+        if let Some(d) = self.domains.get(domain) {
+            d.walk(0, &mut Vec::new(), &mut out);
+        }
+        out
+    }
+}
+
+impl Domain {
+    fn walk<'a>(
+        &'a self,
+        at: usize,
+        path: &mut Vec<Entry>,
+        out: &mut Vec<(Vec<Entry>, &'a Arc<Rule>)>,
+    ) {
+        let node = &self.nodes[at];
+        if let Some(r) = &node.rule {
+            out.push((path.clone(), r));
+        }
+        let mut children: Vec<(Entry, usize)> = Vec::new();
+        let mut defaults: Vec<_> = node.defaults.iter().collect();
+        defaults.sort();
+        for (key, &n) in defaults {
+            let value = Value::Any;
+            children.push((
+                Entry {
+                    key: key.clone(),
+                    value,
+                },
+                n,
+            ));
+        }
+        let mut exact: Vec<(&String, &String, usize)> = node
+            .exact
+            .iter()
+            .flat_map(|(k, values)| values.iter().map(move |(v, &n)| (k, v, n)))
+            .collect();
+        exact.sort();
+        for (key, v, n) in exact {
+            let value = Value::Exact(v.clone());
+            children.push((
+                Entry {
+                    key: key.clone(),
+                    value,
+                },
+                n,
+            ));
+        }
+        for (key, pattern, n) in &node.wildcards {
+            let value = Value::Pattern(pattern.clone());
+            children.push((
+                Entry {
+                    key: key.clone(),
+                    value,
+                },
+                *n,
+            ));
+        }
+        for (entry, n) in children {
+            path.push(entry);
+            self.walk(n, path, out);
+            path.pop();
+        }
+    }
+}
+
 /// Whether `text` matches `pattern`, where each `*` matches any run of
 /// characters (none included).
 fn glob(pattern: &str, text: &str) -> bool {

@@ -2,11 +2,15 @@
 //! rolls out, and to look at a running one.
 //!
 //! ```text
+//! convert.rs   tollgate convert envoy-ratelimit: their rules as routes and limits
 //! explain.rs   tollgate explain: a call's route, why, and its limits' keys
 //! test.rs      tollgate test: timelines of calls and their expected outcomes
+//! inspect.rs   tollgate inspect: a key's state, asked of a running tollgate
 //! ```
 
+pub(crate) mod convert;
 pub(crate) mod explain;
+pub(crate) mod inspect;
 pub(crate) mod test;
 
 use std::sync::Arc;

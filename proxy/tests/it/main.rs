@@ -12,6 +12,7 @@ mod charges;
 mod fields;
 mod hostile;
 mod identity;
+mod inspect;
 mod limits;
 mod messages;
 mod process;

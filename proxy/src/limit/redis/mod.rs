@@ -287,7 +287,8 @@ impl RedisStore {
                     duration: m.limit_decision_duration(backend),
                 },
             }),
-            batchers: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
+            // One batcher per worker, and one for the admin server's questions.
+            batchers: (0..=workers.max(1)).map(|_| Mutex::new(None)).collect(),
             backend,
             settings: (limiter.backend, r, ca_files),
         })
@@ -331,6 +332,12 @@ impl RedisStore {
     /// `keys::KeyGate`).
     pub fn admit(&self, check: &Check, now: u64) -> bool {
         self.keys.admit(check.hash, check.params.ttl_micros(), now)
+    }
+
+    /// The batcher for questions off the workers (the admin server's):
+    /// the one after the workers'.
+    pub fn control_worker(&self) -> usize {
+        self.batchers.len() - 1
     }
 
     /// `redis` or `redis-cluster` (the metrics' backend label).

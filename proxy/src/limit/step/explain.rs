@@ -140,7 +140,7 @@ fn report(l: &Compiled, call: &CallInfo<'_>) -> Report {
 }
 
 /// An algorithm as the config names it.
-fn algorithm_name(a: Algorithm) -> &'static str {
+pub(super) fn algorithm_name(a: Algorithm) -> &'static str {
     match a {
         Algorithm::SlidingWindowLog => "sliding_window_log",
         Algorithm::SlidingWindowCounter => "sliding_window_counter",

@@ -16,6 +16,7 @@ mod charge;
 mod compile;
 mod explain;
 mod field;
+mod inspect;
 mod key;
 mod reply;
 
@@ -31,6 +32,7 @@ pub(crate) use self::compile::key_label;
 pub(crate) use self::compile::Fields;
 pub(crate) use self::explain::{Keyed, Report};
 pub(crate) use self::field::FieldRef;
+pub(crate) use self::inspect::{state, Asked};
 use self::reply::{beyond_capacity, no_room, ratelimit_headers, rejection, unavailable};
 use super::algorithm::{Decision, Params};
 use super::check::{fnv1a, Answer, Check, Use};
@@ -449,6 +451,13 @@ fn keyed(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<(String, Params)>, 
     if !key::value(l, call, &mut key)? {
         return Ok(None);
     }
+    Ok(Some(stored_key(l, key)))
+}
+
+/// The key as the store holds it (`key`: the limit's prefix and the
+/// values read from a call), and its parameters (an override's, if one
+/// matches the values).
+fn stored_key(l: &Compiled, mut key: String) -> (String, Params) {
     let params = if l.overrides.is_empty() {
         l.params
     } else {
@@ -460,7 +469,7 @@ fn keyed(l: &Compiled, call: &CallInfo<'_>) -> Result<Option<(String, Params)>, 
     if key.len() > MAX_KEY_BYTES {
         key = format!("{}#{:016x}", l.key_prefix, fnv1a(key.as_bytes()));
     }
-    Ok(Some((key, params)))
+    (key, params)
 }
 
 impl LimitStep for RouteLimits {
@@ -470,6 +479,14 @@ impl LimitStep for RouteLimits {
 
     fn explain(&self, call: &CallInfo<'_>) -> Vec<Report> {
         self.reports(call)
+    }
+
+    fn describe(&self) -> Vec<serde_json::Value> {
+        RouteLimits::describe(self)
+    }
+
+    fn ask(&self, limit: &str, value: &str) -> Result<Asked, String> {
+        RouteLimits::ask(self, limit, value)
     }
 
     fn ongoing(&self, call: &CallInfo<'_>) -> Result<Ongoing, Box<Rejection>> {
