@@ -59,10 +59,10 @@ pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
-type H2Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+pub(crate) type H2Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
 
 /// The HTTP/2 server settings of a listener config.
-fn h2_builder(l: &config::Listener) -> H2Builder {
+pub(crate) fn h2_builder(l: &config::Listener) -> H2Builder {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

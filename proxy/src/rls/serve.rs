@@ -2,6 +2,9 @@
 //! `grpc.health.v1` and server reflection beside it, on h2c or TLS (the
 //! mode set at start; certificates reload). Its connections count against
 //! `listener.max_connections` and `max_handshaking` like the proxy's.
+//! The services are tonic's; the connections are served by the proxy
+//! listener's own HTTP/2 server and settings (its windows, stream and
+//! keepalive limits, rapid-reset guard), each drained with GOAWAY.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,14 +53,6 @@ impl RateLimitService for Service {
 struct Counted<IO> {
     io: IO,
     _admitted: Admitted,
-}
-
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
 }
 
 impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<IO> {
@@ -260,15 +255,10 @@ async fn accept_tls(
 async fn run<IO>(
     worker: usize,
     shared: Arc<Shared>,
-    incoming: ReceiverStream<Result<Counted<IO>, std::io::Error>>,
+    mut incoming: ReceiverStream<Result<Counted<IO>, std::io::Error>>,
     mut drain: watch::Receiver<bool>,
 ) where
-    Counted<IO>: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    Counted<IO>: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -287,25 +277,46 @@ async fn run<IO>(
             return;
         }
     };
-    let listener = shared.active.load().config.listener.clone();
-    let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(listener.max_concurrent_streams)
-        .http2_keepalive_interval(
-            (!listener.keepalive.interval.is_zero()).then_some(listener.keepalive.interval.0),
-        )
-        .http2_keepalive_timeout(Some(listener.keepalive.timeout.0));
-    let service = RateLimitServiceServer::new(Service { shared, worker })
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let served = builder
-        .add_service(health)
+    let service = RateLimitServiceServer::new(Service {
+        shared: shared.clone(),
+        worker,
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let routes = tonic::service::Routes::new(health)
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = drain.wait_for(|d| *d).await;
-        })
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "rls listener stopped");
+        .prepare();
+    let routes = hyper_util::service::TowerToHyperService::new(routes);
+    // The proxy listener's HTTP/2 server and settings, at start.
+    let listener = shared.active.load().config.listener.clone();
+    let builder = crate::server::h2_builder(&listener);
+    // Every connection task holds a receiver: when all are dropped, the
+    // connections are done.
+    let (open_tx, open_rx) = watch::channel(());
+    loop {
+        let io = tokio::select! {
+            _ = drain.wait_for(|d| *d) => break,
+            next = tokio_stream::StreamExt::next(&mut incoming) => match next {
+                Some(Ok(io)) => io,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), routes.clone());
+        let (mut drain, open) = (drain.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = drain.wait_for(|d| *d) => {}
+            }
+            // Drain: GOAWAY, and the requests in flight are answered.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
     }
+    drop(open_rx);
+    let _ = tokio::time::timeout(listener.drain_timeout.0, open_tx.closed()).await;
 }
