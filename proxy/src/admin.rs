@@ -85,7 +85,8 @@ const MAX_QUERY_BYTES: usize = 4096;
 async fn limits(shared: &Shared, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let refuse = |status, why: String| reply(status, TEXT, why + "\n");
-    if !peer.ip().is_loopback() {
+    // An IPv4 client of a dual-stack bind is ::ffff:127.0.0.1.
+    if !peer.ip().to_canonical().is_loopback() {
         return refuse(
             StatusCode::FORBIDDEN,
             "/limits answers loopback clients only: ask from tollgate's own host or pod (tollgate inspect, kubectl exec or kubectl port-forward)".into(),
@@ -146,7 +147,7 @@ async fn limits(shared: &Shared, peer: SocketAddr, query: &str) -> Response<Full
     if route.starts_with("rls:") {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "the rate limit service's keys are asked with ShouldRateLimit itself: a descriptor with hits_addend 0 takes nothing and answers what is left".into(),
+            "the rate limit service's keys are asked with ShouldRateLimit itself: a descriptor whose own hits_addend is 0 takes nothing and answers what is left".into(),
         );
     }
     let found = match route.strip_prefix('/').and_then(|p| p.split_once('/')) {
@@ -170,11 +171,20 @@ async fn limits(shared: &Shared, peer: SocketAddr, query: &str) -> Response<Full
             format!("route {:?} has no limits", &*found.name),
         );
     };
-    let (Some(limit), Some(key)) = (limit, key) else {
-        return json_reply(
-            StatusCode::OK,
-            &serde_json::json!({ "store": store, "route": &*found.name, "limits": step.describe() }),
-        );
+    let (limit, key) = match (limit, key) {
+        (Some(l), Some(k)) => (l, k),
+        (None, None) => {
+            return json_reply(
+                StatusCode::OK,
+                &serde_json::json!({ "store": store, "route": &*found.name, "limits": step.describe() }),
+            )
+        }
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "a key's state needs both limit and key (its values joined by /, as tollgate explain prints them)".into(),
+            )
+        }
     };
     let asked = match step.ask(&limit, &key) {
         Ok(a) => a,
@@ -239,7 +249,8 @@ pub(crate) async fn serve(
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 async move {
-                    let r = if req.uri().path() == "/limits" && req.method() == Method::GET {
+                    let asks = req.method() == Method::GET || req.method() == Method::HEAD;
+                    let r = if req.uri().path() == "/limits" && asks {
                         limits(&shared, peer, req.uri().query().unwrap_or("")).await
                     } else {
                         respond(&shared, &req)

@@ -224,23 +224,13 @@ pub fn main() -> ExitCode {
                 upstream,
                 redis,
             };
-            match crate::tools::convert::convert(&options) {
-                Ok(c) => {
-                    print!("{}", c.yaml);
-                    for l in &c.left {
-                        eprintln!("tollgate: not converted: {l}");
-                    }
-                    if c.left.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_FAILURE)
-                    }
+            finish(crate::tools::convert::convert(&options).map(|c| {
+                for l in &c.left {
+                    eprintln!("tollgate: not converted: {l}");
                 }
-                Err(e) => {
-                    eprintln!("tollgate: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
+                let whole = c.left.is_empty();
+                (c.yaml, whole)
+            }))
         }
         Command::Inspect {
             route,
@@ -295,20 +285,7 @@ pub fn main() -> ExitCode {
         } => {
             let ran = crate::tools::explain::schema_args(&schemas)
                 .and_then(|s| crate::tools::test::run(&config, &tests, &s, &ProcessEnv));
-            match ran {
-                Ok((report, passed)) => {
-                    print!("{report}");
-                    if passed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_FAILURE)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("tollgate: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
+            finish(ran)
         }
         Command::Check { config } => match runtime::check(&config, &ProcessEnv) {
             Ok(checked) => {
@@ -366,6 +343,25 @@ pub fn main() -> ExitCode {
             handle.drain();
             tracing::info!("tollgate stopped");
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// A tool's end: its output printed, and exit 0 when it found all well,
+/// 1 when not; its error and exit 2 when a file or flag was unusable.
+fn finish(out: Result<(String, bool), String>) -> ExitCode {
+    match out {
+        Ok((text, well)) => {
+            print!("{text}");
+            if well {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

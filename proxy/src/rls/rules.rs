@@ -392,6 +392,49 @@ impl Rules {
     }
 }
 
+impl Rules {
+    /// The values the config gives key `key` beside the key alone, after
+    /// `prefix` (a path [`paths`](Self::paths) returned): each exact value
+    /// and wildcard, and whether its node has a limit. A request with one
+    /// of them follows that node, not the key alone's.
+    pub(crate) fn siblings(&self, domain: &str, prefix: &[Entry], key: &str) -> Vec<(Value, bool)> {
+        let Some(d) = self.domains.get(domain) else {
+            return Vec::new();
+        };
+        let mut node = &d.nodes[0];
+        for e in prefix {
+            let next = match &e.value {
+                Value::Any => node.defaults.get(&e.key),
+                Value::Exact(v) => node.exact.get(&e.key).and_then(|m| m.get(v)),
+                Value::Pattern(p) => node
+                    .wildcards
+                    .iter()
+                    .find(|(k, q, _)| *k == e.key && q == p)
+                    .map(|(_, _, n)| n),
+            };
+            match next {
+                Some(&n) => node = &d.nodes[n],
+                None => return Vec::new(),
+            }
+        }
+        let mut out: Vec<(Value, bool)> = node
+            .exact
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|(v, &n)| (Value::Exact(v.clone()), d.nodes[n].rule.is_some()))
+            .collect();
+        out.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+        out.extend(
+            node.wildcards
+                .iter()
+                .filter(|(k, _, _)| k == key)
+                .map(|(_, p, n)| (Value::Pattern(p.clone()), d.nodes[*n].rule.is_some())),
+        );
+        out
+    }
+}
+
 impl Domain {
     fn walk<'a>(
         &'a self,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::config::{FailureMode, Limiter, OverCapacity};
+use crate::config::{shown, Config, FailureMode, Limiter, OverCapacity};
 use crate::limit::algorithm::{Algorithm, Params};
 use crate::rls::rules::{Entry, Kind, Rule, Rules, Value};
 
@@ -56,6 +56,7 @@ const ENVOY_ACTION_KEYS: &[(&str, &str)] = &[
 ];
 
 /// One limit of the output.
+#[derive(Clone)]
 struct Limit {
     name: String,
     /// Where it came from (a comment).
@@ -72,6 +73,8 @@ struct Limit {
 /// One route of the output.
 struct Route {
     matcher: String,
+    /// Its service and method patterns (`None`: any).
+    patterns: (String, Option<String>),
     /// The `generic_key` values it stands for (a comment).
     values: Vec<String>,
     limits: Vec<Limit>,
@@ -99,8 +102,8 @@ fn pairs<'a>(given: &'a [String], flag: &str) -> Result<BTreeMap<&'a str, &'a st
     Ok(map)
 }
 
-/// A `--route` match as tollgate's `match`.
-fn matcher(m: &str) -> Result<String, String> {
+/// A `--route` match as tollgate's `match`, and its patterns.
+fn matcher(m: &str) -> Result<(String, (String, Option<String>)), String> {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let bad = || {
         format!(
@@ -122,10 +125,63 @@ fn matcher(m: &str) -> Result<String, String> {
     if !valid(service) || method.is_some_and(|x| !valid(x)) {
         return Err(bad());
     }
-    Ok(match method {
+    let yaml = match method {
         None => format!("{{ service: {} }}", q(service)),
         Some(x) => format!("{{ service: {}, method: {} }}", q(service), q(x)),
-    })
+    };
+    Ok((yaml, (service.to_owned(), method.map(str::to_owned))))
+}
+
+/// Whether every name pattern `narrow` matches, `broad` matches too
+/// (`None` and `*`: any name; `x*`: a prefix).
+fn covers(broad: Option<&str>, narrow: Option<&str>) -> bool {
+    let any = |p: Option<&str>| p.is_none_or(|p| p == "*");
+    if any(broad) {
+        return true;
+    }
+    let (Some(b), Some(n)) = (broad, narrow) else {
+        return false;
+    };
+    match (b.strip_suffix('*'), n.strip_suffix('*')) {
+        (Some(p), Some(x)) => x.starts_with(p),
+        (Some(p), None) => n.starts_with(p),
+        (None, None) => b == n,
+        (None, Some(_)) => false,
+    }
+}
+
+/// Whether route `b` takes every call route `n` does.
+fn contains(b: &(String, Option<String>), n: &(String, Option<String>)) -> bool {
+    covers(Some(&b.0), Some(&n.0)) && covers(b.1.as_deref(), n.1.as_deref())
+}
+
+/// A call takes the most specific route that matches it: a route's limits
+/// go on the narrower routes it contains too (each counting its own), and
+/// routes that overlap otherwise are listed.
+fn nest(routes: &mut [Route], left: &mut Vec<String>) {
+    let n = routes.len();
+    // The limits each route has of its own, before any is copied.
+    let own: Vec<Vec<Limit>> = routes.iter().map(|r| r.limits.clone()).collect();
+    for i in 0..n {
+        for j in 0..n {
+            if i == j {
+                continue;
+            }
+            let (a, b) = (&routes[i].patterns, &routes[j].patterns);
+            if contains(a, b) {
+                routes[j].limits.extend(own[i].iter().cloned());
+            } else if i < j
+                && !contains(b, a)
+                && covers(Some(&a.0), Some(&b.0)) | covers(Some(&b.0), Some(&a.0))
+                && covers(a.1.as_deref(), b.1.as_deref()) | covers(b.1.as_deref(), a.1.as_deref())
+            {
+                left.push(format!(
+                    "routes {} and {} overlap: a call both match takes the more specific one, and only its limits",
+                    routes[i].matcher, routes[j].matcher
+                ));
+            }
+        }
+    }
 }
 
 /// A limit name tollgate accepts, from a rule's name or path.
@@ -169,7 +225,7 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
         // by its path.
         let mut placed: Vec<(Vec<Entry>, Option<usize>, usize)> = Vec::new();
         for (entries, rule) in &paths {
-            let id = format!("domain {domain}, rule {}", rule.id);
+            let id = format!("domain {}, rule {}", shown(domain), shown(&rule.id));
             if entries.iter().any(|e| matches!(e.value, Value::Pattern(_))) {
                 left.push(format!(
                     "{id}: a wildcard value has no equivalent (tollgate's overrides name exact values)"
@@ -197,7 +253,8 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
                     }
                     (Value::Exact(_), k) => {
                         unusable = Some(format!(
-                            "entry {i} ({k}) has a value, and is not the last: a limit for one value alone has no equivalent"
+                            "entry {i} ({}) has a value, and is not the last: a limit for one value alone has no equivalent",
+                            shown(k)
                         ));
                     }
                     (_, k) => match part(k, &header_of) {
@@ -227,23 +284,56 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
                 }
             };
             if !rule.replaces.is_empty() {
+                let names: Vec<String> = rule.replaces.iter().map(|r| shown(r)).collect();
                 left.push(format!(
                     "{id}: replaces {} is not carried: on tollgate both limits apply",
-                    rule.replaces.join(", ")
+                    names.join(", ")
                 ));
             }
             if key.is_empty() {
                 key.push("{ constant: all }".to_owned());
             }
+            let mut over_capacity = rule.over_capacity;
+            if over_capacity == OverCapacity::Local && o.redis.is_none() {
+                left.push(format!(
+                    "{id}: over_capacity local counts in process when Redis has no room: it needs --redis (written as {:?})",
+                    limiter.over_capacity
+                ));
+                over_capacity = limiter.over_capacity;
+            }
+            // A value of a key-alone entry that the config gives nodes of
+            // its own is not this limit's in Envoy.
+            for (i, e) in entries.iter().enumerate() {
+                if e.value != Value::Any {
+                    continue;
+                }
+                for (value, limited) in rules.siblings(domain, &entries[..i], &e.key) {
+                    let overrides =
+                        i + 1 == entries.len() && limited && matches!(value, Value::Exact(_));
+                    if overrides || (limited && matches!(value, Value::Pattern(_))) {
+                        // The second pass makes it an override; a wildcard's
+                        // rule is listed on its own.
+                        continue;
+                    }
+                    let v = match &value {
+                        Value::Exact(v) | Value::Pattern(v) => shown(v),
+                        Value::Any => continue,
+                    };
+                    left.push(format!(
+                        "{id}: {} {v} has descriptors of its own, which Envoy follows instead of this rule's; here the limit counts it too",
+                        shown(&e.key)
+                    ));
+                }
+            }
             let limit = Limit {
                 name: limit_name(rule),
-                from: format!("{domain}: {}", rule.id),
+                from: format!("domain {}, rule {}", shown(domain), shown(&rule.id)),
                 key,
                 reads_header,
                 params,
                 shadow: rule.shadow,
                 failure_mode: rule.failure_mode,
-                over_capacity: rule.over_capacity,
+                over_capacity,
                 overrides: BTreeMap::new(),
             };
             let at = match selector {
@@ -258,12 +348,13 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
                         }
                         continue;
                     };
-                    let m = matcher(m)?;
+                    let (m, patterns) = matcher(m)?;
                     let i = match routes.iter().position(|r| r.matcher == m) {
                         Some(i) => i,
                         None => {
                             routes.push(Route {
                                 matcher: m,
+                                patterns,
                                 values: Vec::new(),
                                 limits: Vec::new(),
                             });
@@ -293,11 +384,13 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
                 value: Value::Any,
             });
             let Some((_, r, l)) = placed.iter().find(|(p, _, _)| *p == sibling) else {
+                if rule.kind == Kind::Unlimited {
+                    continue; // no limit beside it to lift: nothing to write
+                }
                 left.push(format!(
-                    "{id}: a limit for {} {} alone, with no rule for the key {} itself beside it, has no equivalent",
-                    last.key,
-                    crate::config::shown(value),
-                    last.key
+                    "{id}: a limit for {} {} alone, with no rule for the key itself beside it, has no equivalent",
+                    shown(&last.key),
+                    shown(value)
                 ));
                 continue;
             };
@@ -330,16 +423,22 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
             if params.algorithm != target.params.algorithm
                 || params.burst != target.params.burst
                 || rule.shadow != target.shadow
+                || rule.failure_mode != target.failure_mode
+                || rule.over_capacity != target.over_capacity
+                || !rule.replaces.is_empty()
             {
                 left.push(format!(
-                    "{id}: its algorithm, burst or shadow mode differs from the rule it overrides ({}), and an override changes only the rate",
+                    "{id}: its algorithm, burst, shadow or failure mode, over_capacity or replaces differs from the rule it overrides ({}), and an override changes only the rate",
                     target.from
                 ));
                 continue;
             }
             target.overrides.insert(
                 value.clone(),
-                (params.rate.to_string(), format!("{domain}: {}", rule.id)),
+                (
+                    params.rate.to_string(),
+                    format!("domain {}, rule {}", shown(domain), shown(&rule.id)),
+                ),
             );
         }
     }
@@ -353,7 +452,19 @@ pub(crate) fn convert(o: &Options) -> Result<Converted, String> {
             flags.join(" ")
         ));
     }
+    nest(&mut routes, &mut left);
     let yaml = render(o, &rules, routes, global, &headers_read, &left);
+    // What is written must be what tollgate loads.
+    let config = Config::parse(&yaml)
+        .map_err(|e| format!("the converted config does not load ({e}): please report it"))?;
+    let problems = config.validate(None);
+    if !problems.is_empty() {
+        let p: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "the converted config would not pass tollgate check: {}",
+            p.join("; ")
+        ));
+    }
     Ok(Converted { yaml, left })
 }
 
@@ -365,7 +476,8 @@ fn part(key: &str, header_of: &BTreeMap<&str, &str>) -> Result<(String, Option<S
             && h.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if valid {
-            Ok((format!("{{ header: {h} }}"), Some(h)))
+            // Envoy's request_headers action reads the first value.
+            Ok((format!("{{ header: \"{h}\", repeated: first }}"), Some(h)))
         } else {
             Err(format!(
                 "descriptor key {} is not a header name: name its header with --header {key}=NAME",
@@ -379,13 +491,15 @@ fn part(key: &str, header_of: &BTreeMap<&str, &str>) -> Result<(String, Option<S
     match key {
         "remote_address" => Ok(("{ peer_ip: {} }".to_owned(), None)),
         // Envoy's default masks are the whole address.
-        "masked_remote_address" => Ok(("{ peer_ip: {} }".to_owned(), None)),
+        // Envoy's default masks keep the whole address, written with its
+        // length (1.2.3.4/32, ::1/128): so does a mask of 128.
+        "masked_remote_address" => Ok(("{ peer_ip: { mask: 128 } }".to_owned(), None)),
         "generic_key" => Err(
             "a generic_key with no value matches every route's: it has no equivalent".to_owned(),
         ),
         k => match ENVOY_ACTION_KEYS.iter().find(|(name, _)| *name == k) {
             Some((_, action)) => Err(format!(
-                "key {k} is set by Envoy's {action} action, which reads nothing tollgate sees in a call"
+                "key {k} is set by Envoy's {action} action, which reads nothing tollgate sees in a call (--header {k}=NAME reads a header instead)"
             )),
             None => header(k),
         },
@@ -432,6 +546,14 @@ fn render(
             "# Descriptor keys read from request headers: {}.\n# Envoy's request_headers actions named the headers: where yours differ,\n# convert again with --header KEY=NAME.",
             read.join(", ")
         );
+    }
+    let peer = routes
+        .iter()
+        .flat_map(|r| &r.limits)
+        .chain(&global)
+        .any(|l| l.key.iter().any(|k| k.contains("peer_ip")));
+    if peer {
+        y.push_str("# remote_address is the connection's peer here: behind a load balancer or\n# proxy, set listener.trust_forwarded_for (Envoy's xff_num_trusted_hops).\n");
     }
     if !global.is_empty() && !routes.is_empty() {
         y.push_str("# Limits without a generic_key are on every route: a call takes one route,\n# and each route counts its own.\n");
@@ -579,8 +701,8 @@ descriptors:
         assert_eq!(c.left.len(), 2, "{:?}", c.left);
         let has =
             |rule: &str, why: &str| c.left.iter().any(|l| l.contains(rule) && l.contains(why));
-        assert!(has("rule plan_free", "alone"), "{:?}", c.left);
-        assert!(has("rule region_eu-*", "wildcard"), "{:?}", c.left);
+        assert!(has("rule \"plan_free\"", "alone"), "{:?}", c.left);
+        assert!(has("rule \"region_eu-*\"", "wildcard"), "{:?}", c.left);
         assert!(c.yaml.contains("# Not converted:"), "{}", c.yaml);
         assert!(c.yaml.contains("user from header x-user-id"), "{}", c.yaml);
 
@@ -619,6 +741,79 @@ tests:
         let (report, passed) =
             crate::tools::test::run(&config, &tests, &[], &env).unwrap_or_else(|e| panic!("{e}"));
         assert!(passed, "{report}\n{}", c.yaml);
+    }
+
+    #[test]
+    fn values_with_nodes_of_their_own_masks_and_nested_routes_keep_envoys_meaning() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let text = r#"
+domain: api
+descriptors:
+  - key: user
+    rate_limit: { unit: minute, requests_per_unit: 5 }
+  - key: user
+    value: admin
+  - key: masked_remote_address
+    rate_limit: { unit: second, requests_per_unit: 10 }
+  - key: masked_remote_address
+    value: 10.1.2.3/32
+    rate_limit: { unit: second, requests_per_unit: 100 }
+  - key: generic_key
+    value: reads
+    descriptors:
+      - key: user
+        rate_limit: { unit: minute, requests_per_unit: 100, name: reads }
+  - key: generic_key
+    value: get
+    descriptors:
+      - key: user
+        rate_limit: { unit: minute, requests_per_unit: 7, name: gets }
+"#;
+        let mut o = options(dir.path(), text, &["reads=pkg.Svc", "get=/pkg.Svc/Get"]);
+        o.redis = Some("redis://127.0.0.1:6379".to_owned());
+        let c = convert(&o).unwrap_or_else(|e| panic!("{e}"));
+        // Envoy lets admin through (its node has no limit); tollgate's
+        // limit on the key alone would count it: listed.
+        assert_eq!(c.left.len(), 1, "{:?}", c.left);
+        assert!(
+            c.left[0].contains("\"admin\" has descriptors of its own"),
+            "{:?}",
+            c.left
+        );
+        assert!(c.yaml.contains("backend: redis"), "{}", c.yaml);
+        assert!(c.yaml.contains("trust_forwarded_for"), "{}", c.yaml);
+
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, &c.yaml).unwrap_or_else(|e| panic!("{e}"));
+        let tests = dir.path().join("tests.yaml");
+        std::fs::write(
+            &tests,
+            r#"
+tests:
+  - name: the masked address's override is Envoy's value, with its length
+    calls:
+      - { method: /other.Svc/Call, peer: 10.1.2.3, repeat: 50, expect: allowed }
+      - { method: /other.Svc/Call, peer: 10.9.9.9, repeat: 10, expect: allowed }
+      - { method: /other.Svc/Call, peer: 10.9.9.9, expect: { limited: masked_remote_address, retry_after: 1s } }
+  - name: a Get call meets its own generic_key's limit and the service's
+    calls:
+      - { method: /pkg.Svc/Get, peer: 10.0.0.1, headers: { x-user-id: u1 }, repeat: 5, expect: allowed }
+      - { method: /pkg.Svc/Get, peer: 10.0.0.2, headers: { x-user-id: u1 }, expect: { limited: user, retry_after: 1min } }
+      - { method: /pkg.Svc/List, peer: 10.0.0.3, headers: { x-user-id: u1 }, repeat: 5, expect: allowed }
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = std::collections::HashMap::<&str, &str>::new();
+        let (report, passed) =
+            crate::tools::test::run(&config, &tests, &[], &env).unwrap_or_else(|e| panic!("{e}"));
+        assert!(passed, "{report}\n{}", c.yaml);
+        // The Get route carries the service route's limit too.
+        let get = &c.yaml[c.yaml.find("method: \"Get\"").unwrap_or(0)..];
+        let get = &get[..get.find("  - match").unwrap_or(get.len())];
+        assert!(
+            get.contains("\"gets\"") && get.contains("\"reads\""),
+            "{get}"
+        );
     }
 
     #[test]

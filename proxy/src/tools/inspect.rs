@@ -129,17 +129,16 @@ fn state_line(s: &Value, store: &str) -> String {
     let n = |k: &str| s[k].as_u64().unwrap_or(0);
     let reset =
         Duration::from_millis((s["reset_seconds"].as_f64().unwrap_or(0.0) * 1e3).round() as u64);
-    let mut line = format!(
+    if n("used") == 0 {
+        return format!("used 0 of {0}, {0} left (unused, or not held)", n("limit"));
+    }
+    format!(
         "used {} of {}, {} left, whole again in {}",
         n("used"),
         n("limit"),
         n("remaining"),
         humantime::format_duration(reset)
-    );
-    if n("used") == 0 {
-        line.push_str(" (unused, or not held)");
-    }
-    line
+    )
 }
 
 #[cfg(test)]

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use crate::common::{http_get, req, Proxy, Upstream};
 use serde_json::Value;
 use tonic::metadata::MetadataValue;
@@ -45,23 +43,10 @@ async fn state(proxy: &Proxy, query: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// Waits until no hour boundary is within the next 30 s (the fixed
-/// window would start again).
-async fn away_from_the_hour_edge() {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let left = 3600 - secs % 3600;
-    if left < 30 {
-        tokio::time::sleep(Duration::from_secs(left + 1)).await;
-    }
-}
-
 /// What every backend must show: counts after calls, unchanged by asking,
 /// an override's rate, and the same through `tollgate inspect`.
 async fn shows_state(limiter: &str, store: &str) {
-    away_from_the_hour_edge().await;
+    crate::redis_limits::away_from_the_hour_edge().await;
     let up = Upstream::start().await;
     let route = format!("inspect-{store}-{}", std::process::id());
     let proxy = Proxy::start(&config(up.addr, &route, limiter));
@@ -178,7 +163,12 @@ async fn limits_lists_routes_and_says_what_is_wrong_with_a_question() {
         ),
         ("?color=red", 400, "unknown parameter \"color\""),
         ("?route=a&route=b", 400, "route is given twice"),
-        ("?route=rls:payments", 400, "hits_addend 0"),
+        (
+            &format!("?route={route}&limit=hourly")[..],
+            400,
+            "needs both limit and key",
+        ),
+        ("?route=rls:payments", 400, "hits_addend is 0"),
     ] {
         let (got, body) = limits(&proxy, query).await;
         assert_eq!(got, status, "{query}: {body}");
@@ -203,4 +193,25 @@ async fn limits_lists_routes_and_says_what_is_wrong_with_a_question() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("404") && err.contains("no route"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_of_keys_holds_no_place_in_the_store() {
+    // One key a shard, and a full shard refuses: had the peeks been kept,
+    // every shard would be full of them and the call refused.
+    let up = Upstream::start().await;
+    let route = format!("inspect-places-{}", std::process::id());
+    let proxy = Proxy::start(&format!(
+        "listener: {{ address: 127.0.0.1:0, workers: 2 }}\nadmin: {{ address: 127.0.0.1:0 }}\nlimiter: {{ backend: memory, max_keys: 1, over_capacity: closed }}\nupstreams:\n  echo: {{ addresses: [\"{}\"] }}\nroutes:\n  - match: {{ service: tollgate.test.v1.Echo }}\n    upstream: echo\n    name: {route}\n    limits:\n      - {{ name: hourly, key: [ {{ header: x-merchant }} ], rate: 5/h, algorithm: fixed_window }}\n",
+        up.addr
+    ));
+    for i in 0..300 {
+        let v = state(
+            &proxy,
+            &format!("?route={route}&limit=hourly&key=unseen-{i}"),
+        )
+        .await;
+        assert_eq!(v["state"]["used"], 0, "{v}");
+    }
+    assert_eq!(calls(&proxy, "m-new", 1).await, vec![Code::Ok]);
 }

@@ -58,7 +58,7 @@ pub(crate) fn cluster(urls: &[String]) -> String {
 
 /// Waits, if needed, so that the next 60 s do not cross an hour (the
 /// fixed window's edge would admit a second window's worth).
-async fn away_from_the_hour_edge() {
+pub(crate) async fn away_from_the_hour_edge() {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

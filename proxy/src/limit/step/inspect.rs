@@ -116,14 +116,26 @@ pub(crate) async fn state(stores: &Stores, worker: usize, asked: Asked) -> Resul
     }
     let (store, now) = match &stores.redis {
         Some(redis) => {
-            let decided = redis
-                .decide(worker, vec![check.clone()], None, true)
-                .await
-                .map_err(|e| {
-                    format!(
+            let decided = match redis.decide(worker, vec![check.clone()], None, true).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let mut why = format!(
                         "Redis did not answer ({e}); the limit takes its failure mode meanwhile"
-                    )
-                })?;
+                    );
+                    if let Some(local) = &local {
+                        if let Some(Value::Object(f)) = peek_memory(stores, local, &local.params) {
+                            let n = |k: &str| f.get(k).and_then(Value::as_u64).unwrap_or(0);
+                            why.push_str(&format!(
+                                "; this replica's local share: used {} of {}, {} left",
+                                n("used"),
+                                n("limit"),
+                                n("remaining")
+                            ));
+                        }
+                    }
+                    return Err(why);
+                }
+            };
             let now = decided.first().map(|d| figures(d, &params));
             (redis.backend(), now)
         }
