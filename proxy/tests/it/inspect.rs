@@ -215,3 +215,19 @@ async fn asking_of_keys_holds_no_place_in_the_store() {
     }
     assert_eq!(calls(&proxy, "m-new", 1).await, vec![Code::Ok]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_admin_bind_is_loopback() {
+    // Bound to [::], the admin server sees 127.0.0.1 as ::ffff:127.0.0.1.
+    let up = Upstream::start().await;
+    let route = format!("inspect-dual-{}", std::process::id());
+    let yaml = config(up.addr, &route, "  backend: memory").replace(
+        "admin: { address: 127.0.0.1:0 }",
+        "admin: { address: \"[::]:0\" }",
+    );
+    let proxy = Proxy::start(&yaml);
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.admin().port()));
+    let (status, body) = http_get(v4, "/limits").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&route), "{body}");
+}
