@@ -94,8 +94,11 @@ def decisions(admin):
     return metric_sum(admin, ("tollgate_limit_decisions_total", 'limit="per-client"'))
 
 
-def start_redis(work):
-    """Starts a redis-server for a run, pinned to REDIS_CPU; its port."""
+def start_redis(work, realtime=False):
+    """Starts a redis-server for a run, pinned to REDIS_CPU; its port.
+    `realtime`: SCHED_FIFO, so that it runs the moment it is woken, as on a
+    host of its own, instead of waiting behind h2load on the CPU they share
+    (see bench_rls.py)."""
     redis_dir = f"{work}/redis"
     out = subprocess.run([f"{ROOT}/scripts/redis.sh", "start", redis_dir, "--owner", str(os.getpid())],
                          check=True, capture_output=True, text=True).stdout
@@ -103,6 +106,8 @@ def start_redis(work):
     with open(f"{redis_dir}/redis.pid") as f:
         redis_pid = int(f.read().strip())
     subprocess.run(["taskset", "-a", "-p", "-c", REDIS_CPU, str(redis_pid)], check=True, capture_output=True)
+    if realtime:
+        subprocess.run(["chrt", "-a", "-f", "-p", "1", str(redis_pid)], check=True, capture_output=True)
     return int(env["PORT"])
 
 
@@ -119,7 +124,7 @@ def scenario_config(port, admin, upstream, scenario, redis_port=None):
             f"upstreams:\n  echo: {{ addresses: [\"127.0.0.1:{upstream}\"] }}\n{limiter}routes:\n{route}")
 
 
-def start_servers(work, procs):
+def start_servers(work, procs, realtime_redis=False):
     """redis-server and the Echo upstream of a run: (spawn, Redis port,
     upstream port). `spawn(cmd)` starts a server on SERVER_CPU, in `procs`."""
     def spawn(cmd):
@@ -127,7 +132,7 @@ def start_servers(work, procs):
         procs.append(p)
         return p
 
-    redis_port = start_redis(work)
+    redis_port = start_redis(work, realtime_redis)
     up = free_port()
     spawn([f"{ROOT}/target/release/examples/echo_upstream", f"127.0.0.1:{up}"])
     wait_port(up)

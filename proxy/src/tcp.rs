@@ -11,11 +11,24 @@ use tokio::net::TcpStream;
 pub(crate) fn tune(stream: &TcpStream, idle: Duration) -> socket2::SockRef<'_> {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
-    let _ = sock.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3),
-    );
+    let _ = sock.set_tcp_keepalive(&keepalive(idle));
     sock
+}
+
+/// The keepalive probes of [`tune`].
+fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3)
+}
+
+/// The same for the limiter's Redis connections, which the redis crate
+/// opens itself (its default leaves Nagle on): a worker keeps up to four
+/// batches in flight on one connection, and with Nagle each batch written
+/// while the one before is unacknowledged would wait for that ACK.
+pub(crate) fn redis() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive(Duration::from_secs(60)))
 }

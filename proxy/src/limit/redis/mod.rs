@@ -186,7 +186,9 @@ fn connection_info(
     if let Some(p) = &r.password {
         settings = settings.set_password(&p.0);
     }
-    Ok(info.set_redis_settings(settings))
+    Ok(info
+        .set_redis_settings(settings)
+        .set_tcp_settings(crate::tcp::redis()))
 }
 
 /// The client of a `limiter.redis` block (no connection is made), how logs
@@ -226,7 +228,9 @@ fn target(
                 .response_timeout(r.connect_timeout.0)
                 .retries(2)
                 .min_retry_wait(2)
-                .max_retry_wait(20);
+                .max_retry_wait(20)
+                // Nodes found through the cluster's own answers too.
+                .tcp_settings(crate::tcp::redis());
             if let Some(c) = certs {
                 b = b.certs(c);
             }
@@ -499,5 +503,22 @@ impl RedisStore {
             tokio::spawn(batcher_loop(self.inner.clone(), rx));
             q
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_to_redis_have_no_nagle_delay_and_keepalive_probes() {
+        // The redis crate leaves Nagle on unless told: pipelined batches
+        // would wait for the ACK of the one before.
+        for url in ["redis://127.0.0.1:6379", "rediss://redis.example:6380/2"] {
+            let info = connection_info(url, &config::RedisStore::default()).unwrap();
+            let tcp = info.tcp_settings();
+            assert!(tcp.nodelay(), "{url}: TCP_NODELAY");
+            assert!(tcp.keepalive().is_some(), "{url}: keepalive");
+        }
     }
 }
