@@ -53,8 +53,9 @@ pub(crate) type Refusal = tonic::Status;
 /// The rate limit service of a loaded config.
 pub(crate) struct Rls {
     rules: Rules,
-    /// Each rule's outcome counters, by `domain␟id`.
-    outcomes: HashMap<String, Outcomes>,
+    /// Each rule's outcome counters, by domain and rule id (looked up by
+    /// `&str`, with no key to build per descriptor).
+    outcomes: HashMap<String, HashMap<String, Outcomes>>,
     /// The answers' counters, by domain ("" for domains not configured).
     answers: HashMap<String, Answers>,
     /// Header names, when answers carry them.
@@ -143,15 +144,15 @@ impl Rls {
             ))),
             None => None,
         };
-        let mut outcomes = HashMap::new();
+        let mut outcomes: HashMap<String, HashMap<String, Outcomes>> = HashMap::new();
         let mut answers = HashMap::new();
         for domain in rules.domains() {
             answers.insert(domain.to_owned(), Answers::new(domain));
             for r in rules.rules(domain) {
-                outcomes.insert(
-                    format!("{domain}\u{1f}{}", r.id),
-                    Outcomes::new(&route_label(domain), &r.id),
-                );
+                outcomes
+                    .entry(domain.to_owned())
+                    .or_default()
+                    .insert(r.id.clone(), Outcomes::new(&route_label(domain), &r.id));
             }
         }
         answers.insert(String::new(), Answers::new("(not configured)"));
@@ -304,7 +305,8 @@ impl Rls {
                     }
                     let outcomes = self
                         .outcomes
-                        .get(&format!("{domain}\u{1f}{}", r.id))
+                        .get(domain)
+                        .and_then(|o| o.get(&r.id))
                         .unwrap_or(&self.overrides);
                     (&r.kind, Limit::of(r, outcomes))
                 }
