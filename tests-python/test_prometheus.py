@@ -4,18 +4,21 @@
 Starts redis-server, PostgreSQL, the tansu broker (scripts/redis.sh,
 postgres.sh --fast, kafka.sh; each dies with this process), the payment
 backend on PostgreSQL relaying its outbox to the broker, tollgate in front of
-it with one tight Redis-backed limit and one route to an upstream nobody
-listens on, and Prometheus with config/prometheus.yml (targets rewritten to
-this test's ports, 1s scrape and evaluation) and the chart's rule file.
+it with one tight Redis-backed limit, one route to an upstream nobody
+listens on and one to an upstream that refuses every stream (REFUSED_STREAM:
+tollgate retries the call once), and Prometheus with config/prometheus.yml
+(targets rewritten to this test's ports, 1s scrape and evaluation) and the
+chart's rule file.
 
 Then drives traffic through tollgate (a payment lifecycle, a burst over the
-limit, a call the backend fails, a call to the dead upstream) and asks
-Prometheus' HTTP API: both targets are up; the request, decision, upstream,
-RPC and payment counters hold exactly what the traffic implies; every query
-of every panel in helm/files/dashboard.json returns a series with a value;
-the rejection-ratio alert is pending or firing (its `for` cut to 1s in a
-temporary copy of the rule file), and the alerts about Redis, the config,
-the database and the targets stay quiet.
+limit, a call the backend fails, a call to the dead upstream, one to the
+refusing upstream) and asks Prometheus' HTTP API: both targets are up; the
+request, decision, upstream, retry, RPC and payment counters hold exactly
+what the traffic implies; every query of every panel in
+helm/files/dashboard.json returns a series with a value; the rejection-ratio
+alert is pending or firing (its `for` cut to 1s in a temporary copy of the
+rule file), and the alerts about Redis, the config, the database, the
+targets and the upstream circuit breakers and retries stay quiet.
 """
 
 import concurrent.futures
@@ -24,9 +27,11 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -44,6 +49,7 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 LIMITED_ROUTE = "payments.v1.PaymentService/GetPayment"
 DEAD_ROUTE = "tollgate.test.v1.Echo/*"
+REFUSED_ROUTE = "tollgate.test.v1.Refused/*"
 BURST, ALLOWED = 10, 3  # the burst's calls; how many the limit lets through
 # What a dashboard query's template variables become here.
 DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1s", "$__range": "5m",
@@ -82,6 +88,47 @@ def wait_http(url, proc, timeout=30):
             return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not answer {url} within {timeout}s (log: {proc.log})")
+
+
+def refuse_streams(server):
+    """A bare HTTP/2 server on SERVER that resets every stream with
+    REFUSED_STREAM: never processed, so tollgate retries the call once."""
+    def serve(conn):
+        def frame(kind, flags, stream, payload=b""):
+            conn.sendall(len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload)
+
+        def read(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = conn.recv(n - len(buf))
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+            return buf
+
+        with conn:
+            try:
+                read(24)  # the client preface
+                frame(0x4, 0, 0)  # SETTINGS
+                while True:
+                    head = read(9)
+                    kind, flags, stream = head[3], head[4], int.from_bytes(head[5:], "big") & 0x7FFFFFFF
+                    payload = read(int.from_bytes(head[:3], "big"))
+                    if kind == 0x4 and not flags & 0x1:
+                        frame(0x4, 0x1, 0)  # SETTINGS ack
+                    elif kind == 0x6 and not flags & 0x1:
+                        frame(0x6, 0x1, 0, payload)  # PING ack
+                    elif kind == 0x1:
+                        frame(0x3, 0, stream, (0x7).to_bytes(4, "big"))  # RST_STREAM REFUSED_STREAM
+            except (EOFError, OSError):
+                pass
+
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 def prometheus_config(tmp, ports):
@@ -201,6 +248,8 @@ def main():
             BACKEND, "serve", "--listen", f"127.0.0.1:{backend_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--database-url", postgres["URL"], "--kafka-brokers", kafka["BROKERS"]]))
         port, admin_port, dead_port = free_port(), free_port(), free_port()
+        refusing = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=refuse_streams, args=(refusing,), daemon=True).start()
         config = os.path.join(tmp, "tollgate.yaml")
         with open(config, "w") as f:
             f.write(f"""
@@ -209,6 +258,7 @@ admin: {{ address: "127.0.0.1:{admin_port}" }}
 upstreams:
   payment-backend: {{ addresses: ["127.0.0.1:{backend_port}"] }}
   nowhere: {{ addresses: ["127.0.0.1:{dead_port}"], connect_timeout: 200ms }}
+  refusing: {{ addresses: ["127.0.0.1:{refusing.getsockname()[1]}"] }}
 limiter:
   backend: redis
   redis: {{ url: "{redis['URL']}", timeout: 1s }}
@@ -223,6 +273,8 @@ routes:
         burst: {ALLOWED}
   - match: {{ service: tollgate.test.v1.Echo }}
     upstream: nowhere
+  - match: {{ service: tollgate.test.v1.Refused }}
+    upstream: refusing
   - match: {{}}
     upstream: payment-backend
 """)
@@ -266,7 +318,8 @@ routes:
 
         # Traffic, part one: a payment lifecycle on the catch-all route, the
         # limited route up to and over its limit, a call the backend fails
-        # (NOT_FOUND) and one the dead upstream fails (UNAVAILABLE).
+        # (NOT_FOUND), one the dead upstream fails (UNAVAILABLE) and one the
+        # refusing upstream fails twice, retried once (UNAVAILABLE).
         payer = accounts.CreateAccount(accounts_pb2.CreateAccountRequest(
             idempotency_key=key(), owner="payer", currency="EUR"), timeout=10)
         payee = accounts.CreateAccount(accounts_pb2.CreateAccountRequest(
@@ -292,6 +345,11 @@ routes:
             dead = grpc.StatusCode.OK
         except grpc.RpcError as e:
             dead = e.code()
+        try:
+            channel.unary_unary("/tollgate.test.v1.Refused/Unary")(b"", timeout=5)
+            refused = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            refused = e.code()
 
         def the_calls_answered_as_expected():
             assert captured.status == payments_pb2.PAYMENT_STATUS_CAPTURED, captured
@@ -300,8 +358,9 @@ routes:
             assert warmup == [grpc.StatusCode.OK] * ALLOWED + [grpc.StatusCode.RESOURCE_EXHAUSTED], warmup
             assert not_found == grpc.StatusCode.NOT_FOUND, not_found
             assert dead == grpc.StatusCode.UNAVAILABLE, dead
+            assert refused == grpc.StatusCode.UNAVAILABLE, refused
 
-        check("the traffic got its answers (lifecycle, limit, NOT_FOUND, UNAVAILABLE)",
+        check("the traffic got its answers (lifecycle, limit, NOT_FOUND, UNAVAILABLE x2)",
               the_calls_answered_as_expected)
 
         # Part two, once Prometheus has scraped part one from both targets, so
@@ -335,6 +394,7 @@ routes:
             'sum(tollgate_requests_total{route="*", method="CreatePayment", grpc_status="OK"})': 3.0,
             'sum(tollgate_requests_total{route="*", method="CapturePayment", grpc_status="OK"})': 1.0,
             f'sum(tollgate_requests_total{{route="{DEAD_ROUTE}", grpc_status="UNAVAILABLE"}})': 1.0,
+            f'sum(tollgate_requests_total{{route="{REFUSED_ROUTE}", grpc_status="UNAVAILABLE"}})': 1.0,
         }))
         decisions = f'tollgate_limit_decisions_total{{route="{LIMITED_ROUTE}", limit="gets-per-client"'
         check("limit decisions: allowed and limited per limit, timed on Redis, no store error", exact({
@@ -348,6 +408,12 @@ routes:
         check("tollgate_upstream_errors_total counts the refused connect", exact({
             'sum(tollgate_upstream_errors_total{upstream="nowhere", kind="connect_refused"})': 1.0,
             'sum(tollgate_upstream_errors_total{upstream="payment-backend"}) or vector(0)': 0.0,
+        }))
+        check("tollgate_upstream_retries_total counts the refused call's one retry; no breaker overflowed", exact({
+            'sum(tollgate_upstream_retries_total{upstream="refusing", reason="refused_stream"})': 1.0,
+            'sum(tollgate_upstream_retries_total{upstream!="refusing"}) or vector(0)': 0.0,
+            'sum(tollgate_upstream_overflow_total)': 0.0,
+            'min(tollgate_upstream_breaker_remaining{upstream="payment-backend", breaker="max_requests"})': 1024.0,
         }))
         check("backend RPCs by code: rejected calls never reached it", exact({
             'sum(payment_backend_rpc_requests_total{method="GetPayment", code="OK"})': 2.0 * ALLOWED,
@@ -405,12 +471,14 @@ routes:
                 time.sleep(0.2)
             quiet = {"TollgateLimitStoreErrors", "TollgateLimitStoreBreakerOpen", "TollgateLimitsFailingOpen",
                      "TollgateLimitsFailingClosed", "TollgateConfigReloadFailed", "TollgateTargetDown",
+                     "TollgateUpstreamCircuitBreakerOpen", "TollgateUpstreamRetriesHigh",
                      "PaymentBackendDatabaseDown", "PaymentBackendTargetDown", "PaymentBackendOutboxBacklogOld"}
             noisy = sorted(name for name, _ in active if name in quiet)
             assert not noisy, f"alerts active on a healthy stack: {noisy}"
 
         check("TollgateRateLimitRejectionsHigh is pending or firing for the limited route; "
-              "the Redis, config, database and target alerts are quiet", rejection_alert_is_active)
+              "the Redis, config, database, target and upstream breaker/retry alerts are quiet",
+              rejection_alert_is_active)
         channel.close()
     finally:
         stop(procs)

@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -28,6 +28,7 @@ use crate::grpc::status::{parse_status, status_headers, Code};
 use crate::limit::meter::{Meters, Verdict};
 use crate::limit::step::Charges;
 use crate::metrics::{self, MethodStats, RouteStats};
+use crate::upstream::OpenStream;
 
 /// What a body needs of its call's route: the counters its messages go to,
 /// and the upstream its errors name. [`crate::routes::Route`] is one; bodies
@@ -37,24 +38,6 @@ pub(crate) trait RouteCounters: Send + Sync {
     fn stats(&self) -> &RouteStats;
     /// The name of the route's upstream.
     fn upstream_name(&self) -> &str;
-}
-
-/// A call counted as open on its upstream connection until dropped (when
-/// its response ends).
-pub(crate) struct OpenStream(Arc<AtomicUsize>);
-
-impl OpenStream {
-    /// Counts one more call on `open` until this is dropped.
-    pub(crate) fn new(open: Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(open)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What ends a call that takes too long: its deadline, and (unless the

@@ -10,7 +10,7 @@
 //! recording a call costs atomic increments, not label lookups.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock, Weak};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -18,6 +18,7 @@ use prometheus::{
 };
 
 use crate::grpc::status::Code;
+use crate::upstream::breaker::{Breakers, Resource};
 
 /// Distinct method labels one route keeps before folding into `_other`.
 pub(crate) const MAX_METHODS_PER_ROUTE: usize = 256;
@@ -31,6 +32,10 @@ pub(crate) struct Metrics {
     messages: IntCounterVec,
     message_bytes: IntCounterVec,
     upstream_errors: IntCounterVec,
+    upstream_overflow: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    /// Every upstream's circuit breakers, read at each scrape.
+    breakers: Mutex<Vec<Weak<Breakers>>>,
     /// Open client connections.
     pub(crate) active_connections: IntGauge,
     /// Open client streams.
@@ -124,6 +129,16 @@ impl Metrics {
             "tollgate_upstream_errors_total",
             "Failures talking to an upstream, by upstream and kind.",
             &["upstream", "kind"],
+        );
+        let upstream_overflow = counter(
+            "tollgate_upstream_overflow_total",
+            "Calls failed at once by an upstream's circuit breaker, by the threshold reached (max_requests, max_pending, max_connections; retry_budget: a safe retry not made).",
+            &["upstream", "breaker"],
+        );
+        let upstream_retries = counter(
+            "tollgate_upstream_retries_total",
+            "Calls sent again because the upstream provably never processed them, by why (refused_stream, goaway, connection_closed).",
+            &["upstream", "reason"],
         );
         let active_connections = gauge(
             "tollgate_active_connections",
@@ -225,6 +240,9 @@ impl Metrics {
             messages,
             message_bytes,
             upstream_errors,
+            upstream_overflow,
+            upstream_retries,
+            breakers: Mutex::new(Vec::new()),
             active_connections,
             active_streams,
             connections_refused,
@@ -260,6 +278,66 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[upstream, kind])
             .inc();
+    }
+
+    /// The counter of one circuit breaker's overflows.
+    pub(crate) fn upstream_overflow(&self, upstream: &str, breaker: &str) -> IntCounter {
+        self.upstream_overflow
+            .with_label_values(&[upstream, breaker])
+    }
+
+    /// The counter of safe retries of one upstream for one reason.
+    pub(crate) fn upstream_retries(&self, upstream: &str, reason: &str) -> IntCounter {
+        self.upstream_retries.with_label_values(&[upstream, reason])
+    }
+
+    /// Shows `b`'s counts and what is left of its thresholds at each
+    /// scrape, while it lives (the newest of one upstream name wins).
+    pub(crate) fn watch_breakers(&self, b: &Arc<Breakers>) {
+        if let Ok(mut all) = self.breakers.lock() {
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(b));
+        }
+    }
+
+    /// The breaker gauges, as they are now.
+    #[allow(clippy::expect_used)] // fixed names and labels: cannot fail
+    fn breaker_families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let live: Vec<Arc<Breakers>> = match self.breakers.lock() {
+            Ok(all) => all.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut newest: HashMap<&str, &Arc<Breakers>> = HashMap::new();
+        for b in &live {
+            newest.insert(b.upstream(), b);
+        }
+        let gauges = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["upstream", "breaker"]).expect("valid metric")
+        };
+        let in_use = gauges(
+            "tollgate_upstream_breaker_in_use",
+            "What an upstream's circuit breakers count now: calls in flight (max_requests), waiting (max_pending), connections (max_connections), retries under way (retry_budget).",
+        );
+        let remaining = gauges(
+            "tollgate_upstream_breaker_remaining",
+            "What is left of each circuit breaker threshold of an upstream before calls fail at once (0: open).",
+        );
+        for (name, b) in newest {
+            for r in Resource::ALL {
+                let used = b.in_use(r);
+                let labels = [name, r.name()];
+                in_use.with_label_values(&labels).set(used as i64);
+                remaining
+                    .with_label_values(&labels)
+                    .set(b.max(r).saturating_sub(used) as i64);
+            }
+        }
+        use prometheus::core::Collector;
+        let mut families = in_use.collect();
+        families.extend(remaining.collect());
+        // The encoder refuses a family with no metrics (no upstreams).
+        families.retain(|f| !f.get_metric().is_empty());
+        families
     }
 
     /// The counter of one limit's outcome.
@@ -315,7 +393,9 @@ impl Metrics {
     pub(crate) fn render(&self) -> String {
         let _ = &self.info;
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.breaker_families());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

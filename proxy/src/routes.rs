@@ -226,15 +226,21 @@ impl RouteTable {
     }
 }
 
-/// Builds the upstream specs of a validated config.
+/// The upstreams of a config, by name.
+pub(crate) type Upstreams = HashMap<String, Arc<UpstreamSpec>>;
+
+/// Builds the upstream specs of a validated config; those named in
+/// `previous` (the config before a reload) keep its circuit breakers.
 pub(crate) fn upstream_specs(
     cfg: &Config,
     base: Option<&std::path::Path>,
-) -> Result<HashMap<String, Arc<UpstreamSpec>>, String> {
+    previous: Option<&Upstreams>,
+) -> Result<Upstreams, String> {
     cfg.upstreams
         .iter()
         .map(|(name, u)| {
-            UpstreamSpec::new(name, u, base)
+            let before = previous.and_then(|p| p.get(name)).map(|s| &s.breakers);
+            UpstreamSpec::new(name, u, base, before)
                 .map(|s| (name.clone(), Arc::new(s)))
                 .map_err(|e| format!("upstreams.{name}: {e}"))
         })
@@ -248,7 +254,7 @@ mod tests {
     fn table(yaml: &str) -> RouteTable {
         let cfg = Config::parse(yaml).unwrap();
         assert_eq!(cfg.validate(None), vec![]);
-        let ups = upstream_specs(&cfg, None).unwrap();
+        let ups = upstream_specs(&cfg, None, None).unwrap();
         RouteTable::build(
             &cfg,
             &ups,
@@ -275,7 +281,7 @@ mod tests {
             let mut cfg = Config::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
             // In process: the Redis examples' stores are not what is checked.
             cfg.limiter.backend = crate::config::Backend::Memory;
-            let ups = upstream_specs(&cfg, None).unwrap();
+            let ups = upstream_specs(&cfg, None, None).unwrap();
             let stores = Stores {
                 memory: Arc::new(crate::limit::memory::MemoryStore::new(100)),
                 redis: None,

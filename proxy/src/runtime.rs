@@ -100,7 +100,7 @@ pub fn check(path: &Path, env: &dyn Env) -> Result<Checked, StartError> {
     if let Some(t) = &config.listener.tls {
         crate::tls::server_config(t, base).map_err(|m| setup(format!("listener.tls: {m}")))?;
     }
-    let upstreams = crate::routes::upstream_specs(&config, base).map_err(setup)?;
+    let upstreams = crate::routes::upstream_specs(&config, base, None).map_err(setup)?;
     if config.limiter.backend != crate::config::Backend::Memory {
         RedisStore::check(&config.limiter, base).map_err(setup)?;
     }
@@ -177,7 +177,7 @@ pub(crate) fn load(
     let max_keys = config.limiter.max_keys;
     let schemas =
         crate::schema::load(&config, base, previous.map(|p| &p.schemas)).map_err(setup)?;
-    let active = Active::build(config, base, stores, schemas).map_err(setup)?;
+    let active = Active::build(config, base, stores, schemas, previous).map_err(setup)?;
     // Only a config that will serve changes the live stores' bound.
     memory.set_max_keys(max_keys);
     if let Some(r) = &active.stores.redis {

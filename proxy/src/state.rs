@@ -37,6 +37,8 @@ pub(crate) struct Active {
     pub(crate) client_ip: Option<crate::headers::ClientIp>,
     /// Envoy's rate limit service, when `rls` is set.
     pub(crate) rls: Option<crate::rls::Rls>,
+    /// The upstreams, by name (a reload keeps their circuit breakers).
+    pub(crate) upstreams: routes::Upstreams,
 }
 
 // === impl Active ===
@@ -47,14 +49,16 @@ impl Active {
         self.schemas.values().any(Result::is_err)
     }
 
-    /// Builds the serving state of a validated config.
+    /// Builds the serving state of a validated config; `previous` is the
+    /// one in force before a reload.
     pub(crate) fn build(
         config: Config,
         base: Option<&std::path::Path>,
         stores: crate::limit::step::Stores,
         schemas: crate::schema::Schemas,
+        previous: Option<&Active>,
     ) -> Result<Active, String> {
-        let upstreams = routes::upstream_specs(&config, base)?;
+        let upstreams = routes::upstream_specs(&config, base, previous.map(|p| &p.upstreams))?;
         let routes = RouteTable::build(&config, &upstreams, &stores, &schemas, false)?;
         let rls = match &config.rls {
             Some(r) => Some(crate::rls::Rls::build(r, &config.limiter, base)?),
@@ -73,6 +77,7 @@ impl Active {
             schemas,
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
+            upstreams,
             config,
         })
     }

@@ -292,6 +292,67 @@ pub struct Upstream {
     /// key on or charge by fields named (not numbered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<SchemaSource>,
+    /// How much of the upstream this process may use at once, across every
+    /// worker and endpoint; beyond it a call fails at once with
+    /// UNAVAILABLE naming the breaker, instead of queueing.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    /// Calls the upstream provably never processed (refused streams,
+    /// streams above a GOAWAY's last stream id) are sent once more; this
+    /// bounds how many such retries may be under way at once.
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
+}
+
+/// An upstream's circuit breaker thresholds, for this process (each
+/// replica counts on its own, as Envoy's do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Calls in flight to the upstream, from sending to the end of the
+    /// response.
+    #[serde(default = "default_breaker_max")]
+    pub max_requests: usize,
+    /// Calls waiting for a connection (being opened) or for a stream slot
+    /// on a full one.
+    #[serde(default = "default_breaker_max")]
+    pub max_pending: usize,
+    /// HTTP/2 connections open to the upstream's endpoints.
+    #[serde(default = "default_breaker_max")]
+    pub max_connections: usize,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            max_requests: default_breaker_max(),
+            max_pending: default_breaker_max(),
+            max_connections: default_breaker_max(),
+        }
+    }
+}
+
+/// How many safe retries may be under way at once: `percent` of the calls
+/// in flight and waiting, and never fewer than `min_concurrent`. Both 0:
+/// no retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Share of active calls, in percent (0..=100).
+    #[serde(default = "default_retry_percent")]
+    pub percent: u32,
+    /// Retries always allowed at once, whatever the share.
+    #[serde(default = "default_min_retries")]
+    pub min_concurrent: usize,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: default_retry_percent(),
+            min_concurrent: default_min_retries(),
+        }
+    }
 }
 
 /// An upstream's schema: a descriptor set file, or gRPC server reflection
@@ -980,6 +1041,16 @@ fn default_upstream_max_connections() -> usize {
 }
 fn default_max_streams_per_connection() -> usize {
     100
+}
+/// Envoy's default for each of its thresholds.
+fn default_breaker_max() -> usize {
+    1024
+}
+fn default_retry_percent() -> u32 {
+    20
+}
+fn default_min_retries() -> usize {
+    3
 }
 /// Every 5 minutes: gRPC servers in Go and Java by default count PINGs
 /// more frequent than that as abuse (GOAWAY ENHANCE_YOUR_CALM) while they

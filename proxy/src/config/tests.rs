@@ -363,3 +363,32 @@ rls:
         ],
     );
 }
+
+#[test]
+fn circuit_breakers_and_the_retry_budget_are_checked() {
+    let cfg = Config::parse(GOOD).unwrap();
+    let b = &cfg.upstreams["backend"];
+    assert_eq!(b.circuit_breaker.max_requests, 1024, "Envoy's default");
+    assert_eq!(
+        (b.retry_budget.percent, b.retry_budget.min_concurrent),
+        (20, 3)
+    );
+    let p = problems(
+        "upstreams:\n  a: { addresses: [\"h:1\"], circuit_breaker: { max_requests: 0, max_pending: 2000000 }, retry_budget: { percent: 101 } }\nroutes: [ { match: {}, upstream: a } ]\n",
+    );
+    assert_reported(
+        &p,
+        &[
+            "upstreams.a.circuit_breaker.max_requests: must be between 1 and 1000000",
+            "upstreams.a.circuit_breaker.max_pending: must be between 1 and 1000000",
+            "upstreams.a.retry_budget.percent: must be between 0 and 100",
+        ],
+    );
+    assert_eq!(p.len(), 3, "{p:#?}");
+    let err = Config::parse(
+        "upstreams:\n  a: { addresses: [\"h:1\"], circuit_breaker: { max_request: 5 } }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("max_request"), "{err}");
+}

@@ -91,6 +91,31 @@ impl Config {
                 );
             }
             check_keepalive(&mut p, &format!("{at}.keepalive"), &u.keepalive);
+            let b = &u.circuit_breaker;
+            for (field, value) in [
+                ("max_requests", b.max_requests),
+                ("max_pending", b.max_pending),
+                ("max_connections", b.max_connections),
+            ] {
+                if value == 0 || value > 1_000_000 {
+                    p.add(
+                        format!("{at}.circuit_breaker.{field}"),
+                        "must be between 1 and 1000000",
+                    );
+                }
+            }
+            if u.retry_budget.percent > 100 {
+                p.add(
+                    format!("{at}.retry_budget.percent"),
+                    "must be between 0 and 100 (a share of active calls)",
+                );
+            }
+            if u.retry_budget.min_concurrent > 1_000_000 {
+                p.add(
+                    format!("{at}.retry_budget.min_concurrent"),
+                    "must be between 0 and 1000000",
+                );
+            }
             if let Some(tls) = &u.tls {
                 check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
             }

@@ -167,7 +167,7 @@ pub(crate) fn load(
     if let Some(m) = memory {
         stores.memory = m;
     }
-    Active::build(config, base, stores, schemas)
+    Active::build(config, base, stores, schemas, None)
 }
 
 /// The explanation, as text; `Err`: the config or the call is unusable.

@@ -21,6 +21,7 @@ mod redis_limits;
 mod redis_security;
 mod redis_store;
 mod reload;
+mod resilience;
 mod rls;
 mod tls;
 mod transparency;

@@ -17,20 +17,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::future::poll_fn;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
-use http_body::Body as _;
+use h2::RecvStream;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::body::{OpenStream, RequestBody};
+use crate::body::RequestBody;
 use crate::config;
 use crate::grpc::status::Code;
 use crate::metrics;
+
+pub(crate) mod breaker;
+mod replay;
+
+use breaker::{Breakers, Held, Resource};
 
 /// TLS settings for an upstream.
 pub(crate) struct UpstreamTls {
@@ -49,6 +51,8 @@ pub(crate) struct UpstreamSpec {
     /// A hash of the files it read (the CA bundle): a reload that finds
     /// them changed under the same paths builds new connections.
     pub(crate) files: u64,
+    /// Its circuit breakers: one for the process, kept across reloads.
+    pub(crate) breakers: Arc<Breakers>,
 }
 
 /// Why a call could not be forwarded.
@@ -90,6 +94,11 @@ impl std::fmt::Display for UpstreamError {
 // === impl UpstreamError ===
 
 impl UpstreamError {
+    /// Whether a circuit breaker failed it (nothing was tried).
+    pub(crate) fn is_overflow(&self) -> bool {
+        Resource::ALL.iter().any(|r| r.name() == self.kind)
+    }
+
     /// The status a client gets: the gRPC spec's mapping of how the stream
     /// ended, and a message naming the upstream and what happened, without
     /// addresses or TLS text (those are logged).
@@ -121,6 +130,9 @@ impl UpstreamError {
 
 /// A metric kind label, as words for a client.
 fn kind_text(kind: &str) -> &'static str {
+    if let Some(r) = Resource::ALL.into_iter().find(|r| r.name() == kind) {
+        return r.text();
+    }
     match kind {
         "connect_refused" => "connection refused",
         "connect_timeout" => "connect timed out",
@@ -135,10 +147,13 @@ fn kind_text(kind: &str) -> &'static str {
 
 impl UpstreamSpec {
     /// Builds the spec of a validated upstream; TLS files are read here.
+    /// `breakers` are those of the config before (a reload): the counts
+    /// carry on under the new thresholds.
     pub(crate) fn new(
         name: &str,
         u: &config::Upstream,
         base: Option<&Path>,
+        breakers: Option<&Arc<Breakers>>,
     ) -> Result<Self, String> {
         let endpoints = u
             .addresses
@@ -171,12 +186,21 @@ impl UpstreamSpec {
                 })
             }
         };
+        let name: Arc<str> = name.into();
+        let breakers = match breakers {
+            Some(b) => {
+                b.configure(u);
+                b.clone()
+            }
+            None => Breakers::new(&name, u),
+        };
         Ok(UpstreamSpec {
-            name: name.into(),
+            name,
             config: u.clone(),
             endpoints,
             tls,
             files,
+            breakers,
         })
     }
 
@@ -186,6 +210,17 @@ impl UpstreamSpec {
             http::uri::Scheme::HTTPS
         } else {
             http::uri::Scheme::HTTP
+        }
+    }
+
+    /// A call failed at once by a circuit breaker (counted by it).
+    fn overflow(&self, r: Resource) -> UpstreamError {
+        UpstreamError {
+            upstream: self.name.clone(),
+            endpoint: String::new(),
+            kind: r.name(),
+            detail: r.text().to_owned(),
+            ended: None,
         }
     }
 
@@ -207,6 +242,44 @@ impl UpstreamSpec {
     }
 }
 
+/// A call counted as open on its upstream connection, and in flight to
+/// the upstream, until dropped (when its response ends).
+pub(crate) struct OpenStream {
+    _conn: ConnCount,
+    _call: Held,
+}
+
+/// A call counted on one connection until dropped.
+struct ConnCount(Arc<AtomicUsize>);
+
+impl ConnCount {
+    fn new(conn: Arc<AtomicUsize>) -> Self {
+        conn.fetch_add(1, Ordering::Relaxed);
+        ConnCount(conn)
+    }
+
+    /// Counts the call on `other` instead.
+    fn move_to(&mut self, other: Arc<AtomicUsize>) {
+        other.fetch_add(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0 = other;
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the upstream provably never processed a call, and the slot it was
+/// sent on.
+#[derive(Debug, Clone, Copy)]
+struct Unprocessed {
+    slot: usize,
+    reason: &'static str,
+}
+
 /// One HTTP/2 connection to an endpoint, as calls see it.
 #[derive(Clone)]
 struct Conn {
@@ -221,6 +294,13 @@ impl Conn {
     fn has_room(&self, max: usize) -> bool {
         let n = self.open.load(Ordering::Relaxed);
         n < max && n < self.sender.current_max_send_streams()
+    }
+
+    /// Whether one more call may find every stream the upstream allows
+    /// taken in h2, which counts a stream until both sides closed it.
+    fn near_stream_limit(&self) -> bool {
+        let n = self.open.load(Ordering::Relaxed);
+        n + STREAM_SLACK >= self.sender.current_max_send_streams()
     }
 }
 
@@ -298,9 +378,11 @@ impl Pool {
         let base = turn / per * max;
         let first = &self.slots[base + turn % per];
         let conn = Self::live(first);
+        let may_connect = self.spec.breakers.has_room(Resource::Connections);
         match &conn {
-            Some(live) if !live.has_room(c.max_streams_per_connection) => {}
-            _ => return (first, conn),
+            Some(live) if live.has_room(c.max_streams_per_connection) => return (first, conn),
+            None if may_connect => return (first, conn),
+            _ => {}
         }
         let mut fresh = None;
         for slot in &self.slots[base..base + max] {
@@ -314,66 +396,219 @@ impl Pool {
                 }
             }
         }
-        match fresh {
-            Some(slot) => (slot, None),
+        match (fresh, conn) {
+            (Some(slot), _) if may_connect => (slot, None),
             // All full: the call waits its turn on the upstream's streams.
-            None => (first, conn),
+            (_, Some(conn)) => (first, Some(conn)),
+            // At circuit_breaker.max_connections with no connection to this
+            // endpoint: one to another with room, else any, else none (the
+            // connect is refused by the breaker).
+            (_, None) => {
+                let live = || self.slots.iter().filter_map(|s| Some((s, Self::live(s)?)));
+                live()
+                    .find(|(_, l)| l.has_room(c.max_streams_per_connection))
+                    .or_else(|| live().next())
+                    .map_or((first, None), |(s, l)| (s, Some(l)))
+            }
         }
     }
 
     /// Sends a call on a pooled connection and returns the upstream's
-    /// response, with the call counted on its connection until the
-    /// response ends. A connection found closing before the call was sent
-    /// is replaced and the call sent on the new one; when its endpoint
-    /// cannot be reached, on one to another endpoint (the call was never
-    /// sent, so that is safe).
+    /// response, with the call counted on its connection (and by the
+    /// circuit breaker) until the response ends.
+    ///
+    /// A connection found closing before the call was sent is replaced and
+    /// the call sent on the new one; when its endpoint cannot be reached,
+    /// on one to another endpoint. A call the upstream provably never
+    /// processed (its stream refused, or above a GOAWAY's last stream id)
+    /// is sent once more, on another endpoint or connection, within the
+    /// retry budget and `deadline`.
     pub(crate) async fn send(
         &self,
         req: http::Request<RequestBody>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<(http::Response<RecvStream>, OpenStream), UpstreamError> {
+        let breakers = &self.spec.breakers;
+        let call = breakers
+            .take(Resource::Requests)
+            .map_err(|r| self.spec.overflow(r))?;
+        let (parts, body) = req.into_parts();
+        let mut out = replay::Outgoing::new(parts, body, breakers.retries_on());
+        let mut retry: Option<(Held, Unprocessed)> = None;
+        loop {
+            let avoid = retry.as_ref().map(|(_, u)| u.slot);
+            match self.attempt(&mut out, avoid).await {
+                Ok((response, conn)) => {
+                    out.answered();
+                    return Ok((
+                        response,
+                        OpenStream {
+                            _conn: conn,
+                            _call: call,
+                        },
+                    ));
+                }
+                Err((error, Some(unprocessed))) if retry.is_none() => {
+                    let left =
+                        deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                    if left.is_some_and(|l| l.is_zero()) || !out.rewind().await {
+                        return Err(error);
+                    }
+                    let Ok(held) = breakers.take(Resource::Retries) else {
+                        return Err(error);
+                    };
+                    if let Some(left) = left {
+                        out.set_timeout(left);
+                    }
+                    breakers.retried(unprocessed.reason);
+                    tracing::debug!(upstream = %self.spec.name, reason = unprocessed.reason, error = %error, "the upstream never processed the call: sent once more");
+                    retry = Some((held, unprocessed));
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// One attempt at a call: on the next connection in turn, or for a
+    /// retry, on another than the slot at `avoid`. A failure comes with
+    /// why the upstream provably never processed it, when it did not.
+    async fn attempt(
+        &self,
+        out: &mut replay::Outgoing,
+        avoid: Option<usize>,
+    ) -> Result<(http::Response<RecvStream>, ConnCount), (UpstreamError, Option<Unprocessed>)> {
         let c = &self.spec.config;
+        let breakers = &self.spec.breakers;
+        let overflow = |r| (self.spec.overflow(r), None);
+        // Counted while the call waits for a connection or a stream slot.
+        let mut waiting = None;
         let mut tries = 0;
         let (slot, conn) = loop {
-            let (slot, conn) = self.pick();
+            let (slot, conn) = match avoid {
+                None => self.pick(),
+                Some(i) => {
+                    let slot = self.retry_slot(i);
+                    (slot, Self::live(slot))
+                }
+            };
             let (slot, conn) = match conn {
                 Some(conn) => (slot, conn),
-                None => self.connect_any(slot).await?,
+                None => {
+                    if waiting.is_none() {
+                        waiting = Some(breakers.take(Resource::Pending).map_err(overflow)?);
+                    }
+                    self.connect_any(slot).await.map_err(|e| (e, None))?
+                }
             };
             // Calls that waited for a connect together look again: those
             // beyond its room go to another connection.
-            if tries >= c.max_connections || conn.has_room(c.max_streams_per_connection) {
+            if avoid.is_some()
+                || tries >= c.max_connections
+                || conn.has_room(c.max_streams_per_connection)
+            {
                 break (slot, conn);
             }
             tries += 1;
         };
+        // A call put on a connection with every stream taken waits in it
+        // for one to end.
+        if conn.has_room(c.max_streams_per_connection) {
+            waiting = None;
+        } else if waiting.is_none() {
+            waiting = Some(breakers.take(Resource::Pending).map_err(overflow)?);
+        }
+        let near_limit = conn.near_stream_limit();
         // Counted before any wait, so that calls picking meanwhile see it.
         let Conn { sender, open } = conn;
-        let mut open = OpenStream::new(open);
-        let (parts, mut body) = req.into_parts();
-        let (slot, mut sender, replaced) = self.ready(slot, sender).await?;
+        let mut counted = ConnCount::new(open);
+        let (slot, mut sender, replaced) = self.ready(slot, sender).await.map_err(|e| (e, None))?;
         if let Some(other) = replaced {
-            open = OpenStream::new(other);
+            counted.move_to(other);
         }
-        let eos = body.is_end_stream();
-        let (response, mut stream) = sender
-            .send_request(http::Request::from_parts(parts, ()), eos)
-            .map_err(|e| self.h2_error(slot.endpoint, &e))?;
-        if !eos {
-            // Queue what the client already sent, in this same turn, so it
-            // goes out in the write that carries the HEADERS.
-            if poll_fn(|cx| Poll::Ready(pipe(&mut body, &mut stream, cx, false)))
-                .await
-                .is_pending()
-            {
-                tokio::spawn(async move {
-                    poll_fn(|cx| pipe(&mut body, &mut stream, cx, true)).await;
-                });
+        let unprocessed = |reason| {
+            Some(Unprocessed {
+                slot: self.index_of(slot),
+                reason,
+            })
+        };
+        let Some((head, ends)) = out.head() else {
+            return Err((
+                self.spec
+                    .error(slot.endpoint, "protocol", "no request to send"),
+                None,
+            ));
+        };
+        let (response, stream) = match sender.send_request(head, ends) {
+            Ok(sent) => sent,
+            // Refused before anything was written.
+            Err(e) => {
+                return Err((
+                    self.h2_error(slot.endpoint, &e),
+                    unprocessed("connection_closed"),
+                ))
             }
+        };
+        if waiting.is_some() || near_limit {
+            // Ready again once h2 has opened this call's stream, which it
+            // holds back while the connection is at its stream limit. The
+            // body goes after that: h2 (0.4.20) may never send DATA queued
+            // on a stream while it waits to open (HEADERS go, DATA stays).
+            // Near the limit too: h2 may still count streams whose calls
+            // ended here.
+            let _ = poll_fn(|cx| sender.poll_ready(cx)).await;
+            drop(waiting);
+        }
+        if !ends {
+            out.start(stream).await;
         }
         match response.await {
-            Ok(r) => Ok((r, open)),
-            Err(e) => Err(self.h2_error(slot.endpoint, &e)),
+            Ok(r) => Ok((r, counted)),
+            Err(e) => {
+                let error = self.h2_error(slot.endpoint, &e);
+                let why = if e.is_remote() && e.is_go_away() {
+                    // Nothing more goes on a connection going away.
+                    self.forget_conn(slot, &counted.0);
+                    unprocessed("goaway")
+                } else if e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    unprocessed("refused_stream")
+                } else {
+                    None
+                };
+                Err((error, why))
+            }
         }
+    }
+
+    /// Where `slots[i]` is.
+    fn index_of(&self, slot: &Slot) -> usize {
+        self.slots
+            .iter()
+            .position(|s| std::ptr::eq(s, slot))
+            .unwrap_or(0)
+    }
+
+    /// The slot for a retry of a call that `slots[avoid]` never processed:
+    /// the next endpoint's (another connection of the same endpoint when
+    /// there is one endpoint), one with room, else one not connected yet.
+    fn retry_slot(&self, avoid: usize) -> &Slot {
+        let c = &self.spec.config;
+        let max = c.max_connections.max(c.connections).max(1);
+        let n = self.spec.endpoints.len();
+        let endpoint = (avoid / max + 1) % n;
+        let slots = &self.slots[endpoint * max..(endpoint + 1) * max];
+        let other = |s: &&Slot| !std::ptr::eq(*s, &self.slots[avoid]);
+        slots
+            .iter()
+            .filter(other)
+            .find(|s| Self::live(s).is_some_and(|l| l.has_room(c.max_streams_per_connection)))
+            .or_else(|| {
+                let may_connect = self.spec.breakers.has_room(Resource::Connections);
+                slots
+                    .iter()
+                    .filter(other)
+                    .find(|s| may_connect && Self::live(s).is_none())
+            })
+            .unwrap_or(&slots[0])
     }
 
     fn h2_error(&self, endpoint: usize, e: &h2::Error) -> UpstreamError {
@@ -427,6 +662,8 @@ impl Pool {
             };
             match self.connection(s).await {
                 Ok(c) => return Ok((s, c)),
+                // The breaker counts every endpoint's connections.
+                Err(e) if e.is_overflow() => return Err(e),
                 Err(e) => {
                     first.get_or_insert(e);
                 }
@@ -471,6 +708,15 @@ impl Pool {
         }
     }
 
+    /// Forgets `slot`'s connection if it is still the one counting `open`.
+    fn forget_conn(&self, slot: &Slot, open: &Arc<AtomicUsize>) {
+        if let Ok(mut s) = slot.conn.lock() {
+            if s.as_ref().is_some_and(|c| Arc::ptr_eq(&c.open, open)) {
+                *s = None;
+            }
+        }
+    }
+
     fn live(slot: &Slot) -> Option<Conn> {
         let guard = slot.conn.lock().ok()?;
         guard.clone()
@@ -490,9 +736,14 @@ impl Pool {
         if let Some(e) = self.failed_since(slot.endpoint, asked) {
             return Err(e);
         }
+        let counted = self
+            .spec
+            .breakers
+            .take(Resource::Connections)
+            .map_err(|r| self.spec.overflow(r))?;
         // Boxed: the connect path (TCP, TLS, HTTP/2 handshake) is rare, and
         // inlined it would make every call's future several KiB larger.
-        let c = match Box::pin(self.connect(slot.endpoint)).await {
+        let c = match Box::pin(self.connect(slot.endpoint, counted)).await {
             Ok(c) => c,
             Err(e) => {
                 if let Ok(mut last) = self.failed[slot.endpoint].lock() {
@@ -507,7 +758,9 @@ impl Pool {
         Ok(c)
     }
 
-    async fn connect(&self, endpoint: usize) -> Result<Conn, UpstreamError> {
+    /// A new connection to `endpoint`, `counted` by the breaker while it
+    /// is open.
+    async fn connect(&self, endpoint: usize, counted: Held) -> Result<Conn, UpstreamError> {
         let spec = &self.spec;
         let timeout = spec.config.connect_timeout.0;
         let (host, port) = &spec.endpoints[endpoint];
@@ -549,7 +802,7 @@ impl Pool {
         let sock = crate::tcp::tune(&tcp, Duration::from_secs(30));
         let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         match &spec.tls {
-            None => self.handshake(endpoint, tcp).await,
+            None => self.handshake(endpoint, tcp, counted).await,
             Some(tls) => {
                 let name = match &tls.server_name {
                     Some(n) => n.clone(),
@@ -571,12 +824,17 @@ impl Pool {
                         "the upstream did not agree to HTTP/2 (ALPN h2)",
                     ));
                 }
-                self.handshake(endpoint, stream).await
+                self.handshake(endpoint, stream, counted).await
             }
         }
     }
 
-    async fn handshake<IO>(&self, endpoint: usize, io: IO) -> Result<Conn, UpstreamError>
+    async fn handshake<IO>(
+        &self,
+        endpoint: usize,
+        io: IO,
+        counted: Held,
+    ) -> Result<Conn, UpstreamError>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
@@ -606,6 +864,7 @@ impl Pool {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %ended, error = %e, "upstream connection ended");
             }
+            drop(counted);
         });
         // PINGs in a task of their own: the connection's task polls nothing
         // else. An unanswered PING aborts the connection.
@@ -622,6 +881,10 @@ impl Pool {
         Ok(Conn { sender, open })
     }
 }
+
+/// How many streams h2 may count beyond the calls open on a connection
+/// (reset or ended, not yet released).
+const STREAM_SLACK: usize = 8;
 
 /// The stream window each upstream call gets: what one call may hold
 /// unread while its client is slow to read.
@@ -652,62 +915,6 @@ async fn keep_alive(
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return false,
             Err(_) => return true,
-        }
-    }
-}
-
-/// Moves the client's request body to the upstream stream. With
-/// `backpressure`, waits for the upstream's flow-control window before
-/// taking more from the client (the eager first pass does not: what it sends
-/// was already received). Ready when the body is done (or failed, in which
-/// case the upstream stream is reset).
-fn pipe(
-    body: &mut RequestBody,
-    stream: &mut SendStream<Bytes>,
-    cx: &mut Context<'_>,
-    backpressure: bool,
-) -> Poll<()> {
-    loop {
-        if backpressure {
-            stream.reserve_capacity(1);
-            if stream.capacity() == 0 {
-                loop {
-                    match std::task::ready!(stream.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(_)) | None => return Poll::Ready(()),
-                    }
-                }
-            } else if stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
-        }
-        match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let eos = body.is_end_stream();
-                    if stream.send_data(data, eos).is_err() || eos {
-                        return Poll::Ready(());
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        stream.reserve_capacity(0);
-                        let _ = stream.send_trailers(trailers);
-                        return Poll::Ready(());
-                    }
-                }
-            },
-            Some(Err(_)) => {
-                // The client's stream failed or its framing was refused:
-                // the upstream must not see a partial call as complete.
-                stream.send_reset(h2::Reason::CANCEL);
-                return Poll::Ready(());
-            }
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return Poll::Ready(());
-            }
         }
     }
 }
