@@ -6,7 +6,8 @@ swing by ±5 %. See bench-instructions.sh.
 Each build serves 1x1 unary calls (h2load, one worker) under
 `valgrind --tool=callgrind`, for N1 and then N2 calls; (I(N2) - I(N1)) /
 (N2 - N1) takes start and stop out. LISTENER adds listener settings
-(", stream_idle_timeout: 0s"), SCENARIO routes through the limits of a
+(", stream_idle_timeout: 0s"), UPSTREAM adds upstream settings
+(", retry_budget: { percent: 0, min_concurrent: 0 }"), SCENARIO routes through the limits of a
 bench_limits.py scenario.
 """
 
@@ -22,6 +23,7 @@ from bench_proxy import ROOT, frame, free_port, pass_through_config, stop_all, w
 N1, N2 = int(os.environ.get("N1", "500")), int(os.environ.get("N2", "2500"))
 SCENARIO = os.environ.get("SCENARIO", "")
 LISTENER = os.environ.get("LISTENER", "")
+UPSTREAM = os.environ.get("UPSTREAM", "")
 
 
 def instructions(binary, n, up, work, redis_port):
@@ -30,7 +32,8 @@ def instructions(binary, n, up, work, redis_port):
     text = (bench_limits.scenario_config(port, admin, up, SCENARIO, redis_port) if SCENARIO
             else pass_through_config(port, admin, up))
     with open(cfg, "w") as f:
-        f.write(text.replace("listener: {", "listener: { workers: 1" + LISTENER + ",", 1))
+        text = text.replace("listener: {", "listener: { workers: 1" + LISTENER + ",", 1)
+        f.write(text.replace('"] }', '"]' + UPSTREAM + " }", 1))
     out = f"{work}/callgrind.{n}"
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "run",
                           "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,7 +9,8 @@
 #   - every metric the dashboard and the alerts name is one the binaries
 #     export: target/debug/tollgate and target/debug/payment-backend run on
 #     loopback for a few seconds (SQLite, an unreachable Redis, a dead
-#     upstream), take a few calls, and their /metrics give the names
+#     upstream with two addresses: outlier detection's series exist only for
+#     upstreams with 2+), take a few calls, and their /metrics give the names
 #   - tollgate check config/compose/tollgate.yaml
 #   - docker compose -f docker-compose.yml config -q
 #
@@ -125,7 +126,7 @@ def wait(url, proc, what):
     sys.exit(f"{what} did not answer {url} within 20s")
 
 
-backend, metrics, listen, admin, closed = (port() for _ in range(5))
+backend, metrics, listen, admin, closed, closed2 = (port() for _ in range(6))
 procs = []
 try:
     procs.append(subprocess.Popen(
@@ -133,14 +134,15 @@ try:
          "--metrics-listen", f"127.0.0.1:{metrics}", "--database-url", f"sqlite://{tmp}/payments.db"],
         stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/payment-backend.log", "w")))
     # Redis at a closed port: decisions take the failure mode and count store
-    # errors; the `nowhere` upstream counts upstream errors.
+    # errors; the `nowhere` upstream counts upstream errors, and with two
+    # addresses has outlier detection's series (ejections, refused, ejected).
     with open(f"{tmp}/tollgate.yaml", "w") as f:
         f.write(f"""
 listener: {{ address: "127.0.0.1:{listen}" }}
 admin: {{ address: "127.0.0.1:{admin}" }}
 upstreams:
   payment-backend: {{ addresses: ["127.0.0.1:{backend}"] }}
-  nowhere: {{ addresses: ["127.0.0.1:{closed}"], connect_timeout: 200ms }}
+  nowhere: {{ addresses: ["127.0.0.1:{closed}", "127.0.0.1:{closed2}"], connect_timeout: 200ms }}
 limiter: {{ backend: redis, redis: {{ url: "redis://127.0.0.1:{closed}", timeout: 50ms }}, failure_mode: local }}
 routes:
   - match: {{ service: payments.v1.AccountService }}

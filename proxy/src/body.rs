@@ -361,8 +361,9 @@ pub(crate) struct Proxied {
     done: bool,
     /// Counts the call as open on its connection until the response ends.
     open: Option<OpenCall>,
-    /// Counts it as open on its upstream connection too.
-    _upstream_open: OpenStream,
+    /// Counts it as open on its upstream connection too; told how the
+    /// call ended (outlier detection).
+    upstream_open: OpenStream,
 }
 
 /// What tollgate sends back to the client.
@@ -403,7 +404,7 @@ impl Proxied {
             tally,
             done: false,
             open: None,
-            _upstream_open: upstream_open,
+            upstream_open,
         }
     }
 
@@ -534,6 +535,7 @@ impl Proxied {
                     c.settle(Some(&trailers), self.observer.messages());
                 }
                 self.done = true;
+                self.upstream_open.settle(status == Some(Code::Unavailable));
                 self.tally.finish(status);
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
@@ -556,6 +558,8 @@ impl Proxied {
         if let Some(fe) = self.state.request_error() {
             return self.end_with(fe.code(), &fe.to_string());
         }
+        // The endpoint reset the call or lost its connection under it.
+        self.upstream_open.settle(true);
         if !e.is_reset() && self.observer.finish().is_ok() {
             // The connection went away between messages: the call ends
             // with a status, as a client talking to the upstream directly

@@ -19,6 +19,7 @@ use prometheus::{
 
 use crate::grpc::status::Code;
 use crate::upstream::breaker::{Breakers, Resource};
+use crate::upstream::outlier::Outliers;
 
 /// Distinct method labels one route keeps before folding into `_other`.
 pub(crate) const MAX_METHODS_PER_ROUTE: usize = 256;
@@ -34,8 +35,12 @@ pub(crate) struct Metrics {
     upstream_errors: IntCounterVec,
     upstream_overflow: IntCounterVec,
     upstream_retries: IntCounterVec,
+    upstream_ejections: IntCounterVec,
+    upstream_ejections_refused: IntCounterVec,
     /// Every upstream's circuit breakers, read at each scrape.
     breakers: Mutex<Vec<Weak<Breakers>>>,
+    /// Every upstream's outlier detection, read at each scrape.
+    outliers: Mutex<Vec<Weak<Outliers>>>,
     /// Open client connections.
     pub(crate) active_connections: IntGauge,
     /// Open client streams.
@@ -134,6 +139,16 @@ impl Metrics {
             "tollgate_upstream_overflow_total",
             "Calls failed at once by an upstream's circuit breaker, by the threshold reached (max_requests, max_pending, max_connections; retry_budget: a safe retry not made).",
             &["upstream", "breaker"],
+        );
+        let upstream_ejections = counter(
+            "tollgate_upstream_ejections_total",
+            "Endpoints ejected by outlier detection, by upstream and why (consecutive_failures, failure_percent).",
+            &["upstream", "reason"],
+        );
+        let upstream_ejections_refused = counter(
+            "tollgate_upstream_ejections_refused_total",
+            "Ejections outlier detection wanted but did not make: max_ejection_percent of the upstream's endpoints were out.",
+            &["upstream"],
         );
         let upstream_retries = counter(
             "tollgate_upstream_retries_total",
@@ -242,7 +257,10 @@ impl Metrics {
             upstream_errors,
             upstream_overflow,
             upstream_retries,
+            upstream_ejections,
+            upstream_ejections_refused,
             breakers: Mutex::new(Vec::new()),
+            outliers: Mutex::new(Vec::new()),
             active_connections,
             active_streams,
             connections_refused,
@@ -291,6 +309,27 @@ impl Metrics {
         self.upstream_retries.with_label_values(&[upstream, reason])
     }
 
+    /// The counter of one upstream's ejections for one reason.
+    pub(crate) fn upstream_ejections(&self, upstream: &str, reason: &str) -> IntCounter {
+        self.upstream_ejections
+            .with_label_values(&[upstream, reason])
+    }
+
+    /// The counter of one upstream's ejections not made.
+    pub(crate) fn upstream_ejections_refused(&self, upstream: &str) -> IntCounter {
+        self.upstream_ejections_refused
+            .with_label_values(&[upstream])
+    }
+
+    /// Shows how many of `o`'s endpoints are out at each scrape, while it
+    /// lives (the newest of one upstream name wins).
+    pub(crate) fn watch_outliers(&self, o: &Arc<Outliers>) {
+        if let Ok(mut all) = self.outliers.lock() {
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(o));
+        }
+    }
+
     /// Shows `b`'s counts and what is left of its thresholds at each
     /// scrape, while it lives (the newest of one upstream name wins).
     pub(crate) fn watch_breakers(&self, b: &Arc<Breakers>) {
@@ -332,9 +371,31 @@ impl Metrics {
                     .set(b.max(r).saturating_sub(used) as i64);
             }
         }
+        let ejected = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_upstream_ejected_endpoints",
+                "Endpoints of an upstream that outlier detection has out of balancing now.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let outliers: Vec<Arc<Outliers>> = match self.outliers.lock() {
+            Ok(all) => all.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut newest: HashMap<&str, &Arc<Outliers>> = HashMap::new();
+        for o in &outliers {
+            newest.insert(o.upstream(), o);
+        }
+        for (name, o) in newest {
+            ejected
+                .with_label_values(&[name])
+                .set(o.ejected_now() as i64);
+        }
         use prometheus::core::Collector;
         let mut families = in_use.collect();
         families.extend(remaining.collect());
+        families.extend(ejected.collect());
         // The encoder refuses a family with no metrics (no upstreams).
         families.retain(|f| !f.get_metric().is_empty());
         families

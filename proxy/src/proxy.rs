@@ -266,7 +266,7 @@ pub(crate) async fn handle(
         .observe(start.elapsed().as_secs_f64());
 
     // Observe the response on its way back.
-    let (response, upstream_open) = response;
+    let (response, mut upstream_open) = response;
     let (mut parts, body) = response.into_parts();
     if let Some(h) = extra_headers {
         parts.headers.extend(h);
@@ -279,7 +279,9 @@ pub(crate) async fn handle(
     if let Some(status) = parts.headers.get("grpc-status") {
         // Trailers-only response from the upstream.
         let mut tally = tally;
-        tally.finish(parse_status(status));
+        let code = parse_status(status);
+        upstream_open.settle(code == Some(Code::Unavailable));
+        tally.finish(code);
         if let Some(c) = charges.as_mut() {
             c.settle(Some(&parts.headers), 0);
         }

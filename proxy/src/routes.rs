@@ -239,7 +239,7 @@ pub(crate) fn upstream_specs(
     cfg.upstreams
         .iter()
         .map(|(name, u)| {
-            let before = previous.and_then(|p| p.get(name)).map(|s| &s.breakers);
+            let before = previous.and_then(|p| p.get(name)).map(|s| s.as_ref());
             UpstreamSpec::new(name, u, base, before)
                 .map(|s| (name.clone(), Arc::new(s)))
                 .map_err(|e| format!("upstreams.{name}: {e}"))

@@ -302,6 +302,71 @@ pub struct Upstream {
     /// bounds how many such retries may be under way at once.
     #[serde(default)]
     pub retry_budget: RetryBudget,
+    /// How calls are spread over the addresses.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Endpoints that keep failing are left out for a while (upstreams
+    /// with more than one address).
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// How calls are spread over an upstream's addresses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each address in turn.
+    #[default]
+    RoundRobin,
+    /// The less busy of two addresses picked at random (power of two
+    /// choices), by calls in flight from this worker.
+    LeastRequest,
+}
+
+/// Outlier detection: an endpoint whose calls keep failing at the gateway
+/// level (connect failures, resets, lost connections, UNAVAILABLE) is
+/// ejected, left out of balancing, for a time that grows with repeated
+/// ejections; never more than `max_ejection_percent` of the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint (0: not by count).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Share of failed calls within `interval`, in percent, that ejects an
+    /// endpoint with at least `min_calls` in it (0: not by share).
+    #[serde(default)]
+    pub failure_percent: u32,
+    /// Calls an endpoint needs within `interval` for its share to count.
+    #[serde(default = "default_outlier_min_calls")]
+    pub min_calls: u32,
+    /// The window the share is counted over.
+    #[serde(default = "default_outlier_interval")]
+    pub interval: Dur,
+    /// The first ejection's length; the n-th in a row lasts n times it.
+    #[serde(default = "default_base_ejection_time")]
+    pub base_ejection_time: Dur,
+    /// The longest an ejection lasts.
+    #[serde(default = "default_max_ejection_time")]
+    pub max_ejection_time: Dur,
+    /// Most endpoints ejected at once, in percent of them (at least one,
+    /// and never all).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: default_consecutive_failures(),
+            failure_percent: 0,
+            min_calls: default_outlier_min_calls(),
+            interval: default_outlier_interval(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_time: default_max_ejection_time(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
 }
 
 /// An upstream's circuit breaker thresholds, for this process (each
@@ -1045,6 +1110,24 @@ fn default_max_streams_per_connection() -> usize {
 /// Envoy's default for each of its thresholds.
 fn default_breaker_max() -> usize {
     1024
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_outlier_min_calls() -> u32 {
+    20
+}
+fn default_outlier_interval() -> Dur {
+    Dur::from_secs(10)
+}
+fn default_base_ejection_time() -> Dur {
+    Dur::from_secs(30)
+}
+fn default_max_ejection_time() -> Dur {
+    Dur::from_secs(300)
+}
+fn default_max_ejection_percent() -> u32 {
+    50
 }
 fn default_retry_percent() -> u32 {
     20

@@ -392,3 +392,30 @@ fn circuit_breakers_and_the_retry_budget_are_checked() {
     .to_string();
     assert!(err.contains("max_request"), "{err}");
 }
+
+#[test]
+fn outlier_detection_is_checked() {
+    let cfg = Config::parse(GOOD).unwrap();
+    let o = &cfg.upstreams["backend"].outlier_detection;
+    assert_eq!((o.consecutive_failures, o.failure_percent), (5, 0));
+    assert_eq!(cfg.upstreams["backend"].balance, Balance::RoundRobin);
+    let p = problems(
+        "upstreams:\n  a: { addresses: [\"h:1\", \"h:2\"], balance: least_request, outlier_detection: { failure_percent: 120, base_ejection_time: 1m, max_ejection_time: 30s, interval: 0s } }\nroutes: [ { match: {}, upstream: a } ]\n",
+    );
+    assert_reported(
+        &p,
+        &[
+            "upstreams.a.outlier_detection.failure_percent: must be between 0 and 100",
+            "upstreams.a.outlier_detection.interval: must be more than 0",
+            "upstreams.a.outlier_detection.max_ejection_time: must be at least base_ejection_time (1m)",
+        ],
+    );
+    assert_eq!(p.len(), 3, "{p:#?}");
+    let err = Config::parse("upstreams:\n  a: { addresses: [\"h:1\"], balance: random }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("round_robin") && err.contains("least_request"),
+        "{err}"
+    );
+}

@@ -116,6 +116,34 @@ impl Config {
                     "must be between 0 and 1000000",
                 );
             }
+            let o = &u.outlier_detection;
+            let od = format!("{at}.outlier_detection");
+            if o.failure_percent > 100 {
+                p.add(format!("{od}.failure_percent"), "must be between 0 and 100");
+            }
+            if o.max_ejection_percent > 100 {
+                p.add(
+                    format!("{od}.max_ejection_percent"),
+                    "must be between 0 and 100",
+                );
+            }
+            for (field, d) in [
+                ("interval", o.interval),
+                ("base_ejection_time", o.base_ejection_time),
+            ] {
+                if d.is_zero() {
+                    p.add(format!("{od}.{field}"), "must be more than 0");
+                }
+            }
+            if o.max_ejection_time.0 < o.base_ejection_time.0 {
+                p.add(
+                    format!("{od}.max_ejection_time"),
+                    format!(
+                        "must be at least base_ejection_time ({})",
+                        humantime::format_duration(o.base_ejection_time.0)
+                    ),
+                );
+            }
             if let Some(tls) = &u.tls {
                 check_file(&mut p, &format!("{at}.tls.ca"), &tls.ca, base);
             }

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,11 @@ use crate::grpc::status::Code;
 use crate::metrics;
 
 pub(crate) mod breaker;
+pub(crate) mod outlier;
 mod replay;
 
 use breaker::{Breakers, Held, Resource};
+use outlier::Outliers;
 
 /// TLS settings for an upstream.
 pub(crate) struct UpstreamTls {
@@ -53,6 +55,9 @@ pub(crate) struct UpstreamSpec {
     pub(crate) files: u64,
     /// Its circuit breakers: one for the process, kept across reloads.
     pub(crate) breakers: Arc<Breakers>,
+    /// Its outlier detection (more than one address, and on): one for the
+    /// process, kept across reloads that keep the addresses.
+    pub(crate) outliers: Option<Arc<Outliers>>,
 }
 
 /// Why a call could not be forwarded.
@@ -147,13 +152,14 @@ fn kind_text(kind: &str) -> &'static str {
 
 impl UpstreamSpec {
     /// Builds the spec of a validated upstream; TLS files are read here.
-    /// `breakers` are those of the config before (a reload): the counts
-    /// carry on under the new thresholds.
+    /// `before` is the one of the config before (a reload): its breakers'
+    /// counts carry on under the new thresholds, and its outlier
+    /// detection's, when the addresses are the same.
     pub(crate) fn new(
         name: &str,
         u: &config::Upstream,
         base: Option<&Path>,
-        breakers: Option<&Arc<Breakers>>,
+        before: Option<&UpstreamSpec>,
     ) -> Result<Self, String> {
         let endpoints = u
             .addresses
@@ -187,13 +193,28 @@ impl UpstreamSpec {
             }
         };
         let name: Arc<str> = name.into();
-        let breakers = match breakers {
+        let breakers = match before {
             Some(b) => {
-                b.configure(u);
-                b.clone()
+                b.breakers.configure(u);
+                b.breakers.clone()
             }
             None => Breakers::new(&name, u),
         };
+        let o = &u.outlier_detection;
+        let outliers = (endpoints.len() > 1
+            && (o.consecutive_failures > 0 || o.failure_percent > 0))
+            .then(|| {
+                let same = before
+                    .filter(|b| b.config.addresses == u.addresses)
+                    .and_then(|b| b.outliers.clone());
+                match same {
+                    Some(kept) => {
+                        kept.configure(u);
+                        kept
+                    }
+                    None => Outliers::new(&name, endpoints.len(), u),
+                }
+            });
         Ok(UpstreamSpec {
             name,
             config: u.clone(),
@@ -201,6 +222,7 @@ impl UpstreamSpec {
             tls,
             files,
             breakers,
+            outliers,
         })
     }
 
@@ -210,6 +232,13 @@ impl UpstreamSpec {
             http::uri::Scheme::HTTPS
         } else {
             http::uri::Scheme::HTTP
+        }
+    }
+
+    /// Counts a failure of `endpoint` for outlier detection.
+    fn failed(&self, endpoint: usize) {
+        if let Some(o) = &self.outliers {
+            o.failure(endpoint);
         }
     }
 
@@ -247,28 +276,61 @@ impl UpstreamSpec {
 pub(crate) struct OpenStream {
     _conn: ConnCount,
     _call: Held,
+    /// Where its outcome goes, once known: the endpoint's outlier
+    /// detection.
+    health: Option<(Arc<Outliers>, usize)>,
 }
 
-/// A call counted on one connection until dropped.
-struct ConnCount(Arc<AtomicUsize>);
+impl OpenStream {
+    /// The call ended with a status from the upstream (or without one):
+    /// `failed` when that is a gateway failure (UNAVAILABLE, the stream
+    /// reset or its connection lost).
+    pub(crate) fn settle(&mut self, failed: bool) {
+        if let Some((o, endpoint)) = self.health.take() {
+            if failed {
+                o.failure(endpoint);
+            } else {
+                o.success(endpoint);
+            }
+        }
+    }
+}
+
+/// A call counted on one connection, and for least-request balancing on
+/// its endpoint in this pool, until dropped.
+struct ConnCount {
+    conn: Arc<AtomicUsize>,
+    endpoint: Option<(Arc<[AtomicUsize]>, usize)>,
+}
 
 impl ConnCount {
-    fn new(conn: Arc<AtomicUsize>) -> Self {
+    fn new(conn: Arc<AtomicUsize>, endpoint: Option<(Arc<[AtomicUsize]>, usize)>) -> Self {
         conn.fetch_add(1, Ordering::Relaxed);
-        ConnCount(conn)
+        if let Some((load, i)) = &endpoint {
+            load[*i].fetch_add(1, Ordering::Relaxed);
+        }
+        ConnCount { conn, endpoint }
     }
 
-    /// Counts the call on `other` instead.
-    fn move_to(&mut self, other: Arc<AtomicUsize>) {
+    /// Counts the call on `other` (to `endpoint`) instead.
+    fn move_to(&mut self, other: Arc<AtomicUsize>, endpoint: usize) {
         other.fetch_add(1, Ordering::Relaxed);
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.0 = other;
+        self.conn.fetch_sub(1, Ordering::Relaxed);
+        self.conn = other;
+        if let Some((load, i)) = &mut self.endpoint {
+            load[endpoint].fetch_add(1, Ordering::Relaxed);
+            load[*i].fetch_sub(1, Ordering::Relaxed);
+            *i = endpoint;
+        }
     }
 }
 
 impl Drop for ConnCount {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.conn.fetch_sub(1, Ordering::Relaxed);
+        if let Some((load, i)) = &self.endpoint {
+            load[*i].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -296,11 +358,13 @@ impl Conn {
         n < max && n < self.sender.current_max_send_streams()
     }
 
-    /// Whether one more call may find every stream the upstream allows
-    /// taken in h2, which counts a stream until both sides closed it.
-    fn near_stream_limit(&self) -> bool {
+    /// [`has_room`](Self::has_room), and whether one more call may find
+    /// every stream the upstream allows taken in h2, which counts a stream
+    /// until both sides closed it (one look at h2's counts for both).
+    fn room(&self, max: usize) -> (bool, bool) {
         let n = self.open.load(Ordering::Relaxed);
-        n + STREAM_SLACK >= self.sender.current_max_send_streams()
+        let streams = self.sender.current_max_send_streams();
+        (n < max && n < streams, n + STREAM_SLACK >= streams)
     }
 }
 
@@ -322,10 +386,14 @@ pub(crate) struct Pool {
     /// turns.
     slots: Vec<Slot>,
     next: AtomicUsize,
+    /// Least-request picks made (the seed of the next).
+    picks: AtomicU64,
     /// Per endpoint, when its last connect failed and how: for `HOLD_DOWN`
     /// after that, calls that need a new connection try the other endpoints
     /// first, and calls that waited for that connect get its error.
     failed: Vec<Mutex<Option<(Instant, UpstreamError)>>>,
+    /// Per endpoint, calls in flight from this pool (least-request only).
+    load: Option<Arc<[AtomicUsize]>>,
 }
 
 /// How long an endpoint that refused a connection is passed over by calls
@@ -352,11 +420,19 @@ impl Pool {
         let failed = (0..spec.endpoints.len())
             .map(|_| Mutex::new(None))
             .collect();
+        let load = (spec.config.balance == config::Balance::LeastRequest).then(|| {
+            (0..spec.endpoints.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect()
+        });
         Pool {
             spec,
             slots,
             next: AtomicUsize::new(0),
+            // Pools pick apart from one another.
+            picks: AtomicU64::new(POOLS.fetch_add(1, Ordering::Relaxed) << 32),
             failed,
+            load,
         }
     }
 
@@ -374,8 +450,23 @@ impl Pool {
             c.connections.max(1),
             c.max_connections.max(c.connections).max(1),
         );
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % (self.spec.endpoints.len() * per);
-        let base = turn / per * max;
+        let n = self.spec.endpoints.len();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % (n * per);
+        let endpoint = match &self.load {
+            None => self.in_service(turn / per),
+            Some(load) => {
+                // Two endpoints at random (in service), the less busy.
+                let r = splitmix(self.picks.fetch_add(1, Ordering::Relaxed));
+                let a = self.in_service((r % n as u64) as usize);
+                let b = self.in_service(((r >> 32) % n as u64) as usize);
+                if load[b].load(Ordering::Relaxed) < load[a].load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let base = endpoint * max;
         let first = &self.slots[base + turn % per];
         let conn = Self::live(first);
         let may_connect = self.spec.breakers.has_room(Resource::Connections);
@@ -438,13 +529,15 @@ impl Pool {
         loop {
             let avoid = retry.as_ref().map(|(_, u)| u.slot);
             match self.attempt(&mut out, avoid).await {
-                Ok((response, conn)) => {
+                Ok((response, conn, endpoint)) => {
                     out.answered();
+                    let health = self.spec.outliers.clone().map(|o| (o, endpoint));
                     return Ok((
                         response,
                         OpenStream {
                             _conn: conn,
                             _call: call,
+                            health,
                         },
                     ));
                 }
@@ -476,7 +569,8 @@ impl Pool {
         &self,
         out: &mut replay::Outgoing,
         avoid: Option<usize>,
-    ) -> Result<(http::Response<RecvStream>, ConnCount), (UpstreamError, Option<Unprocessed>)> {
+    ) -> Result<(http::Response<RecvStream>, ConnCount, usize), (UpstreamError, Option<Unprocessed>)>
+    {
         let c = &self.spec.config;
         let breakers = &self.spec.breakers;
         let overflow = |r| (self.spec.overflow(r), None);
@@ -492,7 +586,7 @@ impl Pool {
                 }
             };
             let (slot, conn) = match conn {
-                Some(conn) => (slot, conn),
+                Some(conn) => break (slot, conn),
                 None => {
                     if waiting.is_none() {
                         waiting = Some(breakers.take(Resource::Pending).map_err(overflow)?);
@@ -512,18 +606,19 @@ impl Pool {
         };
         // A call put on a connection with every stream taken waits in it
         // for one to end.
-        if conn.has_room(c.max_streams_per_connection) {
+        let (room, near_limit) = conn.room(c.max_streams_per_connection);
+        if room {
             waiting = None;
         } else if waiting.is_none() {
             waiting = Some(breakers.take(Resource::Pending).map_err(overflow)?);
         }
-        let near_limit = conn.near_stream_limit();
         // Counted before any wait, so that calls picking meanwhile see it.
         let Conn { sender, open } = conn;
-        let mut counted = ConnCount::new(open);
+        let load = self.load.clone().map(|l| (l, slot.endpoint));
+        let mut counted = ConnCount::new(open, load);
         let (slot, mut sender, replaced) = self.ready(slot, sender).await.map_err(|e| (e, None))?;
         if let Some(other) = replaced {
-            counted.move_to(other);
+            counted.move_to(other, slot.endpoint);
         }
         let unprocessed = |reason| {
             Some(Unprocessed {
@@ -562,12 +657,16 @@ impl Pool {
             out.start(stream).await;
         }
         match response.await {
-            Ok(r) => Ok((r, counted)),
+            Ok(r) => Ok((r, counted, slot.endpoint)),
             Err(e) => {
                 let error = self.h2_error(slot.endpoint, &e);
+                // A GOAWAY is how an endpoint leaves (a deploy): not a failure.
+                if !e.is_go_away() {
+                    self.spec.failed(slot.endpoint);
+                }
                 let why = if e.is_remote() && e.is_go_away() {
                     // Nothing more goes on a connection going away.
-                    self.forget_conn(slot, &counted.0);
+                    self.forget_conn(slot, &counted.conn);
                     unprocessed("goaway")
                 } else if e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
                     unprocessed("refused_stream")
@@ -577,6 +676,27 @@ impl Pool {
                 Err((error, why))
             }
         }
+    }
+
+    /// `endpoint`, or when outlier detection has it out, the next one in
+    /// service after it.
+    fn in_service(&self, endpoint: usize) -> usize {
+        let Some(o) = self.spec.outliers.as_ref().filter(|o| o.any_ejected()) else {
+            return endpoint;
+        };
+        let n = self.spec.endpoints.len();
+        (0..n)
+            .map(|step| (endpoint + step) % n)
+            .find(|&e| !o.is_ejected(e))
+            .unwrap_or(endpoint)
+    }
+
+    /// Whether outlier detection has `endpoint` out now.
+    fn ejected(&self, endpoint: usize) -> bool {
+        self.spec
+            .outliers
+            .as_ref()
+            .is_some_and(|o| o.any_ejected() && o.is_ejected(endpoint))
     }
 
     /// Where `slots[i]` is.
@@ -594,7 +714,7 @@ impl Pool {
         let c = &self.spec.config;
         let max = c.max_connections.max(c.connections).max(1);
         let n = self.spec.endpoints.len();
-        let endpoint = (avoid / max + 1) % n;
+        let endpoint = self.in_service((avoid / max + 1) % n);
         let slots = &self.slots[endpoint * max..(endpoint + 1) * max];
         let other = |s: &&Slot| !std::ptr::eq(*s, &self.slots[avoid]);
         slots
@@ -652,7 +772,7 @@ impl Pool {
         let n = self.spec.endpoints.len();
         let (fresh, held): (Vec<usize>, Vec<usize>) = (0..n)
             .map(|step| (slot.endpoint + step) % n)
-            .partition(|&e| n == 1 || !self.held_down(e));
+            .partition(|&e| n == 1 || !(self.held_down(e) || self.ejected(e)));
         let mut first = None;
         for endpoint in fresh.into_iter().chain(held) {
             let s = if endpoint == slot.endpoint {
@@ -749,6 +869,7 @@ impl Pool {
                 if let Ok(mut last) = self.failed[slot.endpoint].lock() {
                     *last = Some((Instant::now(), e.clone()));
                 }
+                self.spec.failed(slot.endpoint);
                 return Err(e);
             }
         };
@@ -880,6 +1001,18 @@ impl Pool {
         }
         Ok(Conn { sender, open })
     }
+}
+
+/// Pools made so far: each seeds its least-request picks apart.
+static POOLS: AtomicU64 = AtomicU64::new(0);
+
+/// A well-mixed 64-bit value of `x` (SplitMix64): the random picks of
+/// least-request balancing, with no generator to share.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// How many streams h2 may count beyond the calls open on a connection

@@ -33,7 +33,10 @@ pub(crate) const MAX_RECORDED: usize = 64 * 1024;
 pub(crate) struct Recorded {
     /// Recording (retries on, and not past the limit or a failure).
     on: bool,
-    frames: Vec<Bytes>,
+    /// The frames taken, the first apart (a unary call's only one, with no
+    /// allocation).
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
     bytes: usize,
     trailers: Option<HeaderMap>,
     /// The body's end was taken.
@@ -58,13 +61,17 @@ impl Recorded {
         }
         if !data.is_empty() {
             self.bytes += data.len();
-            self.frames.push(data.clone());
+            match self.first {
+                None => self.first = Some(data.clone()),
+                Some(_) => self.more.push(data.clone()),
+            }
         }
     }
 
     fn give_up(&mut self) {
         self.on = false;
-        self.frames = Vec::new();
+        self.first = None;
+        self.more = Vec::new();
         self.trailers = None;
     }
 }
@@ -109,10 +116,10 @@ impl Outgoing {
     /// The head to send now, and whether the request ends with it.
     pub(crate) fn head(&mut self) -> Option<(http::Request<()>, bool)> {
         let ends = match &self.body {
-            Some(b) => self.recorded.frames.is_empty() && b.is_end_stream(),
+            Some(b) => self.recorded.first.is_none() && b.is_end_stream(),
             None => {
                 self.recorded.finished
-                    && self.recorded.frames.is_empty()
+                    && self.recorded.first.is_none()
                     && self.recorded.trailers.is_none()
             }
         };
@@ -128,9 +135,9 @@ impl Outgoing {
     /// write that carries the HEADERS; a task pumps the rest.
     pub(crate) async fn start(&mut self, mut stream: SendStream<Bytes>) {
         let rec = &self.recorded;
-        let n = rec.frames.len();
+        let n = rec.first.iter().count() + rec.more.len();
         let done = self.body.is_none();
-        for (i, f) in rec.frames.iter().enumerate() {
+        for (i, f) in rec.first.iter().chain(&rec.more).enumerate() {
             let eos = done && rec.trailers.is_none() && i + 1 == n;
             let _ = stream.send_data(f.clone(), eos);
         }

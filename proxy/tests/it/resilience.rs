@@ -276,6 +276,11 @@ enum Mode {
     /// After `n` streams on a connection, a graceful GOAWAY; answers the
     /// streams it took after `ms`.
     GracefulAfter(usize, u64),
+    /// Answers every call after `ms`.
+    Delay(u64),
+    /// Answers every call UNAVAILABLE (trailers-only), as a replica whose
+    /// database is down does.
+    Unavailable,
     /// After `n` streams on its first connection, GOAWAY, and the
     /// connection dropped 200 ms later: the streams it took are never
     /// answered (later connections answer after `ms`). A server that
@@ -345,7 +350,8 @@ async fn raw_upstream(mode: Mode) -> (SocketAddr, Arc<Accepted>) {
                             0
                         }
                         Mode::GracefulAfter(_, ms) | Mode::AbruptAfter(_, ms) => ms,
-                        Mode::Refuse(_) | Mode::ResetAll => 0,
+                        Mode::Delay(ms) => ms,
+                        Mode::Refuse(_) | Mode::ResetAll | Mode::Unavailable => 0,
                     };
                     if drop_at.is_some() {
                         // Taken, never answered: lost with the connection.
@@ -359,6 +365,16 @@ async fn raw_upstream(mode: Mode) -> (SocketAddr, Arc<Accepted>) {
                         }
                         if matches!(mode, Mode::ResetAll) {
                             respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                            return;
+                        }
+                        if matches!(mode, Mode::Unavailable) {
+                            let resp = Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "14")
+                                .header("grpc-message", "database down")
+                                .body(())
+                                .unwrap();
+                            let _ = respond.send_response(resp, true);
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -602,4 +618,66 @@ async fn a_stream_above_a_goaways_last_stream_id_is_sent_to_another_endpoint() {
         retried, sent,
         "each stream it never processed, retried: {text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_is_ejected_and_comes_back_after_its_time() {
+    let (bad, bad_seen) = raw_upstream(Mode::Unavailable).await;
+    let good = Upstream::start().await;
+    let name = "outlier-eject";
+    let proxy = Proxy::start(&config(
+        name,
+        &[bad, good.addr],
+        ", outlier_detection: { consecutive_failures: 3, base_ejection_time: 1s }",
+    ));
+    let mut client = proxy.client().await;
+    let mut failed = 0;
+    for _ in 0..20 {
+        if let Err(status) = client.unary(req(b"x")).await {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 3, "the replica's answers pass until it is ejected");
+    assert_eq!(bad_seen.streams.load(Ordering::SeqCst), 3);
+    assert_eq!(good.seen.calls.load(Ordering::SeqCst), 17);
+    let text = proxy.metrics().await;
+    let ejections = format!(
+        "tollgate_upstream_ejections_total{{reason=\"consecutive_failures\",upstream=\"{name}\"}}"
+    );
+    assert_eq!(metric(&text, &ejections), 1, "{text}");
+    let ejected = format!("tollgate_upstream_ejected_endpoints{{upstream=\"{name}\"}}");
+    assert_eq!(metric(&text, &ejected), 1, "{text}");
+
+    // Back after its time: it is sent calls again, and ejected again, now
+    // for twice as long.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(metric(&proxy.metrics().await, &ejected), 0);
+    for _ in 0..10 {
+        let _ = client.unary(req(b"x")).await;
+    }
+    assert_eq!(
+        bad_seen.streams.load(Ordering::SeqCst),
+        6,
+        "three more, then out again"
+    );
+    assert_eq!(metric(&proxy.metrics().await, &ejections), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_calls_away_from_a_slow_endpoint() {
+    let (slow_end, slow_seen) = raw_upstream(Mode::Delay(100)).await;
+    let fast = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        "balance-least",
+        &[slow_end, fast.addr],
+        ", balance: least_request",
+    ));
+    let outcomes = load(&proxy, 100, 10).await;
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+    let to_slow = slow_seen.streams.load(Ordering::SeqCst);
+    assert_eq!(to_slow + fast.seen.calls.load(Ordering::SeqCst), 100);
+    // Round robin would send it half. With two endpoints, both random
+    // picks are the slow one a quarter of the time.
+    assert!(to_slow < 40, "the slow endpoint took {to_slow} of 100");
 }

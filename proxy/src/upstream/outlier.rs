@@ -1,0 +1,338 @@
+//! Outlier detection: endpoints of an upstream whose calls keep failing
+//! are ejected, left out of balancing, for a while.
+//!
+//! A failure is what a gateway sees of an endpoint that is down or broken:
+//! a connect that fails, a stream it resets, a connection lost under a
+//! call, a call answered UNAVAILABLE. Any other answer, errors of the
+//! application included, is a success. An endpoint is ejected after
+//! `consecutive_failures` in a row, or when `failure_percent` of its calls
+//! in an `interval` (with at least `min_calls`) failed. The n-th ejection
+//! in a row lasts n × `base_ejection_time` (at most `max_ejection_time`);
+//! each `base_ejection_time` in service takes one off that count. At most
+//! `max_ejection_percent` of the endpoints are out at once: at least one
+//! may be, never all. Ejected endpoints come back on their own when their
+//! time is up (the next call that looks finds it so). The counts are the
+//! process's, shared by every worker, and kept across reloads that leave
+//! the upstream's addresses as they were.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus::IntCounter;
+
+use crate::config;
+use crate::metrics;
+
+/// Why an endpoint was ejected (the `reason` label).
+const REASONS: [&str; 2] = ["consecutive_failures", "failure_percent"];
+
+/// One upstream's endpoints, as outlier detection sees them.
+pub(crate) struct Outliers {
+    upstream: Arc<str>,
+    settings: Mutex<config::OutlierDetection>,
+    /// Whether failure shares are counted (`failure_percent` > 0).
+    by_share: std::sync::atomic::AtomicBool,
+    endpoints: Vec<Endpoint>,
+    /// When the last ejection under way ends (ms on `clock`); 0 when none
+    /// is: the only thing a call looks at while every endpoint is in.
+    until: AtomicU64,
+    /// Ejections are decided one at a time.
+    deciding: Mutex<()>,
+    epoch: Instant,
+    ejected: [IntCounter; 2],
+    refused: IntCounter,
+}
+
+#[derive(Default)]
+struct Endpoint {
+    consecutive: AtomicU32,
+    /// When its ejection ends (ms); 0: in service.
+    until: AtomicU64,
+    /// Ejections in a row, and when the last one ended.
+    ejections: AtomicU32,
+    back_at: AtomicU64,
+    /// The share's window: when it began (ms), calls and failures in it.
+    window: AtomicU64,
+    calls: AtomicU32,
+    failures: AtomicU32,
+}
+
+// === impl Outliers ===
+
+impl Outliers {
+    /// State for `endpoints` endpoints of `upstream`.
+    pub(crate) fn new(upstream: &Arc<str>, endpoints: usize, u: &config::Upstream) -> Arc<Self> {
+        let m = metrics::get();
+        let o = Arc::new(Outliers {
+            upstream: upstream.clone(),
+            settings: Mutex::new(u.outlier_detection),
+            by_share: Default::default(),
+            endpoints: (0..endpoints).map(|_| Endpoint::default()).collect(),
+            until: AtomicU64::new(0),
+            deciding: Mutex::new(()),
+            epoch: Instant::now(),
+            ejected: REASONS.map(|r| m.upstream_ejections(upstream, r)),
+            refused: m.upstream_ejections_refused(upstream),
+        });
+        o.configure(u);
+        m.watch_outliers(&o);
+        o
+    }
+
+    /// Applies the settings of a (re)loaded config.
+    pub(crate) fn configure(&self, u: &config::Upstream) {
+        if let Ok(mut s) = self.settings.lock() {
+            *s = u.outlier_detection;
+        }
+        self.by_share
+            .store(u.outlier_detection.failure_percent > 0, Ordering::Relaxed);
+    }
+
+    /// The upstream's name.
+    pub(crate) fn upstream(&self) -> &Arc<str> {
+        &self.upstream
+    }
+
+    /// Milliseconds since this started (never 0).
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether any endpoint may be out now: one atomic load while none is.
+    pub(crate) fn any_ejected(&self) -> bool {
+        let until = self.until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if self.now() < until {
+            return true;
+        }
+        let _ = self
+            .until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
+    }
+
+    /// Whether endpoint `i` is out now.
+    pub(crate) fn is_ejected(&self, i: usize) -> bool {
+        self.endpoints
+            .get(i)
+            .is_some_and(|e| e.until.load(Ordering::Relaxed) > self.now())
+    }
+
+    /// Endpoints out now.
+    pub(crate) fn ejected_now(&self) -> usize {
+        let now = self.now();
+        self.endpoints
+            .iter()
+            .filter(|e| e.until.load(Ordering::Relaxed) > now)
+            .count()
+    }
+
+    /// A call to endpoint `i` that did not fail at the gateway level.
+    pub(crate) fn success(&self, i: usize) {
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        if e.consecutive.load(Ordering::Relaxed) != 0 {
+            e.consecutive.store(0, Ordering::Relaxed);
+        }
+        if self.by_share.load(Ordering::Relaxed) {
+            self.count(i, false);
+        }
+    }
+
+    /// A call to (or a connect to) endpoint `i` that failed.
+    pub(crate) fn failure(&self, i: usize) {
+        let Some(e) = self.endpoints.get(i) else {
+            return;
+        };
+        let Ok(s) = self.settings.lock().map(|s| *s) else {
+            return;
+        };
+        let row = e.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if s.consecutive_failures > 0 && row >= s.consecutive_failures {
+            self.eject(i, 0, &s);
+            return;
+        }
+        if s.failure_percent > 0 {
+            let (calls, failures) = self.count(i, true);
+            if calls >= s.min_calls.max(1)
+                && u64::from(failures) * 100 >= u64::from(s.failure_percent) * u64::from(calls)
+            {
+                self.eject(i, 1, &s);
+            }
+        }
+    }
+
+    /// Counts a call in endpoint `i`'s window (a new one once `interval`
+    /// has passed): its calls and failures so far.
+    fn count(&self, i: usize, failed: bool) -> (u32, u32) {
+        let e = &self.endpoints[i];
+        let now = self.now();
+        let interval = self
+            .settings
+            .lock()
+            .map(|s| s.interval.0.as_millis() as u64)
+            .unwrap_or(u64::MAX);
+        let began = e.window.load(Ordering::Relaxed);
+        if now.saturating_sub(began) >= interval
+            && e.window
+                .compare_exchange(began, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            e.calls.store(0, Ordering::Relaxed);
+            e.failures.store(0, Ordering::Relaxed);
+        }
+        let calls = e.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = if failed {
+            e.failures.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            e.failures.load(Ordering::Relaxed)
+        };
+        (calls, failures)
+    }
+
+    /// Ejects endpoint `i` for `REASONS[why]`, unless it is out already or
+    /// that would put too many out.
+    fn eject(&self, i: usize, why: usize, s: &config::OutlierDetection) {
+        let Ok(_one) = self.deciding.lock() else {
+            return;
+        };
+        let now = self.now();
+        let e = &self.endpoints[i];
+        if e.until.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let n = self.endpoints.len();
+        let most = (n * s.max_ejection_percent as usize / 100)
+            .max(1)
+            .min(n - 1);
+        if self.ejected_now() >= most {
+            self.refused.inc();
+            tracing::warn!(upstream = %self.upstream, endpoint = i, "outlier detection: an endpoint keeps failing, but outlier_detection.max_ejection_percent is reached: it stays in");
+            return;
+        }
+        let base = s.base_ejection_time.0.as_millis() as u64;
+        // Each base time in service since it was last out takes one off.
+        let back = e.back_at.load(Ordering::Relaxed);
+        let healed = if back == 0 {
+            u64::MAX
+        } else {
+            now.saturating_sub(back) / base.max(1)
+        };
+        let before = u64::from(e.ejections.load(Ordering::Relaxed));
+        let times = before.saturating_sub(healed) + 1;
+        let length = base
+            .saturating_mul(times)
+            .min(s.max_ejection_time.0.as_millis() as u64);
+        let until = now + length;
+        e.until.store(until, Ordering::Relaxed);
+        e.back_at.store(until, Ordering::Relaxed);
+        e.ejections.store(times as u32, Ordering::Relaxed);
+        e.consecutive.store(0, Ordering::Relaxed);
+        e.calls.store(0, Ordering::Relaxed);
+        e.failures.store(0, Ordering::Relaxed);
+        self.until.fetch_max(until, Ordering::Relaxed);
+        self.ejected[why].inc();
+        tracing::warn!(
+            upstream = %self.upstream,
+            endpoint = i,
+            reason = REASONS[why],
+            ejected_for_ms = length,
+            "outlier detection: endpoint ejected; calls go to the others until its time is up"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(extra: &str) -> config::Upstream {
+        serde_yaml::from_str(&format!(
+            "addresses: ['127.0.0.1:1', '127.0.0.1:2', '127.0.0.1:3', '127.0.0.1:4']\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_and_a_success_starts_the_count_again() {
+        let u = upstream("outlier_detection: { consecutive_failures: 3 }");
+        let o = Outliers::new(&Arc::from("unit-outlier-row"), 4, &u);
+        o.failure(0);
+        o.failure(0);
+        o.success(0);
+        o.failure(0);
+        o.failure(0);
+        assert!(!o.is_ejected(0), "a success in between starts again");
+        o.failure(0);
+        assert!(o.is_ejected(0));
+        assert!(o.any_ejected());
+        assert_eq!(o.ejected_now(), 1);
+        assert_eq!(o.ejected[0].get(), 1);
+    }
+
+    #[test]
+    fn never_more_than_the_share_and_never_all() {
+        let u =
+            upstream("outlier_detection: { consecutive_failures: 1, max_ejection_percent: 50 }");
+        let o = Outliers::new(&Arc::from("unit-outlier-share"), 4, &u);
+        for i in 0..4 {
+            o.failure(i);
+        }
+        assert_eq!(o.ejected_now(), 2, "half of four");
+        assert_eq!(o.refused.get(), 2);
+        let u =
+            upstream("outlier_detection: { consecutive_failures: 1, max_ejection_percent: 100 }");
+        let o = Outliers::new(&Arc::from("unit-outlier-all"), 4, &u);
+        for i in 0..4 {
+            o.failure(i);
+        }
+        assert_eq!(o.ejected_now(), 3, "one stays in");
+        let u = upstream("outlier_detection: { consecutive_failures: 1, max_ejection_percent: 0 }");
+        let o = Outliers::new(&Arc::from("unit-outlier-one"), 4, &u);
+        o.failure(1);
+        assert_eq!(o.ejected_now(), 1, "at least one may be out");
+    }
+
+    #[test]
+    fn a_failure_share_ejects_once_enough_calls_are_in_the_window() {
+        let u = upstream(
+            "outlier_detection: { consecutive_failures: 0, failure_percent: 50, min_calls: 10 }",
+        );
+        let o = Outliers::new(&Arc::from("unit-outlier-percent"), 4, &u);
+        for _ in 0..4 {
+            o.success(2);
+            o.failure(2);
+        }
+        assert!(!o.is_ejected(2), "8 calls: under min_calls");
+        o.success(2);
+        o.failure(2);
+        assert!(o.is_ejected(2), "5 of 10 failed");
+        assert_eq!(o.ejected[1].get(), 1);
+    }
+
+    #[test]
+    fn repeated_ejections_last_longer_up_to_the_cap() {
+        let u = upstream(
+            "outlier_detection: { consecutive_failures: 1, base_ejection_time: 10s, max_ejection_time: 25s }",
+        );
+        let o = Outliers::new(&Arc::from("unit-outlier-grow"), 4, &u);
+        let e = &o.endpoints[0];
+        let length = |o: &Outliers| e.until.load(Ordering::Relaxed) - o.now();
+        o.failure(0);
+        assert!((9_000..=10_000).contains(&length(&o)));
+        // Its time is up (moved back by hand) and it fails again at once.
+        e.until.store(1, Ordering::Relaxed);
+        e.back_at.store(o.now(), Ordering::Relaxed);
+        o.failure(0);
+        assert!((19_000..=20_000).contains(&length(&o)), "twice the base");
+        e.until.store(1, Ordering::Relaxed);
+        e.back_at.store(o.now(), Ordering::Relaxed);
+        o.failure(0);
+        assert!((24_000..=25_000).contains(&length(&o)), "capped");
+        assert!(!o.is_ejected(1));
+    }
+}
