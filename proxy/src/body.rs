@@ -22,6 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::access::Record;
 use crate::call::{CallState, OpenCall, Watch};
 use crate::grpc::frame::{FrameError, FrameObserver};
 use crate::grpc::status::{parse_status, status_headers, Code};
@@ -179,6 +180,8 @@ pub(crate) struct RequestBody {
     observer: FrameObserver,
     state: Arc<CallState>,
     route: Arc<dyn RouteCounters>,
+    /// The call's access log line, when it has one.
+    record: Option<Arc<Record>>,
 }
 
 // === impl RequestBody ===
@@ -202,7 +205,14 @@ impl RequestBody {
             observer: FrameObserver::new(max, compressed_ok),
             state,
             route,
+            record: None,
         }
+    }
+
+    /// The same, adding its traffic to the call's access log line.
+    pub(crate) fn with_record(mut self, record: Option<Arc<Record>>) -> Self {
+        self.record = record;
+        self
     }
 
     /// Ends the request over a message limit: the upstream stream is
@@ -297,6 +307,9 @@ impl Drop for RequestBody {
             .messages_in
             .inc_by(self.observer.messages());
         self.route.stats().bytes_in.inc_by(self.observer.bytes());
+        if let Some(r) = &self.record {
+            r.request(self.observer.messages(), self.observer.bytes());
+        }
     }
 }
 
@@ -305,6 +318,8 @@ pub(crate) struct Tally {
     stats: Arc<MethodStats>,
     start: Instant,
     recorded: bool,
+    /// The call's access log line, when it has one.
+    record: Option<Arc<Record>>,
 }
 
 impl Tally {
@@ -315,7 +330,19 @@ impl Tally {
             stats,
             start,
             recorded: false,
+            record: None,
         }
+    }
+
+    /// The same, writing the call's access log line too.
+    pub(crate) fn with_record(mut self, record: Option<Arc<Record>>) -> Self {
+        self.record = record;
+        self
+    }
+
+    /// The call's access log line, when it has one.
+    pub(crate) fn record(&self) -> Option<&Arc<Record>> {
+        self.record.as_ref()
     }
 
     /// Counts the call under other labels (its method turned out known).
@@ -331,6 +358,9 @@ impl Tally {
             self.stats
                 .duration
                 .observe(self.start.elapsed().as_secs_f64());
+            if let Some(r) = &self.record {
+                r.finished(status);
+            }
         }
     }
 }
@@ -590,5 +620,8 @@ impl Drop for Proxied {
             .messages_out
             .inc_by(self.observer.messages());
         self.route.stats().bytes_out.inc_by(self.observer.bytes());
+        if let Some(r) = self.tally.record() {
+            r.response(self.observer.messages(), self.observer.bytes());
+        }
     }
 }

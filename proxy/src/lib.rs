@@ -25,6 +25,7 @@
 //! [`config`], [`runtime`], [`limit`] (its algorithms, checks and Redis
 //! store) and [`redact`] (which the payment backend compiles too).
 
+pub(crate) mod access;
 pub(crate) mod admin;
 pub(crate) mod body;
 pub(crate) mod call;

@@ -51,6 +51,7 @@ pub(crate) struct Metrics {
     pub(crate) config_last_success: IntGauge,
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
+    access_log_dropped: IntCounter,
     limit_decisions: IntCounterVec,
     limit_charges: IntCounterVec,
     limit_charged_units: IntCounterVec,
@@ -174,6 +175,14 @@ impl Metrics {
             "tollgate_config_last_reload_success_timestamp_seconds",
             "Unix time of the last config load that succeeded.",
         );
+        let access_log_dropped = IntCounter::new(
+            "tollgate_access_log_dropped_total",
+            "Access log lines not written: the writer's queue was full, or the write failed.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(access_log_dropped.clone()))
+            .expect("unique metric");
         let non_grpc = counter(
             "tollgate_non_grpc_requests_total",
             "Requests that were not gRPC, answered with an HTTP status, by status.",
@@ -267,6 +276,7 @@ impl Metrics {
             reloads,
             config_last_success,
             non_grpc,
+            access_log_dropped,
             limit_decisions,
             limit_charges,
             limit_charged_units,
@@ -441,6 +451,11 @@ impl Metrics {
     /// The breaker gauge of a backend.
     pub(crate) fn limit_store_breaker(&self, backend: &str) -> IntGauge {
         self.limit_store_breaker.with_label_values(&[backend])
+    }
+
+    /// The counter of access log lines dropped.
+    pub(crate) fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Counts a non-gRPC request.

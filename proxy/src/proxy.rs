@@ -21,6 +21,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::access::Record;
 use crate::body::{CallTimer, Proxied, RequestBody, ResponseBody, Tally};
 use crate::call::CallState;
 use crate::grpc::frame::{compressed, FrameObserver};
@@ -29,8 +30,22 @@ use crate::grpc::{path, timeout};
 use crate::headers::Facts;
 use crate::hold::{first_message, Encoding, Held, HoldError};
 use crate::limit::{CallInfo, FirstMessage, Rejection};
+use crate::metrics::MethodStats;
 use crate::respond::CallError;
 use crate::state::{Conn, Worker};
+
+/// The call's tally, writing its access log line too when it has one.
+fn tally(stats: Arc<MethodStats>, start: Instant, record: &Option<Arc<Record>>) -> Tally {
+    Tally::start(stats, start).with_record(record.clone())
+}
+
+/// Notes a refusal by a limit in the call's access log line.
+fn refused(record: &Option<Arc<Record>>, rejection: &Rejection) {
+    if let Some(r) = record {
+        let by = rejection.by.as_ref().map_or("", |(name, _)| name.as_str());
+        r.limited(&format!("refused {by}"));
+    }
+}
 
 fn is_grpc(req: &Request<Incoming>) -> bool {
     req.headers()
@@ -70,21 +85,39 @@ pub(crate) async fn handle(
     let route = route.clone();
     let mut stats = route.stats.method(call.method);
     // Not known yet: kept, to learn it if the upstream answers it.
-    let unknown: Option<Box<str>> = route.stats.is_unknown(&stats).then(|| call.method.into());
+    // A thin box (8 bytes in the call's future, not 16): rare.
+    let unknown: Option<Box<String>> = route
+        .stats
+        .is_unknown(&stats)
+        .then(|| Box::new(call.method.to_owned()));
+
+    // Who the client is: before limits, and forwarded.
+    let peer = match &active.client_ip {
+        Some(c) => std::net::SocketAddr::new(c.of(peer.ip(), &parts.headers), peer.port()),
+        None => peer,
+    };
+    // The access log's line, for a call in its sample: with the headers as
+    // the client sent them.
+    let record = active.access_log.as_ref().and_then(|log| {
+        log.begin(crate::access::Call {
+            start,
+            route: &route.name,
+            upstream: &route.upstream.name,
+            service: call.service,
+            method: call.method,
+            peer: peer.ip(),
+            headers: &parts.headers,
+        })
+    });
 
     // The client's deadline, read before any limit is charged: a malformed
     // or repeated grpc-timeout is refused, never forwarded.
     let client_timeout = match client_timeout(&parts.headers) {
         Ok(t) => t,
-        Err(why) => return CallError::BadTimeout(why).answer(Tally::start(stats, start)),
+        Err(why) => return CallError::BadTimeout(why).answer(tally(stats, start, &record)),
     };
 
-    // Who the client is, and the headers the listener and route set: both
-    // before limits, and forwarded.
-    let peer = match &active.client_ip {
-        Some(c) => std::net::SocketAddr::new(c.of(peer.ip(), &parts.headers), peer.port()),
-        None => peer,
-    };
+    // The headers the listener and route set: before limits, and forwarded.
     for policy in [&active.request_headers, &route.request_headers]
         .into_iter()
         .flatten()
@@ -128,7 +161,7 @@ pub(crate) async fn handle(
             );
             match Box::pin(hold).await {
                 Ok(h) => held = Some(Box::new(h)),
-                Err(e) => return e.answer(Tally::start(stats, start)),
+                Err(e) => return e.answer(tally(stats, start, &record)),
             }
         }
         let info = CallInfo {
@@ -140,6 +173,9 @@ pub(crate) async fn handle(
             worker: worker.index,
             message: held.as_deref().map_or(FirstMessage::NotHeld, Held::message),
         };
+        if let Some(r) = &record {
+            r.limiting();
+        }
         // The meters and charges first: the call's facts need not outlive
         // the await.
         match limits.ongoing(&info) {
@@ -150,14 +186,19 @@ pub(crate) async fn handle(
                 ongoing = (!o.is_empty()).then(|| Box::new(o));
             }
             Err(rejection) => {
-                return CallError::Limited(rejection).answer(Tally::start(stats, start));
+                refused(&record, &rejection);
+                return CallError::Limited(rejection).answer(tally(stats, start, &record));
             }
         }
         match limits.check(info).await {
             Ok(h) => extra_headers = h,
             Err(rejection) => {
-                return CallError::Limited(rejection).answer(Tally::start(stats, start));
+                refused(&record, &rejection);
+                return CallError::Limited(rejection).answer(tally(stats, start, &record));
             }
+        }
+        if let Some(r) = &record {
+            r.limited("allowed");
         }
     }
 
@@ -168,7 +209,7 @@ pub(crate) async fn handle(
         // it: the limit check (and, below, the connect) took some.
         let left = d.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return CallError::DeadlineExceeded(why.into()).answer(Tally::start(stats, start));
+            return CallError::DeadlineExceeded(why.into()).answer(tally(stats, start, &record));
         }
         if let Ok(v) = HeaderValue::from_str(&timeout::encode(left)) {
             parts.headers.insert("grpc-timeout", v);
@@ -203,14 +244,18 @@ pub(crate) async fn handle(
             compressed_ok,
             state.clone(),
             route.clone(),
-        ),
+        )
+        .with_record(record.clone()),
     );
     // Sent on: charged when it ends, however it ends.
     if let Some(c) = ongoing.as_mut().and_then(|o| o.charges.as_mut()) {
         c.arm();
     }
     let pool = worker.pool(spec);
-    let mut tally = Tally::start(stats.clone(), start);
+    if let Some(r) = &record {
+        r.sent();
+    }
+    let mut tally = tally(stats.clone(), start, &record);
     // Boxed: the send future is large, and a call's whole future is copied
     // into its task when hyper spawns it; one allocation is cheaper.
     let mut sent = Box::pin(pool.send(upstream_req, deadline));
@@ -267,6 +312,9 @@ pub(crate) async fn handle(
 
     // Observe the response on its way back.
     let (response, mut upstream_open) = response;
+    if let Some(r) = &record {
+        r.answered(upstream_open.endpoint(&route.upstream));
+    }
     let (mut parts, body) = response.into_parts();
     if let Some(h) = extra_headers {
         parts.headers.extend(h);

@@ -177,7 +177,14 @@ pub(crate) fn load(
     let max_keys = config.limiter.max_keys;
     let schemas =
         crate::schema::load(&config, base, previous.map(|p| &p.schemas)).map_err(setup)?;
-    let active = Active::build(config, base, stores, schemas, previous).map_err(setup)?;
+    let access_log = match &config.access_log {
+        Some(a) => Some(Arc::new(
+            crate::access::AccessLog::build(a, base).map_err(setup)?,
+        )),
+        None => None,
+    };
+    let mut active = Active::build(config, base, stores, schemas, previous).map_err(setup)?;
+    active.access_log = access_log;
     // Only a config that will serve changes the live stores' bound.
     memory.set_max_keys(max_keys);
     if let Some(r) = &active.stores.redis {

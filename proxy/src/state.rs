@@ -39,6 +39,9 @@ pub(crate) struct Active {
     pub(crate) rls: Option<crate::rls::Rls>,
     /// The upstreams, by name (a reload keeps their circuit breakers).
     pub(crate) upstreams: routes::Upstreams,
+    /// The access log, when `access_log` is set (opened by a start or a
+    /// reload, not by the tools).
+    pub(crate) access_log: Option<Arc<crate::access::AccessLog>>,
 }
 
 // === impl Active ===
@@ -78,6 +81,7 @@ impl Active {
             max_message_bytes: u32::try_from(config.listener.max_message_bytes).unwrap_or(u32::MAX),
             routes,
             upstreams,
+            access_log: None,
             config,
         })
     }

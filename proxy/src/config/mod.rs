@@ -67,6 +67,44 @@ pub struct Config {
     /// files with this file's limiter; off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rls: Option<Rls>,
+    /// One line per call (off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLog>,
+}
+
+/// The access log: one line per call, written by a thread of its own (a
+/// full queue drops lines and counts them; calls never wait for it).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// `json` (one object per line) or `text` (`key=value` pairs).
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Where lines go: a file (appended to), or standard output when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The share of calls logged, 0 to 1 (decided when a call begins).
+    #[serde(default = "default_access_sample")]
+    pub sample: f64,
+    /// Request headers whose values are logged; no other header ever is,
+    /// and credentials (authorization, cookie, …) may not be listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// How an access log line is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// `key=value` pairs, values quoted when they need it.
+    Text,
+}
+
+fn default_access_sample() -> f64 {
+    1.0
 }
 
 /// The rate limit service Envoy's `rate_limit_service` points at.

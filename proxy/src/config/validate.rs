@@ -163,6 +163,25 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &self.access_log {
+            if !(0.0..=1.0).contains(&a.sample) {
+                p.add(
+                    "access_log.sample",
+                    "must be between 0 and 1 (the share of calls logged)",
+                );
+            }
+            for (i, h) in a.headers.iter().enumerate() {
+                let at = format!("access_log.headers[{i}]");
+                match http::HeaderName::from_bytes(h.as_bytes()) {
+                    Err(_) => p.add(at, format!("{} is not a header name", shown(h))),
+                    Ok(n) if crate::access::is_credential(&n) => p.add(
+                        at,
+                        format!("{n} carries credentials: access logs never write it"),
+                    ),
+                    Ok(_) => {}
+                }
+            }
+        }
         // Only Envoy's rate limit service may run with nothing to proxy.
         if self.routes.is_empty() && self.rls.is_none() {
             p.add(

@@ -274,6 +274,8 @@ impl UpstreamSpec {
 /// A call counted as open on its upstream connection, and in flight to
 /// the upstream, until dropped (when its response ends).
 pub(crate) struct OpenStream {
+    /// The endpoint it went to.
+    endpoint: usize,
     _conn: ConnCount,
     _call: Held,
     /// Where its outcome goes, once known: the endpoint's outlier
@@ -282,6 +284,12 @@ pub(crate) struct OpenStream {
 }
 
 impl OpenStream {
+    /// The endpoint it went to, as the config names it.
+    pub(crate) fn endpoint(&self, spec: &UpstreamSpec) -> String {
+        let (h, p) = &spec.endpoints[self.endpoint];
+        format!("{h}:{p}")
+    }
+
     /// The call ended with a status from the upstream (or without one):
     /// `failed` when that is a gateway failure (UNAVAILABLE, the stream
     /// reset or its connection lost).
@@ -535,6 +543,7 @@ impl Pool {
                     return Ok((
                         response,
                         OpenStream {
+                            endpoint,
                             _conn: conn,
                             _call: call,
                             health,
@@ -1008,7 +1017,7 @@ static POOLS: AtomicU64 = AtomicU64::new(0);
 
 /// A well-mixed 64-bit value of `x` (SplitMix64): the random picks of
 /// least-request balancing, with no generator to share.
-fn splitmix(x: u64) -> u64 {
+pub(crate) fn splitmix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access_log;
 mod charges;
 mod fields;
 mod hostile;

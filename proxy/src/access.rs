@@ -1,0 +1,503 @@
+//! The access log: one line per routed call, JSON or `key=value` text.
+//!
+//! A sampled call carries a [`Record`] that the call path fills in as it
+//! goes (the limit's outcome and time, the upstream endpoint and time, the
+//! final status) and that its bodies add their bytes and messages to; the
+//! line is written when the last of them lets it go, so it has both
+//! directions whatever ends first. Lines go to a thread of their own
+//! through a bounded queue: a full queue drops the line (counted in
+//! `tollgate_access_log_dropped_total`), and a call never waits for a disk.
+//!
+//! A line carries no header value but those the config lists, never a
+//! credential (`authorization`, `cookie`, … cannot be listed), and no value
+//! longer than [`MOST`] bytes or with control characters as they came: values are
+//! cut and escaped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderName};
+use prometheus::IntCounter;
+use tokio::time::Instant;
+
+use crate::config::{self, AccessLogFormat};
+use crate::grpc::status::Code;
+
+/// Longest header value (request id, listed headers) a line carries.
+pub(crate) const MOST: usize = 256;
+
+/// Lines waiting for the writer before more are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// Whether `name` carries credentials: never logged, and refused in
+/// `access_log.headers`.
+pub(crate) fn is_credential(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "x-api-key"
+    )
+}
+
+/// A loaded access log config and where its lines go.
+pub(crate) struct AccessLog {
+    out: SyncSender<String>,
+    format: AccessLogFormat,
+    /// A call is logged when its draw is below this (the sample × 2^64).
+    threshold: u64,
+    headers: Vec<HeaderName>,
+    dropped: IntCounter,
+}
+
+/// One writer thread per destination, for the process: a reload that
+/// keeps the path keeps it.
+static WRITERS: LazyLock<Mutex<HashMap<Option<PathBuf>, SyncSender<String>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Draws for sampling.
+static DRAWS: AtomicU64 = AtomicU64::new(0);
+
+// === impl AccessLog ===
+
+impl AccessLog {
+    /// The log of a validated config; opens (or reuses) its destination.
+    pub(crate) fn build(c: &config::AccessLog, base: Option<&Path>) -> Result<Self, String> {
+        let path = c.path.as_ref().map(|p| config::resolve(p, base));
+        let out = writer(path)?;
+        let threshold = if c.sample >= 1.0 {
+            u64::MAX
+        } else {
+            (c.sample.max(0.0) * u64::MAX as f64) as u64
+        };
+        Ok(AccessLog {
+            out,
+            format: c.format,
+            threshold,
+            headers: c
+                .headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .filter(|h| !is_credential(h))
+                .collect(),
+            dropped: crate::metrics::get().access_log_dropped(),
+        })
+    }
+
+    /// A record for a call that begins now, if it is in the sample.
+    pub(crate) fn begin(self: &Arc<Self>, call: Call<'_>) -> Option<Arc<Record>> {
+        if self.threshold != u64::MAX {
+            let draw = crate::upstream::splitmix(DRAWS.fetch_add(1, Ordering::Relaxed));
+            if draw >= self.threshold {
+                return None;
+            }
+        }
+        let listed = self
+            .headers
+            .iter()
+            .filter_map(|name| Some((name.clone(), text(call.headers.get(name)?.as_bytes()))))
+            .collect();
+        Some(Arc::new(Record {
+            log: self.clone(),
+            time: SystemTime::now(),
+            start: call.start,
+            route: call.route.clone(),
+            upstream: call.upstream.clone(),
+            path: format!("/{}/{}", cut(call.service), cut(call.method)).into(),
+            peer: call.peer,
+            request_id: call.headers.get("x-request-id").map(|v| text(v.as_bytes())),
+            trace_id: call
+                .headers
+                .get("traceparent")
+                .and_then(|v| trace_id(v.as_bytes())),
+            headers: listed,
+            limiter_us: AtomicU64::new(u64::MAX),
+            upstream_us: AtomicU64::new(u64::MAX),
+            total_us: AtomicU64::new(u64::MAX),
+            status: AtomicI32::new(-1),
+            limit: OnceLock::new(),
+            endpoint: OnceLock::new(),
+            request: Default::default(),
+            response: Default::default(),
+        }))
+    }
+}
+
+/// What a call is when it begins.
+pub(crate) struct Call<'a> {
+    pub(crate) start: Instant,
+    pub(crate) route: &'a Arc<str>,
+    pub(crate) upstream: &'a Arc<str>,
+    pub(crate) service: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) peer: IpAddr,
+    pub(crate) headers: &'a HeaderMap,
+}
+
+/// Messages and bytes one way.
+#[derive(Default)]
+pub(crate) struct Flow {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// One call's line, filled in as the call goes; written when dropped.
+pub(crate) struct Record {
+    log: Arc<AccessLog>,
+    time: SystemTime,
+    start: Instant,
+    route: Arc<str>,
+    upstream: Arc<str>,
+    path: Box<str>,
+    peer: IpAddr,
+    request_id: Option<Box<str>>,
+    trace_id: Option<Box<str>>,
+    headers: Vec<(HeaderName, Box<str>)>,
+    limiter_us: AtomicU64,
+    upstream_us: AtomicU64,
+    total_us: AtomicU64,
+    status: AtomicI32,
+    limit: OnceLock<Box<str>>,
+    endpoint: OnceLock<Box<str>>,
+    request: Flow,
+    response: Flow,
+}
+
+// === impl Record ===
+
+impl Record {
+    /// µs since the call began.
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    /// The call's limits begin.
+    pub(crate) fn limiting(&self) {
+        self.limiter_us.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The limits ended so: `allowed`, or `refused NAME`.
+    pub(crate) fn limited(&self, outcome: &str) {
+        let began = self.limiter_us.load(Ordering::Relaxed);
+        self.limiter_us
+            .store(self.now().saturating_sub(began), Ordering::Relaxed);
+        let _ = self.limit.set(cut(outcome).into());
+    }
+
+    /// The call is sent upstream.
+    pub(crate) fn sent(&self) {
+        self.upstream_us.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The upstream answered from `endpoint`.
+    pub(crate) fn answered(&self, endpoint: String) {
+        let sent = self.upstream_us.load(Ordering::Relaxed);
+        self.upstream_us
+            .store(self.now().saturating_sub(sent), Ordering::Relaxed);
+        let _ = self.endpoint.set(endpoint.into());
+    }
+
+    /// The call ended with `status` (None: the upstream gave none).
+    pub(crate) fn finished(&self, status: Option<Code>) {
+        let us = self.start.elapsed().as_micros() as u64;
+        let _ = self
+            .total_us
+            .compare_exchange(u64::MAX, us, Ordering::Relaxed, Ordering::Relaxed);
+        let code = status.map_or(-2, |c| c as i32);
+        let _ = self
+            .status
+            .compare_exchange(-1, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The client's messages and bytes (frame headers included).
+    pub(crate) fn request(&self, messages: u64, bytes: u64) {
+        self.request.messages.fetch_add(messages, Ordering::Relaxed);
+        self.request.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The upstream's messages and bytes.
+    pub(crate) fn response(&self, messages: u64, bytes: u64) {
+        self.response
+            .messages
+            .fetch_add(messages, Ordering::Relaxed);
+        self.response.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn fields(&self) -> Vec<(&'static str, Value)> {
+        let ms = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
+            u64::MAX => Value::None,
+            us => Value::Ms(us),
+        };
+        let status = match self.status.load(Ordering::Relaxed) {
+            -1 => Value::Str("CANCELLED".into()),
+            -2 => Value::None,
+            c => Value::Str(
+                CODE_BY_NUMBER
+                    .get(c as usize)
+                    .map_or("UNKNOWN", |c| c.name())
+                    .into(),
+            ),
+        };
+        let opt = |s: Option<&str>| s.map_or(Value::None, |s| Value::Str(s.into()));
+        vec![
+            (
+                "time",
+                Value::Str(humantime::format_rfc3339_millis(self.time).to_string()),
+            ),
+            ("route", Value::Str(self.route.to_string())),
+            ("method", Value::Str(self.path.to_string())),
+            ("grpc_status", status),
+            ("duration_ms", ms(&self.total_us)),
+            ("limiter_ms", ms(&self.limiter_us)),
+            ("upstream_ms", ms(&self.upstream_us)),
+            ("upstream", Value::Str(self.upstream.to_string())),
+            ("endpoint", opt(self.endpoint.get().map(|e| &**e))),
+            ("limit", opt(self.limit.get().map(|l| &**l))),
+            (
+                "request_messages",
+                Value::Int(self.request.messages.load(Ordering::Relaxed)),
+            ),
+            (
+                "request_bytes",
+                Value::Int(self.request.bytes.load(Ordering::Relaxed)),
+            ),
+            (
+                "response_messages",
+                Value::Int(self.response.messages.load(Ordering::Relaxed)),
+            ),
+            (
+                "response_bytes",
+                Value::Int(self.response.bytes.load(Ordering::Relaxed)),
+            ),
+            ("peer", Value::Str(self.peer.to_canonical().to_string())),
+            ("request_id", opt(self.request_id.as_deref())),
+            ("trace_id", opt(self.trace_id.as_deref())),
+        ]
+    }
+
+    fn line(&self) -> String {
+        let fields = self.fields();
+        match self.log.format {
+            AccessLogFormat::Json => {
+                let mut m = serde_json::Map::new();
+                for (k, v) in fields {
+                    let v = match v {
+                        Value::None => continue,
+                        Value::Str(s) => serde_json::Value::String(s),
+                        Value::Int(n) => serde_json::Value::from(n),
+                        Value::Ms(us) => serde_json::Value::from(us as f64 / 1000.0),
+                    };
+                    m.insert(k.into(), v);
+                }
+                if !self.headers.is_empty() {
+                    let h = self
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), serde_json::Value::String(v.to_string())))
+                        .collect();
+                    m.insert("headers".into(), serde_json::Value::Object(h));
+                }
+                let mut s = serde_json::Value::Object(m).to_string();
+                s.push('\n');
+                s
+            }
+            AccessLogFormat::Text => {
+                let mut s = String::with_capacity(256);
+                let mut push = |k: &str, v: &str, quote: bool| {
+                    if !s.is_empty() {
+                        s.push(' ');
+                    }
+                    s.push_str(k);
+                    s.push('=');
+                    if quote {
+                        s.push_str(&format!("{v:?}"));
+                    } else {
+                        s.push_str(v);
+                    }
+                };
+                for (k, v) in fields {
+                    match v {
+                        Value::None => {}
+                        Value::Str(v) => {
+                            let quote = v.is_empty()
+                                || v.chars().any(|c| {
+                                    !c.is_ascii_graphic() || matches!(c, '"' | '=' | '\\')
+                                });
+                            push(k, &v, quote);
+                        }
+                        Value::Int(n) => push(k, &n.to_string(), false),
+                        Value::Ms(us) => push(k, &format!("{:.3}", us as f64 / 1000.0), false),
+                    }
+                }
+                for (n, v) in &self.headers {
+                    push(&format!("header.{n}"), v, true);
+                }
+                s.push('\n');
+                s
+            }
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        match self.log.out.try_send(self.line()) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.log.dropped.inc(),
+        }
+    }
+}
+
+enum Value {
+    None,
+    Str(String),
+    Int(u64),
+    Ms(u64),
+}
+
+const CODE_BY_NUMBER: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// A header value as a line may carry it: at most [`MOST`] bytes, invalid
+/// UTF-8 replaced; control characters are escaped when written.
+fn text(v: &[u8]) -> Box<str> {
+    let v = &v[..v.len().min(MOST)];
+    String::from_utf8_lossy(v).into()
+}
+
+/// At most [`MOST`] bytes of `s`, on a character boundary.
+fn cut(s: &str) -> &str {
+    if s.len() <= MOST {
+        return s;
+    }
+    let mut end = MOST;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`,
+/// lowercase, not all zeros), or None.
+pub(crate) fn trace_id(v: &[u8]) -> Option<Box<str>> {
+    let s = std::str::from_utf8(v).ok()?;
+    let mut parts = s.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && flags.get(..2).is_some_and(|f| hex(f, 2));
+    valid.then(|| trace.into())
+}
+
+/// The queue to the writer of `path` (standard output when None).
+fn writer(path: Option<PathBuf>) -> Result<SyncSender<String>, String> {
+    let mut all = WRITERS
+        .lock()
+        .map_err(|_| "the access log writers are unusable".to_owned())?;
+    if let Some(tx) = all.get(&path) {
+        return Ok(tx.clone());
+    }
+    let out: Box<dyn Write + Send> = match &path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("access_log.path {}: {e}", p.display()))?,
+        ),
+    };
+    let (tx, rx) = sync_channel(QUEUE);
+    std::thread::Builder::new()
+        .name("tollgate-access-log".into())
+        .spawn(move || write_lines(rx, out))
+        .map_err(|e| format!("access_log: cannot start its writer: {e}"))?;
+    all.insert(path, tx.clone());
+    Ok(tx)
+}
+
+/// Writes lines as they come, a batch per write.
+fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = rx.recv() {
+        let mut ok = out.write_all(line.as_bytes()).is_ok();
+        for line in rx.try_iter().take(1024) {
+            ok &= out.write_all(line.as_bytes()).is_ok();
+        }
+        if !(ok && out.flush().is_ok()) {
+            crate::metrics::get().access_log_dropped().inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_traceparents_give_a_trace_id() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id(good.as_bytes()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            assert_eq!(trace_id(bad.as_bytes()), None, "{bad}");
+        }
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert!(
+            trace_id(later.as_bytes()).is_some(),
+            "a later version may add fields"
+        );
+    }
+
+    #[test]
+    fn values_are_cut_and_never_credentials() {
+        assert_eq!(text(&[b'a'; 1000]).len(), MOST);
+        assert_eq!(&*text(b"ok\xff"), "ok\u{fffd}");
+        assert!(is_credential(&HeaderName::from_static("authorization")));
+        assert!(!is_credential(&HeaderName::from_static("x-merchant-id")));
+        let s = "é".repeat(200);
+        assert!(cut(&s).len() <= MOST);
+    }
+}
