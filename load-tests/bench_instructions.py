@@ -7,7 +7,9 @@ Each build serves 1x1 unary calls (h2load, one worker) under
 `valgrind --tool=callgrind`, for N1 and then N2 calls; (I(N2) - I(N1)) /
 (N2 - N1) takes start and stop out. LISTENER adds listener settings
 (", stream_idle_timeout: 0s"), UPSTREAM adds upstream settings
-(", retry_budget: { percent: 0, min_concurrent: 0 }"), SCENARIO routes through the limits of a
+(", retry_budget: { percent: 0, min_concurrent: 0 }"), TOP appends top-level
+YAML ("access_log: { path: WORK/access.log }", WORK being the run's
+folder), SCENARIO routes through the limits of a
 bench_limits.py scenario.
 """
 
@@ -24,6 +26,7 @@ N1, N2 = int(os.environ.get("N1", "500")), int(os.environ.get("N2", "2500"))
 SCENARIO = os.environ.get("SCENARIO", "")
 LISTENER = os.environ.get("LISTENER", "")
 UPSTREAM = os.environ.get("UPSTREAM", "")
+TOP = os.environ.get("TOP", "")
 
 
 def instructions(binary, n, up, work, redis_port):
@@ -33,7 +36,7 @@ def instructions(binary, n, up, work, redis_port):
             else pass_through_config(port, admin, up))
     with open(cfg, "w") as f:
         text = text.replace("listener: {", "listener: { workers: 1" + LISTENER + ",", 1)
-        f.write(text.replace('"] }', '"]' + UPSTREAM + " }", 1))
+        f.write(text.replace('"] }', '"]' + UPSTREAM + " }", 1) + TOP.replace("WORK", work))
     out = f"{work}/callgrind.{n}"
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "run",
                           "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -227,118 +227,157 @@ impl Record {
         self.response.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn fields(&self) -> Vec<(&'static str, Value)> {
+    fn fields(&self) -> [(&'static str, Value<'_>); 17] {
+        fn opt(s: Option<&str>) -> Value<'_> {
+            s.map_or(Value::None, Value::Str)
+        }
         let ms = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
             u64::MAX => Value::None,
             us => Value::Ms(us),
         };
         let status = match self.status.load(Ordering::Relaxed) {
-            -1 => Value::Str("CANCELLED".into()),
+            -1 => Value::Str("CANCELLED"),
             -2 => Value::None,
-            c => Value::Str(
-                CODE_BY_NUMBER
-                    .get(c as usize)
-                    .map_or("UNKNOWN", |c| c.name())
-                    .into(),
-            ),
+            c => Value::Str(crate::grpc::status::code_of(c).map_or("UNKNOWN", |c| c.name())),
         };
-        let opt = |s: Option<&str>| s.map_or(Value::None, |s| Value::Str(s.into()));
-        vec![
-            (
-                "time",
-                Value::Str(humantime::format_rfc3339_millis(self.time).to_string()),
-            ),
-            ("route", Value::Str(self.route.to_string())),
-            ("method", Value::Str(self.path.to_string())),
+        let int = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed));
+        [
+            ("time", Value::Time(self.time)),
+            ("route", Value::Str(&self.route)),
+            ("method", Value::Str(&self.path)),
             ("grpc_status", status),
             ("duration_ms", ms(&self.total_us)),
             ("limiter_ms", ms(&self.limiter_us)),
             ("upstream_ms", ms(&self.upstream_us)),
-            ("upstream", Value::Str(self.upstream.to_string())),
+            ("upstream", Value::Str(&self.upstream)),
             ("endpoint", opt(self.endpoint.get().map(|e| &**e))),
             ("limit", opt(self.limit.get().map(|l| &**l))),
-            (
-                "request_messages",
-                Value::Int(self.request.messages.load(Ordering::Relaxed)),
-            ),
-            (
-                "request_bytes",
-                Value::Int(self.request.bytes.load(Ordering::Relaxed)),
-            ),
-            (
-                "response_messages",
-                Value::Int(self.response.messages.load(Ordering::Relaxed)),
-            ),
-            (
-                "response_bytes",
-                Value::Int(self.response.bytes.load(Ordering::Relaxed)),
-            ),
-            ("peer", Value::Str(self.peer.to_canonical().to_string())),
+            ("request_messages", int(&self.request.messages)),
+            ("request_bytes", int(&self.request.bytes)),
+            ("response_messages", int(&self.response.messages)),
+            ("response_bytes", int(&self.response.bytes)),
+            ("peer", Value::Ip(self.peer.to_canonical())),
             ("request_id", opt(self.request_id.as_deref())),
             ("trace_id", opt(self.trace_id.as_deref())),
         ]
     }
 
+    /// The line, written straight into one string.
     fn line(&self) -> String {
-        let fields = self.fields();
-        match self.log.format {
-            AccessLogFormat::Json => {
-                let mut m = serde_json::Map::new();
-                for (k, v) in fields {
-                    let v = match v {
-                        Value::None => continue,
-                        Value::Str(s) => serde_json::Value::String(s),
-                        Value::Int(n) => serde_json::Value::from(n),
-                        Value::Ms(us) => serde_json::Value::from(us as f64 / 1000.0),
-                    };
-                    m.insert(k.into(), v);
-                }
-                if !self.headers.is_empty() {
-                    let h = self
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), serde_json::Value::String(v.to_string())))
-                        .collect();
-                    m.insert("headers".into(), serde_json::Value::Object(h));
-                }
-                let mut s = serde_json::Value::Object(m).to_string();
-                s.push('\n');
-                s
+        use std::fmt::Write as _;
+        let mut s = String::with_capacity(512);
+        let json = self.log.format == AccessLogFormat::Json;
+        if json {
+            s.push('{');
+        }
+        let mut first = true;
+        let mut key = |s: &mut String, k: &str| {
+            if !first {
+                s.push(if json { ',' } else { ' ' });
             }
-            AccessLogFormat::Text => {
-                let mut s = String::with_capacity(256);
-                let mut push = |k: &str, v: &str, quote: bool| {
-                    if !s.is_empty() {
-                        s.push(' ');
-                    }
-                    s.push_str(k);
-                    s.push('=');
-                    if quote {
-                        s.push_str(&format!("{v:?}"));
+            first = false;
+            if json {
+                s.push('"');
+                s.push_str(k);
+                s.push_str("\":");
+            } else {
+                s.push_str(k);
+                s.push('=');
+            }
+        };
+        for (k, v) in self.fields() {
+            match v {
+                Value::None => continue,
+                Value::Str(v) => {
+                    key(&mut s, k);
+                    quoted(&mut s, v, json);
+                }
+                Value::Int(n) => {
+                    key(&mut s, k);
+                    let _ = write!(s, "{n}");
+                }
+                Value::Ms(us) => {
+                    key(&mut s, k);
+                    let _ = write!(s, "{}.{:03}", us / 1000, us % 1000);
+                }
+                Value::Time(t) => {
+                    key(&mut s, k);
+                    let _ = if json {
+                        write!(s, "\"{}\"", humantime::format_rfc3339_millis(t))
                     } else {
-                        s.push_str(v);
-                    }
-                };
-                for (k, v) in fields {
-                    match v {
-                        Value::None => {}
-                        Value::Str(v) => {
-                            let quote = v.is_empty()
-                                || v.chars().any(|c| {
-                                    !c.is_ascii_graphic() || matches!(c, '"' | '=' | '\\')
-                                });
-                            push(k, &v, quote);
-                        }
-                        Value::Int(n) => push(k, &n.to_string(), false),
-                        Value::Ms(us) => push(k, &format!("{:.3}", us as f64 / 1000.0), false),
-                    }
+                        write!(s, "{}", humantime::format_rfc3339_millis(t))
+                    };
                 }
-                for (n, v) in &self.headers {
-                    push(&format!("header.{n}"), v, true);
+                Value::Ip(ip) => {
+                    key(&mut s, k);
+                    let _ = if json {
+                        write!(s, "\"{ip}\"")
+                    } else {
+                        write!(s, "{ip}")
+                    };
                 }
-                s.push('\n');
-                s
             }
+        }
+        if json {
+            if !self.headers.is_empty() {
+                key(&mut s, "headers");
+                s.push('{');
+                for (i, (n, v)) in self.headers.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    quoted(&mut s, n.as_str(), true);
+                    s.push(':');
+                    quoted(&mut s, v, true);
+                }
+                s.push('}');
+            }
+            s.push('}');
+        } else {
+            for (n, v) in &self.headers {
+                s.push_str(" header.");
+                s.push_str(n.as_str());
+                s.push('=');
+                s.push('"');
+                escape(&mut s, v);
+                s.push('"');
+            }
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// `v` as a JSON string, or as a text value (quoted when it must be).
+fn quoted(s: &mut String, v: &str, json: bool) {
+    let plain = !json
+        && !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '=' | '\\'));
+    if plain {
+        s.push_str(v);
+        return;
+    }
+    s.push('"');
+    escape(s, v);
+    s.push('"');
+}
+
+/// Escapes `v` for the inside of a JSON string (quotes, backslashes and
+/// control characters), which text values use too.
+fn escape(s: &mut String, v: &str) {
+    use std::fmt::Write as _;
+    for c in v.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            '\r' => s.push_str("\\r"),
+            '\t' => s.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(s, "\\u{:04x}", c as u32);
+            }
+            c => s.push(c),
         }
     }
 }
@@ -352,32 +391,14 @@ impl Drop for Record {
     }
 }
 
-enum Value {
+enum Value<'a> {
     None,
-    Str(String),
+    Str(&'a str),
     Int(u64),
     Ms(u64),
+    Time(SystemTime),
+    Ip(IpAddr),
 }
-
-const CODE_BY_NUMBER: [Code; 17] = [
-    Code::Ok,
-    Code::Cancelled,
-    Code::Unknown,
-    Code::InvalidArgument,
-    Code::DeadlineExceeded,
-    Code::NotFound,
-    Code::AlreadyExists,
-    Code::PermissionDenied,
-    Code::ResourceExhausted,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::OutOfRange,
-    Code::Unimplemented,
-    Code::Internal,
-    Code::Unavailable,
-    Code::DataLoss,
-    Code::Unauthenticated,
-];
 
 /// A header value as a line may carry it: at most [`MOST`] bytes, invalid
 /// UTF-8 replaced; control characters are escaped when written.
@@ -448,19 +469,35 @@ fn writer(path: Option<PathBuf>) -> Result<SyncSender<String>, String> {
     Ok(tx)
 }
 
-/// Writes lines as they come, a batch per write.
+/// Writes what has come every [`FLUSH`]: the writer never sleeps in the
+/// queue, so a call's send never has to wake it.
 fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let mut ok = out.write_all(line.as_bytes()).is_ok();
-        for line in rx.try_iter().take(1024) {
-            ok &= out.write_all(line.as_bytes()).is_ok();
+    loop {
+        std::thread::sleep(FLUSH);
+        let mut wrote = false;
+        let mut ok = true;
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    ok &= out.write_all(line.as_bytes()).is_ok();
+                    wrote = true;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
         }
-        if !(ok && out.flush().is_ok()) {
+        if wrote && !(ok && out.flush().is_ok()) {
             crate::metrics::get().access_log_dropped().inc();
         }
     }
 }
+
+/// How often the writer writes what has come.
+const FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {
@@ -489,6 +526,23 @@ mod tests {
             trace_id(later.as_bytes()).is_some(),
             "a later version may add fields"
         );
+    }
+
+    #[test]
+    fn values_are_escaped_as_json_and_quoted_in_text_when_they_must_be() {
+        let nasty = "a \"b\" \\ c\nd\u{1}\u{7f}é";
+        let mut json = String::new();
+        quoted(&mut json, nasty, true);
+        assert_eq!(serde_json::from_str::<String>(&json).unwrap(), nasty);
+        let mut text = String::new();
+        quoted(&mut text, "plain-value", false);
+        assert_eq!(text, "plain-value");
+        let mut text = String::new();
+        quoted(&mut text, "two words", false);
+        assert_eq!(text, "\"two words\"");
+        let mut text = String::new();
+        quoted(&mut text, "line\nbreak", false);
+        assert_eq!(text, "\"line\\nbreak\"", "never a raw line break in a line");
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub(crate) struct Metrics {
     upstream_overflow: IntCounterVec,
     upstream_retries: IntCounterVec,
     upstream_ejections: IntCounterVec,
+    upstream_shed: IntCounterVec,
+    upstream_concurrency_limit: IntGaugeVec,
     upstream_ejections_refused: IntCounterVec,
     /// Every upstream's circuit breakers, read at each scrape.
     breakers: Mutex<Vec<Weak<Breakers>>>,
@@ -141,6 +143,22 @@ impl Metrics {
             "Calls failed at once by an upstream's circuit breaker, by the threshold reached (max_requests, max_pending, max_connections; retry_budget: a safe retry not made).",
             &["upstream", "breaker"],
         );
+        let upstream_shed = counter(
+            "tollgate_upstream_shed_total",
+            "Calls shed by an upstream's adaptive concurrency limit, by route priority (sheddable, normal; critical calls are never shed).",
+            &["upstream", "priority"],
+        );
+        let upstream_concurrency_limit = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_upstream_concurrency_limit",
+                "An upstream's adaptive concurrency limit now (calls in flight).",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(upstream_concurrency_limit.clone()))
+            .expect("unique metric");
         let upstream_ejections = counter(
             "tollgate_upstream_ejections_total",
             "Endpoints ejected by outlier detection, by upstream and why (consecutive_failures, failure_percent).",
@@ -267,6 +285,8 @@ impl Metrics {
             upstream_overflow,
             upstream_retries,
             upstream_ejections,
+            upstream_shed,
+            upstream_concurrency_limit,
             upstream_ejections_refused,
             breakers: Mutex::new(Vec::new()),
             outliers: Mutex::new(Vec::new()),
@@ -317,6 +337,17 @@ impl Metrics {
     /// The counter of safe retries of one upstream for one reason.
     pub(crate) fn upstream_retries(&self, upstream: &str, reason: &str) -> IntCounter {
         self.upstream_retries.with_label_values(&[upstream, reason])
+    }
+
+    /// The counter of one upstream's calls shed at one priority.
+    pub(crate) fn upstream_shed(&self, upstream: &str, priority: &str) -> IntCounter {
+        self.upstream_shed.with_label_values(&[upstream, priority])
+    }
+
+    /// The gauge of one upstream's adaptive concurrency limit.
+    pub(crate) fn upstream_concurrency_limit(&self, upstream: &str) -> IntGauge {
+        self.upstream_concurrency_limit
+            .with_label_values(&[upstream])
     }
 
     /// The counter of one upstream's ejections for one reason.

@@ -258,7 +258,7 @@ pub(crate) async fn handle(
     let mut tally = tally(stats.clone(), start, &record);
     // Boxed: the send future is large, and a call's whole future is copied
     // into its task when hyper spawns it; one allocation is cheaper.
-    let mut sent = Box::pin(pool.send(upstream_req, deadline));
+    let mut sent = Box::pin(pool.send(upstream_req, deadline, route.priority));
     // What ends the call if it takes too long: its deadline, or (for a call
     // without one) its connection watching it for the stream idle timeout.
     let mut timer = CallTimer {

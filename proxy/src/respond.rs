@@ -109,7 +109,13 @@ impl CallError {
             CallError::Frame(e) => trailers_only(e.code(), &e.to_string()),
             CallError::Upstream(e) => {
                 let (code, message) = e.status();
-                trailers_only(code, &message)
+                let mut r = trailers_only(code, &message);
+                if let Some(ms) = e.retry_pushback_ms() {
+                    // gRFC A6: when the client's retry policy may retry.
+                    r.headers_mut()
+                        .insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+                }
+                r
             }
             CallError::UpstreamUri => {
                 trailers_only(Code::Internal, "cannot build the upstream URI")

@@ -29,6 +29,8 @@ pub(crate) struct Route {
     pub(crate) limits: Option<Arc<dyn LimitStep>>,
     /// Its request header policy (after the listener's).
     pub(crate) request_headers: Option<crate::headers::HeaderPolicy>,
+    /// Which of its calls adaptive concurrency sheds first.
+    pub(crate) priority: crate::config::Priority,
 }
 
 impl crate::body::RouteCounters for Route {
@@ -176,6 +178,7 @@ impl RouteTable {
                 timeout: r.timeout.map(|d| d.0),
                 limits,
                 request_headers,
+                priority: r.priority,
             }));
             t.insert(&r.matcher, i);
         }

@@ -347,6 +347,85 @@ pub struct Upstream {
     /// with more than one address).
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// A limit on calls in flight that follows the upstream's latency;
+    /// off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
+}
+
+/// Adaptive concurrency, in the manner of Netflix's Gradient2: each
+/// `window` (once it has `min_samples` calls), the limit on calls in
+/// flight is scaled by how the window's average latency compares with the
+/// long-run average (`tolerance` × long / short, between 0.5 and 1), plus
+/// the square root of the limit as headroom, smoothed by `smoothing`, and
+/// kept between `min_limit` and `max_limit`. A window in which fewer than
+/// half the limit were in flight and no call was shed changes nothing (the
+/// upstream was not what held calls back).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    /// The least the limit falls to.
+    #[serde(default = "default_adaptive_min")]
+    pub min_limit: usize,
+    /// The most it grows to.
+    #[serde(default = "default_adaptive_max")]
+    pub max_limit: usize,
+    /// Where it starts.
+    #[serde(default = "default_adaptive_initial")]
+    pub initial_limit: usize,
+    /// How often it is recalculated.
+    #[serde(default = "default_adaptive_window")]
+    pub window: Dur,
+    /// Calls a window needs before it counts.
+    #[serde(default = "default_adaptive_samples")]
+    pub min_samples: usize,
+    /// How much slower than the long-run latency a window may be before
+    /// the limit falls (1.5: half as slow again).
+    #[serde(default = "default_adaptive_tolerance")]
+    pub tolerance: f64,
+    /// How far each window moves the limit toward its new value (0..1].
+    #[serde(default = "default_adaptive_smoothing")]
+    pub smoothing: f64,
+    /// What a shed call gets.
+    #[serde(default)]
+    pub shed_status: ShedStatus,
+}
+
+/// The status of a call shed by adaptive concurrency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShedStatus {
+    /// UNAVAILABLE: gRPC clients retry it by their policy.
+    #[default]
+    Unavailable,
+    /// RESOURCE_EXHAUSTED.
+    ResourceExhausted,
+}
+
+/// Which calls adaptive concurrency sheds first: `sheddable` ones once
+/// half the limit is in flight, `normal` ones at the limit, `critical`
+/// ones never (they count toward it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Never shed by adaptive concurrency (payments).
+    Critical,
+    /// Shed at the limit.
+    #[default]
+    Normal,
+    /// Shed from half the limit (reads that can wait).
+    Sheddable,
+}
+
+impl Priority {
+    /// Its name in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Normal => "normal",
+            Priority::Sheddable => "sheddable",
+        }
+    }
 }
 
 /// How calls are spread over an upstream's addresses.
@@ -515,6 +594,9 @@ pub struct Route {
     /// listener's, before its limits; forwarded upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<RequestHeaders>,
+    /// Which of its calls adaptive concurrency sheds first.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 /// Where limit state lives.
@@ -1148,6 +1230,27 @@ fn default_max_streams_per_connection() -> usize {
 /// Envoy's default for each of its thresholds.
 fn default_breaker_max() -> usize {
     1024
+}
+fn default_adaptive_min() -> usize {
+    10
+}
+fn default_adaptive_max() -> usize {
+    1000
+}
+fn default_adaptive_initial() -> usize {
+    100
+}
+fn default_adaptive_window() -> Dur {
+    Dur::from_secs(1)
+}
+fn default_adaptive_samples() -> usize {
+    10
+}
+fn default_adaptive_tolerance() -> f64 {
+    1.5
+}
+fn default_adaptive_smoothing() -> f64 {
+    0.2
 }
 fn default_consecutive_failures() -> u32 {
     5

@@ -419,3 +419,30 @@ fn outlier_detection_is_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn adaptive_concurrency_and_priorities_are_checked() {
+    let cfg = Config::parse(GOOD).unwrap();
+    assert!(
+        cfg.upstreams["backend"].adaptive_concurrency.is_none(),
+        "off by default"
+    );
+    assert_eq!(cfg.routes[0].priority, Priority::Normal);
+    let p = problems(
+        "upstreams:\n  a: { addresses: [\"h:1\"], adaptive_concurrency: { min_limit: 50, max_limit: 10, window: 0s, smoothing: 0 } }\nroutes: [ { match: {}, upstream: a, priority: critical } ]\n",
+    );
+    assert_reported(
+        &p,
+        &[
+            "upstreams.a.adaptive_concurrency.min_limit: must be at least 1 and at most max_limit",
+            "upstreams.a.adaptive_concurrency.initial_limit: must be between min_limit and max_limit",
+            "upstreams.a.adaptive_concurrency.window: must be more than 0",
+            "upstreams.a.adaptive_concurrency.smoothing: must be more than 0 and at most 1",
+        ],
+    );
+    assert_eq!(p.len(), 4, "{p:#?}");
+    let err = Config::parse("routes: [ { match: {}, upstream: a, priority: urgent } ]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sheddable"), "{err}");
+}

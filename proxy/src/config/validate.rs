@@ -116,6 +116,36 @@ impl Config {
                     "must be between 0 and 1000000",
                 );
             }
+            if let Some(a) = &u.adaptive_concurrency {
+                let ac = format!("{at}.adaptive_concurrency");
+                if a.min_limit == 0 || a.min_limit > a.max_limit {
+                    p.add(
+                        format!("{ac}.min_limit"),
+                        "must be at least 1 and at most max_limit",
+                    );
+                }
+                if a.max_limit > 1_000_000 {
+                    p.add(format!("{ac}.max_limit"), "must be at most 1000000");
+                }
+                if a.initial_limit < a.min_limit || a.initial_limit > a.max_limit {
+                    p.add(
+                        format!("{ac}.initial_limit"),
+                        "must be between min_limit and max_limit",
+                    );
+                }
+                if a.window.is_zero() {
+                    p.add(format!("{ac}.window"), "must be more than 0");
+                }
+                if !(a.tolerance >= 1.0 && a.tolerance <= 10.0) {
+                    p.add(format!("{ac}.tolerance"), "must be between 1 and 10");
+                }
+                if !(a.smoothing > 0.0 && a.smoothing <= 1.0) {
+                    p.add(
+                        format!("{ac}.smoothing"),
+                        "must be more than 0 and at most 1",
+                    );
+                }
+            }
             let o = &u.outlier_detection;
             let od = format!("{at}.outlier_detection");
             if o.failure_percent > 100 {

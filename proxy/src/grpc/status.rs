@@ -125,6 +125,11 @@ pub(crate) fn reset_code(reason: h2::Reason) -> Code {
 }
 
 /// Parses a `grpc-status` value (0–16), or `None`.
+/// The code numbered `n`, if there is one.
+pub(crate) fn code_of(n: i32) -> Option<Code> {
+    ALL.get(usize::try_from(n).ok()?).copied()
+}
+
 pub(crate) fn parse_status(v: &HeaderValue) -> Option<Code> {
     let n = match v.as_bytes() {
         [d] if d.is_ascii_digit() => d - b'0',

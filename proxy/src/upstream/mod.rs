@@ -29,10 +29,12 @@ use crate::config;
 use crate::grpc::status::Code;
 use crate::metrics;
 
+pub(crate) mod adaptive;
 pub(crate) mod breaker;
 pub(crate) mod outlier;
 mod replay;
 
+use adaptive::{Adaptive, Admitted};
 use breaker::{Breakers, Held, Resource};
 use outlier::Outliers;
 
@@ -58,6 +60,9 @@ pub(crate) struct UpstreamSpec {
     /// Its outlier detection (more than one address, and on): one for the
     /// process, kept across reloads that keep the addresses.
     pub(crate) outliers: Option<Arc<Outliers>>,
+    /// Its adaptive concurrency limit, when set: kept across reloads that
+    /// keep its settings.
+    pub(crate) adaptive: Option<Arc<Adaptive>>,
 }
 
 /// Why a call could not be forwarded.
@@ -82,6 +87,8 @@ pub(crate) enum Ended {
     Reset(h2::Reason),
     /// The connection went away (GOAWAY, or closed).
     ConnectionLost,
+    /// Never sent: shed by adaptive concurrency, answered with this code.
+    Shed(Code),
     /// The upstream broke the HTTP/2 protocol.
     Protocol,
 }
@@ -99,6 +106,15 @@ impl std::fmt::Display for UpstreamError {
 // === impl UpstreamError ===
 
 impl UpstreamError {
+    /// How long a client should wait before it tries again, when tollgate
+    /// shed the call (adaptive concurrency): the limit's window.
+    pub(crate) fn retry_pushback_ms(&self) -> Option<u64> {
+        match self.ended {
+            Some(Ended::Shed(_)) => self.detail.rsplit(' ').next()?.parse().ok(),
+            _ => None,
+        }
+    }
+
     /// Whether a circuit breaker failed it (nothing was tried).
     pub(crate) fn is_overflow(&self) -> bool {
         Resource::ALL.iter().any(|r| r.name() == self.kind)
@@ -116,6 +132,7 @@ impl UpstreamError {
         match self.ended {
             Some(Ended::Reset(reason)) => crate::grpc::status::reset_code(reason),
             Some(Ended::Protocol) => Code::Internal,
+            Some(Ended::Shed(code)) => code,
             Some(Ended::ConnectionLost) | None => Code::Unavailable,
         }
     }
@@ -128,6 +145,9 @@ impl UpstreamError {
                 format!("upstream {up} closed its connection before answering")
             }
             Some(Ended::Protocol) => format!("upstream {up} broke the HTTP/2 protocol"),
+            Some(Ended::Shed(_)) => format!(
+                "upstream {up} is at its adaptive concurrency limit: the call was shed, not sent; retry after a moment"
+            ),
             None => format!("upstream {up} unavailable: {}", kind_text(self.kind)),
         }
     }
@@ -215,6 +235,12 @@ impl UpstreamSpec {
                     None => Outliers::new(&name, endpoints.len(), u),
                 }
             });
+        let adaptive = u.adaptive_concurrency.map(|settings| {
+            before
+                .and_then(|b| b.adaptive.clone())
+                .filter(|a| *a.settings() == settings)
+                .unwrap_or_else(|| Adaptive::new(&name, settings))
+        });
         Ok(UpstreamSpec {
             name,
             config: u.clone(),
@@ -223,6 +249,7 @@ impl UpstreamSpec {
             files,
             breakers,
             outliers,
+            adaptive,
         })
     }
 
@@ -232,6 +259,26 @@ impl UpstreamSpec {
             http::uri::Scheme::HTTPS
         } else {
             http::uri::Scheme::HTTP
+        }
+    }
+
+    /// A call shed by adaptive concurrency at `limit`.
+    fn shed(&self, a: &Adaptive) -> UpstreamError {
+        let code = match a.settings().shed_status {
+            config::ShedStatus::Unavailable => Code::Unavailable,
+            config::ShedStatus::ResourceExhausted => Code::ResourceExhausted,
+        };
+        UpstreamError {
+            upstream: self.name.clone(),
+            endpoint: String::new(),
+            kind: "shed",
+            // The window last: the client's retry pushback.
+            detail: format!(
+                "{} in flight; retry pushback {}",
+                a.limit(),
+                a.settings().window.0.as_millis()
+            ),
+            ended: Some(Ended::Shed(code)),
         }
     }
 
@@ -278,6 +325,8 @@ pub(crate) struct OpenStream {
     endpoint: usize,
     _conn: ConnCount,
     _call: Held,
+    /// Counted by adaptive concurrency, when the upstream has it.
+    _admitted: Option<Admitted>,
     /// Where its outcome goes, once known: the endpoint's outlier
     /// detection.
     health: Option<(Arc<Outliers>, usize)>,
@@ -526,11 +575,16 @@ impl Pool {
         &self,
         req: http::Request<RequestBody>,
         deadline: Option<tokio::time::Instant>,
+        priority: config::Priority,
     ) -> Result<(http::Response<RecvStream>, OpenStream), UpstreamError> {
         let breakers = &self.spec.breakers;
         let call = breakers
             .take(Resource::Requests)
             .map_err(|r| self.spec.overflow(r))?;
+        let admitted = match &self.spec.adaptive {
+            None => None,
+            Some(a) => Some(a.admit(priority).ok_or_else(|| self.spec.shed(a))?),
+        };
         let (parts, body) = req.into_parts();
         let mut out = replay::Outgoing::new(parts, body, breakers.retries_on());
         let mut retry: Option<(Held, Unprocessed)> = None;
@@ -539,6 +593,9 @@ impl Pool {
             match self.attempt(&mut out, avoid).await {
                 Ok((response, conn, endpoint)) => {
                     out.answered();
+                    if let Some(a) = &admitted {
+                        a.answered();
+                    }
                     let health = self.spec.outliers.clone().map(|o| (o, endpoint));
                     return Ok((
                         response,
@@ -546,6 +603,7 @@ impl Pool {
                             endpoint,
                             _conn: conn,
                             _call: call,
+                            _admitted: admitted,
                             health,
                         },
                     ));
