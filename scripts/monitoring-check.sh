@@ -9,8 +9,10 @@
 #   - every metric the dashboard and the alerts name is one the binaries
 #     export: target/debug/tollgate and target/debug/payment-backend run on
 #     loopback for a few seconds (SQLite, an unreachable Redis, a dead
-#     upstream with two addresses: outlier detection's series exist only for
-#     upstreams with 2+), take a few calls, and their /metrics give the names
+#     upstream with two addresses and adaptive_concurrency set: outlier
+#     detection's series exist only for upstreams with 2+, adaptive
+#     concurrency's only for those with it set), take a few calls, and their
+#     /metrics give the names
 #   - tollgate check config/compose/tollgate.yaml
 #   - docker compose -f docker-compose.yml config -q
 #
@@ -134,15 +136,16 @@ try:
          "--metrics-listen", f"127.0.0.1:{metrics}", "--database-url", f"sqlite://{tmp}/payments.db"],
         stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/payment-backend.log", "w")))
     # Redis at a closed port: decisions take the failure mode and count store
-    # errors; the `nowhere` upstream counts upstream errors, and with two
-    # addresses has outlier detection's series (ejections, refused, ejected).
+    # errors; the `nowhere` upstream counts upstream errors, with two
+    # addresses has outlier detection's series (ejections, refused, ejected),
+    # and with adaptive_concurrency (all defaults) its series (limit, shed).
     with open(f"{tmp}/tollgate.yaml", "w") as f:
         f.write(f"""
 listener: {{ address: "127.0.0.1:{listen}" }}
 admin: {{ address: "127.0.0.1:{admin}" }}
 upstreams:
   payment-backend: {{ addresses: ["127.0.0.1:{backend}"] }}
-  nowhere: {{ addresses: ["127.0.0.1:{closed}", "127.0.0.1:{closed2}"], connect_timeout: 200ms }}
+  nowhere: {{ addresses: ["127.0.0.1:{closed}", "127.0.0.1:{closed2}"], connect_timeout: 200ms, adaptive_concurrency: {{}} }}
 limiter: {{ backend: redis, redis: {{ url: "redis://127.0.0.1:{closed}", timeout: 50ms }}, failure_mode: local }}
 routes:
   - match: {{ service: payments.v1.AccountService }}

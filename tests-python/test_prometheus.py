@@ -6,21 +6,22 @@ postgres.sh --fast, kafka.sh; each dies with this process), the payment
 backend on PostgreSQL relaying its outbox to the broker, tollgate in front of
 it with one tight Redis-backed limit, one route to an upstream nobody
 listens on and one to an upstream that refuses every stream (REFUSED_STREAM:
-tollgate retries the call once), an upstream with two dead addresses that no
-route uses (its outlier detection series exist, at 0), and Prometheus with
-config/prometheus.yml (targets rewritten to this test's ports, 1s scrape and
-evaluation) and the chart's rule file.
+tollgate retries the call once), an upstream with two dead addresses and
+adaptive concurrency that no route uses (its outlier detection and adaptive
+concurrency series exist: at 0, the limit at its initial 100), and Prometheus
+with config/prometheus.yml (targets rewritten to this test's ports, 1s scrape
+and evaluation) and the chart's rule file.
 
 Then drives traffic through tollgate (a payment lifecycle, a burst over the
 limit, a call the backend fails, a call to the dead upstream, one to the
 refusing upstream) and asks Prometheus' HTTP API: both targets are up; the
-request, decision, upstream, retry, ejection, RPC and payment counters hold
-exactly what the traffic implies; every query of every panel in
+request, decision, upstream, retry, ejection, shedding, RPC and payment
+counters hold exactly what the traffic implies; every query of every panel in
 helm/files/dashboard.json returns a series with a value; the rejection-ratio
 alert is pending or firing (its `for` cut to 1s in a temporary copy of the
 rule file), and the alerts about Redis, the config, the database, the
-targets and the upstream circuit breakers, retries and outlier detection
-stay quiet.
+targets and the upstream circuit breakers, retries, outlier detection and
+adaptive concurrency stay quiet.
 """
 
 import concurrent.futures
@@ -250,8 +251,9 @@ def main():
             BACKEND, "serve", "--listen", f"127.0.0.1:{backend_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--database-url", postgres["URL"], "--kafka-brokers", kafka["BROKERS"]]))
         port, admin_port, dead_port = free_port(), free_port(), free_port()
-        # Two addresses, so that outlier detection (and its series) is on;
-        # no route uses it, so it never ejects.
+        # Two addresses, so that outlier detection (and its series) is on,
+        # and adaptive concurrency (all defaults, and its series); no route
+        # uses it, so it never ejects nor sheds.
         idle_ports = free_port(), free_port()
         refusing = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=refuse_streams, args=(refusing,), daemon=True).start()
@@ -264,7 +266,7 @@ upstreams:
   payment-backend: {{ addresses: ["127.0.0.1:{backend_port}"] }}
   nowhere: {{ addresses: ["127.0.0.1:{dead_port}"], connect_timeout: 200ms }}
   refusing: {{ addresses: ["127.0.0.1:{refusing.getsockname()[1]}"] }}
-  idle: {{ addresses: ["127.0.0.1:{idle_ports[0]}", "127.0.0.1:{idle_ports[1]}"], connect_timeout: 200ms }}
+  idle: {{ addresses: ["127.0.0.1:{idle_ports[0]}", "127.0.0.1:{idle_ports[1]}"], connect_timeout: 200ms, adaptive_concurrency: {{}} }}
 limiter:
   backend: redis
   redis: {{ url: "{redis['URL']}", timeout: 1s }}
@@ -428,6 +430,13 @@ routes:
             'max(tollgate_upstream_ejected_endpoints{upstream="idle"})': 0.0,
             'count({__name__=~"tollgate_upstream_eject.*", upstream!="idle"}) or vector(0)': 0.0,
         }))
+        check("adaptive concurrency series only for the upstream with it set: limit at its initial 100, nothing shed", exact({
+            'min(tollgate_upstream_concurrency_limit{upstream="idle"})': 100.0,
+            'count(tollgate_upstream_shed_total{upstream="idle"})': 3.0,
+            'sum(tollgate_upstream_shed_total{upstream="idle"})': 0.0,
+            'sum(tollgate_upstream_shed_total{upstream="idle", priority="critical"})': 0.0,
+            'count({__name__=~"tollgate_upstream_(concurrency_limit|shed_total)", upstream!="idle"}) or vector(0)': 0.0,
+        }))
         check("backend RPCs by code: rejected calls never reached it", exact({
             'sum(payment_backend_rpc_requests_total{method="GetPayment", code="OK"})': 2.0 * ALLOWED,
             'sum(payment_backend_rpc_requests_total{method="GetPayment", code="NOT_FOUND"})': 1.0,
@@ -486,12 +495,13 @@ routes:
                      "TollgateLimitsFailingClosed", "TollgateConfigReloadFailed", "TollgateTargetDown",
                      "TollgateUpstreamCircuitBreakerOpen", "TollgateUpstreamRetriesHigh",
                      "TollgateUpstreamEndpointEjected", "TollgateUpstreamEjectionsCapped",
+                     "TollgateUpstreamSheddingCalls",
                      "PaymentBackendDatabaseDown", "PaymentBackendTargetDown", "PaymentBackendOutboxBacklogOld"}
             noisy = sorted(name for name, _ in active if name in quiet)
             assert not noisy, f"alerts active on a healthy stack: {noisy}"
 
         check("TollgateRateLimitRejectionsHigh is pending or firing for the limited route; "
-              "the Redis, config, database, target and upstream breaker/retry/ejection alerts are quiet",
+              "the Redis, config, database, target and upstream breaker/retry/ejection/shedding alerts are quiet",
               rejection_alert_is_active)
         channel.close()
     finally:
