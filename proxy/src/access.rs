@@ -374,7 +374,9 @@ fn escape(s: &mut String, v: &str) {
             '\n' => s.push_str("\\n"),
             '\r' => s.push_str("\\r"),
             '\t' => s.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+            // Control characters (C0, DEL, C1) and the Unicode line
+            // separators: never a line break inside a line.
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
                 let _ = write!(s, "\\u{:04x}", c as u32);
             }
             c => s.push(c),
@@ -450,49 +452,74 @@ fn writer(path: Option<PathBuf>) -> Result<SyncSender<String>, String> {
     if let Some(tx) = all.get(&path) {
         return Ok(tx.clone());
     }
-    let out: Box<dyn Write + Send> = match &path {
-        None => Box::new(std::io::stdout()),
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("access_log.path {}: {e}", p.display()))?,
-        ),
+    let file = match &path {
+        None => None,
+        Some(p) => Some(open(p)?),
     };
     let (tx, rx) = sync_channel(QUEUE);
+    let at = path.clone();
     std::thread::Builder::new()
         .name("tollgate-access-log".into())
-        .spawn(move || write_lines(rx, out))
+        .spawn(move || write_lines(rx, at, file))
         .map_err(|e| format!("access_log: cannot start its writer: {e}"))?;
     all.insert(path, tx.clone());
     Ok(tx)
 }
 
+fn open(p: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| format!("access_log.path {}: {e}", p.display()))
+}
+
 /// Writes what has come every [`FLUSH`]: the writer never sleeps in the
-/// queue, so a call's send never has to wake it.
-fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    loop {
+/// queue, so a call's send never has to wake it. A file moved away (log
+/// rotation) or removed is opened anew under its path within a second.
+fn write_lines(rx: Receiver<String>, path: Option<PathBuf>, mut file: Option<std::fs::File>) {
+    use std::os::unix::fs::MetadataExt;
+    let dropped = crate::metrics::get().access_log_dropped();
+    let mut batch = String::new();
+    for round in 0u64.. {
         std::thread::sleep(FLUSH);
-        let mut wrote = false;
-        let mut ok = true;
+        let mut lines = 0;
         loop {
             match rx.try_recv() {
                 Ok(line) => {
-                    ok &= out.write_all(line.as_bytes()).is_ok();
-                    wrote = true;
+                    batch.push_str(&line);
+                    lines += 1;
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        if let (Some(p), true) = (&path, round % 50 == 0) {
+            let moved = match (std::fs::metadata(p), file.as_ref().map(|f| f.metadata())) {
+                (Ok(now), Some(Ok(open))) => now.ino() != open.ino() || now.dev() != open.dev(),
+                _ => true,
+            };
+            if moved {
+                match open(p) {
+                    Ok(f) => file = Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "access log: cannot reopen its file; lines are dropped until it can")
+                    }
                 }
             }
         }
-        if wrote && !(ok && out.flush().is_ok()) {
-            crate::metrics::get().access_log_dropped().inc();
+        if lines == 0 {
+            continue;
         }
+        let written = match &mut file {
+            Some(f) => f.write_all(batch.as_bytes()),
+            None if path.is_none() => std::io::stdout().lock().write_all(batch.as_bytes()),
+            None => Err(std::io::Error::other("no file")),
+        };
+        if written.is_err() {
+            dropped.inc_by(lines);
+        }
+        batch.clear();
     }
 }
 

@@ -275,6 +275,7 @@ pub fn start(path: &Path, env: &dyn Env) -> Result<Handle, StartError> {
         .local_addr()
         .map_err(bind_err("admin.address", admin))?;
 
+    active.install();
     let shared = Arc::new(Shared {
         active: ArcSwap::from_pointee(active),
         config_path: path.to_owned(),
@@ -457,6 +458,7 @@ pub(crate) fn reload(shared: &Shared, tls: &TlsState) -> bool {
             if let Some(c) = tls_config {
                 tls.store(Some(Arc::new(tokio_rustls::TlsAcceptor::from(c))));
             }
+            active.install();
             shared.active.store(Arc::new(active));
             metrics::get().reload(true);
             metrics::get().config_last_success.set(unix_now());

@@ -47,6 +47,15 @@ pub(crate) struct Active {
 // === impl Active ===
 
 impl Active {
+    /// Puts the settings of its upstreams in force in the state they share
+    /// with the config before (circuit breakers, outlier detection):
+    /// called once it serves.
+    pub(crate) fn install(&self) {
+        for u in self.upstreams.values() {
+            u.install();
+        }
+    }
+
     /// Whether an upstream's schema is still to be fetched by reflection.
     pub(crate) fn schema_pending(&self) -> bool {
         self.schemas.values().any(Result::is_err)

@@ -107,8 +107,12 @@ impl Adaptive {
             limit_gauge: m.upstream_concurrency_limit(upstream),
             shed: PRIORITIES.map(|p| m.upstream_shed(upstream, p.name())),
         };
-        a.limit_gauge.set(settings.initial_limit as i64);
         Arc::new(a)
+    }
+
+    /// Shows its limit (once the config it belongs to serves).
+    pub(crate) fn install(&self) {
+        self.limit_gauge.set(self.limit() as i64);
     }
 
     /// The settings it runs with.

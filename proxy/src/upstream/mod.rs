@@ -213,11 +213,10 @@ impl UpstreamSpec {
             }
         };
         let name: Arc<str> = name.into();
+        // A kept state takes the new settings when this config is put in
+        // force (`install`), not now: a reload refused later keeps the old.
         let breakers = match before {
-            Some(b) => {
-                b.breakers.configure(u);
-                b.breakers.clone()
-            }
+            Some(b) => b.breakers.clone(),
             None => Breakers::new(&name, u),
         };
         let o = &u.outlier_detection;
@@ -228,10 +227,7 @@ impl UpstreamSpec {
                     .filter(|b| b.config.addresses == u.addresses)
                     .and_then(|b| b.outliers.clone());
                 match same {
-                    Some(kept) => {
-                        kept.configure(u);
-                        kept
-                    }
+                    Some(kept) => kept,
                     None => Outliers::new(&name, endpoints.len(), u),
                 }
             });
@@ -251,6 +247,18 @@ impl UpstreamSpec {
             outliers,
             adaptive,
         })
+    }
+
+    /// Puts its settings in force in the state it shares with the config
+    /// before: called once the config it belongs to serves.
+    pub(crate) fn install(&self) {
+        self.breakers.configure(&self.config);
+        if let Some(o) = &self.outliers {
+            o.configure(&self.config);
+        }
+        if let Some(a) = &self.adaptive {
+            a.install();
+        }
     }
 
     /// `http` or `https`.
@@ -514,8 +522,9 @@ impl Pool {
             Some(load) => {
                 // Two endpoints at random (in service), the less busy.
                 let r = splitmix(self.picks.fetch_add(1, Ordering::Relaxed));
-                let a = self.in_service((r % n as u64) as usize);
-                let b = self.in_service(((r >> 32) % n as u64) as usize);
+                let first = (r % n as u64) as usize;
+                let other = (first + 1 + ((r >> 32) % (n as u64 - 1).max(1)) as usize) % n;
+                let (a, b) = (self.in_service(first), self.in_service(other));
                 if load[b].load(Ordering::Relaxed) < load[a].load(Ordering::Relaxed) {
                     b
                 } else {
@@ -609,9 +618,13 @@ impl Pool {
                     ));
                 }
                 Err((error, Some(unprocessed))) if retry.is_none() => {
+                    if !out.rewind().await {
+                        return Err(error);
+                    }
+                    // What is left once the body is back.
                     let left =
                         deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-                    if left.is_some_and(|l| l.is_zero()) || !out.rewind().await {
+                    if left.is_some_and(|l| l.is_zero()) {
                         return Err(error);
                     }
                     let Ok(held) = breakers.take(Resource::Retries) else {

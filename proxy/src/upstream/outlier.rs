@@ -148,6 +148,11 @@ impl Outliers {
         let Some(e) = self.endpoints.get(i) else {
             return;
         };
+        // Out already: calls it still had in flight do not count toward
+        // the next ejection.
+        if e.until.load(Ordering::Relaxed) > self.now() {
+            return;
+        }
         let Ok(s) = self.settings.lock().map(|s| *s) else {
             return;
         };

@@ -156,3 +156,34 @@ fn credentials_cannot_be_listed_and_the_sample_is_a_share() {
     );
     assert_eq!(problems.len(), 2, "{problems:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_log_file_is_opened_anew() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let proxy = Proxy::start(&config(
+        up.addr,
+        "access-rotate",
+        &format!("{{ path: \"{}\" }}", path.display()),
+    ));
+    let mut client = proxy.client().await;
+    client.unary(call("m-5")).await.unwrap();
+    lines(&path, 1).await;
+    // logrotate's way: the file is moved away, the writer finds a new one.
+    std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+    eventually(Duration::from_secs(10), "a line in the new file", || {
+        let mut client = client.clone();
+        let path = path.clone();
+        async move {
+            // Refused or not (one call a minute per merchant), it is logged.
+            let _ = client.unary(call("m-6")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let text = std::fs::read_to_string(&path).ok()?;
+            (!text.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let old = std::fs::read_to_string(dir.path().join("access.log.1")).unwrap();
+    assert!(old.lines().count() >= 1);
+}

@@ -767,3 +767,58 @@ async fn a_slowing_upstream_lowers_the_limit_and_sheds_sheddable_calls_not_criti
     assert_eq!(shed_of("sheddable") as usize, shed.len(), "{text}");
     assert_eq!(shed_of("critical"), 0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_leaves_the_breakers_as_they_were() {
+    let up = Upstream::start().await;
+    let name = "brk-reload";
+    let yaml = |max: usize, other: &str| {
+        format!(
+            "{}{other}",
+            config(
+                name,
+                &[up.addr],
+                &format!(", circuit_breaker: {{ max_requests: {max} }}")
+            )
+        )
+    };
+    let proxy = Proxy::start(&yaml(3, ""));
+    let remaining = |text: &str| {
+        breaker(
+            text,
+            "tollgate_upstream_breaker_remaining",
+            name,
+            "max_requests",
+        )
+    };
+    assert_eq!(remaining(&proxy.metrics().await), 3);
+    // Another upstream's CA bundle passes the checks but is not PEM: the
+    // whole reload is refused, this upstream's new threshold too.
+    let ca = proxy.dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let attempts = proxy.handle.as_ref().unwrap().reload_attempts();
+    let other = format!(
+        "  zz-other: {{ addresses: [\"127.0.0.1:1\"], tls: {{ ca: {} }} }}\n",
+        ca.display()
+    );
+    let refused = yaml(1, "").replace("routes:\n", &format!("{other}routes:\n"));
+    std::fs::write(&proxy.config_path, refused).unwrap();
+    eventually(Duration::from_secs(10), "the reload attempt", || async {
+        (proxy.handle.as_ref().unwrap().reload_attempts() > attempts).then_some(())
+    })
+    .await;
+    assert_eq!(
+        remaining(&proxy.metrics().await),
+        3,
+        "the old threshold serves"
+    );
+    // A good reload applies it.
+    let attempts = proxy.handle.as_ref().unwrap().reload_attempts();
+    std::fs::write(&proxy.config_path, yaml(1, "")).unwrap();
+    eventually(Duration::from_secs(10), "the good reload", || async {
+        (proxy.handle.as_ref().unwrap().reload_attempts() > attempts
+            && remaining(&proxy.metrics().await) == 1)
+            .then_some(())
+    })
+    .await;
+}
