@@ -365,32 +365,19 @@ impl Metrics {
     /// Shows how many of `o`'s endpoints are out at each scrape, while it
     /// lives (the newest of one upstream name wins).
     pub(crate) fn watch_outliers(&self, o: &Arc<Outliers>) {
-        if let Ok(mut all) = self.outliers.lock() {
-            all.retain(|w| w.strong_count() > 0);
-            all.push(Arc::downgrade(o));
-        }
+        watch(&self.outliers, o);
     }
 
     /// Shows `b`'s counts and what is left of its thresholds at each
     /// scrape, while it lives (the newest of one upstream name wins).
     pub(crate) fn watch_breakers(&self, b: &Arc<Breakers>) {
-        if let Ok(mut all) = self.breakers.lock() {
-            all.retain(|w| w.strong_count() > 0);
-            all.push(Arc::downgrade(b));
-        }
+        watch(&self.breakers, b);
     }
 
     /// The breaker gauges, as they are now.
     #[allow(clippy::expect_used)] // fixed names and labels: cannot fail
     fn breaker_families(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let live: Vec<Arc<Breakers>> = match self.breakers.lock() {
-            Ok(all) => all.iter().filter_map(Weak::upgrade).collect(),
-            Err(_) => return Vec::new(),
-        };
-        let mut newest: HashMap<&str, &Arc<Breakers>> = HashMap::new();
-        for b in &live {
-            newest.insert(b.upstream(), b);
-        }
+        let breakers = newest(&self.breakers, |b| b.upstream());
         let gauges = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["upstream", "breaker"]).expect("valid metric")
         };
@@ -402,10 +389,10 @@ impl Metrics {
             "tollgate_upstream_breaker_remaining",
             "What is left of each circuit breaker threshold of an upstream before calls fail at once (0: open).",
         );
-        for (name, b) in newest {
+        for (name, b) in breakers {
             for r in Resource::ALL {
                 let used = b.in_use(r);
-                let labels = [name, r.name()];
+                let labels = [&*name, r.name()];
                 in_use.with_label_values(&labels).set(used as i64);
                 remaining
                     .with_label_values(&labels)
@@ -420,17 +407,9 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
-        let outliers: Vec<Arc<Outliers>> = match self.outliers.lock() {
-            Ok(all) => all.iter().filter_map(Weak::upgrade).collect(),
-            Err(_) => Vec::new(),
-        };
-        let mut newest: HashMap<&str, &Arc<Outliers>> = HashMap::new();
-        for o in &outliers {
-            newest.insert(o.upstream(), o);
-        }
-        for (name, o) in newest {
+        for (name, o) in newest(&self.outliers, |o| o.upstream()) {
             ejected
-                .with_label_values(&[name])
+                .with_label_values(&[&*name])
                 .set(o.ejected_now() as i64);
         }
         use prometheus::core::Collector;
@@ -505,6 +484,26 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Adds `item` to `list`, letting go of the dead.
+fn watch<T>(list: &Mutex<Vec<Weak<T>>>, item: &Arc<T>) {
+    if let Ok(mut all) = list.lock() {
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(item));
+    }
+}
+
+/// The live ones of `list`, the newest of each upstream name (two
+/// in-process proxies may name an upstream alike).
+fn newest<T>(list: &Mutex<Vec<Weak<T>>>, name: fn(&T) -> &Arc<str>) -> Vec<(Arc<str>, Arc<T>)> {
+    let mut by_name: HashMap<Arc<str>, Arc<T>> = HashMap::new();
+    if let Ok(all) = list.lock() {
+        for item in all.iter().filter_map(Weak::upgrade) {
+            by_name.insert(name(&item).clone(), item);
+        }
+    }
+    by_name.into_iter().collect()
 }
 
 /// Cached handles of one (route, method).

@@ -87,8 +87,9 @@ pub(crate) enum Ended {
     Reset(h2::Reason),
     /// The connection went away (GOAWAY, or closed).
     ConnectionLost,
-    /// Never sent: shed by adaptive concurrency, answered with this code.
-    Shed(Code),
+    /// Never sent: shed by adaptive concurrency, answered with this code
+    /// and this retry pushback (ms).
+    Shed(Code, u64),
     /// The upstream broke the HTTP/2 protocol.
     Protocol,
 }
@@ -110,7 +111,7 @@ impl UpstreamError {
     /// shed the call (adaptive concurrency): the limit's window.
     pub(crate) fn retry_pushback_ms(&self) -> Option<u64> {
         match self.ended {
-            Some(Ended::Shed(_)) => self.detail.rsplit(' ').next()?.parse().ok(),
+            Some(Ended::Shed(_, ms)) => Some(ms),
             _ => None,
         }
     }
@@ -132,7 +133,7 @@ impl UpstreamError {
         match self.ended {
             Some(Ended::Reset(reason)) => crate::grpc::status::reset_code(reason),
             Some(Ended::Protocol) => Code::Internal,
-            Some(Ended::Shed(code)) => code,
+            Some(Ended::Shed(code, _)) => code,
             Some(Ended::ConnectionLost) | None => Code::Unavailable,
         }
     }
@@ -145,7 +146,7 @@ impl UpstreamError {
                 format!("upstream {up} closed its connection before answering")
             }
             Some(Ended::Protocol) => format!("upstream {up} broke the HTTP/2 protocol"),
-            Some(Ended::Shed(_)) => format!(
+            Some(Ended::Shed(..)) => format!(
                 "upstream {up} is at its adaptive concurrency limit: the call was shed, not sent; retry after a moment"
             ),
             None => format!("upstream {up} unavailable: {}", kind_text(self.kind)),
@@ -280,13 +281,8 @@ impl UpstreamSpec {
             upstream: self.name.clone(),
             endpoint: String::new(),
             kind: "shed",
-            // The window last: the client's retry pushback.
-            detail: format!(
-                "{} in flight; retry pushback {}",
-                a.limit(),
-                a.settings().window.0.as_millis()
-            ),
-            ended: Some(Ended::Shed(code)),
+            detail: format!("{} in flight", a.limit()),
+            ended: Some(Ended::Shed(code, a.settings().window.0.as_millis() as u64)),
         }
     }
 
