@@ -121,6 +121,21 @@ struct ServeArgs {
     /// outbox, nothing is lost, and they are published once brokers are set.
     #[arg(long, env = "PAYMENT_BACKEND_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
+    /// OpenTelemetry: the OTLP/gRPC collector to send traces to
+    /// (`http://host:4317`). Without it nothing is traced.
+    #[arg(long, env = "PAYMENT_BACKEND_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The share of new traces sampled, 0 to 1; a call whose caller sent a
+    /// `traceparent` follows its sampled flag.
+    #[arg(long, env = "PAYMENT_BACKEND_TRACE_SAMPLE", default_value_t = 1.0)]
+    trace_sample: f64,
+    /// The spans' `service.name`.
+    #[arg(
+        long,
+        env = "PAYMENT_BACKEND_SERVICE_NAME",
+        default_value = "payment-backend"
+    )]
+    service_name: String,
     /// Topic for payment events (key = payment id).
     #[arg(
         long,
@@ -205,15 +220,33 @@ enum LogFormat {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_with(format, None);
+}
+
+/// Logs to standard error (filtered by `PAYMENT_BACKEND_LOG`) and, with a
+/// tracer, sends the spans of `crate::telemetry` to it (whatever the log
+/// filter says).
+fn init_logging_with(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PAYMENT_BACKEND_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let spans = tracer.map(|t| {
+        tracing_opentelemetry::layer().with_tracer(t).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("payment_backend::telemetry", tracing::Level::INFO),
+        )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(spans)
+        .try_init();
 }
 
 /// Adds `mode=rwc` to a SQLite URL so the file is created when missing.
@@ -334,7 +367,26 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.db.log_format);
+    let traces = match args
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| !e.trim().is_empty())
+    {
+        None => None,
+        Some(endpoint) => {
+            let c = crate::telemetry::TraceConfig {
+                endpoint: endpoint.trim().to_owned(),
+                sample: args.trace_sample,
+                service_name: args.service_name.clone(),
+            };
+            match crate::telemetry::start(&c) {
+                Ok(t) => Some(t),
+                Err(e) => return fail(EXIT_CONFIG, e),
+            }
+        }
+    };
+    let (tracer, provider) = traces.unzip();
+    init_logging_with(args.db.log_format, tracer);
     if args.idempotency_retention < Duration::from_secs(24 * 3600) {
         return fail(
             EXIT_CONFIG,
@@ -397,6 +449,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("shutdown requested; draining in-flight calls");
     running.shutdown().await;
+    if let Some(p) = provider {
+        // Sends the spans still queued (blocking, at most a few seconds).
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
     ExitCode::SUCCESS
 }
 

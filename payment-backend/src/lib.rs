@@ -26,3 +26,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;

@@ -863,7 +863,9 @@ async fn send_dead_letter(
 }
 
 /// Publishes `event` to `topic`, keyed by its payment, with headers
-/// `event_id` and `header`, and waits for the broker's acknowledgement.
+/// `event_id`, `header` and the trace context (`traceparent`, `tracestate`)
+/// when the event was written by a traced call, and waits for the broker's
+/// acknowledgement. The publish is a span of that trace.
 async fn publish(
     producer: &FutureProducer,
     cfg: &RelayConfig,
@@ -871,22 +873,30 @@ async fn publish(
     event: &OutboxEvent,
     header: (&str, &str),
 ) -> Result<(), KafkaError> {
+    use tracing::Instrument as _;
+    let (span, trace) = crate::telemetry::publish(topic, event.trace_context.as_deref());
+    let mut headers = OwnedHeaders::new_with_capacity(2 + trace.len())
+        .insert(Header {
+            key: "event_id",
+            value: Some(&event.event_id),
+        })
+        .insert(Header {
+            key: header.0,
+            value: Some(header.1),
+        });
+    for (key, value) in &trace {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
     let record = FutureRecord::to(topic)
         .key(&event.payment_id)
         .payload(&event.payload)
-        .headers(
-            OwnedHeaders::new()
-                .insert(Header {
-                    key: "event_id",
-                    value: Some(&event.event_id),
-                })
-                .insert(Header {
-                    key: header.0,
-                    value: Some(header.1),
-                }),
-        );
+        .headers(headers);
     producer
         .send(record, cfg.delivery_timeout)
+        .instrument(span)
         .await
         .map(|_| ())
         .map_err(|(e, _)| e)
@@ -913,6 +923,7 @@ mod tests {
             payload: Vec::new(),
             attempts: 0,
             created_at: 0,
+            trace_context: None,
         }
     }
 

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::config::{self, AccessLogFormat};
 use crate::grpc::status::Code;
+use crate::trace::{CallSpans, Ended};
 
 /// Longest header value (request id, listed headers) a line carries.
 pub(crate) const MOST: usize = 256;
@@ -88,43 +89,56 @@ impl AccessLog {
         })
     }
 
-    /// A record for a call that begins now, if it is in the sample.
-    pub(crate) fn begin(self: &Arc<Self>, call: Call<'_>) -> Option<Arc<Record>> {
-        if self.threshold != u64::MAX {
-            let draw = crate::upstream::splitmix(DRAWS.fetch_add(1, Ordering::Relaxed));
-            if draw >= self.threshold {
-                return None;
-            }
-        }
-        let listed = self
-            .headers
+    /// Whether a call that begins now is in the sample.
+    fn sampled(&self) -> bool {
+        self.threshold == u64::MAX
+            || crate::upstream::splitmix(DRAWS.fetch_add(1, Ordering::Relaxed)) < self.threshold
+    }
+}
+
+/// A record for a call that begins now, if the access log samples it or it
+/// is traced (`spans`).
+pub(crate) fn begin(
+    log: Option<&Arc<AccessLog>>,
+    spans: Option<Box<CallSpans>>,
+    call: Call<'_>,
+) -> Option<Arc<Record>> {
+    let log = log.filter(|l| l.sampled()).cloned();
+    if log.is_none() && spans.is_none() {
+        return None;
+    }
+    let listed = log.as_ref().map_or_else(Vec::new, |log| {
+        log.headers
             .iter()
             .filter_map(|name| Some((name.clone(), text(call.headers.get(name)?.as_bytes()))))
-            .collect();
-        Some(Arc::new(Record {
-            log: self.clone(),
-            time: SystemTime::now(),
-            start: call.start,
-            route: call.route.clone(),
-            upstream: call.upstream.clone(),
-            path: format!("/{}/{}", cut(call.service), cut(call.method)).into(),
-            peer: call.peer,
-            request_id: call.headers.get("x-request-id").map(|v| text(v.as_bytes())),
-            trace_id: call
-                .headers
-                .get("traceparent")
-                .and_then(|v| trace_id(v.as_bytes())),
-            headers: listed,
-            limiter_us: AtomicU64::new(u64::MAX),
-            upstream_us: AtomicU64::new(u64::MAX),
-            total_us: AtomicU64::new(u64::MAX),
-            status: AtomicI32::new(-1),
-            limit: OnceLock::new(),
-            endpoint: OnceLock::new(),
-            request: Default::default(),
-            response: Default::default(),
-        }))
-    }
+            .collect()
+    });
+    Some(Arc::new(Record {
+        log,
+        spans: Mutex::new(spans),
+        time: SystemTime::now(),
+        start: call.start,
+        route: call.route.clone(),
+        upstream: call.upstream.clone(),
+        path: format!("/{}/{}", cut(call.service), cut(call.method)).into(),
+        peer: call.peer,
+        request_id: call.headers.get("x-request-id").map(|v| text(v.as_bytes())),
+        trace_id: call
+            .headers
+            .get("traceparent")
+            .and_then(|v| trace_id(v.as_bytes())),
+        headers: listed,
+        limiter_us: AtomicU64::new(u64::MAX),
+        redis_at_us: AtomicU64::new(u64::MAX),
+        redis_us: AtomicU64::new(u64::MAX),
+        upstream_us: AtomicU64::new(u64::MAX),
+        total_us: AtomicU64::new(u64::MAX),
+        status: AtomicI32::new(-1),
+        limit: OnceLock::new(),
+        endpoint: OnceLock::new(),
+        request: Default::default(),
+        response: Default::default(),
+    }))
 }
 
 /// What a call is when it begins.
@@ -145,9 +159,13 @@ pub(crate) struct Flow {
     bytes: AtomicU64,
 }
 
-/// One call's line, filled in as the call goes; written when dropped.
+/// One call's line and spans, filled in as the call goes; written and
+/// ended when dropped.
 pub(crate) struct Record {
-    log: Arc<AccessLog>,
+    /// Where its line goes, when the access log samples it.
+    log: Option<Arc<AccessLog>>,
+    /// Its spans, when it is traced.
+    spans: Mutex<Option<Box<CallSpans>>>,
     time: SystemTime,
     start: Instant,
     route: Arc<str>,
@@ -158,6 +176,9 @@ pub(crate) struct Record {
     trace_id: Option<Box<str>>,
     headers: Vec<(HeaderName, Box<str>)>,
     limiter_us: AtomicU64,
+    /// When the limits' Redis round trip began, and how long it took.
+    redis_at_us: AtomicU64,
+    redis_us: AtomicU64,
     upstream_us: AtomicU64,
     total_us: AtomicU64,
     status: AtomicI32,
@@ -165,6 +186,15 @@ pub(crate) struct Record {
     endpoint: OnceLock<Box<str>>,
     request: Flow,
     response: Flow,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("route", &self.route)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 // === impl Record ===
@@ -183,9 +213,48 @@ impl Record {
     /// The limits ended so: `allowed`, or `refused NAME`.
     pub(crate) fn limited(&self, outcome: &str) {
         let began = self.limiter_us.load(Ordering::Relaxed);
+        let now = self.now();
         self.limiter_us
-            .store(self.now().saturating_sub(began), Ordering::Relaxed);
-        let _ = self.limit.set(cut(outcome).into());
+            .store(now.saturating_sub(began), Ordering::Relaxed);
+        let outcome = cut(outcome);
+        if let Some(spans) = self.spans.lock().ok().as_deref().and_then(Option::as_deref) {
+            let redis = match self.redis_us.load(Ordering::Relaxed) {
+                u64::MAX => None,
+                took => {
+                    let at = self.redis_at_us.load(Ordering::Relaxed);
+                    Some((self.at(at), self.at(at + took)))
+                }
+            };
+            spans.limited(self.at(began), self.at(now), redis, outcome);
+        }
+        let _ = self.limit.set(outcome.into());
+    }
+
+    /// The limits asked Redis, from `began` until now.
+    pub(crate) fn redis_round_trip(&self, began: Instant) {
+        let at = began.saturating_duration_since(self.start).as_micros() as u64;
+        self.redis_at_us.store(at, Ordering::Relaxed);
+        self.redis_us
+            .store(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The wall-clock time `us` after the call began.
+    fn at(&self, us: u64) -> SystemTime {
+        self.time + std::time::Duration::from_micros(us)
+    }
+
+    /// The call is about to go upstream: a traced one's `traceparent` names
+    /// its upstream span.
+    pub(crate) fn sending(&self, headers: &mut HeaderMap) {
+        if let Some(spans) = self
+            .spans
+            .lock()
+            .ok()
+            .as_deref_mut()
+            .and_then(Option::as_deref_mut)
+        {
+            spans.sending(headers, &self.upstream);
+        }
     }
 
     /// The call is sent upstream.
@@ -266,7 +335,10 @@ impl Record {
     fn line(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::with_capacity(512);
-        let json = self.log.format == AccessLogFormat::Json;
+        let json = self
+            .log
+            .as_ref()
+            .is_none_or(|l| l.format == AccessLogFormat::Json);
         if json {
             s.push('{');
         }
@@ -386,9 +458,37 @@ fn escape(s: &mut String, v: &str) {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        match self.log.out.try_send(self.line()) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.log.dropped.inc(),
+        if let Some(log) = &self.log {
+            match log.out.try_send(self.line()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => log.dropped.inc(),
+            }
+        }
+        let spans = self.spans.get_mut().ok().and_then(Option::take);
+        if let Some(spans) = spans {
+            let end = match self.total_us.load(Ordering::Relaxed) {
+                u64::MAX => SystemTime::now(),
+                us => self.at(us),
+            };
+            let status = match self.status.load(Ordering::Relaxed) {
+                -1 => None,
+                -2 => Some(Code::Unknown),
+                c => Some(crate::grpc::status::code_of(c).unwrap_or(Code::Unknown)),
+            };
+            let flow = |f: &Flow| {
+                (
+                    f.messages.load(Ordering::Relaxed),
+                    f.bytes.load(Ordering::Relaxed),
+                )
+            };
+            spans.end(Ended {
+                end,
+                status,
+                limit: self.limit.get().map(|l| &**l),
+                endpoint: self.endpoint.get().map(|e| &**e),
+                request: flow(&self.request),
+                response: flow(&self.response),
+            });
         }
     }
 }
@@ -410,7 +510,7 @@ fn text(v: &[u8]) -> Box<str> {
 }
 
 /// At most [`MOST`] bytes of `s`, on a character boundary.
-fn cut(s: &str) -> &str {
+pub(crate) fn cut(s: &str) -> &str {
     if s.len() <= MOST {
         return s;
     }
@@ -421,27 +521,9 @@ fn cut(s: &str) -> &str {
     &s[..end]
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`,
-/// lowercase, not all zeros), or None.
+/// The trace id of a valid W3C `traceparent`, or None.
 pub(crate) fn trace_id(v: &[u8]) -> Option<Box<str>> {
-    let s = std::str::from_utf8(v).ok()?;
-    let mut parts = s.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |p: &str, n: usize| {
-        p.len() == n
-            && p.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let valid = hex(version, 2)
-        && version != "ff"
-        && (version != "00" || parts.next().is_none())
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && flags.get(..2).is_some_and(|f| hex(f, 2));
-    valid.then(|| trace.into())
+    crate::trace::parse(v).map(|p| p.trace.to_string().into())
 }
 
 /// The queue to the writer of `path` (standard output when None).

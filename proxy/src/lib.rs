@@ -49,4 +49,5 @@ pub(crate) mod state;
 mod tcp;
 pub(crate) mod tls;
 pub(crate) mod tools;
+pub(crate) mod trace;
 pub(crate) mod upstream;

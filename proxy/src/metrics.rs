@@ -54,6 +54,7 @@ pub(crate) struct Metrics {
     /// Requests that were not gRPC (answered with an HTTP status).
     non_grpc: IntCounterVec,
     access_log_dropped: IntCounter,
+    trace_spans: IntCounterVec,
     limit_decisions: IntCounterVec,
     limit_charges: IntCounterVec,
     limit_charged_units: IntCounterVec,
@@ -201,6 +202,11 @@ impl Metrics {
         registry
             .register(Box::new(access_log_dropped.clone()))
             .expect("unique metric");
+        let trace_spans = counter(
+            "tollgate_trace_spans_total",
+            "Spans handed to the OTLP collector, by result: exported, or failed (the export failed or timed out; the spans are lost).",
+            &["result"],
+        );
         let non_grpc = counter(
             "tollgate_non_grpc_requests_total",
             "Requests that were not gRPC, answered with an HTTP status, by status.",
@@ -297,6 +303,7 @@ impl Metrics {
             config_last_success,
             non_grpc,
             access_log_dropped,
+            trace_spans,
             limit_decisions,
             limit_charges,
             limit_charged_units,
@@ -464,6 +471,10 @@ impl Metrics {
     }
 
     /// The counter of access log lines dropped.
+    pub(crate) fn trace_spans(&self, result: &str) -> IntCounter {
+        self.trace_spans.with_label_values(&[result])
+    }
+
     pub(crate) fn access_log_dropped(&self) -> IntCounter {
         self.access_log_dropped.clone()
     }

@@ -96,10 +96,22 @@ pub(crate) async fn handle(
         Some(c) => std::net::SocketAddr::new(c.of(peer.ip(), &parts.headers), peer.port()),
         None => peer,
     };
-    // The access log's line, for a call in its sample: with the headers as
-    // the client sent them.
-    let record = active.access_log.as_ref().and_then(|log| {
-        log.begin(crate::access::Call {
+    // Its request id and trace context, and spans when it is sampled.
+    let spans = active.tracing.as_ref().and_then(|t| {
+        let begin = crate::trace::Begin {
+            service: call.service,
+            method: call.method,
+            route: &route.name,
+            peer: peer.ip(),
+        };
+        t.begin(&mut parts.headers, begin)
+    });
+    // What the access log's line and the spans are made of, for a call in
+    // the log's sample or traced: with the headers as the client sent them.
+    let record = crate::access::begin(
+        active.access_log.as_ref(),
+        spans,
+        crate::access::Call {
             start,
             route: &route.name,
             upstream: &route.upstream.name,
@@ -107,8 +119,8 @@ pub(crate) async fn handle(
             method: call.method,
             peer: peer.ip(),
             headers: &parts.headers,
-        })
-    });
+        },
+    );
 
     // The client's deadline, read before any limit is charged: a malformed
     // or repeated grpc-timeout is refused, never forwarded.
@@ -164,33 +176,38 @@ pub(crate) async fn handle(
                 Err(e) => return e.answer(tally(stats, start, &record)),
             }
         }
-        let info = CallInfo {
-            service: call.service,
-            method: call.method,
-            headers: &parts.headers,
-            peer,
-            tls_identity: conn.tls_identity.as_deref(),
-            worker: worker.index,
-            message: held.as_deref().map_or(FirstMessage::NotHeld, Held::message),
-        };
-        if let Some(r) = &record {
-            r.limiting();
-        }
-        // The meters and charges first: the call's facts need not outlive
-        // the await.
-        match limits.ongoing(&info) {
-            Ok(mut o) => {
-                for side in [&mut o.client, &mut o.server].into_iter().flatten() {
-                    side.set_deadline(deadline);
+        // The call's facts in a block of their own: not kept in the
+        // call's future across the await.
+        let decision = {
+            let info = CallInfo {
+                service: call.service,
+                method: call.method,
+                headers: &parts.headers,
+                peer,
+                tls_identity: conn.tls_identity.as_deref(),
+                worker: worker.index,
+                message: held.as_deref().map_or(FirstMessage::NotHeld, Held::message),
+                record: record.as_deref(),
+            };
+            if let Some(r) = &record {
+                r.limiting();
+            }
+            // The meters and charges first.
+            match limits.ongoing(&info) {
+                Ok(mut o) => {
+                    for side in [&mut o.client, &mut o.server].into_iter().flatten() {
+                        side.set_deadline(deadline);
+                    }
+                    ongoing = (!o.is_empty()).then(|| Box::new(o));
                 }
-                ongoing = (!o.is_empty()).then(|| Box::new(o));
+                Err(rejection) => {
+                    refused(&record, &rejection);
+                    return CallError::Limited(rejection).answer(tally(stats, start, &record));
+                }
             }
-            Err(rejection) => {
-                refused(&record, &rejection);
-                return CallError::Limited(rejection).answer(tally(stats, start, &record));
-            }
-        }
-        match limits.check(info).await {
+            limits.check(info)
+        };
+        match decision.await {
             Ok(h) => extra_headers = h,
             Err(rejection) => {
                 refused(&record, &rejection);
@@ -216,6 +233,9 @@ pub(crate) async fn handle(
         }
     }
     add_forwarded_for(&mut parts.headers, &conn);
+    if let Some(r) = &record {
+        r.sending(&mut parts.headers);
+    }
     let spec = &route.upstream;
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(spec.scheme());

@@ -183,8 +183,13 @@ pub(crate) fn load(
         )),
         None => None,
     };
+    let tracing = match &config.tracing {
+        Some(t) => Some(crate::trace::Tracing::build(t).map_err(setup)?),
+        None => None,
+    };
     let mut active = Active::build(config, base, stores, schemas, previous).map_err(setup)?;
     active.access_log = access_log;
+    active.tracing = tracing;
     // Only a config that will serve changes the live stores' bound.
     memory.set_max_keys(max_keys);
     if let Some(r) = &active.stores.redis {
@@ -637,5 +642,7 @@ impl Handle {
         if let Some(c) = self.control.take() {
             let _ = c.join();
         }
+        // The spans of the last calls go out before the process ends.
+        crate::trace::flush();
     }
 }

@@ -42,6 +42,9 @@ pub(crate) struct Active {
     /// The access log, when `access_log` is set (opened by a start or a
     /// reload, not by the tools).
     pub(crate) access_log: Option<Arc<crate::access::AccessLog>>,
+    /// OpenTelemetry tracing, when `tracing` is set (started by a start or
+    /// a reload, not by the tools).
+    pub(crate) tracing: Option<crate::trace::Tracing>,
 }
 
 // === impl Active ===
@@ -54,6 +57,7 @@ impl Active {
         for u in self.upstreams.values() {
             u.install();
         }
+        crate::trace::Tracing::install(self.tracing.as_ref());
     }
 
     /// Whether an upstream's schema is still to be fetched by reflection.
@@ -91,6 +95,7 @@ impl Active {
             routes,
             upstreams,
             access_log: None,
+            tracing: None,
             config,
         })
     }

@@ -24,7 +24,7 @@ impl AccountApi {
         AccountApi {
             store,
             scope,
-            cutoff,
+            cutoff: cutoff.serving("payments.v1.AccountService"),
         }
     }
 }
@@ -36,7 +36,7 @@ impl AccountService for AccountApi {
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
         self.cutoff
-            .run("CreateAccount", async {
+            .run("CreateAccount", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -60,7 +60,7 @@ impl AccountService for AccountApi {
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
         self.cutoff
-            .run("Deposit", async {
+            .run("Deposit", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -88,7 +88,7 @@ impl AccountService for AccountApi {
         request: Request<pb::GetAccountBalanceRequest>,
     ) -> Result<Response<pb::AccountBalance>, Status> {
         self.cutoff
-            .run("GetAccountBalance", async {
+            .run("GetAccountBalance", request.metadata(), async {
                 let r = request.get_ref();
                 let mut v = Violations::default();
                 v.check("account_id", check_id(&r.account_id, "acct"));
@@ -107,7 +107,7 @@ impl AccountService for AccountApi {
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
         self.cutoff
-            .run("GetAccount", async {
+            .run("GetAccount", request.metadata(), async {
                 let r = request.get_ref();
                 let mut v = Violations::default();
                 v.check("account_id", check_id(&r.account_id, "acct"));

@@ -19,7 +19,11 @@ use crate::metrics::observe;
 /// answer UNAVAILABLE (retry with the same key) and their transaction rolls
 /// back, instead of running on behind a server that said it stopped.
 #[derive(Debug, Clone)]
-pub struct Cutoff(watch::Receiver<bool>);
+pub struct Cutoff {
+    fired: watch::Receiver<bool>,
+    /// The gRPC service whose calls it runs, for their spans.
+    service: &'static str,
+}
 
 // === impl Cutoff ===
 
@@ -27,24 +31,46 @@ impl Cutoff {
     /// A cutoff, and what fires it (send `true`).
     pub fn new() -> (watch::Sender<bool>, Cutoff) {
         let (tx, rx) = watch::channel(false);
-        (tx, Cutoff(rx))
+        (
+            tx,
+            Cutoff {
+                fired: rx,
+                service: "",
+            },
+        )
     }
 
-    /// Runs the handler `f` of `method` (through [`observe`]) unless the
-    /// cutoff fires first.
+    /// The same cutoff, for the calls of `service` (`payments.v1.…`).
+    fn serving(mut self, service: &'static str) -> Self {
+        self.service = service;
+        self
+    }
+
+    /// Runs the handler `f` of `method` (through [`observe`], in its span:
+    /// a child of the trace context in `metadata`) unless the cutoff fires
+    /// first.
     async fn run<T>(
         &self,
         method: &'static str,
+        metadata: &tonic::metadata::MetadataMap,
         f: impl std::future::Future<Output = Result<T, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
-        let mut fired = self.0.clone();
-        observe(method, async move {
+        use tracing::Instrument as _;
+        let mut fired = self.fired.clone();
+        let span = crate::telemetry::rpc(self.service, method, metadata);
+        let r = observe(method, async move {
             tokio::select! {
                 r = f => r,
                 _ = fired.wait_for(|cut| *cut) => Err(status(Error::ShuttingDown)),
             }
         })
-        .await
+        .instrument(span.clone())
+        .await;
+        let code = r
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        crate::telemetry::rpc_ended(&span, code);
+        r
     }
 }
 

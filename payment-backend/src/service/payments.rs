@@ -32,7 +32,7 @@ impl PaymentApi {
         PaymentApi {
             store,
             scope,
-            cutoff,
+            cutoff: cutoff.serving("payments.v1.PaymentService"),
         }
     }
 }
@@ -64,7 +64,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::CreatePaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         self.cutoff
-            .run("CreatePayment", async {
+            .run("CreatePayment", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -132,7 +132,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::CapturePaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         self.cutoff
-            .run("CapturePayment", async {
+            .run("CapturePayment", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -153,7 +153,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::CancelPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         self.cutoff
-            .run("CancelPayment", async {
+            .run("CancelPayment", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -174,7 +174,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::RefundPaymentRequest>,
     ) -> Result<Response<pb::Refund>, Status> {
         self.cutoff
-            .run("RefundPayment", async {
+            .run("RefundPayment", request.metadata(), async {
                 let r = request.get_ref();
                 let idem = self.scope.idempotency(&request).map_err(status)?;
                 let mut v = Violations::default();
@@ -196,7 +196,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::Payment>, Status> {
         self.cutoff
-            .run("GetPayment", async {
+            .run("GetPayment", request.metadata(), async {
                 let r = request.get_ref();
                 let mut v = Violations::default();
                 v.check("payment_id", check_id(&r.payment_id, "pay"));
@@ -215,7 +215,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
         self.cutoff
-            .run("ListPayments", async {
+            .run("ListPayments", request.metadata(), async {
                 let r = request.get_ref();
                 let mut v = Violations::default();
                 if !r.account_id.is_empty() {
@@ -264,7 +264,7 @@ impl PaymentService for PaymentApi {
         request: Request<pb::ListRefundsRequest>,
     ) -> Result<Response<pb::ListRefundsResponse>, Status> {
         self.cutoff
-            .run("ListRefunds", async {
+            .run("ListRefunds", request.metadata(), async {
                 let r = request.get_ref();
                 let mut v = Violations::default();
                 v.check("payment_id", check_id(&r.payment_id, "pay"));

@@ -430,6 +430,12 @@ impl Store {
         idem: &Idempotency,
         attempt: impl std::future::Future<Output = Result<Option<T>, Error>>,
     ) -> Result<Outcome<T>, Error> {
+        use tracing::Instrument as _;
+        let system = match self.dialect {
+            Dialect::Postgres => "postgresql",
+            Dialect::Sqlite => "sqlite",
+        };
+        let attempt = attempt.instrument(crate::telemetry::transaction(system));
         match attempt.await {
             Ok(Some(response)) => Ok(Outcome::Executed(response)),
             Ok(None) | Err(Error::KeyTaken) => match self.stored(idem).await? {

@@ -26,6 +26,9 @@ pub struct OutboxEvent {
     pub attempts: i32,
     /// When it was written (µs).
     pub created_at: i64,
+    /// The W3C `traceparent` of the transaction that wrote it, when that
+    /// was traced: its publish continues the trace.
+    pub trace_context: Option<String>,
 }
 
 /// The relay lease as its holder got it. Every write that records a
@@ -65,14 +68,15 @@ pub struct OutboxStats {
 /// Adds an event to the outbox, written with the change that caused it.
 pub(super) fn insert(writes: &mut Batch, event: &pb::PaymentEvent, now: i64) {
     writes.push_expect(
-        "INSERT INTO outbox (event_id, event_type, payment_id, payload, created_at, next_attempt_at) \
-         VALUES ($1, $2, $3, $4, $5, $5)",
+        "INSERT INTO outbox (event_id, event_type, payment_id, payload, created_at, next_attempt_at, trace_context) \
+         VALUES ($1, $2, $3, $4, $5, $5, $6)",
         vec![
             (&event.event_id).into(),
             (&event.event_type).into(),
             (&event.payment_id).into(),
             event.encode_to_vec().into(),
             now.into(),
+            crate::telemetry::current_traceparent().as_deref().into(),
         ],
         1,
         "outbox event",
@@ -111,7 +115,7 @@ impl Store {
     /// backing off: 79 ms against 0.5 ms).
     pub async fn pending_events(&self, limit: u32) -> Result<Vec<OutboxEvent>, Error> {
         let rows = sqlx::query(
-            "SELECT o.id, o.event_id, o.event_type, o.payment_id, o.payload, o.attempts, o.created_at \
+            "SELECT o.id, o.event_id, o.event_type, o.payment_id, o.payload, o.attempts, o.created_at, o.trace_context \
              FROM outbox o \
              WHERE o.published_at IS NULL AND o.next_attempt_at <= $1 \
              AND (SELECT b.id FROM outbox b \
@@ -133,6 +137,7 @@ impl Store {
                     payload: r.try_get("payload")?,
                     attempts: r.try_get("attempts")?,
                     created_at: r.try_get("created_at")?,
+                    trace_context: r.try_get("trace_context")?,
                 })
             })
             .collect()

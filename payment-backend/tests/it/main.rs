@@ -31,3 +31,4 @@ mod field_limits;
 mod migrations;
 mod shutdown;
 mod through_tollgate;
+mod traces;

@@ -70,6 +70,57 @@ pub struct Config {
     /// One line per call (off unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLog>,
+    /// OpenTelemetry traces of calls, exported over OTLP/gRPC (off unless
+    /// set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// OpenTelemetry tracing: W3C trace context taken from the client and
+/// passed to the upstream, a span per call with children for its limits and
+/// its upstream call, exported in batches by a thread of its own (a full
+/// queue drops spans; calls never wait for the collector).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// The share of new traces sampled, 0 to 1. A call that comes with a
+    /// valid `traceparent` follows its sampled flag (parent-based).
+    #[serde(default = "default_access_sample")]
+    pub sample: f64,
+    /// The spans' `service.name`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Gives a call without an `x-request-id` a generated one (a UUID).
+    #[serde(default = "default_true")]
+    pub request_id: bool,
+    /// Spans waiting for export before more are dropped.
+    #[serde(default = "default_trace_queue")]
+    pub max_queue: usize,
+    /// How long spans wait before they are sent (sooner when a batch of
+    /// 512 is full).
+    #[serde(default = "default_trace_flush")]
+    pub flush_interval: Dur,
+    /// How long one export may take.
+    #[serde(default = "default_trace_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_service_name() -> String {
+    "tollgate".into()
+}
+
+fn default_trace_queue() -> usize {
+    2048
+}
+
+fn default_trace_flush() -> Dur {
+    Dur::from_secs(5)
+}
+
+fn default_trace_timeout() -> Dur {
+    Dur::from_secs(10)
 }
 
 /// The access log: one line per call, written by a thread of its own (a
@@ -1388,3 +1439,7 @@ impl Route {
 
 #[cfg(test)]
 mod tests;
+
+fn default_true() -> bool {
+    true
+}

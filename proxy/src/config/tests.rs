@@ -446,3 +446,39 @@ fn adaptive_concurrency_and_priorities_are_checked() {
         .to_string();
     assert!(err.contains("sheddable"), "{err}");
 }
+
+#[test]
+fn tracing_settings_are_checked() {
+    let with = |t: &str| format!("{GOOD}tracing: {t}\n");
+    assert_eq!(
+        problems(&with("{ endpoint: \"http://127.0.0.1:4317\" }")),
+        Vec::<String>::new()
+    );
+    let cfg = Config::parse(&with("{ endpoint: \"http://127.0.0.1:4317\" }")).unwrap();
+    let t = cfg.tracing.unwrap();
+    assert_eq!((t.sample, t.request_id, t.max_queue), (1.0, true, 2048));
+    assert_eq!(t.service_name, "tollgate");
+    let p = problems(&with(
+        "{ endpoint: \"https://collector:4317\", sample: 1.5, service_name: \"\", max_queue: 0, flush_interval: 0s }",
+    ));
+    assert_reported(
+        &p,
+        &[
+            "tracing.endpoint",
+            "tracing.sample",
+            "tracing.service_name",
+            "tracing.max_queue",
+            "tracing.flush_interval",
+        ],
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.contains("https collectors are not supported")),
+        "{p:#?}"
+    );
+    assert!(Config::parse(&with("{ endpoint: \"http://c:4317\", sampel: 0.1 }")).is_err());
+    assert!(
+        Config::parse(&with("{ sample: 0.1 }")).is_err(),
+        "an endpoint is required"
+    );
+}

@@ -212,6 +212,31 @@ impl Config {
                 }
             }
         }
+        if let Some(t) = &self.tracing {
+            if let Err(why) = crate::trace::check_endpoint(&t.endpoint) {
+                p.add("tracing.endpoint", why);
+            }
+            if !(0.0..=1.0).contains(&t.sample) {
+                p.add(
+                    "tracing.sample",
+                    "must be between 0 and 1 (the share of new traces sampled)",
+                );
+            }
+            if t.service_name.is_empty() || t.service_name.len() > 128 {
+                p.add("tracing.service_name", "must be 1 to 128 characters");
+            }
+            if t.max_queue == 0 {
+                p.add("tracing.max_queue", "must be at least 1");
+            }
+            for (at, d) in [
+                ("tracing.flush_interval", t.flush_interval),
+                ("tracing.timeout", t.timeout),
+            ] {
+                if d.is_zero() {
+                    p.add(at, "must be more than 0");
+                }
+            }
+        }
         // Only Envoy's rate limit service may run with nothing to proxy.
         if self.routes.is_empty() && self.rls.is_none() {
             p.add(

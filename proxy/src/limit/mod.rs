@@ -41,6 +41,9 @@ pub(crate) struct CallInfo<'a> {
     pub(crate) worker: usize,
     /// The first request message, for limits that read its fields.
     pub(crate) message: FirstMessage<'a>,
+    /// The call's record (access log line, spans), when it has one: told
+    /// of the Redis round trip.
+    pub(crate) record: Option<&'a crate::access::Record>,
 }
 
 /// The first request message of a call, as limits that read fields see it.

@@ -80,6 +80,7 @@ impl Prepared {
             } else {
                 FirstMessage::NotHeld
             },
+            record: None,
         }
     }
 }

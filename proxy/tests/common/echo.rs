@@ -23,6 +23,8 @@ pub(crate) struct Seen {
     pub(crate) calls: AtomicUsize,
     /// TCP connections the upstream accepted.
     pub(crate) connections: AtomicUsize,
+    /// The metadata of the last unary call.
+    pub(crate) last: std::sync::Mutex<Option<MetadataMap>>,
 }
 
 #[derive(Clone)]
@@ -88,6 +90,9 @@ impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.seen.calls.fetch_add(1, Ordering::SeqCst);
         let md = request.metadata().clone();
+        if let Ok(mut last) = self.seen.last.lock() {
+            *last = Some(md.clone());
+        }
         let req = request.into_inner();
         if req.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms))).await;

@@ -25,6 +25,7 @@ mod reload;
 mod resilience;
 mod rls;
 mod tls;
+mod tracing;
 mod transparency;
 
 use std::net::SocketAddr;

@@ -568,10 +568,14 @@ impl LimitStep for RouteLimits {
         }
         which.extend_from_slice(&beyond_at);
         Box::pin(async move {
-            let r = match redis
+            let asked = std::time::Instant::now();
+            let decided = redis
                 .decide(call.worker, checks, None, self.response_headers)
-                .await
-            {
+                .await;
+            if let Some(record) = call.record {
+                record.redis_round_trip(asked.into());
+            }
+            let r = match decided {
                 Ok(decisions) => self.conclude(
                     &which,
                     decisions.into_iter().map(Outcome::Decided).chain(beyond),
