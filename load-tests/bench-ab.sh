@@ -9,6 +9,10 @@
 # Usage: load-tests/bench-ab.sh A_BINARY B_BINARY   (PAIRS=4 DURATION=5 WARMUP=1 SHAPES="1x1 4x25")
 # SCENARIO="Redis, 3 limits" (any scenario of bench_limits.py) routes both
 # builds through those limits instead of the pass-through route.
+# TWO_ENDPOINTS=1 gives the upstream two addresses (outlier detection on);
+# B_TOP='tracing: { endpoint: "http://OTLP", sample: 0 }' adds top-level
+# YAML to B only, OTLP being an OTLP sink (examples/otlp_sink.rs) started
+# for the run.
 # e.g. build the base commit in a worktree with its own CARGO_TARGET_DIR and
 # compare its target/release/tollgate with this tree's.
 set -euo pipefail
@@ -20,5 +24,5 @@ fi
 command -v h2load >/dev/null || {
     apt-get update -qq && apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null
 }
-cargo build --release -q -p tollgate --example echo_upstream
+cargo build --release -q -p tollgate --example echo_upstream --example otlp_sink
 exec python3 load-tests/bench_ab.py "$@"

@@ -20,6 +20,13 @@ SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in os.environ.get("SHAP
 # A scenario of bench_limits.py (e.g. "Redis, 3 limits") instead of the
 # pass-through route; with Redis, one redis-server serves both builds.
 SCENARIO = os.environ.get("SCENARIO", "")
+# Two addresses for the upstream (the same server, as 127.0.0.1 and
+# localhost): round robin over two endpoints, outlier detection on.
+TWO_ENDPOINTS = os.environ.get("TWO_ENDPOINTS", "") == "1"
+# Top-level YAML added to B's config only (a feature A does not have), with
+# OTLP standing for the address of an OTLP sink started for the run
+# (e.g. B_TOP='tracing: { endpoint: "http://OTLP", sample: 0 }').
+B_TOP = os.environ.get("B_TOP", "")
 
 
 def on_cpu_us(pids):
@@ -80,6 +87,14 @@ def main():
                 raise SystemExit(f"SCENARIO={SCENARIO!r}: one of {', '.join(bench_limits.SCENARIOS)}")
             if bench_limits.SCENARIOS[SCENARIO][0] == "redis":
                 redis_port = bench_limits.start_redis(work)
+        otlp = free_port()
+        if "OTLP" in B_TOP:
+            # The collector on the load generator's core: its decoding is
+            # not the proxy's cost.
+            p = subprocess.Popen(["taskset", "-c", "1", f"{ROOT}/target/release/examples/otlp_sink",
+                                  f"127.0.0.1:{otlp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_port(otlp)
         targets = {}
         for name, path in binaries.items():
             port, admin = free_port(), free_port()
@@ -88,7 +103,12 @@ def main():
                 if SCENARIO:
                     f.write(bench_limits.scenario_config(port, admin, up, SCENARIO, redis_port))
                 else:
-                    f.write(pass_through_config(port, admin, up))
+                    text = pass_through_config(port, admin, up)
+                    if TWO_ENDPOINTS:
+                        text = text.replace(f'["127.0.0.1:{up}"]', f'["127.0.0.1:{up}", "localhost:{up}"]')
+                    f.write(text)
+                if name == "B" and B_TOP:
+                    f.write(B_TOP.replace("OTLP", f"127.0.0.1:{otlp}") + "\n")
             proc = spawn([path, "run", "--config", cfg])
             wait_port(port)
             targets[name] = (port, proc.pid)
@@ -111,7 +131,8 @@ def main():
                           + (f" p50 {p50} µs" if p50 is not None else "") + f" on-CPU {cpu:.1f} µs/call",
                           file=sys.stderr)
 
-        print(f"\nA = {binaries['A']}\nB = {binaries['B']}\nroute: {SCENARIO or 'pass-through'}\n")
+        print(f"\nA = {binaries['A']}\nB = {binaries['B']}\nroute: {SCENARIO or 'pass-through'}"
+              + (", two endpoints" if TWO_ENDPOINTS else "") + (f"\nB adds: {B_TOP}" if B_TOP else "") + "\n")
         print(f"Each cell: median of {PAIRS} interleaved runs (min–max); {DURATION} s measured after "
               f"{WARMUP} s warm-up. On-CPU: the proxy's threads' time on a CPU per call (schedstat).\n")
         print("| shape | build | RPS | p50 | on-CPU per call | B over A, pair by pair (on-CPU) |")
