@@ -162,7 +162,8 @@ pub fn transaction(system: &'static str) -> Span {
 }
 
 /// The `traceparent` of the current span, for an outbox event written now
-/// (None when tracing is off or the span is not sampled).
+/// (None when tracing is off; an unsampled span's says so, and its publish
+/// stays unsampled).
 pub fn current_traceparent() -> Option<String> {
     if !enabled() {
         return None;
@@ -198,7 +199,9 @@ pub fn publish(topic: &str, stored: Option<&str>) -> (Span, Vec<(String, String)
     let _ = span.set_parent(propagator.extract(&Stored(stored)));
     let mut out = HashMap::new();
     propagator.inject_context(&span.context(), &mut out);
-    let mut headers: Vec<(String, String)> = out.into_iter().collect();
+    // An empty tracestate is no header.
+    let mut headers: Vec<(String, String)> =
+        out.into_iter().filter(|(_, v)| !v.is_empty()).collect();
     headers.sort();
     (span, headers)
 }

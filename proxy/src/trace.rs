@@ -169,6 +169,7 @@ impl Tracing {
             KeyValue::new("client.address", call.peer.to_canonical().to_string()),
         ]);
         Some(Box::new(CallSpans {
+            _exporter: self.exporter.clone(),
             tracer: self.tracer.clone(),
             call: Context::new().with_span(span),
             name,
@@ -192,6 +193,9 @@ fn name(service: &str, method: &str) -> String {
 
 /// A sampled call's spans while it runs.
 pub(crate) struct CallSpans {
+    /// Keeps the exporter until this call's spans are ended, across a
+    /// reload that replaces it.
+    _exporter: Arc<Exporter>,
     tracer: SdkTracer,
     /// Holds the call's server span: the parent of the others.
     call: Context,
@@ -242,6 +246,11 @@ impl CallSpans {
             r.end_with_timestamp(ended);
         }
         cx.span().end_with_timestamp(end);
+    }
+
+    /// The trace's id, as W3C writes it.
+    pub(crate) fn trace_id(&self) -> String {
+        self.call.span().span_context().trace_id().to_string()
     }
 
     /// The call is sent to `upstream`: its client span begins, and the
@@ -381,14 +390,13 @@ pub(crate) fn parse(v: &[u8]) -> Option<Parent> {
         && (version != "00" || parts.next().is_none())
         && hex(trace, 32)
         && hex(span, 16)
-        && flags.get(..2).is_some_and(|f| hex(f, 2))
-        && (version != "00" || flags.len() == 2);
+        && hex(flags, 2);
     if !valid {
         return None;
     }
     let trace = u128::from_str_radix(trace, 16).ok()?;
     let span = u64::from_str_radix(span, 16).ok()?;
-    let flags = u8::from_str_radix(&flags[..2], 16).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
     (trace != 0 && span != 0).then(|| Parent {
         trace: TraceId::from(trace),
         span: SpanId::from(span),
@@ -470,11 +478,13 @@ impl Drop for Exporter {
         // Sends what is queued and stops: off the caller's thread, which
         // may be one serving calls.
         let provider = self.provider.clone();
+        // Longer than one export may take.
+        let wait = self.config.timeout.0 + Duration::from_secs(1);
         let stop = self.stop.lock().ok().and_then(|mut s| s.take());
         let _ = std::thread::Builder::new()
             .name("tollgate-otlp-stop".into())
             .spawn(move || {
-                let _ = provider.shutdown_with_timeout(Duration::from_secs(5));
+                let _ = provider.shutdown_with_timeout(wait);
                 if let Some(s) = stop {
                     let _ = s.send(());
                 }
@@ -508,6 +518,10 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         self.inner.shutdown_with_timeout(timeout)
     }
 
+    fn shutdown(&self) -> OTelSdkResult {
+        self.inner.shutdown()
+    }
+
     fn force_flush(&self) -> OTelSdkResult {
         self.inner.force_flush()
     }
@@ -537,6 +551,7 @@ mod tests {
             "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-011",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
             "garbage",
         ] {
             assert_eq!(parse(bad.as_bytes()), None, "{bad}");

@@ -32,3 +32,36 @@ mod migrations;
 mod shutdown;
 mod through_tollgate;
 mod traces;
+
+use tollgate_proto::payments::v1 as pb;
+use tollgate_proto::payments::v1::account_service_client::AccountServiceClient;
+
+/// Opens a USD account through `accounts` and deposits `funds` (minor
+/// units) into it; its id.
+#[allow(clippy::unwrap_used)]
+async fn open_account(
+    accounts: &AccountServiceClient<tonic::transport::Channel>,
+    funds: i64,
+) -> String {
+    let mut accounts = accounts.clone();
+    let a = accounts
+        .create_account(pb::CreateAccountRequest {
+            idempotency_key: common::key(),
+            owner: "o".into(),
+            currency: "USD".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if funds > 0 {
+        accounts
+            .deposit(pb::DepositRequest {
+                idempotency_key: common::key(),
+                account_id: a.id.clone(),
+                amount: Some(common::usd(funds)),
+            })
+            .await
+            .unwrap();
+    }
+    a.id
+}

@@ -217,33 +217,8 @@ routes:
     .await;
     let accounts = AccountServiceClient::new(channel.clone());
     let mut payments = PaymentServiceClient::new(channel);
-    let open = |funds: i64| {
-        let mut accounts = accounts.clone();
-        async move {
-            let a = accounts
-                .create_account(pb::CreateAccountRequest {
-                    idempotency_key: key(),
-                    owner: "o".into(),
-                    currency: "USD".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if funds > 0 {
-                accounts
-                    .deposit(pb::DepositRequest {
-                        idempotency_key: key(),
-                        account_id: a.id.clone(),
-                        amount: Some(crate::common::usd(funds)),
-                    })
-                    .await
-                    .unwrap();
-            }
-            a.id
-        }
-    };
-    let payer = open(1_000).await;
-    let payee = open(0).await;
+    let payer = crate::open_account(&accounts, 1_000).await;
+    let payee = crate::open_account(&accounts, 0).await;
 
     // The client's own trace: tollgate's span is its child.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

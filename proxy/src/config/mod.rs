@@ -102,7 +102,8 @@ pub struct Tracing {
     /// 512 is full).
     #[serde(default = "default_trace_flush")]
     pub flush_interval: Dur,
-    /// How long one export may take.
+    /// How long one export may take (at most 4s: the exporter's flush at
+    /// shutdown waits 5s).
     #[serde(default = "default_trace_timeout")]
     pub timeout: Dur,
 }
@@ -120,7 +121,7 @@ fn default_trace_flush() -> Dur {
 }
 
 fn default_trace_timeout() -> Dur {
-    Dur::from_secs(10)
+    Dur::from_secs(3)
 }
 
 /// The access log: one line per call, written by a thread of its own (a

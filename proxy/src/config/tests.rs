@@ -459,7 +459,7 @@ fn tracing_settings_are_checked() {
     assert_eq!((t.sample, t.request_id, t.max_queue), (1.0, true, 2048));
     assert_eq!(t.service_name, "tollgate");
     let p = problems(&with(
-        "{ endpoint: \"https://collector:4317\", sample: 1.5, service_name: \"\", max_queue: 0, flush_interval: 0s }",
+        "{ endpoint: \"https://collector:4317\", sample: 1.5, service_name: \"\", max_queue: 0, flush_interval: 0s, timeout: 10s }",
     ));
     assert_reported(
         &p,
@@ -469,6 +469,7 @@ fn tracing_settings_are_checked() {
             "tracing.service_name",
             "tracing.max_queue",
             "tracing.flush_interval",
+            "tracing.timeout",
         ],
     );
     assert!(

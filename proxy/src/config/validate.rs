@@ -236,6 +236,12 @@ impl Config {
                     p.add(at, "must be more than 0");
                 }
             }
+            if t.timeout.0 > std::time::Duration::from_secs(4) {
+                p.add(
+                    "tracing.timeout",
+                    "must be at most 4s: a drain waits 5s for the last spans to go out",
+                );
+            }
         }
         // Only Envoy's rate limit service may run with nothing to proxy.
         if self.routes.is_empty() && self.rls.is_none() {

@@ -150,3 +150,26 @@ async fn a_sampled_trace_goes_on_under_tollgate_and_a_dead_collector_fails_no_ca
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_trace_a_new_sampled_call_started() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let yaml = config(up.addr, "{ endpoint: \"http://127.0.0.1:9\" }")
+        + &format!("access_log: {{ path: \"{}\" }}\n", path.display());
+    let proxy = Proxy::start(&yaml);
+    let md = through(&proxy, &up, &[]).await;
+    let (trace, _, flags) = parts(get(&md, "traceparent").unwrap());
+    assert_eq!(flags, "01", "sampled");
+    let request_id = get(&md, "x-request-id").unwrap().to_owned();
+    let line = eventually(Duration::from_secs(5), "the access log line", || async {
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_owned))
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["trace_id"], trace.as_str(), "{line}");
+    assert_eq!(v["request_id"], request_id.as_str(), "{line}");
+}

@@ -568,11 +568,11 @@ impl LimitStep for RouteLimits {
         }
         which.extend_from_slice(&beyond_at);
         Box::pin(async move {
-            let asked = std::time::Instant::now();
+            let asked = call.record.map(|_| std::time::Instant::now());
             let decided = redis
                 .decide(call.worker, checks, None, self.response_headers)
                 .await;
-            if let Some(record) = call.record {
+            if let (Some(record), Some(asked)) = (call.record, asked) {
                 record.redis_round_trip(asked.into());
             }
             let r = match decided {
