@@ -320,6 +320,12 @@ routes:
             .and_then(|h| h.value)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .expect("a traceparent header");
+        assert!(
+            headers
+                .iter()
+                .all(|h| h.key != "tracestate" || h.value.is_some_and(|v| !v.is_empty())),
+            "no empty tracestate header"
+        );
         break tp;
     };
     let (t, parent) = (&traceparent[3..35], &traceparent[36..52]);
