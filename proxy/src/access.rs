@@ -188,7 +188,7 @@ pub(crate) struct Record {
     total_us: AtomicU64,
     status: AtomicI32,
     limit: OnceLock<Box<str>>,
-    endpoint: OnceLock<Box<str>>,
+    endpoint: OnceLock<Arc<str>>,
     request: Flow,
     response: Flow,
 }
@@ -268,11 +268,11 @@ impl Record {
     }
 
     /// The upstream answered from `endpoint`.
-    pub(crate) fn answered(&self, endpoint: String) {
+    pub(crate) fn answered(&self, endpoint: Arc<str>) {
         let sent = self.upstream_us.load(Ordering::Relaxed);
         self.upstream_us
             .store(self.now().saturating_sub(sent), Ordering::Relaxed);
-        let _ = self.endpoint.set(endpoint.into());
+        let _ = self.endpoint.set(endpoint);
     }
 
     /// The call ended with `status` (None: the upstream gave none).

@@ -19,6 +19,7 @@ use prometheus::{
 
 use crate::grpc::status::Code;
 use crate::upstream::breaker::{Breakers, Resource};
+use crate::upstream::dns::Dns;
 use crate::upstream::outlier::Outliers;
 
 /// Distinct method labels one route keeps before folding into `_other`.
@@ -39,10 +40,13 @@ pub(crate) struct Metrics {
     upstream_shed: IntCounterVec,
     upstream_concurrency_limit: IntGaugeVec,
     upstream_ejections_refused: IntCounterVec,
+    upstream_dns_lookups: IntCounterVec,
     /// Every upstream's circuit breakers, read at each scrape.
     breakers: Mutex<Vec<Weak<Breakers>>>,
     /// Every upstream's outlier detection, read at each scrape.
     outliers: Mutex<Vec<Weak<Outliers>>>,
+    /// Every upstream whose names are looked up, read at each scrape.
+    dns: Mutex<Vec<Weak<Dns>>>,
     /// Open client connections.
     pub(crate) active_connections: IntGauge,
     /// Open client streams.
@@ -170,6 +174,11 @@ impl Metrics {
             "Ejections outlier detection wanted but did not make: max_ejection_percent of the upstream's endpoints were out.",
             &["upstream"],
         );
+        let upstream_dns_lookups = counter(
+            "tollgate_upstream_dns_lookups_total",
+            "Lookups of an upstream's host names, by result (ok, failed: the last answer stays in use).",
+            &["upstream", "result"],
+        );
         let upstream_retries = counter(
             "tollgate_upstream_retries_total",
             "Calls sent again because the upstream provably never processed them, by why (refused_stream, goaway, connection_closed).",
@@ -294,8 +303,10 @@ impl Metrics {
             upstream_shed,
             upstream_concurrency_limit,
             upstream_ejections_refused,
+            upstream_dns_lookups,
             breakers: Mutex::new(Vec::new()),
             outliers: Mutex::new(Vec::new()),
+            dns: Mutex::new(Vec::new()),
             active_connections,
             active_streams,
             connections_refused,
@@ -369,6 +380,18 @@ impl Metrics {
             .with_label_values(&[upstream])
     }
 
+    /// The counter of one upstream's name lookups with one result.
+    pub(crate) fn upstream_dns_lookups(&self, upstream: &str, result: &str) -> IntCounter {
+        self.upstream_dns_lookups
+            .with_label_values(&[upstream, result])
+    }
+
+    /// Shows how many endpoints `d`'s names give at each scrape, while it
+    /// lives (the newest of one upstream name wins).
+    pub(crate) fn watch_dns(&self, d: &Arc<Dns>) {
+        watch(&self.dns, d);
+    }
+
     /// Shows how many of `o`'s endpoints are out at each scrape, while it
     /// lives (the newest of one upstream name wins).
     pub(crate) fn watch_outliers(&self, o: &Arc<Outliers>) {
@@ -419,10 +442,24 @@ impl Metrics {
                 .with_label_values(&[&*name])
                 .set(o.ejected_now() as i64);
         }
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_upstream_endpoints",
+                "Endpoints of an upstream with host names in its addresses: every address they resolve to now.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        for (name, d) in newest(&self.dns, |d| d.upstream()) {
+            endpoints
+                .with_label_values(&[&*name])
+                .set(d.endpoints().list.len() as i64);
+        }
         use prometheus::core::Collector;
         let mut families = in_use.collect();
         families.extend(remaining.collect());
         families.extend(ejected.collect());
+        families.extend(endpoints.collect());
         // The encoder refuses a family with no metrics (no upstreams).
         families.retain(|f| !f.get_metric().is_empty());
         families

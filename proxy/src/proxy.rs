@@ -333,7 +333,7 @@ pub(crate) async fn handle(
     // Observe the response on its way back.
     let (response, mut upstream_open) = response;
     if let Some(r) = &record {
-        r.answered(upstream_open.endpoint(&route.upstream));
+        r.answered(upstream_open.endpoint(&pool));
     }
     let (mut parts, body) = response.into_parts();
     if let Some(h) = extra_headers {

@@ -146,19 +146,26 @@ impl Worker {
         }
     }
 
-    /// This worker's pool for `spec`, rebuilt when a reload changed it.
+    /// This worker's pool for `spec`, rebuilt when a reload changed it or
+    /// its names resolved to other addresses.
     pub(crate) fn pool(&self, spec: &Arc<UpstreamSpec>) -> Arc<Pool> {
         let Ok(mut pools) = self.pools.lock() else {
-            return Arc::new(Pool::new(spec.clone()));
+            return Arc::new(Pool::new(spec.clone(), None));
         };
+        let mut before = None;
         if let Some(p) = pools.get(&spec.name) {
             if Arc::ptr_eq(p.spec(), spec)
                 || (p.spec().config == spec.config && p.spec().files == spec.files)
             {
-                return p.clone();
+                if p.generation() == spec.generation() {
+                    return p.clone();
+                }
+                // Its names resolved anew: a pool on the new set, with the
+                // connections to the addresses that stayed.
+                before = Some(p.clone());
             }
         }
-        let p = Arc::new(Pool::new(spec.clone()));
+        let p = Arc::new(Pool::new(spec.clone(), before.as_deref()));
         pools.insert(spec.name.clone(), p.clone());
         p
     }

@@ -359,6 +359,10 @@ pub struct Upstream {
     /// How long a TCP (and TLS) connect may take.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
+    /// How often host names in `addresses` are looked up again: each
+    /// address a name resolves to is an endpoint.
+    #[serde(default = "default_dns_refresh")]
+    pub dns_refresh: Dur,
     /// TLS to the upstream.
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
@@ -1269,6 +1273,9 @@ fn default_drain_timeout() -> Dur {
 }
 fn default_connect_timeout() -> Dur {
     Dur::from_secs(1)
+}
+fn default_dns_refresh() -> Dur {
+    Dur::from_secs(5)
 }
 fn default_connections() -> usize {
     1

@@ -55,7 +55,7 @@ fn every_problem_is_reported_with_its_path() {
         r#"
 listener: { address: "10000", max_message_bytes: 0 }
 upstreams:
-  b: { addresses: [], connect_timeout: 0s }
+  b: { addresses: [], connect_timeout: 0s, dns_refresh: 10ms }
   c: { addresses: ["nohost", "h:99999"] }
 routes:
   - { match: { service: payments.v1.X }, upstream: x }
@@ -69,6 +69,7 @@ routes:
         "listener.max_message_bytes: must be between 1",
         "upstreams.b.addresses: needs at least one host:port",
         "upstreams.b.connect_timeout: must be more than 0",
+        "upstreams.b.dns_refresh: must be at least 100ms",
         "upstreams.c.addresses[0]: \"nohost\" is not host:port",
         "upstreams.c.addresses[1]: \"h:99999\": port \"99999\" is not a number",
         "routes[0].upstream: no upstream named \"x\"; defined: b, c",

@@ -75,6 +75,9 @@ impl Config {
             if u.connect_timeout.is_zero() {
                 p.add(format!("{at}.connect_timeout"), "must be more than 0");
             }
+            if u.dns_refresh.0 < std::time::Duration::from_millis(100) {
+                p.add(format!("{at}.dns_refresh"), "must be at least 100ms");
+            }
             if u.connections == 0 || u.connections > 64 {
                 p.add(format!("{at}.connections"), "must be between 1 and 64");
             }

@@ -31,12 +31,14 @@ use crate::metrics;
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
+pub(crate) mod dns;
 pub(crate) mod outlier;
 mod replay;
 
 use adaptive::{Adaptive, Admitted};
 use breaker::{Breakers, Held, Resource};
-use outlier::Outliers;
+use dns::{Dns, Endpoints};
+use outlier::{Health, Outliers};
 
 /// TLS settings for an upstream.
 pub(crate) struct UpstreamTls {
@@ -50,7 +52,11 @@ pub(crate) struct UpstreamSpec {
     pub(crate) name: Arc<str>,
     /// The config it was built from (to tell whether a reload changed it).
     pub(crate) config: config::Upstream,
-    endpoints: Vec<(String, u16)>,
+    /// Its endpoints when its addresses are all IP addresses.
+    fixed: Arc<Endpoints>,
+    /// Its names, looked up every `dns_refresh`, when it has some: kept
+    /// across reloads that keep the addresses.
+    dns: Option<Arc<Dns>>,
     tls: Option<UpstreamTls>,
     /// A hash of the files it read (the CA bundle): a reload that finds
     /// them changed under the same paths builds new connections.
@@ -182,7 +188,7 @@ impl UpstreamSpec {
         base: Option<&Path>,
         before: Option<&UpstreamSpec>,
     ) -> Result<Self, String> {
-        let endpoints = u
+        let addresses = u
             .addresses
             .iter()
             .map(|a| a.value().map(|e| (e.host.clone(), e.port)))
@@ -220,17 +226,18 @@ impl UpstreamSpec {
             Some(b) => b.breakers.clone(),
             None => Breakers::new(&name, u),
         };
+        let same = before.filter(|b| b.config.addresses == u.addresses);
+        let dns = Endpoints::has_names(&addresses).then(|| {
+            same.and_then(|b| b.dns.clone())
+                .filter(|d| d.refresh() == u.dns_refresh.0)
+                .unwrap_or_else(|| Dns::new(&name, &addresses, u.dns_refresh.0))
+        });
         let o = &u.outlier_detection;
-        let outliers = (endpoints.len() > 1
+        let outliers = ((addresses.len() > 1 || dns.is_some())
             && (o.consecutive_failures > 0 || o.failure_percent > 0))
-            .then(|| {
-                let same = before
-                    .filter(|b| b.config.addresses == u.addresses)
-                    .and_then(|b| b.outliers.clone());
-                match same {
-                    Some(kept) => kept,
-                    None => Outliers::new(&name, endpoints.len(), u),
-                }
+            .then(|| match same.and_then(|b| b.outliers.clone()) {
+                Some(kept) => kept,
+                None => Outliers::new(&name, u),
             });
         let adaptive = u.adaptive_concurrency.map(|settings| {
             before
@@ -241,7 +248,8 @@ impl UpstreamSpec {
         Ok(UpstreamSpec {
             name,
             config: u.clone(),
-            endpoints,
+            fixed: Arc::new(Endpoints::fixed(&addresses)),
+            dns,
             tls,
             files,
             breakers,
@@ -259,6 +267,25 @@ impl UpstreamSpec {
         }
         if let Some(a) = &self.adaptive {
             a.install();
+        }
+        if let Some(d) = &self.dns {
+            d.start();
+        }
+    }
+
+    /// Its endpoints now.
+    fn endpoints(&self) -> Arc<Endpoints> {
+        match &self.dns {
+            Some(d) => d.endpoints(),
+            None => self.fixed.clone(),
+        }
+    }
+
+    /// Which set [`endpoints`](Self::endpoints) is now: one atomic load.
+    pub(crate) fn generation(&self) -> u64 {
+        match &self.dns {
+            Some(d) => d.generation(),
+            None => self.fixed.generation,
         }
     }
 
@@ -286,13 +313,6 @@ impl UpstreamSpec {
         }
     }
 
-    /// Counts a failure of `endpoint` for outlier detection.
-    fn failed(&self, endpoint: usize) {
-        if let Some(o) = &self.outliers {
-            o.failure(endpoint);
-        }
-    }
-
     /// A call failed at once by a circuit breaker (counted by it).
     fn overflow(&self, r: Resource) -> UpstreamError {
         UpstreamError {
@@ -300,23 +320,6 @@ impl UpstreamSpec {
             endpoint: String::new(),
             kind: r.name(),
             detail: r.text().to_owned(),
-            ended: None,
-        }
-    }
-
-    fn error(
-        &self,
-        endpoint: usize,
-        kind: &'static str,
-        detail: impl Into<String>,
-    ) -> UpstreamError {
-        let (h, p) = &self.endpoints[endpoint];
-        metrics::get().upstream_error(&self.name, kind);
-        UpstreamError {
-            upstream: self.name.clone(),
-            endpoint: format!("{h}:{p}"),
-            kind,
-            detail: detail.into(),
             ended: None,
         }
     }
@@ -333,14 +336,13 @@ pub(crate) struct OpenStream {
     _admitted: Option<Admitted>,
     /// Where its outcome goes, once known: the endpoint's outlier
     /// detection.
-    health: Option<(Arc<Outliers>, usize)>,
+    health: Option<(Arc<Outliers>, Arc<Health>)>,
 }
 
 impl OpenStream {
-    /// The endpoint it went to, as the config names it.
-    pub(crate) fn endpoint(&self, spec: &UpstreamSpec) -> String {
-        let (h, p) = &spec.endpoints[self.endpoint];
-        format!("{h}:{p}")
+    /// The endpoint it went to (its address), from the pool that sent it.
+    pub(crate) fn endpoint(&self, pool: &Pool) -> Arc<str> {
+        pool.endpoints.list[self.endpoint].name.clone()
     }
 
     /// The call ended with a status from the upstream (or without one):
@@ -349,9 +351,9 @@ impl OpenStream {
     pub(crate) fn settle(&mut self, failed: bool) {
         if let Some((o, endpoint)) = self.health.take() {
             if failed {
-                o.failure(endpoint);
+                o.failure(&endpoint);
             } else {
-                o.success(endpoint);
+                o.success(&endpoint);
             }
         }
     }
@@ -443,6 +445,10 @@ struct Slot {
 /// slowly never hold every call's connection.
 pub(crate) struct Pool {
     spec: Arc<UpstreamSpec>,
+    /// The endpoints it was built on (a new set builds a new pool).
+    endpoints: Arc<Endpoints>,
+    /// Per endpoint, its state in outlier detection (when on).
+    health: Option<Vec<Arc<Health>>>,
     /// Per endpoint, `max_connections` slots; the first `connections` take
     /// turns.
     slots: Vec<Slot>,
@@ -464,30 +470,46 @@ const HOLD_DOWN: Duration = Duration::from_millis(500);
 // === impl Pool ===
 
 impl Pool {
-    /// An empty pool; connections open on first use.
-    pub(crate) fn new(spec: Arc<UpstreamSpec>) -> Self {
+    /// A pool on `spec`'s endpoints now; connections open on first use.
+    /// `before` is this worker's pool on an older set of the same
+    /// endpoints' names: its connections to addresses still in the set
+    /// carry on in this one.
+    pub(crate) fn new(spec: Arc<UpstreamSpec>, before: Option<&Pool>) -> Self {
         let max = spec
             .config
             .max_connections
             .max(spec.config.connections)
             .max(1);
-        let slots = (0..spec.endpoints.len() * max)
+        let endpoints = spec.endpoints();
+        let n = endpoints.list.len();
+        let slots: Vec<Slot> = (0..n * max)
             .map(|i| Slot {
                 endpoint: i / max,
                 conn: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             })
             .collect();
-        let failed = (0..spec.endpoints.len())
-            .map(|_| Mutex::new(None))
-            .collect();
-        let load = (spec.config.balance == config::Balance::LeastRequest).then(|| {
-            (0..spec.endpoints.len())
-                .map(|_| AtomicUsize::new(0))
-                .collect()
-        });
+        if let Some(old) = before {
+            for (i, e) in endpoints.list.iter().enumerate() {
+                let Some(j) = old.endpoints.list.iter().position(|o| o == e) else {
+                    continue;
+                };
+                for k in 0..max {
+                    let conn = old.slots.get(j * max + k).and_then(Self::live);
+                    if let (Some(conn), Ok(mut to)) = (conn, slots[i * max + k].conn.lock()) {
+                        *to = Some(conn);
+                    }
+                }
+            }
+        }
+        let failed = (0..n).map(|_| Mutex::new(None)).collect();
+        let load = (spec.config.balance == config::Balance::LeastRequest)
+            .then(|| (0..n).map(|_| AtomicUsize::new(0)).collect());
+        let health = spec.outliers.as_ref().map(|o| o.track(&endpoints));
         Pool {
             spec,
+            endpoints,
+            health,
             slots,
             next: AtomicUsize::new(0),
             // Pools pick apart from one another.
@@ -502,6 +524,34 @@ impl Pool {
         &self.spec
     }
 
+    /// Which set of endpoints it was built on.
+    pub(crate) fn generation(&self) -> u64 {
+        self.endpoints.generation
+    }
+
+    /// Counts a failure of `endpoint` for outlier detection.
+    fn failed(&self, endpoint: usize) {
+        if let (Some(o), Some(h)) = (&self.spec.outliers, &self.health) {
+            o.failure(&h[endpoint]);
+        }
+    }
+
+    fn error(
+        &self,
+        endpoint: usize,
+        kind: &'static str,
+        detail: impl Into<String>,
+    ) -> UpstreamError {
+        metrics::get().upstream_error(&self.spec.name, kind);
+        UpstreamError {
+            upstream: self.spec.name.clone(),
+            endpoint: self.endpoints.list[endpoint].name.to_string(),
+            kind,
+            detail: detail.into(),
+            ended: None,
+        }
+    }
+
     /// The slot for the next call, and its connection if it has one: the
     /// next in turn, or when that one is full, another with room, or one
     /// not connected yet (a new connection).
@@ -511,7 +561,7 @@ impl Pool {
             c.connections.max(1),
             c.max_connections.max(c.connections).max(1),
         );
-        let n = self.spec.endpoints.len();
+        let n = self.endpoints.list.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % (n * per);
         let endpoint = match &self.load {
             None => self.in_service(turn / per),
@@ -601,7 +651,10 @@ impl Pool {
                     if let Some(a) = &admitted {
                         a.answered();
                     }
-                    let health = self.spec.outliers.clone().map(|o| (o, endpoint));
+                    let health = match (&self.spec.outliers, &self.health) {
+                        (Some(o), Some(h)) => Some((o.clone(), h[endpoint].clone())),
+                        _ => None,
+                    };
                     return Ok((
                         response,
                         OpenStream {
@@ -704,8 +757,7 @@ impl Pool {
         };
         let Some((head, ends)) = out.head() else {
             return Err((
-                self.spec
-                    .error(slot.endpoint, "protocol", "no request to send"),
+                self.error(slot.endpoint, "protocol", "no request to send"),
                 None,
             ));
         };
@@ -738,7 +790,7 @@ impl Pool {
                 let error = self.h2_error(slot.endpoint, &e);
                 // A GOAWAY is how an endpoint leaves (a deploy): not a failure.
                 if !e.is_go_away() {
-                    self.spec.failed(slot.endpoint);
+                    self.failed(slot.endpoint);
                 }
                 let why = if e.is_remote() && e.is_go_away() {
                     // Nothing more goes on a connection going away.
@@ -757,22 +809,25 @@ impl Pool {
     /// `endpoint`, or when outlier detection has it out, the next one in
     /// service after it.
     fn in_service(&self, endpoint: usize) -> usize {
-        let Some(o) = self.spec.outliers.as_ref().filter(|o| o.any_ejected()) else {
+        let (Some(o), Some(h)) = (&self.spec.outliers, &self.health) else {
             return endpoint;
         };
-        let n = self.spec.endpoints.len();
+        if !o.any_ejected() {
+            return endpoint;
+        }
+        let n = h.len();
         (0..n)
             .map(|step| (endpoint + step) % n)
-            .find(|&e| !o.is_ejected(e))
+            .find(|&e| !o.is_ejected(&h[e]))
             .unwrap_or(endpoint)
     }
 
     /// Whether outlier detection has `endpoint` out now.
     fn ejected(&self, endpoint: usize) -> bool {
-        self.spec
-            .outliers
-            .as_ref()
-            .is_some_and(|o| o.any_ejected() && o.is_ejected(endpoint))
+        match (&self.spec.outliers, &self.health) {
+            (Some(o), Some(h)) => o.any_ejected() && o.is_ejected(&h[endpoint]),
+            _ => false,
+        }
     }
 
     /// Where `slots[i]` is.
@@ -789,7 +844,7 @@ impl Pool {
     fn retry_slot(&self, avoid: usize) -> &Slot {
         let c = &self.spec.config;
         let max = c.max_connections.max(c.connections).max(1);
-        let n = self.spec.endpoints.len();
+        let n = self.endpoints.list.len();
         let endpoint = self.in_service((avoid / max + 1) % n);
         let slots = &self.slots[endpoint * max..(endpoint + 1) * max];
         let other = |s: &&Slot| !std::ptr::eq(*s, &self.slots[avoid]);
@@ -815,7 +870,7 @@ impl Pool {
             // A GOAWAY of our own: the upstream broke the protocol.
             _ => ("protocol", Ended::Protocol),
         };
-        let mut error = self.spec.error(endpoint, kind, e.to_string());
+        let mut error = self.error(endpoint, kind, e.to_string());
         error.ended = Some(ended);
         error
     }
@@ -845,7 +900,7 @@ impl Pool {
     /// that have not failed within `HOLD_DOWN`, then those that have. The
     /// first error when none connects.
     async fn connect_any<'a>(&'a self, slot: &'a Slot) -> Result<(&'a Slot, Conn), UpstreamError> {
-        let n = self.spec.endpoints.len();
+        let n = self.endpoints.list.len();
         let (fresh, held): (Vec<usize>, Vec<usize>) = (0..n)
             .map(|step| (slot.endpoint + step) % n)
             .partition(|&e| n == 1 || !(self.held_down(e) || self.ejected(e)));
@@ -865,7 +920,7 @@ impl Pool {
                 }
             }
         }
-        Err(first.unwrap_or_else(|| self.spec.error(slot.endpoint, "connect", "no address")))
+        Err(first.unwrap_or_else(|| self.error(slot.endpoint, "connect", "no address")))
     }
 
     /// The last failed connect to `endpoint` when it came at or after
@@ -945,7 +1000,7 @@ impl Pool {
                 if let Ok(mut last) = self.failed[slot.endpoint].lock() {
                     *last = Some((Instant::now(), e.clone()));
                 }
-                self.spec.failed(slot.endpoint);
+                self.failed(slot.endpoint);
                 return Err(e);
             }
         };
@@ -960,14 +1015,19 @@ impl Pool {
     async fn connect(&self, endpoint: usize, counted: Held) -> Result<Conn, UpstreamError> {
         let spec = &self.spec;
         let timeout = spec.config.connect_timeout.0;
-        let (host, port) = &spec.endpoints[endpoint];
+        let e = &self.endpoints.list[endpoint];
+        let (host, port) = (&*e.host, e.port);
         let connect = async {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
-                .await
-                .map_err(|e| {
-                    spec.error(endpoint, "resolve", format!("cannot resolve {host}: {e}"))
-                })?
-                .collect();
+            let addrs: Vec<SocketAddr> = match e.addr {
+                Some(a) => vec![a],
+                // A name not looked up yet (or with no answer so far).
+                None => tokio::net::lookup_host((host, port))
+                    .await
+                    .map_err(|e| {
+                        self.error(endpoint, "resolve", format!("cannot resolve {host}: {e}"))
+                    })?
+                    .collect(),
+            };
             let mut last = None;
             for a in addrs {
                 match TcpStream::connect(a).await {
@@ -977,14 +1037,14 @@ impl Pool {
             }
             Err(match last {
                 Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    spec.error(endpoint, "connect_refused", "connection refused")
+                    self.error(endpoint, "connect_refused", "connection refused")
                 }
-                Some(e) => spec.error(endpoint, "connect", e.to_string()),
-                None => spec.error(endpoint, "resolve", format!("{host} has no addresses")),
+                Some(e) => self.error(endpoint, "connect", e.to_string()),
+                None => self.error(endpoint, "resolve", format!("{host} has no addresses")),
             })
         };
         let tcp = tokio::time::timeout(timeout, connect).await.map_err(|_| {
-            spec.error(
+            self.error(
                 endpoint,
                 "connect_timeout",
                 format!(
@@ -1003,19 +1063,19 @@ impl Pool {
             Some(tls) => {
                 let name = match &tls.server_name {
                     Some(n) => n.clone(),
-                    None => ServerName::try_from(host.clone())
-                        .map_err(|e| spec.error(endpoint, "tls", e.to_string()))?,
+                    None => ServerName::try_from(host.to_owned())
+                        .map_err(|e| self.error(endpoint, "tls", e.to_string()))?,
                 };
                 let stream = tokio::time::timeout(timeout, tls.connector.connect(name, tcp))
                     .await
                     .map_err(|_| {
-                        spec.error(endpoint, "connect_timeout", "TLS handshake timed out")
+                        self.error(endpoint, "connect_timeout", "TLS handshake timed out")
                     })?
                     .map_err(|e| {
-                        spec.error(endpoint, "tls", format!("TLS handshake failed: {e}"))
+                        self.error(endpoint, "tls", format!("TLS handshake failed: {e}"))
                     })?;
                 if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(spec.error(
+                    return Err(self.error(
                         endpoint,
                         "tls",
                         "the upstream did not agree to HTTP/2 (ALPN h2)",
@@ -1047,7 +1107,7 @@ impl Pool {
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| {
-                self.spec.error(
+                self.error(
                     endpoint,
                     "handshake",
                     format!("HTTP/2 handshake failed: {e}"),

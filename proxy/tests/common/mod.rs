@@ -150,6 +150,16 @@ impl Drop for Proxy {
     }
 }
 
+/// The value of the metric line starting with `series`, 0 if absent.
+// Read by the `it` tests only.
+#[allow(dead_code)]
+pub(crate) fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub(crate) fn req(payload: &[u8]) -> EchoRequest {
     EchoRequest {
         payload: payload.to_vec(),

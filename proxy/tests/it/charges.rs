@@ -16,7 +16,7 @@ use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::{eventually, req, Proxy, Upstream};
+use crate::common::{eventually, metric, req, Proxy, Upstream};
 
 fn config(up: std::net::SocketAddr, limiter: &str, route: &str, limit: &str) -> String {
     format!(
@@ -32,14 +32,6 @@ fn costing(m: &str, cost: Option<u64>) -> tonic::Request<EchoRequest> {
         r.metadata_mut().insert("x-charge", MetadataValue::from(c));
     }
     r
-}
-
-/// The value of the metric line starting with `series`, 0 if absent.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Waits until `route`'s limit `cost` has charged `units` in all.

@@ -10,6 +10,7 @@ mod common;
 
 mod access_log;
 mod charges;
+mod dns;
 mod fields;
 mod hostile;
 mod identity;

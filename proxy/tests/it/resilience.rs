@@ -17,15 +17,7 @@ use tollgate_proto::test::v1::echo_server::EchoServer;
 use tollgate_proto::test::v1::EchoRequest;
 use tonic::Code;
 
-use crate::common::{eventually, req, EchoService, Proxy, Seen, Upstream};
-
-/// The value of the metric line starting with `series`, 0 if absent.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
+use crate::common::{eventually, metric, req, EchoService, Proxy, Seen, Upstream};
 
 fn breaker(text: &str, family: &str, upstream: &str, breaker: &str) -> u64 {
     metric(
